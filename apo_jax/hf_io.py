@@ -1,0 +1,220 @@
+"""Hugging Face Qwen3 checkpoints in and out: `config.json` + (sharded) safetensors.
+
+One explicit table maps every parameter of `model.Qwen3` to its HF key, HF shape and the
+transform between layouts (torch Linear stores [out, in]; we store [in, ...out dims]).
+Loading reads tensor by tensor from memory-mapped files and places each one directly with its
+target sharding, so the whole model never sits on one host first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from apo_jax import sharding as sharding_lib
+from apo_jax.model import Qwen3, Qwen3Config
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_WHERE = (
+    "Pass a Hugging Face Qwen3 model directory (config.json + model.safetensors or a sharded "
+    "model.safetensors.index.json), e.g. one saved by transformers' save_pretrained or "
+    "downloaded from the Hub with `huggingface-cli download Qwen/Qwen3-1.7B --local-dir DIR`."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    hf_key: str
+    hf_shape: tuple[int, ...]
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _same(x):
+    return x
+
+
+def _linear(out_dims: tuple[int, ...], in_dim: int, in_first: bool = True) -> tuple:
+    """torch [prod(out), in] <-> ours [in, *out] (in_first) or [*in, out] for o_proj/down."""
+    if in_first:
+        to_jax = lambda w: w.T.reshape(in_dim, *out_dims)
+        to_hf = lambda w: w.reshape(in_dim, -1).T
+    else:  # ours is [*in_dims, out]; `in_dim` here is the flattened input size
+        to_jax = lambda w: w.T.reshape(*out_dims)
+        to_hf = lambda w: w.reshape(-1, w.shape[-1]).T
+    return to_jax, to_hf
+
+
+def key_map(cfg: Qwen3Config) -> dict[tuple, _Entry]:
+    """Our parameter path -> (HF key, HF shape, transforms)."""
+    d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                     cfg.num_kv_heads, cfg.head_dim)  # fmt: skip
+    table = {("embed_tokens",): _Entry("model.embed_tokens.weight", (cfg.vocab_size, d),
+                                       _same, _same),
+             ("norm", "scale"): _Entry("model.norm.weight", (d,), _same, _same)}  # fmt: skip
+    if not cfg.tie_word_embeddings:
+        table[("lm_head",)] = _Entry("lm_head.weight", (cfg.vocab_size, d), _same, _same)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        linear = {
+            ("attn", "q_proj"): (p + "self_attn.q_proj.weight", (n * h, d), _linear((n, h), d)),
+            ("attn", "k_proj"): (p + "self_attn.k_proj.weight", (k * h, d), _linear((k, h), d)),
+            ("attn", "v_proj"): (p + "self_attn.v_proj.weight", (k * h, d), _linear((k, h), d)),
+            ("attn", "o_proj"): (p + "self_attn.o_proj.weight", (d, n * h),
+                                 _linear((n, h, d), n * h, in_first=False)),
+            ("mlp", "gate_proj"): (p + "mlp.gate_proj.weight", (f, d), _linear((f,), d)),
+            ("mlp", "up_proj"): (p + "mlp.up_proj.weight", (f, d), _linear((f,), d)),
+            ("mlp", "down_proj"): (p + "mlp.down_proj.weight", (d, f), _linear((d,), f)),
+        }  # fmt: skip
+        for path, (key, shape, (to_jax, to_hf)) in linear.items():
+            table[("layers", i, *path)] = _Entry(key, shape, to_jax, to_hf)
+        norms = {
+            ("input_layernorm", "scale"): (p + "input_layernorm.weight", (d,)),
+            ("post_attention_layernorm", "scale"): (p + "post_attention_layernorm.weight", (d,)),
+            ("attn", "q_norm", "scale"): (p + "self_attn.q_norm.weight", (h,)),
+            ("attn", "k_norm", "scale"): (p + "self_attn.k_norm.weight", (h,)),
+        }
+        for path, (key, shape) in norms.items():
+            table[("layers", i, *path)] = _Entry(key, shape, _same, _same)
+    return table
+
+
+def _weight_files(hf_dir: str) -> dict[str, str]:
+    """HF key -> safetensors file path, from the single file or the sharded index."""
+    single, index = os.path.join(hf_dir, SINGLE_FILE), os.path.join(hf_dir, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(
+                    f"{index}: not a safetensors index with a weight_map ({e})"
+                ) from None
+        files = {key: os.path.join(hf_dir, name) for key, name in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{index} names {os.path.basename(path)}, which is missing")
+        return files
+    if os.path.isfile(single):
+        with safe_open(single, framework="numpy") as f:
+            return {key: single for key in f.keys()}
+    present = sorted(os.listdir(hf_dir))
+    raise FileNotFoundError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
+                            f"(directory holds {present}). {_WHERE}")  # fmt: skip
+
+
+def load_qwen3(
+    hf_dir: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.Rules = sharding_lib.TRAIN_RULES,
+    remat: bool = False,
+) -> Qwen3:
+    """Loads a HF Qwen3 checkpoint into an NNX `Qwen3` with parameters (and compute) in `dtype`.
+
+    With a mesh, each tensor goes straight to its NamedSharding (from the logical axes and
+    `rules`); nothing is first gathered on one device.
+    """
+    hf_dir = os.fspath(hf_dir)
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"{hf_dir}: no such directory. {_WHERE}")
+    cfg = Qwen3Config.from_hf(os.path.join(hf_dir, "config.json"))
+    files = _weight_files(hf_dir)
+    table = key_map(cfg)
+
+    expected = {e.hf_key for e in table.values()}
+    # A tied checkpoint may still carry lm_head.weight (= the embedding); it is not needed.
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = sorted(expected - files.keys())
+    unexpected = sorted(files.keys() - expected - ignorable)
+    if missing:
+        raise KeyError(f"{hf_dir}: safetensors key {missing[0]!r} is missing"
+                       f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")  # fmt: skip
+    if unexpected:
+        raise KeyError(f"{files[unexpected[0]]}: unexpected safetensors key {unexpected[0]!r} "
+                       "for a dense Qwen3 with this config.json")  # fmt: skip
+
+    abstract = nnx.eval_shape(
+        lambda: Qwen3(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, remat=remat)
+    )
+    graphdef, state = nnx.split(abstract)
+    shardings = None if mesh is None else sharding_lib.state_shardings(state, mesh, rules)
+    flat_shardings = None if shardings is None else dict(nnx.to_flat_state(shardings))
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    handles = {path: safe_open(path, framework="numpy") for path in sorted(set(files.values()))}
+    try:
+        flat = nnx.to_flat_state(state)
+        values = []
+        for path, variable in flat:
+            entry = table[path]
+            file = files[entry.hf_key]
+            tensor = handles[file].get_tensor(entry.hf_key)  # memory-mapped view
+            if tuple(tensor.shape) != entry.hf_shape:
+                raise ValueError(f"{file}: key {entry.hf_key!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {entry.hf_shape} from config.json")  # fmt: skip
+            value = np.ascontiguousarray(entry.to_jax(tensor)).astype(np_dtype, copy=False)
+            if flat_shardings is not None:
+                value = jax.device_put(value, flat_shardings[path])
+            else:
+                value = jnp.asarray(value)
+            values.append((path, variable.replace(value)))
+    finally:
+        handles.clear()
+    return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def save_qwen3(
+    model: Qwen3, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 1024**3
+) -> None:
+    """Writes `config.json` and safetensors (sharded with an index above `max_shard_bytes`) that
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with identical logits."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = model.cfg
+    table = key_map(cfg)
+    tensors: dict[str, np.ndarray] = {}
+    dtypes = set()
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = np.asarray(jax.device_get(variable.get_value()))
+        dtypes.add(value.dtype)
+        tensors[table[path].hf_key] = np.ascontiguousarray(table[path].to_hf(value))
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+
+    hf_cfg = cfg.to_hf()
+    hf_cfg["dtype"] = "bfloat16" if np.dtype(jnp.bfloat16) in dtypes else "float32"
+    # Write weights first and config.json last: a directory with a config is a complete one.
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in shard})
+        total = sum(t.nbytes for t in tensors.values())
+        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)

@@ -1,0 +1,85 @@
+"""Device meshes and the logical-axis -> mesh-axis tables for parameters and activations.
+
+Parameters carry logical axis names (`axes` metadata, see model.py). A rule table maps each
+logical name to a mesh axis (or a tuple of them, or None = replicated). Two tables: one for
+training (FSDP + tensor parallel) and one for rollout (no FSDP gathering per decode step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Mapping[str, str | tuple[str, ...] | None]
+
+TRAIN_RULES: Rules = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "seq": None,
+    "cache_seq": None,
+}
+
+# Decode reads every weight once per token: gathering FSDP shards each step would dominate, so
+# rollout keeps weights whole along `embed` and splits only over `tensor`.
+ROLLOUT_RULES: Rules = {**TRAIN_RULES, "embed": None}
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    """PartitionSpec for one array's logical axes; raises if two dims share a mesh axis."""
+    spec, used = [], set()
+    for name in axes:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule (known: {sorted(rules)})")
+        mesh_axes = rules[name]
+        as_tuple = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        clash = used.intersection(as_tuple)
+        if clash:
+            raise ValueError(
+                f"logical axes {tuple(axes)} map mesh axis {sorted(clash)} to two dimensions"
+            )
+        used.update(as_tuple)
+        spec.append(mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Replicates any dimension the mesh axes do not divide (e.g. 2 kv heads on tensor=4)."""
+    out = []
+    for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        size = 1
+        for n in names:
+            size *= mesh.shape[n]
+        out.append(mesh_axes if size > 1 and dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules) -> NamedSharding:
+    axes = variable.get_metadata().get("axes")
+    shape = variable.get_value().shape
+    if axes is None:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, _fit_spec(logical_to_spec(axes, rules), shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = TRAIN_RULES):
+    """A pytree of NamedShardings matching `state` (abstract or concrete)."""
+    return jax.tree.map(
+        lambda v: variable_sharding(v, mesh, rules),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
