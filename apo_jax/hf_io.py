@@ -58,11 +58,17 @@ def _linear(out_dims: tuple[int, ...], in_dim: int, in_first: bool = True) -> tu
 
 def key_map(cfg: Qwen3Config) -> dict[tuple, _Entry]:
     """Our parameter path -> (HF key, HF shape, transforms)."""
-    d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
-                     cfg.num_kv_heads, cfg.head_dim)  # fmt: skip
-    table = {("embed_tokens",): _Entry("model.embed_tokens.weight", (cfg.vocab_size, d),
-                                       _same, _same),
-             ("norm", "scale"): _Entry("model.norm.weight", (d,), _same, _same)}  # fmt: skip
+    d, f, n, k, h = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    )
+    table = {
+        ("embed_tokens",): _Entry("model.embed_tokens.weight", (cfg.vocab_size, d), _same, _same),
+        ("norm", "scale"): _Entry("model.norm.weight", (d,), _same, _same),
+    }
     if not cfg.tie_word_embeddings:
         table[("lm_head",)] = _Entry("lm_head.weight", (cfg.vocab_size, d), _same, _same)
     for i in range(cfg.num_layers):
@@ -71,12 +77,15 @@ def key_map(cfg: Qwen3Config) -> dict[tuple, _Entry]:
             ("attn", "q_proj"): (p + "self_attn.q_proj.weight", (n * h, d), _linear((n, h), d)),
             ("attn", "k_proj"): (p + "self_attn.k_proj.weight", (k * h, d), _linear((k, h), d)),
             ("attn", "v_proj"): (p + "self_attn.v_proj.weight", (k * h, d), _linear((k, h), d)),
-            ("attn", "o_proj"): (p + "self_attn.o_proj.weight", (d, n * h),
-                                 _linear((n, h, d), n * h, in_first=False)),
+            ("attn", "o_proj"): (
+                p + "self_attn.o_proj.weight",
+                (d, n * h),
+                _linear((n, h, d), n * h, in_first=False),
+            ),
             ("mlp", "gate_proj"): (p + "mlp.gate_proj.weight", (f, d), _linear((f,), d)),
             ("mlp", "up_proj"): (p + "mlp.up_proj.weight", (f, d), _linear((f,), d)),
             ("mlp", "down_proj"): (p + "mlp.down_proj.weight", (d, f), _linear((d,), f)),
-        }  # fmt: skip
+        }
         for path, (key, shape, (to_jax, to_hf)) in linear.items():
             table[("layers", i, *path)] = _Entry(key, shape, to_jax, to_hf)
         norms = {
@@ -108,10 +117,12 @@ def _weight_files(hf_dir: str) -> dict[str, str]:
         return files
     if os.path.isfile(single):
         with safe_open(single, framework="numpy") as f:
-            return {key: single for key in f.keys()}
+            return {key: single for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     present = sorted(os.listdir(hf_dir))
-    raise FileNotFoundError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
-                            f"(directory holds {present}). {_WHERE}")  # fmt: skip
+    raise FileNotFoundError(
+        f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
+        f"(directory holds {present}). {_WHERE}"
+    )
 
 
 def load_qwen3(
@@ -140,11 +151,15 @@ def load_qwen3(
     missing = sorted(expected - files.keys())
     unexpected = sorted(files.keys() - expected - ignorable)
     if missing:
-        raise KeyError(f"{hf_dir}: safetensors key {missing[0]!r} is missing"
-                       f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")  # fmt: skip
+        raise KeyError(
+            f"{hf_dir}: safetensors key {missing[0]!r} is missing"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
+        )
     if unexpected:
-        raise KeyError(f"{files[unexpected[0]]}: unexpected safetensors key {unexpected[0]!r} "
-                       "for a dense Qwen3 with this config.json")  # fmt: skip
+        raise KeyError(
+            f"{files[unexpected[0]]}: unexpected safetensors key {unexpected[0]!r} "
+            "for a dense Qwen3 with this config.json"
+        )
 
     abstract = nnx.eval_shape(
         lambda: Qwen3(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, remat=remat)
@@ -163,8 +178,10 @@ def load_qwen3(
             file = files[entry.hf_key]
             tensor = handles[file].get_tensor(entry.hf_key)  # memory-mapped view
             if tuple(tensor.shape) != entry.hf_shape:
-                raise ValueError(f"{file}: key {entry.hf_key!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {entry.hf_shape} from config.json")  # fmt: skip
+                raise ValueError(
+                    f"{file}: key {entry.hf_key!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {entry.hf_shape} from config.json"
+                )
             value = np.ascontiguousarray(entry.to_jax(tensor)).astype(np_dtype, copy=False)
             if flat_shardings is not None:
                 value = jax.device_put(value, flat_shardings[path])

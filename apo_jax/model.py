@@ -48,8 +48,16 @@ class Qwen3Config:
     max_position_embeddings: int = 40960
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):  # fmt: skip
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Qwen3Config.{name} must be a positive integer, got {value!r}")
@@ -68,8 +76,13 @@ class Qwen3Config:
 
     @property
     def num_params(self) -> int:
-        d, f, n, k, h = (self.hidden_size, self.intermediate_size, self.num_heads,
-                         self.num_kv_heads, self.head_dim)  # fmt: skip
+        d, f, n, k, h = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         layer = d * h * (2 * n + 2 * k) + 3 * d * f + 2 * d + 2 * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * layer + d + head
@@ -78,16 +91,32 @@ class Qwen3Config:
     @classmethod
     def tiny(cls, **overrides) -> Qwen3Config:
         """A few-hundred-kB model for tests and the CPU default run."""
-        base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                    num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10_000.0,
-                    max_position_embeddings=512)  # fmt: skip
+        base = dict(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            rope_theta=10_000.0,
+            max_position_embeddings=512,
+        )
         return cls(**{**base, **overrides})
 
     @classmethod
     def bench_50m(cls, **overrides) -> Qwen3Config:
         """The ~42M-parameter config used by the CPU benchmarks."""
-        base = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8,
-                    num_heads=8, num_kv_heads=4, head_dim=64, max_position_embeddings=4096)  # fmt: skip
+        base = dict(
+            vocab_size=32000,
+            hidden_size=512,
+            intermediate_size=1536,
+            num_layers=8,
+            num_heads=8,
+            num_kv_heads=4,
+            head_dim=64,
+            max_position_embeddings=4096,
+        )
         return cls(**{**base, **overrides})
 
     @classmethod
@@ -108,9 +137,14 @@ class Qwen3Config:
 
     @classmethod
     def preset(cls, name: str) -> Qwen3Config:
-        presets = {"tiny": cls.tiny, "bench_50m": cls.bench_50m, "qwen3_0p6b": cls.qwen3_0p6b,
-                   "qwen3_1p7b": cls.qwen3_1p7b, "qwen3_4b": cls.qwen3_4b,
-                   "qwen3_8b": cls.qwen3_8b}  # fmt: skip
+        presets = {
+            "tiny": cls.tiny,
+            "bench_50m": cls.bench_50m,
+            "qwen3_0p6b": cls.qwen3_0p6b,
+            "qwen3_1p7b": cls.qwen3_1p7b,
+            "qwen3_4b": cls.qwen3_4b,
+            "qwen3_8b": cls.qwen3_8b,
+        }
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}; valid presets: {sorted(presets)}")
         return presets[name]()
@@ -135,10 +169,19 @@ class Qwen3Config:
 
         arch = hf.get("architectures") or []
         if hf.get("model_type") != "qwen3" or (arch and "Qwen3ForCausalLM" not in arch):
-            raise bad("model_type", f"is {hf.get('model_type')!r} (architectures={arch}); only "
-                      "dense Qwen3 ('qwen3', Qwen3ForCausalLM) is supported")  # fmt: skip
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "head_dim"):  # fmt: skip
+            raise bad(
+                "model_type",
+                f"is {hf.get('model_type')!r} (architectures={arch}); only "
+                "dense Qwen3 ('qwen3', Qwen3ForCausalLM) is supported",
+            )
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "head_dim",
+        ):
             if key not in hf:
                 raise bad(key, "is missing")
         if hf.get("hidden_act", "silu") != "silu":
@@ -190,7 +233,7 @@ class Qwen3Config:
             "head_dim": self.head_dim,
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
-            # Both spellings: old readers look at the top level, transformers 5.x at rope_parameters.
+            # Old readers look at the top level, transformers 5.x at rope_parameters.
             "rope_theta": self.rope_theta,
             "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -270,13 +313,15 @@ class Attention(nnx.Module):
         b, t = q.shape[:2]
         g = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)  # [B, T, K, G, H]
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(dt),
-                            preferred_element_type=jnp.float32)  # fmt: skip
+        scores = jnp.einsum(
+            "BTKGH,BSKH->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32
+        )
         scores = scores * cfg.head_dim**-0.5  # [B, K, G, T, S] float32
         scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt),
-                         preferred_element_type=jnp.float32).astype(dt)  # fmt: skip
+        out = jnp.einsum(
+            "BKGTS,BSKH->BTKGH", probs, v.astype(dt), preferred_element_type=jnp.float32
+        ).astype(dt)
         out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, N, H]
         return _dot("BTNH,NHD->BTD", out, self.o_proj[...], dt), (k, v)
 
@@ -370,8 +415,9 @@ class Qwen3(nnx.Module):
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         w = self.unembed().astype(self.dtype)
-        return jnp.einsum("BTD,VD->BTV", hidden.astype(self.dtype), w,
-                          preferred_element_type=jnp.float32)  # fmt: skip
+        return jnp.einsum(
+            "BTD,VD->BTV", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32
+        )
 
     def __call__(
         self,

@@ -59,7 +59,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
 def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """Replicates any dimension the mesh axes do not divide (e.g. 2 kv heads on tensor=4)."""
     out = []
-    for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
         size = 1
         for n in names:
