@@ -83,3 +83,68 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = TRAIN_RULES):
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+    """Resolves (data, fsdp, tensor) sizes; at most one may be -1 ("the devices left over")."""
+    sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
+    names = [f"config.mesh.{n}" for n in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"config.mesh: at most one of {names} may be -1, got {sizes}")
+    for name, size in zip(names, sizes, strict=True):
+        if size == 0 or size < -1:
+            raise ValueError(f"{name}={size}: mesh axis sizes must be >= 1 (or -1 for the rest)")
+    known = 1
+    for size in sizes:
+        known *= size if size > 0 else 1
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(
+                f"config.mesh: {dict(zip(names, sizes, strict=True))} does not divide the "
+                f"{num_devices} devices"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    used = sizes[0] * sizes[1] * sizes[2]
+    if num_devices % used:
+        raise ValueError(
+            f"config.mesh: data*fsdp*tensor = {used} does not divide the {num_devices} devices "
+            f"({dict(zip(names, sizes, strict=True))})"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (GSPMD) over the global devices.
+
+    A mesh smaller than the device count (it must divide it) uses the first devices: handy for
+    a one-device debug run on a multi-device host. Multi-process runs must use every device.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    used = shape[0] * shape[1] * shape[2]
+    if used < len(devices):
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"config.mesh: {shape} uses {used} of {len(devices)} devices; a multi-process "
+                "run must use all of them"
+            )
+        devices = devices[:used]
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
+    """NamedShardings for any pytree: arrays inside nnx Variables follow their logical axes
+    (parameters and optimizer moments alike); every other array is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: variable_sharding(x, mesh, rules) if isinstance(x, nnx.Variable) else replicated,
+        tree,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a batch split over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(TRAIN_RULES["batch"]))

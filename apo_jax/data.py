@@ -1,0 +1,405 @@
+"""Math prompt datasets: JSONL/Parquet loading (Hendrycks MATH, MATH-500, GSM8K), Qwen3 chat
+formatting with left truncation, a stateless checkpointable shuffled order with per-process
+slices, and `MathTask` (the `tasks.Task` interface over MATH with verified rewards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from apo_jax import rewards as rewards_lib
+from apo_jax import tasks
+
+logger = logging.getLogger(__name__)
+
+# This checkout keeps the shared data next to the project; anywhere else pass paths explicitly
+# or set APO_JAX_DATA_DIR.
+DEFAULT_DATA_DIR = Path(
+    os.environ.get("APO_JAX_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+# Spec §3.1: reasoning in <think>...</think>, final answer in <answer>...</answer>; we also ask
+# for \boxed{} because the grader reads the last boxed expression first.
+SYSTEM_PROMPT = (
+    "You are a careful mathematician. Reason step by step inside <think> </think>, then give "
+    "the final answer inside <answer> </answer>, writing the final result as \\boxed{...}."
+)
+
+_MATH_HELP = (
+    "pass the path of a MATH JSONL file (one JSON object per line with fields problem, answer, "
+    "level, type), e.g. math_train.jsonl from the Hendrycks MATH dataset "
+    "(github.com/hendrycks/math, or the lighteval/MATH mirror on the Hugging Face Hub)"
+)
+_GSM8K_HELP = (
+    "pass the path of a GSM8K JSONL file (fields question and answer, the answer ending in "
+    "'#### <number>'), e.g. test.jsonl from github.com/openai/grade-school-math"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    uid: str  # stable id, e.g. "train/algebra/3.json"
+    question: str
+    answer: str  # reference final answer (LaTeX, no $)
+    level: int | None = None  # MATH difficulty 1..5 (None when unknown, e.g. "Level ?")
+    subject: str = ""
+
+
+@dataclasses.dataclass
+class ProblemSet(Sequence):
+    """Loaded problems plus where they came from and how many malformed rows were skipped."""
+
+    problems: list[Problem]
+    source: Path
+    num_skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __getitem__(self, i):
+        return self.problems[i]
+
+
+# --- reading rows --------------------------------------------------------------------------------
+
+
+def read_records(
+    path: str | os.PathLike,
+    *,
+    required: Sequence[str] = (),
+    skip_malformed: bool = False,
+    help_text: str = "pass the path of an existing JSONL or Parquet file",
+) -> tuple[list[tuple[int, dict]], int]:
+    """(line or row number, record) pairs of a .jsonl/.json-lines or .parquet file, and how many
+    malformed records were skipped. A record is malformed if it is not a JSON object or lacks
+    a `required` field; that raises ValueError naming file and line unless `skip_malformed`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; {help_text}")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(
+                f"{path}: reading Parquet needs pyarrow; `pip install pyarrow` or convert the "
+                "file to JSONL"
+            ) from None
+        raw = enumerate(pq.read_table(path).to_pylist(), start=1)  # row numbers, 1-based
+        where = "row"
+    else:
+        raw = _jsonl_lines(path)
+        where = "line"
+    records, skipped = [], 0
+    for lineno, rec in raw:
+        if isinstance(rec, Exception):
+            problem = f"not valid JSON ({rec})"
+        elif not isinstance(rec, dict):
+            problem = f"expected a JSON object, got {type(rec).__name__}"
+        else:
+            missing = [k for k in required if rec.get(k) is None]
+            problem = f"missing field(s) {missing}" if missing else ""
+        if problem:
+            if not skip_malformed:
+                raise ValueError(
+                    f"{path}:{lineno} ({where} {lineno}): malformed record: "
+                    f"{problem}; fix it or pass skip_malformed=True"
+                )
+            skipped += 1
+            continue
+        records.append((lineno, rec))
+    if skipped:
+        logger.warning(f"{path}: skipped {skipped} malformed record(s)")
+    return records, skipped
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, e
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+
+def _level(value) -> int | None:
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(?:Level\s*)?(\d+)\s*", str(value))
+    return int(m.group(1)) if m else None  # "Level ?" in two MATH train rows
+
+
+def load_math(
+    path: str | os.PathLike | None = None,
+    *,
+    split: str = "train",
+    levels: Sequence[int] | int | None = None,
+    subjects: Sequence[str] | str | None = None,
+    skip_malformed: bool = False,
+) -> ProblemSet:
+    """MATH-format problems (also MATH-500), optionally filtered by level (1..5) and subject
+    (case-insensitive, e.g. "Algebra", "Number Theory"). Default: DEFAULT_DATA_DIR/math/
+    math_{split}.jsonl."""
+    path = Path(path) if path is not None else DEFAULT_DATA_DIR / "math" / f"math_{split}.jsonl"
+    records, skipped = read_records(
+        path, required=("problem", "answer"), skip_malformed=skip_malformed, help_text=_MATH_HELP
+    )
+    problems = [
+        Problem(
+            uid=str(rec.get("unique_id") or f"{path.stem}/{lineno}"),
+            question=str(rec["problem"]),
+            answer=str(rec["answer"]).strip(),
+            level=_level(rec.get("level")),
+            subject=str(rec.get("subject") or rec.get("type") or ""),
+        )
+        for lineno, rec in records
+    ]
+    if levels is not None:
+        wanted = {levels} if isinstance(levels, int) else set(levels)
+        problems = [p for p in problems if p.level in wanted]
+    if subjects is not None:
+        wanted = {s.lower() for s in ([subjects] if isinstance(subjects, str) else subjects)}
+        known = {p.subject.lower() for p in problems}
+        if unknown := wanted - known:
+            raise ValueError(
+                f"{path}: unknown subject(s) {sorted(unknown)}; subjects present: "
+                f"{sorted({p.subject for p in problems})}"
+            )
+        problems = [p for p in problems if p.subject.lower() in wanted]
+    return ProblemSet(problems, path, skipped)
+
+
+def load_math500(path: str | os.PathLike | None = None, **kwargs) -> ProblemSet:
+    """MATH-500 (the PRM800K test subset); same schema as MATH with integer levels."""
+    return load_math(path or DEFAULT_DATA_DIR / "math" / "math500_test.jsonl", **kwargs)
+
+
+def load_gsm8k(
+    path: str | os.PathLike | None = None, *, skip_malformed: bool = False
+) -> ProblemSet:
+    """GSM8K problems; the reference answer is the number after '####' (thousands commas
+    removed)."""
+    path = Path(path) if path is not None else DEFAULT_DATA_DIR / "gsm8k" / "test.jsonl"
+    records, skipped = read_records(
+        path, required=("question", "answer"), skip_malformed=skip_malformed, help_text=_GSM8K_HELP
+    )
+    problems = []
+    for lineno, rec in records:
+        solution = str(rec["answer"])
+        if "####" not in solution:
+            if not skip_malformed:
+                raise ValueError(
+                    f"{path}:{lineno} (line {lineno}): malformed record: answer has "
+                    "no '#### <number>'; fix it or pass skip_malformed=True"
+                )
+            skipped += 1
+            continue
+        final = solution.rsplit("####", 1)[1].strip().replace(",", "")
+        problems.append(Problem(f"gsm8k/{path.stem}/{lineno}", str(rec["question"]), final))
+    return ProblemSet(problems, path, skipped)
+
+
+# --- chat formatting -----------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """A Hugging Face tokenizer from a local directory (a Qwen3 model directory works); default
+    DEFAULT_DATA_DIR/qwen3. Never touches the network."""
+    path = Path(path) if path is not None else DEFAULT_DATA_DIR / "qwen3"
+    if not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: no tokenizer_config.json; pass a directory holding a Qwen3 tokenizer "
+            "(tokenizer.json + tokenizer_config.json), e.g. a Qwen/Qwen3-1.7B model directory"
+        )
+    from transformers import AutoTokenizer  # lazy: slow import
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def chat_messages(question: str, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": question}]
+
+
+def format_prompts(
+    tokenizer,
+    questions: Sequence[str],
+    *,
+    enable_thinking: bool = True,
+    system_prompt: str | None = SYSTEM_PROMPT,
+    max_prompt_len: int | None = None,
+) -> list[list[int]]:
+    """Token ids of each question in the chat template with the assistant turn opened.
+
+    Same ids as `apply_chat_template(messages, add_generation_prompt=True, enable_thinking=...)`;
+    rendered to text first so that all prompts go through the fast tokenizer in one batch.
+    Prompts longer than `max_prompt_len` keep their tail (left truncation), as in the reference.
+    """
+    texts = [
+        tokenizer.apply_chat_template(
+            chat_messages(q, system_prompt),
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=enable_thinking,
+        )
+        for q in questions
+    ]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if max_prompt_len is not None:
+        ids = [x[-max_prompt_len:] for x in ids]
+    return ids
+
+
+# --- checkpointable order ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of range(n) used in `epoch`; a pure function of (n, seed, epoch)."""
+    if n < 1 or epoch < 0:
+        raise ValueError(f"epoch_order: need n >= 1 and epoch >= 0, got n={n}, epoch={epoch}")
+    order = np.random.default_rng((seed, epoch)).permutation(n)
+    order.setflags(write=False)  # cached: callers must not be able to corrupt it
+    return order
+
+
+def global_batch_indices(n: int, seed: int, position: int, batch_size: int) -> np.ndarray:
+    """Dataset indices of the global batch that starts after `position` examples were consumed.
+
+    `position` (an int saved in checkpoints) counts examples over all epochs; a batch that
+    crosses an epoch boundary takes the end of one epoch's order and the start of the next."""
+    if n < 1 or position < 0 or batch_size < 1:
+        raise ValueError(
+            f"global_batch_indices: need n >= 1, position >= 0 and batch_size >= 1, got "
+            f"n={n}, position={position}, batch_size={batch_size}"
+        )
+    pos = np.arange(position, position + batch_size)
+    epochs, offsets = np.divmod(pos, n)
+    out = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        out[sel] = epoch_order(n, seed, int(e))[offsets[sel]]
+    return out
+
+
+def process_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous share of a global batch (matches a batch axis sharded over
+    processes in order)."""
+    indices = np.asarray(indices)
+    if not 0 <= process_index < process_count or len(indices) % process_count:
+        raise ValueError(
+            f"process_slice: batch of {len(indices)} cannot be split evenly over "
+            f"{process_count} processes (process_index={process_index})"
+        )
+    per = len(indices) // process_count
+    return indices[process_index * per : (process_index + 1) * per]
+
+
+# --- the MATH task -------------------------------------------------------------------------------
+
+
+class MathTask:
+    """`tasks.Task` over math problems with the Qwen3 chat template and verified rewards.
+
+    reward_name: "good_accuracy" (the author's shaped reward) or "correct" (0/1). Rewards are
+    scored by a `rewards.RewardPool` of `reward_workers` processes, started on first use.
+    """
+
+    def __init__(
+        self,
+        train_problems: Sequence[Problem],
+        eval_problems: Sequence[Problem],
+        tokenizer,
+        *,
+        reward_name: str = "good_accuracy",
+        max_prompt_len: int = 1024,
+        enable_thinking: bool = True,
+        system_prompt: str | None = SYSTEM_PROMPT,
+        reward_workers: int = 4,
+        reward_timeout_s: float = 5.0,
+        name: str = "math",
+    ):
+        rewards_lib.validate_reward_name(reward_name)
+        self.name, self.reward_name, self.tokenizer = name, reward_name, tokenizer
+        self.vocab_size = len(tokenizer)
+        im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+        self.eos_ids = (im_end, eot)
+        self.pad_id = eot if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        fmt = dict(
+            enable_thinking=enable_thinking,
+            system_prompt=system_prompt,
+            max_prompt_len=max_prompt_len,
+        )
+        self._train = self._examples(train_problems, fmt)
+        self._eval = self._examples(eval_problems, fmt)
+        self._pool = rewards_lib.RewardPool(reward_workers, timeout_s=reward_timeout_s)
+
+    def _examples(self, problems: Sequence[Problem], fmt: dict) -> list[tasks.Example]:
+        ids = (
+            format_prompts(self.tokenizer, [p.question for p in problems], **fmt)
+            if problems
+            else []
+        )
+        return [
+            tasks.Example(tuple(x), p.answer, p.uid) for x, p in zip(ids, problems, strict=True)
+        ]
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        train_path: str | os.PathLike | None = None,  # default: MATH train split
+        eval_path: str | os.PathLike | None = None,  # default: MATH test split
+        tokenizer_path: str | os.PathLike | None = None,  # default: DEFAULT_DATA_DIR/qwen3
+        levels: Sequence[int] | int | None = (3,),
+        subjects: Sequence[str] | str | None = None,
+        skip_malformed: bool = False,
+        **kwargs,
+    ) -> MathTask:
+        """MATH (Level 3 by default, spec §3.1) from JSONL/Parquet files; kwargs go to __init__."""
+        filt = dict(levels=levels, subjects=subjects, skip_malformed=skip_malformed)
+        train = load_math(train_path, split="train", **filt)
+        eval_ = load_math(eval_path, split="test", **filt)
+        return cls(train.problems, eval_.problems, load_tokenizer(tokenizer_path), **kwargs)
+
+    def train_examples(self) -> Sequence[tasks.Example]:
+        return self._train
+
+    def eval_examples(self) -> Sequence[tasks.Example]:
+        return self._eval
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=False)
+
+    def completion_texts(self, completions: Sequence[Sequence[int]]) -> list[str]:
+        """Response strings as graded: cut at the first EOS/PAD, special tokens dropped."""
+        stop = (*self.eos_ids, self.pad_id)
+        trimmed = [list(tasks.trim_completion(c, stop)) for c in completions]
+        return self.tokenizer.batch_decode(trimmed, skip_special_tokens=True)
+
+    def rewards(
+        self, examples: Sequence[tasks.Example], completions: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        if len(examples) != len(completions):
+            raise ValueError(
+                f"rewards: {len(examples)} examples but {len(completions)} completions"
+            )
+        texts = self.completion_texts(completions)
+        return self._pool.rewards(texts, [e.answer for e in examples], self.reward_name)
+
+    def close(self) -> None:
+        """Stops the reward workers (they are restarted if rewards are asked for again)."""
+        self._pool.close()

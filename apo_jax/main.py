@@ -1,0 +1,73 @@
+"""Entry point: `python -m apo_jax.main --config=configs/<file>.py[:arg] --workdir=DIR`
+(or `apo-train ...`), with `--config.a.b=value` overrides on the locked config."""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+
+def _config_root_on_path(argv):
+    """Config files import their base as `from configs import base`: put the directory holding
+    `configs/` (the parent of the config file's folder) on sys.path, wherever we run from."""
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path:
+            root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":", 1)[0])))
+            if root not in sys.path:
+                sys.path.insert(0, root)
+
+
+_config_root_on_path(sys.argv)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Python config file (get_config(arg) -> ConfigDict).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, plots, checkpoints.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_orbax(record) -> bool:
+    """Orbax reports every save at INFO; keep its warnings and errors only."""
+    return "orbax" not in record.pathname or record.levelno >= logging.WARNING
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_quiet_orbax)
+    import jax
+
+    from apo_jax import distributed, train
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    logging.info(
+        "JAX %s: %d process(es), %d device(s): %s",
+        jax.__version__,
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices(),
+    )
+    workdir = os.path.abspath(_WORKDIR.value)
+    last = train.run(_CONFIG.value, workdir)
+    if jax.process_index() == 0:
+        print(f"\nmetrics: {os.path.join(workdir, 'metrics.jsonl')}")
+        if os.path.isdir(os.path.join(workdir, "plots")):
+            print(f"plots:   {os.path.join(workdir, 'plots')}")
+        print(f"tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+        summary = {k: round(v, 4) for k, v in last.items() if k.startswith(("reward/", "eval/"))}
+        print(f"last step: {summary}")
+
+
+def cli():
+    app.run(main, argv=sys.argv)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,109 @@
+"""Run outputs: `config.json`, `metrics.jsonl` (one line per step), TensorBoard events, a progress
+bar, and PNG plots at the end. Metric names are `group/name`. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+PLOTS = (  # (metric, title) drawn by `write_plots`
+    ("reward/mean", "mean reward"),
+    ("schedule/alpha", "alpha"),
+    ("schedule/tau", "tau"),
+    ("policy/entropy", "per-token entropy (nats)"),
+    ("rollout/len_mean", "response length (tokens)"),
+    ("optim/grad_norm", "gradient norm"),
+)
+
+
+def _to_float(x):
+    x = float(np.asarray(x))
+    return x if math.isfinite(x) else repr(x)  # JSON has no NaN/inf: keep them readable
+
+
+class MetricsWriter:
+    """Appends one JSON line per step; mirrors scalars to TensorBoard when enabled."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int = 0):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        # Steps after the checkpoint we resume from are re-run: drop their old lines so the
+        # file reads exactly like an uninterrupted run.
+        if os.path.exists(self.path):
+            kept = [line for line in read_metrics(self.path) if line["step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(line) + "\n" for line in kept)
+            os.replace(self.path + ".tmp", self.path)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1
+            )
+
+    def write(self, step: int, metrics: Mapping[str, object]) -> dict:
+        line = {"step": int(step), **{k: _to_float(v) for k, v in sorted(metrics.items())}}
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            if self._tb is not None:
+                for k, v in line.items():
+                    if k != "step" and isinstance(v, float):
+                        self._tb.add_scalar(k, v, step)
+        return line
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def write_config(workdir: str, config) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_plots(workdir: str) -> list[str]:
+    """One PNG per metric of PLOTS found in `metrics.jsonl`, under `workdir/plots/`."""
+    if jax.process_index() != 0:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    out_dir = os.path.join(workdir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for key, title in PLOTS:
+        points = [(m["step"], m[key]) for m in lines if isinstance(m.get(key), float)]
+        if not points:
+            continue
+        steps, values = zip(*points, strict=True)
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        ax.plot(steps, values, lw=1.2)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out_dir, key.replace("/", "_") + ".png")
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,275 @@
+"""The task interface the training loop consumes, and the embedded toy tasks (no downloads).
+
+A task owns its prompts (token ids), its vocabulary facts (size, EOS, PAD) and a host-side reward
+over sampled completions. `make_task(name, **kwargs)` builds one by name: the toy tasks here, or
+"math" (Hendrycks MATH with the Qwen3 tokenizer, from `data.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    prompt_ids: tuple[int, ...]  # tokenised prompt, no padding
+    answer: str  # reference answer (for rewards / logging)
+    uid: str  # stable id, e.g. "train/algebra/3.json" or "toy/train/123"
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+    vocab_size: int  # smallest model vocabulary that covers every id the task uses
+    eos_ids: tuple[int, ...]  # tokens that end a completion
+    pad_id: int
+
+    def train_examples(self) -> Sequence[Example]: ...
+
+    def eval_examples(self) -> Sequence[Example]: ...
+
+    def rewards(
+        self, examples: Sequence[Example], completions: Sequence[Sequence[int]]
+    ) -> np.ndarray: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def trim_completion(ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[int, ...]:
+    """The completion up to (not including) its first stop token; the rest is padding."""
+    stop = set(int(t) for t in stop_ids)
+    out = []
+    for t in ids:
+        t = int(t)
+        if t in stop:
+            break
+        out.append(t)
+    return tuple(out)
+
+
+def distinct_correct(
+    task: Task,
+    examples: Sequence[Example],
+    completions: Sequence[Sequence[int]],
+    rewards: Sequence[float] | np.ndarray | None = None,
+    threshold: float = 1.0,
+) -> dict[str, int]:
+    """Number of distinct correct completions per prompt, keyed by uid (first-seen order).
+
+    A completion is correct when its reward is >= `threshold`; completions are compared after
+    trimming at the first EOS/PAD. Prompts without any correct completion map to 0. On the toy
+    permutation task this counts how many of the k! valid orderings a group found (coverage);
+    a mode-seeking policy drives it towards 1.
+    """
+    if rewards is None:
+        rewards = task.rewards(examples, completions)
+    if not len(examples) == len(completions) == len(rewards):
+        raise ValueError(
+            f"distinct_correct: {len(examples)} examples, {len(completions)} completions and "
+            f"{len(rewards)} rewards must have the same length"
+        )
+    stop = (*task.eos_ids, task.pad_id)
+    found: dict[str, set[tuple[int, ...]]] = {}
+    for ex, comp, r in zip(examples, completions, rewards, strict=True):
+        hits = found.setdefault(ex.uid, set())
+        if float(r) >= threshold:
+            hits.add(trim_completion(comp, stop))
+    return {uid: len(hits) for uid, hits in found.items()}
+
+
+# --- the embedded toy task -----------------------------------------------------------------------
+
+PAD_ID, EOS_ID, SEP_ID = 0, 1, 2
+_FIRST_VALUE_ID = 3
+_SPLITS = {"train": 0, "eval": 1}
+
+
+class _LazyExamples(Sequence):
+    """A large read-only sequence whose i-th example is generated on demand from (seed, i)."""
+
+    def __init__(self, size: int, make):
+        self._size, self._make = size, make
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._make(j) for j in range(*i.indices(self._size))]
+        i = int(i)
+        if i < 0:
+            i += self._size
+        if not 0 <= i < self._size:
+            raise IndexError(f"example index {i} out of range for {self._size} examples")
+        return self._make(i)
+
+
+class ToyTask:
+    """Copy-a-set task: the prompt is k distinct value tokens then "="; the completion must list
+    the prompt's values, each exactly once, then EOS.
+
+    - "toy" (`ordered=False`): any order is correct, so every prompt has k! correct answers (6 by
+      default: a group of G = 6-8 can cover them all) and mode collapse vs coverage is
+      measurable (`distinct_correct`, `answer_rank`).
+    - "toy_sorted" (`ordered=True`): only ascending order is correct (a single answer).
+
+    Reward (dense partial credit in [0, 1]): the completion is trimmed at its first EOS/PAD;
+    credit = number of positions holding a prompt value not used earlier (ordered: the value at
+    that rank of the sorted prompt), divided by max(k, completion length). So 1 iff the
+    completion is exactly a valid answer, and a random policy scores well above 0.
+
+    Give the model exactly `vocab_size` rows: a tiny random Qwen3 then learns "toy" from scratch
+    by RL in a few hundred steps, while with 128 rows it rarely samples EOS and stalls.
+
+    Prompts come from (seed, split, index) alone. A k-subset belongs to the eval split iff a
+    hash of (seed, subset) is 0 mod `eval_mod`, so train and eval never share a value set.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_values: int = 10,  # size of the value alphabet (the digits 0-9)
+        prompt_len: int = 3,  # k: values per prompt (and tokens per correct answer)
+        ordered: bool = False,  # True: only the sorted order is correct
+        seed: int = 0,
+        num_train: int = 1_000_000,  # virtual size: examples are generated on demand
+        num_eval: int = 128,
+        eval_mod: int = 8,  # about 1/eval_mod of the value sets are held out for eval
+    ):
+        if not 1 <= prompt_len <= num_values:
+            raise ValueError(
+                f"toy task: need 1 <= prompt_len ({prompt_len}) <= num_values ({num_values})"
+            )
+        if num_train < 1 or num_eval < 1 or eval_mod < 2:
+            raise ValueError(
+                f"toy task: num_train ({num_train}) and num_eval ({num_eval}) must "
+                f"be >= 1 and eval_mod ({eval_mod}) >= 2"
+            )
+        self.num_values, self.prompt_len, self.ordered = num_values, prompt_len, ordered
+        self.seed, self.eval_mod = seed, eval_mod
+        self.name = "toy_sorted" if ordered else "toy"
+        self.vocab_size = _FIRST_VALUE_ID + num_values
+        self.eos_ids = (EOS_ID,)
+        self.pad_id = PAD_ID
+        self._check_both_splits_possible()
+        self._train = _LazyExamples(num_train, lambda i: self._example("train", i))
+        self._eval = _LazyExamples(num_eval, lambda i: self._example("eval", i))
+
+    @property
+    def num_correct_answers(self) -> int:
+        """Distinct correct completions per prompt."""
+        return 1 if self.ordered else math.factorial(self.prompt_len)
+
+    def train_examples(self) -> Sequence[Example]:
+        return self._train
+
+    def eval_examples(self) -> Sequence[Example]:
+        return self._eval
+
+    def token_name(self, t: int) -> str:
+        if t == PAD_ID:
+            return "<pad>"
+        if t == EOS_ID:
+            return "<eos>"
+        if t == SEP_ID:
+            return "="
+        if _FIRST_VALUE_ID <= t < self.vocab_size:
+            return str(t - _FIRST_VALUE_ID)
+        return f"<unk{t}>"  # ids a larger model vocabulary can still sample
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.token_name(int(t)) for t in ids)
+
+    def reward(self, example: Example, completion: Sequence[int]) -> float:
+        values = example.prompt_ids[:-1]  # drop the trailing "="
+        comp = trim_completion(completion, (EOS_ID, PAD_ID))
+        if self.ordered:
+            target = sorted(values)
+            credit = sum(1 for j, t in enumerate(comp[: len(target)]) if t == target[j])
+        else:
+            remaining, credit = set(values), 0
+            for t in comp:
+                if t in remaining:
+                    remaining.discard(t)
+                    credit += 1
+        return credit / max(len(values), len(comp))
+
+    def rewards(
+        self, examples: Sequence[Example], completions: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        if len(examples) != len(completions):
+            raise ValueError(
+                f"rewards: {len(examples)} examples but {len(completions)} completions"
+            )
+        out = [self.reward(e, c) for e, c in zip(examples, completions, strict=True)]
+        return np.asarray(out, dtype=np.float32)
+
+    def answer_rank(self, example: Example, completion: Sequence[int]) -> int | None:
+        """Which correct answer a completion hit: the lexicographic rank of its permutation of
+        the prompt values (0 .. k!-1), or None if it is not fully correct."""
+        if self.reward(example, completion) < 1.0:
+            return None
+        comp = list(trim_completion(completion, (EOS_ID, PAD_ID)))
+        rank, pool = 0, sorted(comp)
+        for j, t in enumerate(comp):  # Lehmer code
+            pos = pool.index(t)
+            rank += pos * math.factorial(len(comp) - 1 - j)
+            pool.pop(pos)
+        return rank
+
+    # --- deterministic generation ----------------------------------------------------------------
+    def _is_eval_set(self, values: Sequence[int]) -> bool:
+        key = np.asarray([self.seed, *sorted(values)], dtype=np.int64).tobytes()
+        return zlib.crc32(key) % self.eval_mod == 0
+
+    def _check_both_splits_possible(self) -> None:
+        n_sets = math.comb(self.num_values, self.prompt_len)
+        if n_sets > 200_000:  # large spaces always hold both kinds of subsets
+            return
+        from itertools import combinations
+
+        kinds = {
+            self._is_eval_set(s) for s in combinations(range(self.num_values), self.prompt_len)
+        }
+        if kinds != {True, False}:
+            raise ValueError(
+                f"toy task: with num_values={self.num_values}, prompt_len={self.prompt_len} "
+                f"({n_sets} value sets) the train/eval split by hash leaves one split empty; "
+                "use more values or a different eval_mod/seed"
+            )
+
+    def _example(self, split: str, i: int) -> Example:
+        rng = np.random.default_rng((self.seed, _SPLITS[split], i))
+        want_eval = split == "eval"
+        while True:  # rejection sampling: the expected number of draws is eval_mod (eval) or ~1
+            values = rng.choice(self.num_values, size=self.prompt_len, replace=False)
+            if self._is_eval_set(values) == want_eval:
+                break
+        ids = tuple(int(v) + _FIRST_VALUE_ID for v in values)
+        answer = " ".join(str(v) for v in sorted(int(v) for v in values))
+        return Example(prompt_ids=(*ids, SEP_ID), answer=answer, uid=f"{self.name}/{split}/{i}")
+
+
+# --- construction by name ------------------------------------------------------------------------
+
+TASK_NAMES = ("toy", "toy_sorted", "math")
+
+
+def make_task(name: str, **kwargs) -> Task:
+    """Builds a task by name: "toy", "toy_sorted" (kwargs go to `ToyTask`) or "math" (kwargs go to
+    `data.MathTask.from_files`)."""
+    if name == "toy":
+        return ToyTask(ordered=False, **kwargs)
+    if name == "toy_sorted":
+        return ToyTask(ordered=True, **kwargs)
+    if name == "math":
+        from apo_jax import data  # lazy: pulls in transformers and the reward workers
+
+        return data.MathTask.from_files(**kwargs)
+    raise ValueError(f"unknown task {name!r}; valid task names: {', '.join(TASK_NAMES)}")

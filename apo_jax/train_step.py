@@ -1,0 +1,273 @@
+"""The train state and one fused, jitted update: forward -> chunked log-probs -> loss -> grads ->
+global-norm clip -> AdamW, with exact gradient accumulation over micro-batches.
+
+Batch layout (B = P·G rows, the G completions of a prompt in consecutive rows):
+  prompt_ids, prompt_mask         [B, Tp]  left-padded prompts
+  completion_ids, completion_mask [B, Tc]  completions, mask 1 up to and including EOS
+  old_logp, ref_logp              [B, Tc]  anchor / frozen-reference token log-probs (float32)
+  rewards                         [B]      float32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jaxtyping import Array, Float
+
+from apo_jax import alpha_schedule as schedule_lib
+from apo_jax import logprobs as logprobs_lib
+from apo_jax import losses as losses_lib
+from apo_jax import model as model_lib
+
+Batch = dict[str, Array]
+BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards")
+LOSS_NAMES = ("apo", "grpo", "gspo", "dapo", "dr_grpo", "fdiv")
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: nnx.State  # model parameters (pytree of arrays)
+    opt_state: optax.OptState
+    step: Array  # int32: optimizer updates applied
+    rng: Array  # uint32 raw key data (checkpoint-friendly)
+    schedule: schedule_lib.ScheduleState  # alpha-schedule state (EMA / ESS smoothing)
+    skipped: Array  # int32: updates skipped for a non-finite loss or gradient
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int):
+    """AdamW with optional warm-up and cosine decay, behind a global-norm clip."""
+    if optim.decay == "constant":
+        lr = optax.constant_schedule(optim.lr)
+    elif optim.decay == "cosine":
+        lr = optax.cosine_decay_schedule(optim.lr, max(total_updates - optim.warmup_steps, 1))
+    else:
+        raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {optim.decay!r}")
+    if optim.warmup_steps:
+        warm = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+        lr = optax.join_schedules([warm, lr], [optim.warmup_steps])
+    adamw = optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
+    clip = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+    return optax.chain(*clip, adamw), lr
+
+
+def schedule_config(config: ml_collections.ConfigDict, vocab_size: int):
+    s, lo = config.schedule, config.loss
+    return schedule_lib.ScheduleConfig(
+        mode=s.mode,
+        scope=s.scope,
+        alpha=s.alpha,
+        alpha_max=s.alpha_max,
+        alpha_min=s.alpha_min,
+        adaptive_tau=s.adaptive_tau,
+        tau0=s.tau0,
+        vocab_size=vocab_size,
+        use_ema=s.use_ema,
+        beta_r=lo.beta_r,
+        scale_rewards=lo.scale_rewards,
+        clip_log_ratio=lo.clip_log_ratio,
+        clip_score=lo.clip_score,
+    )
+
+
+def init_train_state(params: nnx.State, tx, seed: int, sched_cfg) -> TrainState:
+    return TrainState(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        schedule=schedule_lib.init_schedule_state(sched_cfg),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def completion_logprobs(
+    graphdef, params, batch: Batch, *, chunk: int, with_entropy: bool = False
+) -> Float[Array, "B Tc"] | tuple[Array, Array]:
+    """Token log-probs (and entropies) of the completions given their prompts, float32."""
+    model = nnx.merge(graphdef, params)
+    ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)  # [B, L]
+    valid = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
+    positions, mask = model_lib.causal_inputs(ids, valid)  # [B, L], [B, L, L]
+    hidden, _ = model.hidden_states(ids, positions, mask)  # [B, L, D]
+    tp, tc = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+    # The hidden state at position j predicts token j + 1.
+    h = jax.lax.dynamic_slice_in_dim(hidden, tp - 1, tc, axis=1)  # [B, Tc, D]
+    return logprobs_lib.token_logprobs(
+        h, model.unembed(), batch["completion_ids"], chunk_size=chunk, return_entropy=with_entropy
+    )
+
+
+def _group(x: Array, g: int) -> Array:
+    return x.reshape(x.shape[0] // g, g, *x.shape[1:])  # [B, ...] -> [P, G, ...]
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, sched_cfg) -> Callable:
+    """(logp [P,G,T], batch grouped [P,G,...], schedule state) -> (LossOutput, new state, alpha
+    and tau metrics). The loss is selected by `config.loss.name` at trace time."""
+    lo, name = config.loss, config.loss.name
+    if name not in LOSS_NAMES:
+        raise ValueError(f"config.loss.name={name!r} is not one of {LOSS_NAMES}")
+    anchored = dict(
+        beta_r=lo.beta_r,
+        clip_log_ratio=lo.clip_log_ratio,
+        clip_score=lo.clip_score,
+        scale_rewards=lo.scale_rewards,
+    )
+    clip = dict(clip_eps_low=lo.clip_eps_low, clip_eps_high=lo.clip_eps_high)
+    dual = dict(dual_clip=lo.dual_clip or None)
+
+    def fn(logp, b, sched_state):
+        mask, old, rewards = b["completion_mask"], b["old_logp"], b["rewards"]
+        extra = {}
+        if name in ("apo", "fdiv"):
+            ell = losses_lib.sequence_logp(jax.lax.stop_gradient(logp), mask)  # [P, G]
+            ell_ref = losses_lib.sequence_logp(old, mask)
+            alpha, tau, sched_state, extra = schedule_lib.schedule(
+                sched_cfg, sched_state, ell, ell_ref, rewards
+            )
+            if name == "apo":
+                out = losses_lib.apo_loss(
+                    logp,
+                    old,
+                    mask,
+                    rewards,
+                    alpha=alpha,
+                    tau=tau,
+                    **anchored,
+                    logit_reg_coef=lo.logit_reg_coef,
+                    on_policy_fix=lo.on_policy_fix,
+                )
+            else:
+                out = losses_lib.f_divergence_loss(
+                    logp,
+                    old,
+                    mask,
+                    rewards,
+                    divergence=lo.divergence,
+                    tau=tau,
+                    alpha=alpha,
+                    **anchored,
+                )
+        elif name == "grpo":
+            out = losses_lib.LOSSES["grpo"](
+                logp,
+                old,
+                mask,
+                rewards,
+                **clip,
+                **dual,
+                scale_adv=lo.scale_adv,
+                agg_mode=lo.agg_mode,
+                max_len=config.rollout.max_new_tokens,
+                kl_coef=lo.kl_coef,
+                logp_ref=b["ref_logp"] if lo.kl_coef else None,
+                kl_type=lo.kl_type,
+            )
+        elif name == "dapo":
+            out = losses_lib.LOSSES["dapo"](
+                logp, old, mask, rewards, **clip, **dual, scale_adv=lo.scale_adv
+            )
+        elif name == "dr_grpo":
+            out = losses_lib.LOSSES["dr_grpo"](
+                logp,
+                old,
+                mask,
+                rewards,
+                max_len=config.rollout.max_new_tokens,
+                clip_eps=lo.clip_eps_low,
+            )
+        else:  # gspo
+            out = losses_lib.LOSSES["gspo"](
+                logp,
+                old,
+                mask,
+                rewards,
+                **clip,
+                scale_adv=lo.scale_adv,
+                token_level=lo.gspo_token_level,
+            )
+        return out, sched_state, extra
+
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    train_step: Callable  # (TrainState, Batch) -> (TrainState, metrics); state donated
+    logprobs: Callable  # (params, Batch) -> [B, Tc] float32
+
+
+def build(graphdef, config: ml_collections.ConfigDict, tx, sched_cfg) -> StepFns:
+    """Jits the update and the log-prob scorer for this model and config."""
+    g, micro = config.rollout.group_size, config.optim.micro_batches
+    chunk = config.optim.logprob_chunk
+    loss_fn = make_loss_fn(config, sched_cfg)
+
+    def micro_loss(params, mb, sched_state):
+        logp, entropy = completion_logprobs(graphdef, params, mb, chunk=chunk, with_entropy=True)
+        grouped = {k: _group(v, g) for k, v in mb.items()}
+        out, sched_state, extra = loss_fn(_group(logp, g), grouped, sched_state)
+        m = grouped["completion_mask"].astype(jnp.float32)
+        metrics = {f"loss/{k}": v for k, v in out.metrics.items() if k not in ("alpha", "tau")}
+        metrics.update({f"schedule/{k}": v for k, v in extra.items()})
+        metrics["policy/entropy"] = (_group(entropy, g) * m).sum() / jnp.maximum(m.sum(), 1.0)
+        return out.loss_sum, (out.denom, sched_state, metrics)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch):
+        b = batch["rewards"].shape[0]
+        if b % (g * micro):
+            raise ValueError(
+                f"batch of {b} rows does not split into {micro} micro-batches of "
+                f"whole groups of {g}"
+            )
+        split = jax.tree.map(lambda x: x.reshape(micro, b // micro, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            grads, loss_sum, denom, sched_state = carry
+            (ls, (d, sched_state, metrics)), gr = grad_fn(state.params, mb, sched_state)
+            grads = jax.tree.map(jnp.add, grads, gr)
+            return (grads, loss_sum + ls, denom + d, sched_state), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.zeros(()), jnp.zeros(()), state.schedule)
+        (grads, loss_sum, denom, sched_state), metrics = jax.lax.scan(accumulate, init, split)
+        # The loss is sum/denominator over the whole batch; denominators do not depend on the
+        # parameters, so dividing the summed gradients once is exact.
+        denom = jnp.maximum(denom, 1e-8)
+        loss = loss_sum / denom
+        grads = jax.tree.map(lambda x: x / denom, grads)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = state.replace(
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            schedule=keep(sched_state, state.schedule),
+            step=state.step + ok.astype(jnp.int32),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        out = {k: jnp.mean(v) for k, v in metrics.items()}  # mean over micro-batches
+        out.update(
+            {
+                "loss/value": loss,
+                "optim/grad_norm": grad_norm,
+                "optim/skipped": new_state.skipped.astype(jnp.float32),
+            }
+        )
+        return new_state, out
+
+    def logprobs(params, batch):
+        return completion_logprobs(graphdef, params, batch, chunk=chunk)
+
+    return StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))

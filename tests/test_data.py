@@ -1,0 +1,197 @@
+"""Tests for prompt datasets, Qwen3 chat formatting, the checkpointable order and MathTask
+(data.py), on the real MATH / GSM8K files and Qwen3 tokenizer in ../shared/data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from apo_jax import data, tasks
+
+IM_END, ENDOFTEXT = 151645, 151643
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shared_data):
+    return data.load_tokenizer(shared_data / "qwen3")
+
+
+@pytest.fixture(scope="module")
+def math_task(shared_data):
+    # Serial rewards (no worker processes) keep this fast; the pool is tested in test_rewards.
+    return tasks.make_task(
+        "math",
+        train_path=shared_data / "math" / "math_train.jsonl",
+        eval_path=shared_data / "math" / "math_test.jsonl",
+        tokenizer_path=shared_data / "qwen3",
+        levels=3,
+        max_prompt_len=256,
+        reward_workers=0,
+    )
+
+
+def _template_ids(tokenizer, messages, enable_thinking):
+    out = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=enable_thinking, tokenize=True
+    )
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def test_level_and_subject_filters(shared_data):
+    math_dir = shared_data / "math"
+    assert len(data.load_math(math_dir / "math_train.jsonl", levels=3)) == 1592
+    assert len(data.load_math(math_dir / "math_test.jsonl", levels=[3])) == 1131
+    algebra = data.load_math(math_dir / "math_train.jsonl", levels=3, subjects="algebra")
+    assert len(algebra) == 392 and {p.subject for p in algebra} == {"Algebra"}
+    both = data.load_math(
+        math_dir / "math_train.jsonl", levels=3, subjects=["Geometry", "Precalculus"]
+    )
+    assert len(both) == 129 + 168
+    everything = data.load_math(math_dir / "math_train.jsonl")
+    assert len(everything) == 7500 and sum(p.level is None for p in everything) == 2  # "Level ?"
+    assert everything[0].uid.startswith("train/") and everything[0].answer
+    with pytest.raises(ValueError, match="unknown subject.*Algebra"):
+        data.load_math(math_dir / "math_train.jsonl", subjects="Algebr")
+
+
+def test_math500_and_gsm8k(shared_data):
+    m500 = data.load_math500(shared_data / "math" / "math500_test.jsonl", levels=3)
+    assert len(m500) == 105
+    gsm = data.load_gsm8k(shared_data / "gsm8k" / "test.jsonl")
+    assert len(gsm) == 1319 and gsm[0].answer == "18"
+    assert all(p.answer.lstrip("-").replace(".", "").isdigit() for p in gsm)  # no commas left
+
+
+def test_malformed_rows_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = {"problem": "1+1?", "answer": "2", "level": "Level 1", "type": "Algebra"}
+    lines = [json.dumps(good), "", "{not json", json.dumps({"problem": "no answer"}), "[1, 2]"]
+    path.write_text("\n".join([*lines, json.dumps(good)]) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:3 .*not valid JSON"):
+        data.load_math(path)
+    loaded = data.load_math(path, skip_malformed=True)
+    assert len(loaded) == 2 and loaded.num_skipped == 3
+    assert loaded[1].uid == "bad/6"  # no unique_id: file stem and line number
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"problem": "x"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2 .*missing field.*answer"):
+        data.load_math(path)
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{gsm}:1 .*####"):
+        data.load_gsm8k(gsm)
+
+
+def test_missing_files_say_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="MATH JSONL.*problem, answer.*Hendrycks MATH"):
+        data.load_math(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="GSM8K"):
+        data.load_gsm8k(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        data.load_tokenizer(tmp_path)
+
+
+def test_parquet_needs_pyarrow_or_reads(tmp_path):
+    path = tmp_path / "rows.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        path.write_bytes(b"PAR1")
+        with pytest.raises(ImportError, match="pip install pyarrow"):
+            data.load_math(path)
+        return
+    pq.write_table(pa.Table.from_pylist([{"problem": "1+1?", "answer": "2", "level": 1}]), path)
+    assert data.load_math(path)[0].answer == "2"
+
+
+# --- chat formatting -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_prompt_ids_match_apply_chat_template(shared_data, tokenizer, enable_thinking):
+    problems = data.load_math(shared_data / "math" / "math_test_level3.jsonl")[:20]
+    questions = [p.question for p in problems]
+    ids = data.format_prompts(tokenizer, questions, enable_thinking=enable_thinking)
+    for q, got in zip(questions, ids, strict=True):
+        assert got == _template_ids(tokenizer, data.chat_messages(q), enable_thinking)
+    no_system = data.format_prompts(tokenizer, questions[:2], system_prompt=None)
+    messages = [{"role": "user", "content": questions[0]}]
+    assert no_system[0] == _template_ids(tokenizer, messages, True)
+    tail = tokenizer.encode(
+        "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")
+    )
+    assert ids[0][-len(tail) :] == tail
+    assert "boxed" in data.SYSTEM_PROMPT and "<answer>" in data.SYSTEM_PROMPT
+
+
+def test_left_truncation_keeps_the_tail(tokenizer):
+    question = "Compute " + " + ".join(str(i) for i in range(200)) + "."
+    full = data.format_prompts(tokenizer, [question])[0]
+    cut = data.format_prompts(tokenizer, [question], max_prompt_len=64)[0]
+    assert len(full) > 64 and cut == full[-64:]
+
+
+# --- order ---------------------------------------------------------------------------------------
+
+
+def test_epoch_order_is_a_deterministic_permutation():
+    a = data.epoch_order(50, seed=1, epoch=0)
+    assert sorted(a.tolist()) == list(range(50))
+    np.testing.assert_array_equal(a, data.epoch_order(50, seed=1, epoch=0))
+    assert not np.array_equal(a, data.epoch_order(50, seed=1, epoch=1))
+    assert not np.array_equal(a, data.epoch_order(50, seed=2, epoch=0))
+    with pytest.raises(ValueError):
+        a[0] = 3  # the cached order is read-only
+
+
+def test_global_batches_resume_and_cover_each_epoch_once():
+    n, seed, bs = 10, 7, 4
+    one_call = data.global_batch_indices(n, seed, position=6, batch_size=8)  # crosses epoch 0->1
+    split = np.concatenate(
+        [data.global_batch_indices(n, seed, 6, 3), data.global_batch_indices(n, seed, 9, 5)]
+    )
+    np.testing.assert_array_equal(one_call, split)
+    stream = np.concatenate([data.global_batch_indices(n, seed, p, bs) for p in range(0, 40, bs)])
+    for e in range(4):
+        epoch = stream[e * n : (e + 1) * n]
+        assert sorted(epoch.tolist()) == list(range(n))
+        np.testing.assert_array_equal(epoch, data.epoch_order(n, seed, e))
+
+
+def test_process_slices_partition_the_batch():
+    batch = data.global_batch_indices(1592, seed=0, position=1590, batch_size=48)
+    parts = [data.process_slice(batch, i, 4) for i in range(4)]
+    assert all(len(p) == 12 for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), batch)
+    with pytest.raises(ValueError, match="evenly"):
+        data.process_slice(batch, 0, 5)
+
+
+# --- MathTask ------------------------------------------------------------------------------------
+
+
+def test_math_task_interface(math_task, tokenizer):
+    assert isinstance(math_task, tasks.Task)
+    assert len(math_task.train_examples()) == 1592 and len(math_task.eval_examples()) == 1131
+    assert math_task.vocab_size == len(tokenizer) == 151669
+    assert math_task.eos_ids == (IM_END, ENDOFTEXT) and math_task.pad_id == ENDOFTEXT
+    ex = math_task.train_examples()[0]
+    assert (
+        ex.uid.startswith("train/")
+        and max(len(e.prompt_ids) for e in math_task.train_examples()) <= 256
+    )
+    assert "<|im_start|>assistant" in math_task.decode(ex.prompt_ids)
+
+
+def test_math_task_rewards(math_task, tokenizer):
+    ex = math_task.eval_examples()[0]
+    right = tokenizer.encode(f"<think>ok</think><answer>\\boxed{{{ex.answer}}}</answer>")
+    wrong = tokenizer.encode("<think>ok</think><answer>\\boxed{-12345}</answer>")
+    completions = [right + [IM_END, ENDOFTEXT, ENDOFTEXT], wrong + [IM_END], right]
+    r = math_task.rewards([ex] * 3, completions)
+    assert r.dtype == np.float32 and r[0] == 1.0 and r[2] == 1.0
+    assert 0 < r[1] < 0.1  # good_accuracy: a small length bonus for a wrong answer
+    assert math_task.completion_texts([right + [IM_END] + wrong])[0].endswith("</answer>")
