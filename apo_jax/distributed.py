@@ -1,27 +1,27 @@
-"""Multi-host start-up: `jax.distributed.initialize` when configured or detected."""
+"""Multi-host start-up: `jax.distributed.initialize` when asked for or detected."""
 
 import os
 
 import jax
 from absl import logging
 
-# Environment variables that mean "this process is one of several" on common launchers.
-_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS")
+# Set by launchers of multi-process jobs whose cluster JAX can detect by itself.
+_DETECTABLE_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
 
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    auto: bool = False,
 ) -> None:
-    """Explicit arguments (GPU clusters, local multi-process tests) win; otherwise JAX's own
-    cluster detection runs when the environment looks multi-process (TPU pods, SLURM)."""
+    """Explicit arguments win (GPU hosts started by hand, local multi-process tests); `auto`
+    (TPU pods: `--distributed`) or a recognised launcher environment lets JAX detect the
+    cluster. A lone process needs none of this."""
     if coordinator_address is not None:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif (
-        any(os.environ.get(k) for k in _MULTI_PROCESS_ENV)
-        and os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") != "localhost"
-    ):
+    elif auto or any(os.environ.get(k) for k in _DETECTABLE_ENV):
         jax.distributed.initialize()
     else:
         return

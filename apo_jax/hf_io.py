@@ -26,7 +26,7 @@ from apo_jax.model import Qwen3, Qwen3Config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_WHERE = (
+WHERE = (
     "Pass a Hugging Face Qwen3 model directory (config.json + model.safetensors or a sharded "
     "model.safetensors.index.json), e.g. one saved by transformers' save_pretrained or "
     "downloaded from the Hub with `huggingface-cli download Qwen/Qwen3-1.7B --local-dir DIR`."
@@ -121,7 +121,7 @@ def _weight_files(hf_dir: str) -> dict[str, str]:
     present = sorted(os.listdir(hf_dir))
     raise FileNotFoundError(
         f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
-        f"(directory holds {present}). {_WHERE}"
+        f"(directory holds {present}). {WHERE}"
     )
 
 
@@ -140,7 +140,7 @@ def load_qwen3(
     """
     hf_dir = os.fspath(hf_dir)
     if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"{hf_dir}: no such directory. {_WHERE}")
+        raise FileNotFoundError(f"{hf_dir}: no such directory. {WHERE}")
     cfg = Qwen3Config.from_hf(os.path.join(hf_dir, "config.json"))
     files = _weight_files(hf_dir)
     table = key_map(cfg)
@@ -165,7 +165,7 @@ def load_qwen3(
         lambda: Qwen3(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, remat=remat)
     )
     graphdef, state = nnx.split(abstract)
-    shardings = None if mesh is None else sharding_lib.state_shardings(state, mesh, rules)
+    shardings = None if mesh is None else sharding_lib.tree_shardings(state, mesh, rules)
     flat_shardings = None if shardings is None else dict(nnx.to_flat_state(shardings))
     np_dtype = np.dtype(jnp.dtype(dtype))
 
@@ -184,7 +184,7 @@ def load_qwen3(
                 )
             value = np.ascontiguousarray(entry.to_jax(tensor)).astype(np_dtype, copy=False)
             if flat_shardings is not None:
-                value = jax.device_put(value, flat_shardings[path])
+                value = jax.device_put(value, flat_shardings[path].get_value())
             else:
                 value = jnp.asarray(value)
             values.append((path, variable.replace(value)))

@@ -31,6 +31,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host with cluster auto-detection (TPU pods, SLURM)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -46,7 +49,9 @@ def main(argv):
 
     from apo_jax import distributed, train
 
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
+    )
     logging.info(
         "JAX %s: %d process(es), %d device(s): %s",
         jax.__version__,

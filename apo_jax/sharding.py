@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -76,15 +77,6 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules) -> Named
     return NamedSharding(mesh, _fit_spec(logical_to_spec(axes, rules), shape, mesh))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = TRAIN_RULES):
-    """A pytree of NamedShardings matching `state` (abstract or concrete)."""
-    return jax.tree.map(
-        lambda v: variable_sharding(v, mesh, rules),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-
-
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     """Resolves (data, fsdp, tensor) sizes; at most one may be -1 ("the devices left over")."""
     sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
@@ -135,16 +127,57 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def tree_shardings(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
-    """NamedShardings for any pytree: arrays inside nnx Variables follow their logical axes
-    (parameters and optimizer moments alike); every other array is replicated."""
+    """NamedShardings for any pytree, with the tree's own structure (so it maps leaf for leaf):
+    arrays inside nnx Variables follow their logical axes (parameters and optimizer moments
+    alike); every other array is replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(
-        lambda x: variable_sharding(x, mesh, rules) if isinstance(x, nnx.Variable) else replicated,
-        tree,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(variable_sharding(x, mesh, rules))
+        return replicated
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def named(mesh: Mesh, *spec) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows of a batch split over the data-parallel axes."""
-    return NamedSharding(mesh, PartitionSpec(TRAIN_RULES["batch"]))
+    return named(mesh, TRAIN_RULES["batch"])
+
+
+def reshard(tree, mesh: Mesh, rules: Rules):
+    """Moves a pytree of nnx Variables/arrays to the layout `rules` gives on `mesh` (e.g. the
+    training parameters to the rollout layout); a no-op for arrays already laid out so."""
+    return jax.device_put(tree, tree_shardings(tree, mesh, rules))
+
+
+def check_mesh_fits(shape: tuple[int, int, int], cfg, rows_per_micro_batch: int) -> None:
+    """Clear errors for mesh sizes the model or batch cannot be split by."""
+    data, fsdp, tensor = shape
+    for what, size in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads)):
+        if size % tensor:
+            raise ValueError(
+                f"config.mesh.tensor={tensor} does not divide the model's {what}={size}"
+            )
+    if rows_per_micro_batch % (data * fsdp):
+        raise ValueError(
+            f"config.mesh: data*fsdp = {data * fsdp} does not divide the {rows_per_micro_batch} "
+            "sequences of a micro-batch (rollout.prompts_per_step * rollout.group_size / "
+            "optim.mini_batches / optim.micro_batches)"
+        )
+
+
+def local_rows(x) -> np.ndarray:
+    """This process's rows of an array split by rows over processes, as one host array (the
+    whole array in a single-process run). Replicated shards are taken once."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    pieces = {}
+    for shard in x.addressable_shards:
+        rows = shard.index[0] if shard.index else slice(None)
+        pieces.setdefault(rows.start or 0, np.asarray(shard.data))
+    return np.concatenate([pieces[k] for k in sorted(pieces)])

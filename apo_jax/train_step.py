@@ -25,6 +25,7 @@ from apo_jax import alpha_schedule as schedule_lib
 from apo_jax import logprobs as logprobs_lib
 from apo_jax import losses as losses_lib
 from apo_jax import model as model_lib
+from apo_jax import sharding as sharding_lib
 
 Batch = dict[str, Array]
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards")
@@ -204,11 +205,19 @@ class StepFns:
     logprobs: Callable  # (params, Batch) -> [B, Tc] float32
 
 
-def build(graphdef, config: ml_collections.ConfigDict, tx, sched_cfg) -> StepFns:
-    """Jits the update and the log-prob scorer for this model and config."""
+def build(
+    graphdef, config: ml_collections.ConfigDict, tx, sched_cfg, mesh=None, state_shardings=None
+) -> StepFns:
+    """Jits the update and the log-prob scorer for this model and config. With a mesh, the
+    state keeps `state_shardings` (parameters and optimizer moments by their logical axes),
+    batch rows are split over the data-parallel axes and metrics come back replicated."""
     g, micro = config.rollout.group_size, config.optim.micro_batches
     chunk = config.optim.logprob_chunk
     loss_fn = make_loss_fn(config, sched_cfg)
+    if mesh is not None:
+        rows = sharding_lib.batch_sharding(mesh)
+        micro_sharding = sharding_lib.named(mesh, None, sharding_lib.TRAIN_RULES["batch"])
+        replicated = sharding_lib.named(mesh)
 
     def micro_loss(params, mb, sched_state):
         logp, entropy = completion_logprobs(graphdef, params, mb, chunk=chunk, with_entropy=True)
@@ -230,6 +239,8 @@ def build(graphdef, config: ml_collections.ConfigDict, tx, sched_cfg) -> StepFns
                 f"whole groups of {g}"
             )
         split = jax.tree.map(lambda x: x.reshape(micro, b // micro, *x.shape[1:]), batch)
+        if mesh is not None:  # keep each micro-batch's rows spread over the data axes
+            split = jax.lax.with_sharding_constraint(split, micro_sharding)
 
         def accumulate(carry, mb):
             grads, loss_sum, denom, sched_state = carry
@@ -270,4 +281,14 @@ def build(graphdef, config: ml_collections.ConfigDict, tx, sched_cfg) -> StepFns
     def logprobs(params, batch):
         return completion_logprobs(graphdef, params, batch, chunk=chunk)
 
-    return StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))
+    if mesh is None:
+        return StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))
+    step = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, rows),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    return StepFns(
+        step, jax.jit(logprobs, in_shardings=(state_shardings.params, rows), out_shardings=rows)
+    )

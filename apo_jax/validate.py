@@ -14,7 +14,7 @@ def _fail(key: str, value, why: str):
     raise ValueError(f"config.{key}={value!r}: {why}")
 
 
-def check_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
+def check_config(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError on the first key whose value cannot work."""
     if c.total_steps < 1:
         _fail("total_steps", c.total_steps, "must be >= 1")
@@ -62,13 +62,6 @@ def check_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
             "optim.micro_batches",
             o.micro_batches,
             f"must divide the {per_update} prompts of each mini-batch",
-        )
-    rows = per_update * r.group_size // o.micro_batches
-    if rows % num_devices and num_devices > 1:
-        _fail(
-            "optim.micro_batches",
-            o.micro_batches,
-            f"each micro-batch of {rows} sequences must split over {num_devices} devices",
         )
     if o.decay not in ("constant", "cosine"):
         _fail("optim.decay", o.decay, "valid: constant, cosine")

@@ -1,0 +1,64 @@
+"""Two local processes under jax.distributed (CPU, gloo) train exactly like one process holding
+the same two devices."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "-m", "apo_jax.main", "--config=configs/toy.py:debug",
+            f"--workdir={workdir}", "--config.total_steps=3", "--config.mesh.data=-1",
+            "--config.logging.progress=False", *extra]  # fmt: skip
+
+
+def _env(devices: int):
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    single = subprocess.run(_cmd(tmp_path / "single"), cwd=ROOT, env=_env(2),
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _cmd(tmp_path / "multi", f"--coordinator_address=localhost:{port}",
+                 "--num_processes=2", f"--process_id={i}"),
+            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+
+    a, b = _lines(tmp_path / "single"), _lines(tmp_path / "multi")
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            if key.startswith("perf/") or key == "step":
+                continue
+            np.testing.assert_allclose(y[key], x[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert (tmp_path / "multi" / "checkpoints" / "3").is_dir()  # written once, collectively
