@@ -44,9 +44,17 @@ def test_two_processes_match_one_process(tmp_path):
     port = _free_port()
     procs = [
         subprocess.Popen(
-            _cmd(tmp_path / "multi", f"--coordinator_address=localhost:{port}",
-                 "--num_processes=2", f"--process_id={i}"),
-            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            _cmd(
+                tmp_path / "multi",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=ROOT,
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for i in range(2)
     ]
