@@ -219,7 +219,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
             # Host rows -> global arrays [mini, rows, ...], rows split over the data axes.
             arrays = {k: _to_global(batch[k], mini, mesh) for k in _DEVICE_KEYS}
-            step_metrics, gaps = [], []
+            # The anchor pi_old is the rollout policy: score every mini-batch before the first
+            # update, so that later mini-batches see real (off-policy) ratios and clips bind.
+            minis = []
             for k in range(mini):
                 mb = {key: v[k] for key, v in arrays.items()}
                 mb["old_logp"] = fns.logprobs(state.params, mb)
@@ -228,7 +230,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if ref_params is not None
                     else jnp.zeros_like(mb["old_logp"])
                 )
-                gaps.append(_logp_gap(mb))
+                minis.append(mb)
+            gaps = [_logp_gap(mb) for mb in minis]
+            step_metrics = []
+            for mb in minis:
                 state, m = fns.train_step(state, mb)
                 step_metrics.append(m)
             step_metrics = jax.device_get(step_metrics)

@@ -1,0 +1,1 @@
+"""Experiment configs (one file per run; see README.md) and the CPU toy alpha study."""

@@ -1,0 +1,27 @@
+"""DAPO (canonical; spec §4.3) on MATH Level 3 with APO's model, data, G, batch, lengths and lr:
+clip-higher (0.2 / 0.28), token-mean loss, no KL, dynamic sampling (groups with all-equal
+rewards are dropped and refilled, at most 10 extra rounds: this spends MORE generation than
+APO's budget, reported as rollout/refill_rounds) and overlong shaping with a 256-token buffer
+(the recipe's 4096 / 20480 ratio applied to 1280 tokens).
+
+    python -m apo_jax.main --config=experiments/dapo_math_l3.py --workdir=runs/dapo_math_l3 \\
+        --config.model.hf_dir=/path/to/Qwen3-1.7B
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+    c = base.get_config()
+    c.loss.name = "dapo"
+    c.loss.clip_eps_low = 0.2
+    c.loss.clip_eps_high = 0.28
+    c.loss.scale_adv = True
+    c.rollout.dynamic_sampling = True
+    c.rollout.overlong_buffer = 256
+    c.eval.num_prompts = 256  # as apo_math_l3.py
+    c.eval.every_steps = 22
+    if arg and "debug" in arg.split(","):
+        base.apply_debug(c)
+        c.rollout.max_refill_rounds = 1  # a random tiny model rarely varies its rewards
+    return c

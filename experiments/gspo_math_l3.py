@@ -1,0 +1,22 @@
+"""GSPO (canonical, Qwen team; spec §4.2) with APO's budget on MATH Level 3: sequence-level
+ratio s_i = exp(mean_t log r_i,t), clip range [1 − 3e-4, 1 + 4e-4] (the GSPO paper's), group-std
+advantages, no KL; model, data, G, batch, lengths, lr and evaluation as apo_math_l3.py.
+
+    python -m apo_jax.main --config=experiments/gspo_math_l3.py --workdir=runs/gspo_math_l3 \\
+        --config.model.hf_dir=/path/to/Qwen3-1.7B
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+    c = base.get_config()
+    c.loss.name = "gspo"
+    c.loss.clip_eps_low = 3e-4
+    c.loss.clip_eps_high = 4e-4
+    c.loss.scale_adv = True
+    c.eval.num_prompts = 256  # as apo_math_l3.py
+    c.eval.every_steps = 22
+    if arg and "debug" in arg.split(","):
+        base.apply_debug(c)
+    return c

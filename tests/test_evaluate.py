@@ -1,0 +1,194 @@
+"""Held-out evaluation: the estimators against closed forms, the aggregation against a scripted
+sampler, the standalone CLI (HF directory and training workdir) and a tiny MATH run."""
+
+import itertools
+import json
+import math
+import types
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import apo_jax
+from apo_jax import evaluate as evaluate_lib
+from apo_jax import model as model_lib
+from apo_jax import tasks as tasks_lib
+from apo_jax import train
+from configs import base
+
+
+def _brute_pass_at_k(n: int, c: int, k: int) -> float:
+    """Fraction of the k-subsets of n samples (c correct) that hold a correct one."""
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_matches_enumeration():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                got = float(evaluate_lib.pass_at_k(n, c, k))
+                assert got == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    # C(500, 100) overflows float64; compare with exact rational arithmetic.
+    n, c, k = 500, 3, 100
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert float(evaluate_lib.pass_at_k(n, c, k)) == pytest.approx(float(exact), rel=1e-12)
+    got = evaluate_lib.pass_at_k(np.array([500, 500]), np.array([0, 500]), 100)
+    np.testing.assert_array_equal(got, [0.0, 1.0])
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="c <= n"):
+        evaluate_lib.pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError, match="k <= n"):
+        evaluate_lib.pass_at_k(4, 1, 5)
+
+
+def test_avg_at_k_and_pass_at_1():
+    assert evaluate_lib.avg_at_k([0, 2, 4], 4) == pytest.approx(0.5)
+    c = np.array([0, 1, 3, 8])
+    np.testing.assert_allclose(evaluate_lib.pass_at_k(8, c, 1), c / 8)  # pass@1 = c/n
+    assert evaluate_lib.pass_ks(8) == [1, 2, 4, 8]
+    assert evaluate_lib.pass_ks(6) == [1, 2, 4, 6]
+
+
+# --- aggregation, against a sampler whose completions are scripted ------------------------------
+
+
+class _ScriptedSampler:
+    """Prompt i (its row id): greedy is correct iff i is even; sample j is the (j % m_i)-th
+    ordering of the prompt's values if j < c_i, else a wrong answer; every token has log-prob
+    -0.25 (j even) or -0.75 (j odd)."""
+
+    def __init__(self, n_samples):
+        self.k = n_samples
+        self.calls = []
+
+    @staticmethod
+    def plan(i, k):
+        return i % (k + 1), 1 + i % 3  # c_i correct samples, m_i distinct orderings
+
+    def sample(self, params, prompts, *, n, rng, row_ids, temperature, top_k=0, top_p=1.0):
+        self.calls.append((len(prompts), n, temperature))
+        rows = []
+        for prompt, i in zip(prompts, row_ids, strict=True):
+            values = sorted(prompt[:-1])
+            perms = list(itertools.permutations(values))
+            for j in range(n):
+                if temperature == 0:
+                    ok, perm = i % 2 == 0, values
+                else:
+                    c_i, m_i = self.plan(i, self.k)
+                    ok, perm = j < c_i, perms[j % m_i]
+                comp = list(perm) if ok else [values[0]] * 3
+                rows.append((comp + [tasks_lib.EOS_ID], -0.25 if j % 2 == 0 else -0.75))
+        tokens = np.zeros((len(rows), 6), np.int32)
+        logp, mask = np.zeros(tokens.shape, np.float32), np.zeros(tokens.shape, bool)
+        for r, (comp, lp) in enumerate(rows):
+            tokens[r, : len(comp)], logp[r, : len(comp)], mask[r, : len(comp)] = comp, lp, True
+        return types.SimpleNamespace(
+            tokens=tokens, logp=logp, mask=mask, truncated=np.zeros(len(rows), bool)
+        )
+
+
+def test_metrics_aggregate_per_prompt_statistics():
+    task, k, n_prompts = tasks_lib.ToyTask(), 4, 7
+    examples = list(task.eval_examples()[:n_prompts])
+    sampler = _ScriptedSampler(k)
+    metrics, records = evaluate_lib.evaluate(task, sampler, None, examples, k=k, prompts_per_call=3)
+    # 7 prompts in calls of 3: the last call is padded, every call has one shape.
+    assert {c[0] for c in sampler.calls if c[2] > 0} == {3}
+    assert [c[1] for c in sampler.calls] == [1] * 1 + [k] * 3  # greedy: one call of 12 rows
+    c = np.array([sampler.plan(i, k)[0] for i in range(n_prompts)])
+    m = np.array([sampler.plan(i, k)[1] for i in range(n_prompts)])
+    assert [r["num_correct"] for r in records] == c.tolist()
+    assert [r["uid"] for r in records] == [e.uid for e in examples]
+    assert metrics["eval/accuracy"] == pytest.approx(np.mean(np.arange(n_prompts) % 2 == 0))
+    assert metrics[f"eval/avg@{k}"] == pytest.approx(np.mean(c / k))
+    for j in (1, 2, 4):
+        want = np.mean([_brute_pass_at_k(k, ci, j) for ci in c])
+        assert metrics[f"eval/pass@{j}"] == pytest.approx(want)
+    distinct = np.minimum(c, m)
+    assert metrics["eval/distinct_correct_answers"] == pytest.approx(distinct.mean())
+    assert metrics["eval/distinct_correct"] == pytest.approx(distinct.mean())
+    wrong_any = (c < k).astype(float)  # all wrong samples are the same completion
+    assert metrics["eval/distinct_completions"] == pytest.approx((distinct + wrong_any).mean())
+    # 4 tokens per sample, log-probs alternate -0.25 / -0.75 over j: mean -log p is 0.5.
+    assert metrics["eval/entropy"] == pytest.approx(0.5)
+    assert metrics["eval/len_mean"] == pytest.approx(4.0)
+    assert metrics["eval/truncated_frac"] == 0.0
+
+
+# --- the standalone CLI and the training loop ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def math_run(tmp_path_factory, shared_data):
+    """A tiny random Qwen3 trained 2 steps on real MATH Level-3 prompts (configs/base.py with
+    `debug`), evaluated on 4 held-out prompts at the end: (config, last metrics line, workdir)."""
+    c = base.get_config()
+    c.eval.num_prompts = 4
+    base.apply_debug(c)
+    c.mesh.data, c.eval.every_steps = 1, 0  # one evaluation, after the last step
+    workdir = tmp_path_factory.mktemp("math_run")
+    return c, train.run(c, str(workdir)), workdir
+
+
+def test_tiny_run_on_real_math_prompts_evaluates(math_run):
+    c, last, _ = math_run
+    assert last["step"] == c.total_steps and np.isfinite(last["loss/value"])
+    assert -0.5 <= last["reward/mean"] <= 1.0  # good_accuracy's range
+    g = c.rollout.group_size
+    for key in ("eval/accuracy", f"eval/avg@{g}", "eval/pass@1", f"eval/pass@{g}"):
+        assert 0.0 <= last[key] <= 1.0, key
+    assert 1 <= last["eval/len_mean"] <= c.rollout.max_new_tokens
+    assert np.isfinite(last["eval/entropy"]) and last["eval/entropy"] > 0
+
+
+def test_cli_on_a_workdir_reproduces_the_training_evaluation(math_run, tmp_path):
+    c, last, workdir = math_run
+    out = tmp_path / "eval.json"
+    argv = ["--model", str(workdir), "--num_prompts", str(c.eval.num_prompts)]
+    argv += ["--k", str(c.rollout.group_size), "--max_new_tokens", str(c.rollout.max_new_tokens)]
+    argv += ["--prompts_per_call", str(c.rollout.prompts_per_step), "--out", str(out)]
+    result = evaluate_lib.main(argv)
+    assert result["source"]["step"] == c.total_steps and result["task"] == "math"
+    assert json.loads(out.read_text())["metrics"] == result["metrics"]
+    # Restored parameters, same prompts, seeds and call shapes: the training loop's numbers.
+    for key, value in result["metrics"].items():
+        assert last[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_cli_on_an_hf_directory_writes_json(tmp_path):
+    # An HF-format directory (config.json + model.safetensors, as transformers saves them) of a
+    # tiny random Qwen3 covering the toy vocabulary.
+    model_dir = tmp_path / "hf"
+    cfg = model_lib.Qwen3Config.tiny(vocab_size=tasks_lib.ToyTask().vocab_size)
+    apo_jax.save_qwen3(model_lib.init_model(cfg, seed=0), model_dir)
+    out = tmp_path / "res" / "toy.json"
+    argv = ["--model", str(model_dir), "--task", "toy", "--num_prompts", "6", "--k", "4"]
+    argv += ["--max_new_tokens", "6", "--prompts_per_call", "4", "--out", str(out)]
+    result = evaluate_lib.main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == result["metrics"] and saved["task"] == "toy"
+    records, metrics = saved["per_prompt"], saved["metrics"]
+    assert len(records) == 6
+    assert metrics["eval/accuracy"] == pytest.approx(
+        np.mean([r["greedy_correct"] for r in records])
+    )
+    assert metrics["eval/avg@4"] == pytest.approx(np.mean([r["num_correct"] / 4 for r in records]))
+    assert 1 <= metrics["eval/len_mean"] <= 6 and metrics["eval/entropy"] > 0
+
+
+@pytest.mark.parametrize("name, size", [("math", 1131), ("math500", 500), ("gsm8k", 1319)])
+def test_eval_tasks_use_the_chat_template_and_stop_ids(name, size, shared_data):
+    args = evaluate_lib._parser().parse_args(["--model", "unused"])
+    task = evaluate_lib.make_task(name, None, None, args)
+    assert len(task.eval_examples()) == size and not task.train_examples()
+    assert task.eos_ids == (151645, 151643)  # <|im_end|>, <|endoftext|>
+    assert task.decode(task.eval_examples()[0].prompt_ids).endswith("<|im_start|>assistant\n")
