@@ -119,7 +119,8 @@ class ToyTask:
       measurable (`distinct_correct`, `answer_rank`).
     - "toy_sorted" (`ordered=True`): only ascending order is correct (a single answer).
 
-    Reward (dense partial credit in [0, 1]): the completion is trimmed at its first EOS/PAD;
+    Reward (dense partial credit in [0, 1]): the completion is trimmed at its first EOS (only EOS
+    ends an answer: a policy that pads instead would otherwise never learn to stop);
     credit = number of positions holding a prompt value not used earlier (ordered: the value at
     that rank of the sorted prompt), divided by max(k, completion length). So 1 iff the
     completion is exactly a valid answer, and a random policy scores well above 0.
@@ -188,7 +189,7 @@ class ToyTask:
 
     def reward(self, example: Example, completion: Sequence[int]) -> float:
         values = example.prompt_ids[:-1]  # drop the trailing "="
-        comp = trim_completion(completion, (EOS_ID, PAD_ID))
+        comp = trim_completion(completion, (EOS_ID,))
         if self.ordered:
             target = sorted(values)
             credit = sum(1 for j, t in enumerate(comp[: len(target)]) if t == target[j])

@@ -37,7 +37,9 @@ def test_reward_correct_wrong_partial(toy):
     vals = _values(ex)
     not_in_prompt = next(t for t in range(3, toy.vocab_size) if t not in vals)
     assert toy.reward(ex, vals + [EOS]) == 1.0
-    assert toy.reward(ex, vals[::-1] + [EOS, PAD, PAD]) == 1.0  # any order; padding ignored
+    assert toy.reward(ex, vals[::-1] + [EOS, PAD, PAD]) == 1.0  # any order; after EOS ignored
+    # PAD does not end an answer: without EOS the extra tokens count against the credit
+    assert toy.reward(ex, vals + [PAD, PAD, PAD]) == 0.5
     assert toy.reward(ex, vals) == 1.0  # truncated exactly at k tokens is still complete
     assert toy.reward(ex, [not_in_prompt] * len(vals) + [EOS]) == 0.0
     assert toy.reward(ex, [EOS]) == 0.0
