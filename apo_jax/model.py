@@ -25,10 +25,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from apo_jax import kv_cache as kv_cache_lib
+
 # Finite (not -inf) so that a fully masked row (left padding) gives a uniform softmax, not NaN.
 MASK_VALUE = -1e30
 
-KVLayer = tuple[Array, Array]  # (k, v), each [B, S, K, H]
+KVLayer = kv_cache_lib.KVLayer  # (k, v), each [B, K, S, H]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,15 +272,31 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"], theta: float) -> Array:
-    """Rotary embedding, non-interleaved ("rotate half") as in the Hugging Face Qwen3."""
-    h = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+RopeTables = tuple[Array, Array]  # (cos, sin), each [B, T, 1, H/2] float32
+
+
+def rope_tables(positions: Int[Array, "B T"], head_dim: int, theta: float) -> RopeTables:
+    """cos/sin of the rotary angles for `positions`, shared by all layers.
+
+    XLA:CPU fuses (and so recomputes) the sin/cos into each layer's q and k consumers; a decode
+    loop should build the tables for all its steps once and pass each step's slice as
+    `hidden_states(..., rope_cs=...)`."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [H/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)  # [B, T, 1, H/2]
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
+
+
+def apply_rope(x: Float[Array, "B T N H"], tables: RopeTables) -> Array:
+    """Rotary embedding, non-interleaved ("rotate half") as in the Hugging Face Qwen3."""
+    cos, sin = (t.astype(x.dtype) for t in tables)
+    h = x.shape[-1]
     x1, x2 = x[..., : h // 2], x[..., h // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"], theta: float) -> Array:
+    """Rotary embedding of x at `positions`."""
+    return apply_rope(x, rope_tables(positions, x.shape[-1], theta))
 
 
 class Attention(nnx.Module):
@@ -295,7 +313,7 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x: Float[Array, "B T D"],
-        positions: Int[Array, "B T"],
+        rope_cs: RopeTables,
         mask: Bool[Array, "B T S"],
         kv: KVLayer | None = None,
         cache_index: Int[Array, ""] | None = None,
@@ -305,25 +323,32 @@ class Attention(nnx.Module):
         k = self.k_norm(_dot("BTD,DKH->BTKH", x, self.k_proj[...], dt))  # [B, T, K, H]
         v = _dot("BTD,DKH->BTKH", x, self.v_proj[...], dt)  # [B, T, K, H]
         # Qwen3 normalises q and k per head *before* the rotation.
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        if kv is not None:  # write this step's keys/values into the cache at cache_index
-            idx = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), idx)  # [B, S, K, H]
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), idx)  # [B, S, K, H]
+        q, k = apply_rope(q, rope_cs), apply_rope(k, rope_cs)
         b, t = q.shape[:2]
         g = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)  # [B, T, K, G, H]
+        kv_eq = "BSKH"  # uncached: attend to this call's own keys, [B, S=T, K, H]
+        if kv is not None:  # the cache is [B, K, S, H]: see kv_cache.py for why
+            k, v = kv_cache_lib.write(kv, k, v, cache_index)
+            kv_eq = "BKSH"
         scores = jnp.einsum(
-            "BTKGH,BSKH->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32
+            f"BTKGH,{kv_eq}->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32
         )
         scores = scores * cfg.head_dim**-0.5  # [B, K, G, T, S] float32
         scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
+        # Output BKGTH, then a small transpose: XLA:CPU has no bf16 x bf16 -> f32 kernel for the
+        # BKSH dot with a BTKGH output (it fails at run time).
         out = jnp.einsum(
-            "BKGTS,BSKH->BTKGH", probs, v.astype(dt), preferred_element_type=jnp.float32
-        ).astype(dt)
-        out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, N, H]
-        return _dot("BTNH,NHD->BTD", out, self.o_proj[...], dt), (k, v)
+            f"BKGTS,{kv_eq}->BKGTH", probs, v.astype(dt), preferred_element_type=jnp.float32
+        )
+        out = out.transpose(0, 3, 1, 2, 4).astype(dt)  # [B, T, K, G, H]
+        # Contract over N*H as one dim: with "BTNH,NHD" XLA:CPU picked an [H, N, D] order and
+        # transposed the whole o_proj weight on every call (a copy per layer per decode step).
+        nh = cfg.num_heads * cfg.head_dim
+        out = out.reshape(b, t, nh)  # [B, T, N*H]
+        w_o = self.o_proj[...].reshape(nh, -1)  # [N*H, D]
+        return _dot("BTE,ED->BTD", out, w_o, dt), (k, v)
 
 
 class MLP(nnx.Module):
@@ -351,8 +376,8 @@ class Block(nnx.Module):
         )
         self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
 
-    def __call__(self, x, positions, mask, kv=None, cache_index=None):
-        h, kv = self.attn(self.input_layernorm(x), positions, mask, kv, cache_index)
+    def __call__(self, x, rope_cs, mask, kv=None, cache_index=None):
+        h, kv = self.attn(self.input_layernorm(x), rope_cs, mask, kv, cache_index)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -392,23 +417,28 @@ class Qwen3(nnx.Module):
         mask: Bool[Array, "B T S"],
         cache: Sequence[KVLayer] | None = None,
         cache_index: Int[Array, ""] | None = None,
+        *,
+        rope_cs: RopeTables | None = None,
     ) -> tuple[Float[Array, "B T D"], list[KVLayer] | None]:
         """Final-norm hidden states, plus the updated per-layer KV cache when one is given.
 
         Without a cache, `mask[b, t, s]` says whether query t may attend to key s of the same
         sequence (S == T). With a cache of length S, this step's T keys are written at slots
         `cache_index .. cache_index + T - 1` first, and `mask` ranges over all S slots.
+        `rope_cs`, if given, are precomputed `rope_tables(positions, ...)` (positions unused).
         """
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+        if rope_cs is None:
+            rope_cs = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.layers):
             kv = None if cache is None else cache[i]
             if self.remat:
-                x, kv = nnx.remat(lambda blk, x, kv: blk(x, positions, mask, kv, cache_index))(
+                x, kv = nnx.remat(lambda blk, x, kv: blk(x, rope_cs, mask, kv, cache_index))(
                     block, x, kv
                 )
             else:
-                x, kv = block(x, positions, mask, kv, cache_index)
+                x, kv = block(x, rope_cs, mask, kv, cache_index)
             if new_cache is not None:
                 new_cache.append(kv)
         return self.norm(x), new_cache

@@ -1,0 +1,123 @@
+"""Functional KV cache for decoding: per-layer keys/values plus the slot bookkeeping.
+
+Layout: each layer holds (k, v), both [B, K, S, H] (batch, kv heads, cache slots, head dim).
+Prompts are left-padded to a common length P, so every row writes its t-th new token at the same
+slot P + t: one scalar write index serves the whole batch, and `starts[b]` (the first real slot
+of row b) turns slots into RoPE positions and masks the padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Int
+
+from apo_jax import sharding as sharding_lib
+
+if TYPE_CHECKING:  # model.py imports this module; a runtime import would be circular
+    from apo_jax.model import Qwen3Config
+
+# [B, K, S, H] rather than the projection's [B, S, K, H]: the attention dots batch over (B, K),
+# so with S outside K XLA transposes the whole cache of every layer at every decode step.
+# Measured (42M bench model, prompt 32 + 64 steps, interleaved A/B on the 2-core CPU): decode
+# steps 6-7% faster at batch 8 and 13-14% faster at batch 32, in float32 and bfloat16 alike.
+LOGICAL_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
+SEQ_AXIS = 2
+
+KVLayer = tuple[Array, Array]  # (k, v), each [B, K, S, H]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer (k, v) [B, K, S, H]; `index` is the next slot to write (shared by all rows),
+    `starts` [B] the first slot holding a real token of each row (left padding before it)."""
+
+    layers: tuple[KVLayer, ...]
+    index: Int[Array, ""]
+    starts: Int[Array, " B"]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[SEQ_AXIS]
+
+
+def init(cfg: Qwen3Config, starts: Int[Array, " B"], length: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache of `length` slots for len(starts) rows."""
+    shape = (starts.shape[0], cfg.num_kv_heads, length, cfg.head_dim)  # [B, K, S, H]
+    layers = tuple(
+        (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)
+    )
+    return KVCache(layers, jnp.zeros((), jnp.int32), starts.astype(jnp.int32))
+
+
+def write(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""]) -> KVLayer:
+    """Writes this step's k, v [B, T, K, H] at slots index .. index + T - 1 of one layer."""
+    at = (0, 0, index, 0)
+    k = jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), at)
+    v = jax.lax.dynamic_update_slice(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), at)
+    return k, v  # [B, K, S, H] each
+
+
+def step_inputs(cache: KVCache, num_queries: int) -> tuple[Int[Array, "B T"], Bool[Array, "B T S"]]:
+    """RoPE positions and attention mask for the next `num_queries` tokens written at
+    `cache.index`: query slot q sees slot s iff starts[b] <= s <= q (causal, no padding)."""
+    slots = cache.index + jnp.arange(num_queries, dtype=jnp.int32)  # [T]
+    keys = jnp.arange(cache.length, dtype=jnp.int32)  # [S]
+    starts = cache.starts[:, None, None]  # [B, 1, 1]
+    mask = (keys[None, None, :] >= starts) & (keys[None, None, :] <= slots[None, :, None])
+    return positions(cache.starts, cache.index, num_queries), mask  # [B, T], [B, T, S]
+
+
+def positions(starts: Int[Array, " B"], first_slot, num_slots: int) -> Int[Array, "B T"]:
+    """RoPE positions of slots first_slot .. first_slot + num_slots - 1 (padding clamps to 0)."""
+    slots = first_slot + jnp.arange(num_slots, dtype=jnp.int32)  # [T]
+    return jnp.maximum(slots[None, :] - starts[:, None], 0)  # [B, T]
+
+
+def repeat(cache: KVCache, n: int) -> KVCache:
+    """Each row repeated n times in place (rows b*n .. b*n + n - 1 are copies of row b)."""
+    if n == 1:
+        return cache
+    rep = lambda x: jnp.repeat(x, n, axis=0, total_repeat_length=x.shape[0] * n)
+    layers = tuple((rep(k), rep(v)) for k, v in cache.layers)
+    return KVCache(layers, cache.index, rep(cache.starts))
+
+
+def extend(cache: KVCache, extra: int) -> KVCache:
+    """The same cache with `extra` empty slots appended (room for the decode steps)."""
+    pad = [(0, 0)] * 4
+    pad[SEQ_AXIS] = (0, extra)
+    layers = tuple((jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in cache.layers)  # [B, K, S, H]
+    return dataclasses.replace(cache, layers=layers)
+
+
+def nbytes(cfg: Qwen3Config, batch: int, length: int, dtype) -> int:
+    """Bytes of a cache holding `length` slots for `batch` rows (keys and values, all layers)."""
+    per_layer = 2 * batch * cfg.num_kv_heads * length * cfg.head_dim
+    return cfg.num_layers * per_layer * jnp.dtype(dtype).itemsize
+
+
+def shardings(cache: KVCache, mesh: Mesh, rules: sharding_lib.Rules) -> KVCache:
+    """NamedShardings for a cache: B on the batch mesh axes, K on tensor (per the rule table);
+    a dimension the mesh axes do not divide (2 kv heads on tensor=4) stays replicated."""
+    kv = NamedSharding(mesh, fit_spec(LOGICAL_AXES, cache.layers[0][0].shape, mesh, rules))
+    rows = NamedSharding(mesh, fit_spec(("batch",), cache.starts.shape, mesh, rules))
+    layers = tuple((kv, kv) for _ in cache.layers)
+    return KVCache(layers, NamedSharding(mesh, PartitionSpec()), rows)
+
+
+def fit_spec(axes, shape, mesh: Mesh, rules: sharding_lib.Rules) -> PartitionSpec:
+    """The rule table's PartitionSpec for `axes`, replicating dims the mesh does not divide."""
+    spec = sharding_lib.logical_to_spec(axes, rules)
+    out = []
+    for dim, mesh_axes in zip(shape, spec, strict=True):
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names]))
+        out.append(mesh_axes if size > 1 and dim % size == 0 else None)
+    return PartitionSpec(*out)

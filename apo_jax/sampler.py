@@ -1,0 +1,380 @@
+"""Jitted rollout sampler: bucketed left-padded prefill, a `while_loop` decode with a donated KV
+cache, temperature / top-k / top-p / greedy sampling, group sampling and per-token log-probs.
+
+Row layout with group sampling: completion j of prompt i is row i * n + j. Every row draws its
+randomness from fold_in(fold_in(rng, row_id), step) (row_id = prompt row id * n + j), so a row's
+tokens do not depend on which other rows share its batch. Shapes: B rows (prompts × n),
+P bucketed prompt length, T = max_new_tokens, V vocab, S = P + T cache slots.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Float, Int
+
+from apo_jax import kv_cache as kv_cache_lib
+from apo_jax import model as model_lib
+from apo_jax import sampling as sampling_lib
+from apo_jax import sharding as sharding_lib
+from apo_jax.sampling import SamplingParams
+
+__all__ = ["SampleOutput", "Sampler", "SamplingParams", "generate", "length_buckets"]
+
+MIN_BUCKET = 16  # shortest prompt bucket: below this, compile count matters more than padding
+
+
+class SampleOutput(NamedTuple):
+    """What `Sampler.sample` returns (device arrays; rows = prompts × n, group-major).
+
+    `logp` is log π(y_t | x, y_<t) under the policy itself (softmax of the raw logits, i.e.
+    temperature 1, no top-k/top-p): what an RL loss compares against. `sample_logp` is the
+    log-probability under the distribution actually sampled from (logits / temperature,
+    restricted to the top-k / top-p set and renormalised); 0 for greedy (a point mass).
+    Both are 0 where `mask` is False. `tokens` holds `pad_id` after a row's end.
+    """
+
+    tokens: Int[Array, "B T"]
+    logp: Float[Array, "B T"]
+    sample_logp: Float[Array, "B T"]
+    mask: Bool[Array, "B T"]  # True for generated tokens, the stop token included
+    lengths: Int[Array, " B"]  # number of generated tokens (= mask.sum(-1))
+    truncated: Bool[Array, " B"]  # True when a row reached max_new_tokens without a stop id
+
+    @property
+    def finished(self) -> Bool[Array, " B"]:
+        """True when the row ended with one of the stop ids."""
+        return ~self.truncated
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything the decode loop carries (donated between prefill and decode)."""
+
+    cache: kv_cache_lib.KVCache
+    tokens: Int[Array, "B T"]
+    logp: Float[Array, "B T"]
+    sample_logp: Float[Array, "B T"]
+    last: Int[Array, " B"]  # the token to feed at the next step
+    done: Bool[Array, " B"]  # the row emitted a stop id
+    lengths: Int[Array, " B"]
+    step: Int[Array, ""]  # number of tokens generated so far (column of the next token)
+    keys: Array  # [B] per-row PRNG keys, fold_in(rng, row_id)
+
+
+def length_buckets(max_prompt_len: int, smallest: int = MIN_BUCKET) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to (and capped at) `max_prompt_len`."""
+    out, b = [], smallest
+    while b < max_prompt_len:
+        out.append(b)
+        b *= 2
+    return (*out, max_prompt_len)
+
+
+class Sampler:
+    """Compiles prefill + decode once per (batch, prompt bucket, n, sampling params) and reuses
+    them: pass updated params every step without re-splitting the model.
+
+    `graphdef` comes from `nnx.split(model)`; `params` (the matching state) is an argument of
+    every call. The cache dtype defaults to the model's compute dtype on CPU (float32 stays
+    exact) and bfloat16 on accelerators, where the cache is the memory that limits the batch.
+    With a `mesh`, the cache and the per-row state are constrained to the `rules` shardings
+    (rows on the batch axes, kv heads on tensor); params keep the shardings they come with.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        *,
+        max_prompt_len: int,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_ids: Sequence[int] = (),
+        pad_id: int = 0,
+        buckets: Sequence[int] | None = None,
+        cache_dtype=None,
+        mesh: Mesh | None = None,
+        rules: sharding_lib.Rules = sharding_lib.ROLLOUT_RULES,
+    ):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(max_prompt_len, int) or max_prompt_len < 1:
+            raise ValueError(f"max_prompt_len must be an integer >= 1, got {max_prompt_len!r}")
+        buckets = tuple(sorted(set(buckets))) if buckets else length_buckets(max_prompt_len)
+        if buckets[0] < 1 or buckets[-1] < max_prompt_len:
+            raise ValueError(f"buckets {buckets} must be >= 1 and cover max_prompt_len")
+        self.graphdef, self.buckets = graphdef, buckets
+        self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
+        self.pad_id, self.cache_dtype = int(pad_id), cache_dtype
+        self.mesh, self.rules = mesh, rules
+        self.sampling = SamplingParams.make(temperature, top_k, top_p, eos_ids)
+        self.traces: collections.Counter = collections.Counter()  # trace-time call counts
+        self._prefills: dict = {}  # (n, SamplingParams) -> jitted prefill; jit adds the shapes
+        self._decodes: dict = {}  # SamplingParams -> jitted decode
+        self._cfg = None
+
+    # --- host-side API -----------------------------------------------------------------------
+    def sample(
+        self,
+        params: nnx.State,
+        prompts: Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        rng: int | Array = 0,
+        row_ids: Sequence[int] | None = None,
+        **overrides,
+    ) -> SampleOutput:
+        """n completions for each prompt (list of token-id lists); rows i*n .. i*n+n-1 belong to
+        prompt i. `rng` is a seed or a PRNG key; `row_ids` (default 0..len-1) name each prompt
+        for the per-row randomness. `overrides`: temperature, top_k, top_p, eos_ids."""
+        sp = self._params_for(**overrides)
+        if self._cfg is None:  # merging outside jit wraps the arrays in modules, no copies
+            self._cfg = nnx.merge(self.graphdef, params).cfg
+        cfg = self._cfg
+        ids, lengths = self.pad(prompts, cfg.vocab_size)
+        row_ids = _check_row_ids(row_ids, len(prompts))
+        sp.check_vocab(cfg.vocab_size)
+        n = _check_n(n)
+        ids, lengths, row_ids = self._global_rows(ids, lengths, row_ids)
+        state = self.prefill(params, ids, lengths, _as_key(rng), row_ids, n=n, sampling=sp)
+        if self.max_new_tokens > 1:  # prefill already drew the first token
+            state = self.decode(params, state, sampling=sp)
+        return _finish(state, self.max_new_tokens)
+
+    def bucket(self, prompts: Sequence[Sequence[int]]) -> int:
+        """The padded prompt length for these prompts (agreed by all processes of a run)."""
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        if lengths.min() < 1:
+            raise ValueError(f"prompt {int(lengths.argmin())} is empty; every prompt needs a token")
+        longest = int(lengths.max())
+        if longest > self.max_prompt_len:
+            raise ValueError(
+                f"prompt {int(lengths.argmax())} has {longest} tokens, longer than the cache "
+                f"allows (max_prompt_len={self.max_prompt_len}); truncate it or raise the limit"
+            )
+        if self._multi_process:  # every process must compile and run the same shapes
+            longest = int(multihost_utils.process_allgather(np.asarray(longest)).max())
+        return next(b for b in self.buckets if b >= longest)
+
+    def pad(self, prompts: Sequence[Sequence[int]], vocab_size: int | None = None):
+        """Left-pads prompts to their length bucket: ids [B, P] int32 and lengths [B]."""
+        bucket = self.bucket(prompts)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        ids = np.full((len(prompts), bucket), self.pad_id, np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, bucket - len(p) :] = p
+        if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab_size}), got {ids.min()}..")
+        return ids, lengths
+
+    # --- the two jitted programs -------------------------------------------------------------
+    def prefill(self, params, ids, lengths, rng, row_ids, *, n: int, sampling: SamplingParams):
+        """Runs the prompts [B, P] once, repeats the cache n times, samples the first token."""
+        key = (n, sampling)
+        if key not in self._prefills:
+            self._prefills[key] = jax.jit(functools.partial(self._prefill, n=n, sp=sampling))
+        return self._prefills[key](params, ids, lengths, rng, row_ids)
+
+    def decode(self, params, state: DecodeState, *, sampling: SamplingParams) -> DecodeState:
+        """The decode loop; consumes (donates) `state`, whose buffers the result reuses."""
+        if sampling not in self._decodes:  # the state already holds B * n rows: n is not a key
+            fn = functools.partial(self._decode, sp=sampling)
+            self._decodes[sampling] = jax.jit(fn, donate_argnums=1)
+        return self._decodes[sampling](params, state)
+
+    def _prefill(self, params, ids, lengths, rng, row_ids, *, n: int, sp: SamplingParams):
+        self.traces["prefill"] += 1
+        model = nnx.merge(self.graphdef, params)
+        b, p = ids.shape
+        dtype = self.cache_dtype or _default_cache_dtype(model.dtype)
+        # The prompt attends within its own P slots; the T decode slots are appended after.
+        cache = kv_cache_lib.init(model.cfg, p - lengths, p, dtype)
+        positions, mask = kv_cache_lib.step_inputs(cache, p)  # [B, P], [B, P, P]
+        hidden, layers = model.hidden_states(ids, positions, mask, cache.layers, cache.index)
+        logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V] float32
+        cache = kv_cache_lib.KVCache(tuple(layers), jnp.asarray(p, jnp.int32), cache.starts)
+        cache = kv_cache_lib.extend(kv_cache_lib.repeat(cache, n), self.max_new_tokens)
+        logits = jnp.repeat(logits, n, axis=0)  # [B*n, V]
+        row_ids = (row_ids[:, None] * n + jnp.arange(n)).reshape(-1)  # [B*n]
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)  # [B*n]
+        tok, logp, sample_logp = sampling_lib.sample(logits, keys, jnp.int32(0), sp)
+        done = sp.is_stop(tok)  # [B*n]
+        t = self.max_new_tokens
+        first = lambda x, fill: jnp.full((b * n, t), fill, x.dtype).at[:, 0].set(x)
+        return self._constrain(
+            DecodeState(
+                cache=cache,
+                tokens=first(tok, self.pad_id),  # [B*n, T]
+                logp=first(logp, 0.0),
+                sample_logp=first(sample_logp, 0.0),
+                last=tok,
+                done=done,
+                lengths=jnp.ones((b * n,), jnp.int32),
+                step=jnp.ones((), jnp.int32),
+                keys=keys,
+            )
+        )
+
+    def _decode(self, params, state: DecodeState, *, sp: SamplingParams) -> DecodeState:
+        self.traces["decode"] += 1
+        model = nnx.merge(self.graphdef, params)
+        cfg, first_slot = model.cfg, state.cache.length - self.max_new_tokens
+        # RoPE tables for every decode slot, built once outside the loop (see rope_tables).
+        positions = kv_cache_lib.positions(state.cache.starts, first_slot, self.max_new_tokens)
+        cos, sin = model_lib.rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, 1, *]
+
+        def cond(s: DecodeState):
+            return (s.step < self.max_new_tokens) & ~jnp.all(s.done)
+
+        def body(s: DecodeState) -> DecodeState:
+            _, mask = kv_cache_lib.step_inputs(s.cache, 1)  # [B, 1, S]
+            at = s.cache.index - first_slot
+            rope_cs = tuple(jax.lax.dynamic_slice_in_dim(x, at, 1, axis=1) for x in (cos, sin))
+            hidden, layers = model.hidden_states(
+                s.last[:, None], None, mask, s.cache.layers, s.cache.index, rope_cs=rope_cs
+            )
+            logits = model.logits(hidden)[:, 0]  # [B, V] float32: the only vocab-sized buffer
+            tok, logp, sample_logp = sampling_lib.sample(logits, s.keys, s.step, sp)
+            live = ~s.done
+            tok = jnp.where(live, tok, self.pad_id)  # [B]
+            put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None], (0, s.step))
+            cache = dataclasses.replace(s.cache, layers=tuple(layers), index=s.cache.index + 1)
+            return self._constrain(
+                DecodeState(
+                    cache=cache,
+                    tokens=put(s.tokens, tok),
+                    logp=put(s.logp, jnp.where(live, logp, 0.0)),
+                    sample_logp=put(s.sample_logp, jnp.where(live, sample_logp, 0.0)),
+                    last=tok,
+                    done=s.done | sp.is_stop(tok),
+                    lengths=s.lengths + live,
+                    step=s.step + 1,
+                    keys=s.keys,
+                )
+            )
+
+        return jax.lax.while_loop(cond, body, state)
+
+    def _constrain(self, s: DecodeState) -> DecodeState:
+        if self.mesh is None:
+            return s
+        mesh, rules = self.mesh, self.rules
+        cache = jax.lax.with_sharding_constraint(
+            s.cache, kv_cache_lib.shardings(s.cache, mesh, rules)
+        )
+
+        def rows(x):  # [B, ...] arrays: B on the batch axes
+            spec = kv_cache_lib.fit_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+        fields = ("tokens", "logp", "sample_logp", "last", "done", "lengths", "keys")
+        return dataclasses.replace(s, cache=cache, **{f: rows(getattr(s, f)) for f in fields})
+
+    @property
+    def _multi_process(self) -> bool:
+        return self.mesh is not None and jax.process_count() > 1
+
+    def _global_rows(self, *arrays):
+        """Multi-process: each process's prompt rows become its share of global arrays (rows
+        over the batch axes); single process: unchanged."""
+        if not self._multi_process:
+            return arrays
+        spec = PartitionSpec(self.rules["batch"])
+        return tuple(
+            jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), np.asarray(a))
+            for a in arrays
+        )
+
+    def _params_for(self, **overrides) -> SamplingParams:
+        unknown = set(overrides) - {"temperature", "top_k", "top_p", "eos_ids"}
+        if unknown:
+            raise TypeError(f"unknown sampling overrides {sorted(unknown)}")
+        if not overrides:
+            return self.sampling
+        merged = {**dataclasses.asdict(self.sampling), **overrides}
+        return SamplingParams.make(**merged)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _finish(s: DecodeState, max_new_tokens: int) -> SampleOutput:
+    mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [B, T]
+    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.done)
+
+
+def _default_cache_dtype(compute_dtype):
+    return compute_dtype if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def _as_key(rng):
+    if isinstance(rng, (int, np.integer)):
+        return jax.random.key(int(rng))
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng
+    return jax.random.wrap_key_data(rng)  # raw uint32 key data
+
+
+def _check_n(n) -> int:
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
+    return int(n)
+
+
+def _check_row_ids(row_ids, b: int) -> np.ndarray:
+    if row_ids is None:
+        return np.arange(b, dtype=np.int32)
+    row_ids = np.asarray(row_ids, np.int32)
+    if row_ids.shape != (b,):
+        raise ValueError(f"row_ids must have one id per prompt ({b}), got shape {row_ids.shape}")
+    return row_ids
+
+
+# generate() builds one Sampler per (model structure, max_new_tokens) and keeps a few, so that
+# repeated calls on the same model reuse compiled programs.
+_GENERATE_SAMPLERS: dict = {}
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_ids: Sequence[int] = (),
+    n: int = 1,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Completions as token lists (the stop token included, nothing after it). With n > 1 the
+    completions of prompt i are at indices i*n .. i*n + n - 1. Greedy at temperature 0."""
+    sp = SamplingParams.make(temperature, top_k, top_p, eos_ids)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    graphdef, params = nnx.split(model)
+    key = (graphdef, max_new_tokens)
+    sampler = _GENERATE_SAMPLERS.get(key)
+    if sampler is None:
+        if len(_GENERATE_SAMPLERS) >= 8:
+            _GENERATE_SAMPLERS.pop(next(iter(_GENERATE_SAMPLERS)))
+        limit = model.cfg.max_position_embeddings
+        sampler = Sampler(graphdef, max_prompt_len=limit, max_new_tokens=max_new_tokens)
+        _GENERATE_SAMPLERS[key] = sampler
+    out = sampler.sample(params, prompts, n=n, rng=seed, **dataclasses.asdict(sp))
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [tokens[i, : lengths[i]].tolist() for i in range(tokens.shape[0])]
