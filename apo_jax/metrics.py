@@ -58,7 +58,8 @@ class MetricsWriter:
             if self._tb is not None:
                 for k, v in line.items():
                     if k != "step" and isinstance(v, float):
-                        self._tb.add_scalar(k, v, step)
+                        # TensorBoard tags allow no "@" (avg@k, pass@k).
+                        self._tb.add_scalar(k.replace("@", "_at_"), v, step)
         return line
 
     def close(self):
