@@ -157,6 +157,9 @@ def main():
     for name, cfg in models:
         for dtype in ("float32", "bfloat16"):
             row = train_step_case(name, cfg, dtype, repeats)
+            # The host is shared and its speed drifts: the denominator is the matmul peak
+            # measured right after this case, not at start-up.
+            peak = matmul_peak(repeats)
             peak_gflops = peak[f"{dtype}_gflops"]
             row["matmul_peak_gflops"] = peak_gflops
             row["fraction_of_peak"] = row["model_gflops"] / peak_gflops
