@@ -196,6 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --- loop --------------------------------------------------------------------------------
     line: dict = {}
+    stopping = False
     with checkpoint_lib.StopSignal() as stop:
         for step in range(start + 1, c.total_steps + 1):
             t0 = time.perf_counter()
@@ -263,13 +264,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 reward=f"{line['reward/mean']:.3f}",
                 alpha=f"{line.get('schedule/alpha', float('nan')):.2f}",
             )
-            if ckpt.should_save(step) or step == c.total_steps or stop.received:
+            # A signal may reach only some processes; saving is collective, so all must agree.
+            stopping = bool(_all_rows(np.asarray([stop.received is not None])).any())
+            if ckpt.should_save(step) or step == c.total_steps or stopping:
                 ckpt.save(step, state, {"position": position, "config": c.to_dict()})
-            if stop.received:
-                logging.warning("signal %d: saved step %d, stopping", stop.received, step)
+            if stopping:
+                logging.warning("signal %s: saved step %d, stopping", stop.received, step)
                 break
     progress.close()
-    if c.eval.num_prompts and not stop.received and not c.eval.every_steps:
+    if c.eval.num_prompts and not stopping and not c.eval.every_steps:
         final = evaluate(c, task, sampler, to_rollout(state.params))
         line = writer.write(c.total_steps, {**line, **final})
     writer.close()
