@@ -9,10 +9,13 @@ each step into a temporary directory and renames it when complete, so a run kill
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Mapping
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 # Keys that may change between a run and its resumption; every other key must match.
 RESUMABLE_PREFIXES = ("total_steps", "checkpoint.", "logging.", "eval.", "mesh.")
@@ -23,15 +26,19 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, every_steps: int, keep: int):
         self.every_steps = every_steps
+        directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        _remove_partial_saves(directory)
         self.manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 create=True,
                 # Synchronous: the step is on disk before training moves on, so a crash right
                 # after never loses work that was reported as saved.
                 enable_async_checkpointing=False,
-                cleanup_tmp_directories=True,
+                # Done by _remove_partial_saves, synchronously: Orbax's own background clean-up
+                # can race a re-save of the same step after a kill (same temporary name).
+                cleanup_tmp_directories=False,
             ),
         )
 
@@ -70,6 +77,17 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def _remove_partial_saves(directory: str) -> None:
+    """Deletes what a run killed mid-save leaves: Orbax's temporary step directories (they are
+    never picked as a checkpoint, and a resumed run may save the same step again)."""
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("apo_jax: partial checkpoints removed")
 
 
 def flatten_config(config: Mapping, prefix: str = "") -> dict:

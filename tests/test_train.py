@@ -92,16 +92,19 @@ def test_incompatible_checkpoint_names_the_keys(tmp_path):
 def test_half_written_checkpoint_is_never_picked(tmp_path):
     train.run(_debug_toy(total_steps=2), str(tmp_path))
     ckdir = tmp_path / "checkpoints"
-    # What a kill in the middle of saving step 4 leaves: Orbax's temporary directory.
-    shutil.copytree(ckdir / "2", ckdir / "4.orbax-checkpoint-tmp-1234")
-    for f in (ckdir / "4.orbax-checkpoint-tmp-1234").rglob("*"):
+    # What a kill in the middle of saving step 3 leaves: Orbax's temporary directory, under the
+    # very name that re-saving step 3 after the resume will use.
+    partial = ckdir / "3.orbax-checkpoint-tmp"
+    shutil.copytree(ckdir / "2", partial)
+    for f in partial.rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
             break
-    ck = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=2, keep=3)
+    ck = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1, keep=3)
     assert ck.latest_step() == 2
-    last = train.run(_debug_toy(), str(tmp_path))
+    last = train.run(_debug_toy(**{"checkpoint.every_steps": 1}), str(tmp_path))
     assert last["step"] == 4
+    assert checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1, keep=3).latest_step() == 4
 
 
 def _launch(workdir, *extra):
