@@ -15,24 +15,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_testing import jitted_loss_and_grad
 
 from apo_jax import losses
 
 BETA_R = 0.3
 _STATIC = ("divergence", "logit_reg_coef", "on_policy_fix", "scale_rewards")
-
-
-@functools.cache
-def _jitted(fn, static):
-    def run(logp, logp_old, mask, rewards, dyn):
-        def f(x):
-            out = fn(x, logp_old, mask, rewards, **dict(static), **dyn)
-            return out.loss_sum, out
-
-        (_, out), grad = jax.value_and_grad(f, has_aux=True)(logp)
-        return out, grad
-
-    return jax.jit(run)
 
 
 def _run(fn, logp, logp_old, mask, rewards, **kw):
@@ -46,7 +34,7 @@ def _run(fn, logp, logp_old, mask, rewards, **kw):
     dt = np.float64 if np.asarray(logp).dtype == np.float64 else np.float32
     for k in ("alpha", "tau"):
         kw[k] = np.broadcast_to(np.asarray(kw[k], dt), rewards.shape[:1])
-    return _jitted(fn, static)(logp, logp_old, mask, rewards, kw)
+    return jitted_loss_and_grad(fn, static)(logp, logp_old, mask, rewards, kw)
 
 
 def _run_u(u, rewards, fn=losses.apo_loss, **kw):

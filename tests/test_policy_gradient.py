@@ -1,7 +1,6 @@
 """GRPO, DAPO, Dr.GRPO and GSPO against independent numpy loops and the properties of spec §5
 (items 14–17). Losses run jitted, once per static option and shape (see test_losses.py)."""
 
-import functools
 import inspect
 import math
 
@@ -9,23 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from loss_testing import jitted_loss_and_grad
 
 from apo_jax import policy_gradient as pg
 
 _STATIC = ("agg_mode", "max_len", "dual_clip", "kl_coef", "kl_type", "token_level", "scale_adv")
-
-
-@functools.cache
-def _jitted(fn, static):
-    def run(logp, logp_old, mask, rewards, dyn):
-        def f(x):
-            out = fn(x, logp_old, mask, rewards, **dict(static), **dyn)
-            return out.loss_sum, out
-
-        (_, out), grad = jax.value_and_grad(f, has_aux=True)(logp)
-        return out, grad
-
-    return jax.jit(run)
 
 
 def _run(fn, logp, logp_old, mask, rewards, **kw):
@@ -36,7 +23,7 @@ def _run(fn, logp, logp_old, mask, rewards, **kw):
         p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.default is not p.empty
     } | kw
     static = tuple(sorted((k, kw.pop(k)) for k in _STATIC if k in kw))
-    return _jitted(fn, static)(logp, logp_old, mask, rewards, kw)
+    return jitted_loss_and_grad(fn, static)(logp, logp_old, mask, rewards, kw)
 
 
 def _case(p=2, seed=0, spread=0.3):
