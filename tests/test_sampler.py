@@ -93,19 +93,12 @@ def test_cached_decode_matches_uncached_forward(tiny, shared):
             np.testing.assert_allclose(float(out.sample_logp[r, t]), ref_sample, atol=1e-5)
 
 
-def test_greedy_matches_transformers(tmp_path):
+def test_greedy_matches_transformers(hf_tiny):
     # Token for token, prompts of different lengths, and the same stop-id handling: generate()
     # keeps the EOS and nothing after it, as transformers does for a single prompt.
     torch = pytest.importorskip("torch", reason="torch is needed for parity with transformers")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
-        rope_theta=1e6, initializer_range=0.2,  # decisive logits: no near-ties to flip
-    )  # fmt: skip
-    ref = transformers.Qwen3ForCausalLM(cfg).eval()
-    ref.save_pretrained(tmp_path)
+    # initializer_range 0.2: decisive logits, no near-ties to flip
+    path, ref = hf_tiny(tie_word_embeddings=False, initializer_range=0.2)
     prompts = _prompts([5, 11, 2, 8], vocab=256, seed=1)
 
     def hf_greedy(prompt, eos):
@@ -120,7 +113,7 @@ def test_greedy_matches_transformers(tmp_path):
     eos = next(t for j, t in enumerate(free[0]) if j >= 3 and t not in free[0][:j] + free[1])
     want = [hf_greedy(p, eos) for p in prompts]
     assert len(want[0]) < 10 and len(want[1]) == 10
-    got = sampler_lib.generate(hf_io.load_qwen3(tmp_path), prompts, max_new_tokens=10,
+    got = sampler_lib.generate(hf_io.load_qwen3(path), prompts, max_new_tokens=10,
                                eos_ids=[eos])  # fmt: skip
     assert got == want
 
