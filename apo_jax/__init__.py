@@ -1,6 +1,21 @@
-"""apo_jax: Alpha-Divergence Preference Optimization (APO) and baselines for Qwen3 in JAX."""
+"""apo_jax: Alpha-Divergence Preference Optimization (APO) and its baselines in JAX / Flax NNX.
 
-from apo_jax.hf_io import load_qwen3, save_qwen3
-from apo_jax.model import Qwen3, Qwen3Config, init_model
+Package floors (each imports only from floors below it):
+  infra/       sharding tables and meshes, multi-host start-up, checkpoints, metrics files
+  models/      model families (Qwen3), HF safetensors in and out
+  rollout/     KV cache, token sampling, the jitted sampler
+  objectives/  loss families as plug-ins (APO, f-div, GRPO, DAPO, Dr.GRPO, GSPO), α/τ schedule
+  tasks/       tasks as plug-ins (toy, MATH), datasets, verified rewards
+  trainer/     the build boundary (config -> objects), train step, loop, evaluation
+  main.py, evaluate.py, sweep.py   command lines
+
+Shape alphabet (every shape comment and einsum in the package):
+  P prompts, G completions per prompt (group size), B rows (= P·G, or any batch), T tokens
+  (query / completion length), S key-value (cache) slots, V vocabulary, D model width,
+  N query heads, K kv heads, H head dim, F MLP width, L layers, C vocabulary chunk.
+"""
+
+from apo_jax.models.hf_io import load_qwen3, save_qwen3
+from apo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
 
 __all__ = ["Qwen3", "Qwen3Config", "init_model", "load_qwen3", "save_qwen3"]

@@ -1,382 +1,140 @@
-"""Held-out evaluation: greedy accuracy, avg@k and unbiased pass@k at temperature 1, mean length,
-per-token entropy and diversity. Used by the training loop (`in_training`) and standalone:
+"""Evaluation CLI: held-out greedy accuracy, avg@k, pass@k, length, entropy and diversity,
+configured exactly like training (the same config files, keys and defaults):
 
-    python -m apo_jax.evaluate --model DIR [--task math|math500|gsm8k|toy] [--data PATH]
-        [--num_prompts N] [--k K] [--max_new_tokens M] [--out results.json]
+    python -m apo_jax.evaluate --config=configs/base.py --config.model.hf_dir=DIR \\
+        [--config.task.math.eval_set=math500] [--k 8] [--num_prompts N] [--out results.json]
+    python -m apo_jax.evaluate --workdir=RUN [--step S] [--config.KEY=VALUE ...]
 
-A completion is correct when its reward is >= 1 (MATH: verified final answer; toy: full credit).
+With `--workdir` the weights come from the run's checkpoint and, unless `--config` is given, the
+configuration from the run's saved config.json (overrides still apply to it).
 """
 
-from __future__ import annotations
-
-import argparse
 import json
 import os
+import sys
 import time
-from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from flax import nnx
+from absl import app, flags
+from ml_collections import config_flags
 
-from apo_jax import checkpoint as checkpoint_lib
-from apo_jax import data as data_lib
-from apo_jax import hf_io
-from apo_jax import model as model_lib
-from apo_jax import rewards as rewards_lib
-from apo_jax import sampler as sampler_lib
-from apo_jax import sharding as sharding_lib
-from apo_jax import tasks as tasks_lib
-from apo_jax import train_step as train_step_lib
+from apo_jax.trainer import build
 
-CORRECT = 1.0  # reward at or above which a completion counts as correct
-# Per-prompt statistics, one column each (gathered over processes as one float array).
-_FIELDS = (
-    "greedy_reward",
-    "greedy_correct",
-    "greedy_len",
-    "num_correct",  # correct completions among the k samples at T = 1
-    "sample_reward",  # mean reward of the k samples
-    "sample_len",  # mean length (tokens) of the k samples
-    "truncated",  # fraction of the k samples that hit max_new_tokens
-    "nll_sum",  # sum over the k samples' tokens of -log pi(y_t | .)
-    "tokens",  # number of those tokens
-    "distinct_answers",  # distinct correct final answers
-    "distinct_correct",  # distinct correct completions
-    "distinct_completions",  # distinct completions, correct or not
+
+def _flag_value(argv, name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _define_config_flag(argv) -> None:
+    """`--config=FILE` as in training; with only `--workdir`, the run's config.json (so that
+    `--config.KEY=VALUE` overrides apply to what the run used)."""
+    run = _flag_value(argv, "workdir")
+    if run and _flag_value(argv, "config") is None:
+        path = os.path.join(run, "config.json")
+        if not os.path.isfile(path):
+            sys.exit(f"--workdir={run}: no config.json (is it a training workdir?)")
+        config_flags.DEFINE_config_dict("config", build.load_config_json(path), lock_config=True)
+    else:
+        build.config_root_on_path(argv)
+        config_flags.DEFINE_config_file(
+            "config", None, "Python config file (get_config(arg) -> ConfigDict).", lock_config=True
+        )
+
+
+_define_config_flag(sys.argv)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run to evaluate (its checkpoint).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
+_K = flags.DEFINE_integer("k", None, "Samples per prompt at T = 1 (default: rollout.group_size).")
+_NUM_PROMPTS = flags.DEFINE_integer(
+    "num_prompts", None, "Seeded subset of the held-out set (default: eval.num_prompts; 0 = all)."
 )
+_PER_CALL = flags.DEFINE_integer(
+    "prompts_per_call", None, "Prompts per sampler call (default: rollout.prompts_per_step)."
+)
+_OUT = flags.DEFINE_string("out", "results.json", "Where the JSON results go.")
 
 
-# --- estimators ----------------------------------------------------------------------------------
+def main(argv) -> None:
+    del argv
+    run(
+        flags.FLAGS["config"].value,
+        workdir=_WORKDIR.value,
+        step=_STEP.value,
+        k=_K.value,
+        num_prompts=_NUM_PROMPTS.value,
+        prompts_per_call=_PER_CALL.value,
+        out=_OUT.value,
+    )
 
 
-def pass_at_k(n, c, k: int) -> np.ndarray:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 − C(n−c, k)/C(n, k),
-    elementwise. Computed as 1 − Π_{i=n−c+1}^{n} (1 − k/i), which never forms the binomials
-    (they overflow float64 for n in the hundreds)."""
-    n, c = np.broadcast_arrays(np.asarray(n, np.int64), np.asarray(c, np.int64))
-    out = np.ones(n.shape, np.float64)
-    for idx in np.ndindex(n.shape):
-        ni, ci = int(n[idx]), int(c[idx])
-        if not 0 <= ci <= ni or not 1 <= k <= ni:
-            raise ValueError(
-                f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={ni}, c={ci}, k={k}"
-            )
-        if ni - ci >= k:  # else every k-subset holds a correct sample: pass@k = 1
-            out[idx] = 1.0 - np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1))
-    return out
-
-
-def avg_at_k(c, n) -> float:
-    """avg@k: the mean fraction of correct samples per prompt (c of n), averaged over prompts."""
-    return float(np.mean(np.asarray(c, np.float64) / np.asarray(n, np.float64)))
-
-
-def pass_ks(k: int) -> list[int]:
-    """The k values reported: powers of two below k, and k itself."""
-    return sorted({2**i for i in range(k.bit_length()) if 2**i < k} | {k})
-
-
-# --- sampling ------------------------------------------------------------------------------------
-
-
-def _generate(sampler, params, prompts, *, n, per_call, rng, **overrides):
-    """This process's share of n completions per prompt, in calls of `per_call` prompts (the last
-    call padded with repeats so every call has one shape and compiles once). Returns the global
-    prompt index of each local row and host arrays tokens, logp, mask, truncated [rows, ...]."""
-    procs, me = jax.process_count(), jax.process_index()
-    per_call = min(per_call, len(prompts))
-    per_call += -per_call % procs  # every process takes the same number of prompts per call
-    index, cols = [], []
-    for lo in range(0, len(prompts), per_call):
-        mine = data_lib.process_slice(np.arange(lo, lo + per_call), me, procs)
-        batch = [prompts[min(i, len(prompts) - 1)] for i in mine]
-        # row_ids = global prompt index: a prompt's samples do not depend on the batching.
-        out = sampler.sample(params, batch, n=n, rng=rng, row_ids=mine, **overrides)
-        parts = [
-            sharding_lib.local_rows(x) for x in (out.tokens, out.logp, out.mask, out.truncated)
-        ]
-        keep = np.repeat(mine < len(prompts), n)  # drop the padding prompts' rows
-        index.append(np.repeat(mine, n)[keep])
-        cols.append([x[keep] for x in parts])
-    return np.concatenate(index), *(np.concatenate(c) for c in zip(*cols, strict=True))
-
-
-def _answer_keys(task, examples, completions, correct) -> list:
-    """What makes two correct completions 'different answers': the permutation on the toy task,
-    the extracted final answer (whitespace-normalised) on math tasks, else the completion."""
-    if hasattr(task, "answer_rank"):
-        return [
-            task.answer_rank(e, c) if ok else None
-            for e, c, ok in zip(examples, completions, correct, strict=True)
-        ]
-    if hasattr(task, "completion_texts"):
-        texts = task.completion_texts(completions)
-        answers = [rewards_lib.extract_answer(t) or "" for t in texts]
-        return [" ".join(a.split()) if ok else None for a, ok in zip(answers, correct, strict=True)]
-    stop = (*task.eos_ids, task.pad_id)
-    return [
-        tasks_lib.trim_completion(c, stop) if ok else None
-        for c, ok in zip(completions, correct, strict=True)
-    ]
-
-
-# --- evaluation ----------------------------------------------------------------------------------
-
-
-def evaluate(
-    task: tasks_lib.Task,
-    sampler,
-    params,
-    examples: Sequence[tasks_lib.Example],
+def run(
+    config,
     *,
-    k: int,
-    prompts_per_call: int,
-    seed: int = 0,
-) -> tuple[dict, list[dict]]:
-    """(metrics, per-prompt records) for `examples`: one greedy completion and k samples at
-    temperature 1 (top-k / top-p off) per prompt, from the same `seed` every call so that
-    successive evaluations of a run share their sampling noise.
+    workdir: str | None = None,
+    step: int | None = None,
+    k: int | None = None,
+    num_prompts: int | None = None,
+    prompts_per_call: int | None = None,
+    out: str = "results.json",
+) -> dict:
+    """Evaluates per `config` (weights from `workdir`'s checkpoint if given, else the config's
+    model); writes the results to `out` and returns them. None = the config's value."""
+    import jax
 
-    Per-token entropy: the sampler's `logp` is log π(y_t | x, y_<t) under the untempered policy,
-    and at T = 1 the tokens are drawn from π itself, so −log π(y_t | ·) is an unbiased estimate
-    of the entropy H(π(· | x, y_<t)) at that step; `eval/entropy` is their mean over all sampled
-    tokens (nats), i.e. a token-weighted average along the policy's own trajectories.
-    """
-    if k < 1:
-        raise ValueError(f"k (samples per prompt) must be >= 1, got {k}")
-    examples = list(examples)
-    prompts = [e.prompt_ids for e in examples]
-    rng = jax.random.key(seed)
-    stop = (*task.eos_ids, task.pad_id)
-    local: dict[int, dict] = {}
+    from apo_jax.trainer import evaluate as evaluate_lib
 
-    # Greedy: rows = prompts, in calls of k·prompts_per_call rows (the sampled calls' size).
-    idx, tokens, _, mask, _ = _generate(
-        sampler, params, prompts, n=1, per_call=k * prompts_per_call, rng=rng, temperature=0.0
-    )
-    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
-    rewards = np.asarray(task.rewards([examples[i] for i in idx], comps), np.float64)
-    for i, r, m in zip(idx, rewards, mask, strict=True):
-        local[int(i)] = dict(
-            greedy_reward=r, greedy_correct=float(r >= CORRECT), greedy_len=m.sum()
-        )
-
-    # k samples at T = 1 per prompt; rows of one prompt are consecutive.
-    idx, tokens, logp, mask, truncated = _generate(
-        sampler,
-        params,
-        prompts,
-        n=k,
-        per_call=prompts_per_call,
-        rng=rng,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-    )
-    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
-    grouped = [examples[i] for i in idx]
-    rewards = np.asarray(task.rewards(grouped, comps), np.float64)
-    correct = rewards >= CORRECT
-    keys = _answer_keys(task, grouped, comps, correct)
-    nll = -(logp * mask).sum(-1)  # [rows]
-    for lo in range(0, len(idx), k):
-        g = slice(lo, lo + k)
-        i = int(idx[lo])
-        solved = {x for x in keys[g] if x is not None}
-        distinct = tasks_lib.distinct_correct(task, grouped[g], comps[g], rewards[g], CORRECT)
-        local[i].update(
-            num_correct=float(correct[g].sum()),
-            sample_reward=rewards[g].mean(),
-            sample_len=mask[g].sum(-1).mean(),
-            truncated=truncated[g].mean(),
-            nll_sum=nll[g].sum(),
-            tokens=mask[g].sum(),
-            distinct_answers=float(len(solved)),
-            distinct_correct=float(distinct[grouped[lo].uid]),
-            distinct_completions=float(len({tasks_lib.trim_completion(c, stop) for c in comps[g]})),
-        )
-    stats = _gather(local, len(examples))  # [N, len(_FIELDS)]
-    col = {f: stats[:, j] for j, f in enumerate(_FIELDS)}
-
-    metrics = {
-        "eval/accuracy": col["greedy_correct"].mean(),  # greedy
-        "eval/reward_mean": col["greedy_reward"].mean(),  # greedy
-        "eval/greedy_len_mean": col["greedy_len"].mean(),
-        f"eval/avg@{k}": avg_at_k(col["num_correct"], k),
-        **{f"eval/pass@{j}": pass_at_k(k, col["num_correct"], j).mean() for j in pass_ks(k)},
-        "eval/sample_reward_mean": col["sample_reward"].mean(),
-        "eval/len_mean": col["sample_len"].mean(),
-        "eval/truncated_frac": col["truncated"].mean(),
-        "eval/entropy": col["nll_sum"].sum() / max(col["tokens"].sum(), 1.0),
-        "eval/distinct_correct_answers": col["distinct_answers"].mean(),
-        "eval/distinct_correct": col["distinct_correct"].mean(),
-        "eval/distinct_completions": col["distinct_completions"].mean(),
-    }
-    records = [
-        {"uid": e.uid, "answer": e.answer, **{f: float(col[f][i]) for f in _FIELDS}}
-        for i, e in enumerate(examples)
-    ]
-    return {key: float(v) for key, v in metrics.items()}, records
-
-
-def _gather(local: dict[int, dict], n: int) -> np.ndarray:
-    """Every process's per-prompt rows as one [n, fields] array, in prompt order."""
-    ids = np.asarray(sorted(local), np.int64)
-    rows = np.asarray([[local[i][f] for f in _FIELDS] for i in ids], np.float64).reshape(
-        -1, len(_FIELDS)
-    )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        ids = np.asarray(multihost_utils.process_allgather(ids)).reshape(-1)
-        rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1, len(_FIELDS))
-    out = np.full((n, len(_FIELDS)), np.nan)
-    out[ids] = rows
-    if np.isnan(out).any():
-        raise RuntimeError("evaluation: some prompts got no completions")
-    return out
-
-
-def eval_subset(task, num_prompts: int, seed: int = 0) -> list[tasks_lib.Example]:
-    """A fixed, seeded subset of the eval split (spread over it: MATH files are sorted by
-    subject), the whole split if num_prompts is 0 or larger."""
-    pool = task.eval_examples()
-    if not num_prompts or num_prompts >= len(pool):
-        return list(pool)
-    pick = np.sort(np.random.default_rng(seed).permutation(len(pool))[:num_prompts])
-    return [pool[int(i)] for i in pick]
-
-
-def in_training(c, task, sampler, params) -> dict:
-    """The training loop's evaluation: `eval.num_prompts` held-out prompts, k = the rollout's
-    group size, calls shaped like the rollout's (prompts_per_step prompts × G samples), so the
-    sampled pass reuses the rollout's compiled programs when the rollout samples at T = 1."""
-    examples = eval_subset(task, c.eval.num_prompts, seed=c.seed)
-    metrics, _ = evaluate(
-        task,
-        sampler,
-        params,
-        examples,
-        k=c.rollout.group_size,
-        prompts_per_call=c.rollout.prompts_per_step,
-        seed=c.seed,
-    )
-    return metrics
-
-
-# --- standalone ----------------------------------------------------------------------------------
-
-
-def restore_workdir(workdir: str, step: int | None = None):
-    """(graphdef, params, config, task, step) from a training workdir's Orbax checkpoint (the
-    latest unless `step`), on the default device. Orbax restores the whole train state (it needs
-    the full tree); everything but the parameters is then dropped."""
-    from apo_jax import train  # here, not at the top: train imports this module
-
-    with open(os.path.join(workdir, "config.json")) as f:
-        c = ml_collections.ConfigDict(json.load(f))
-    ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=0, keep=c.checkpoint.keep)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir}: no complete checkpoint under checkpoints/")
-    task = train.make_task(c)
-    cfg = train.model_config(c, task)
-    kw = dict(param_dtype=jnp.dtype(c.model.param_dtype), dtype=jnp.dtype(c.model.dtype))
-    init = lambda: model_lib.init_model(cfg, c.seed, remat=c.model.remat, **kw)
-    graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
-    tx, _ = train_step_lib.make_optimizer(c.optim, c.total_steps * c.optim.mini_batches)
-    sched = train_step_lib.schedule_config(c, cfg.vocab_size)
-    state = jax.eval_shape(
-        lambda p: train_step_lib.init_train_state(p, tx, c.seed, sched), abstract
-    )
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
-    state, _ = ckpt.restore(step, state)
-    ckpt.close()
-    return graphdef, state.params, c, task, step
-
-
-def make_task(name: str, data: str | None, tokenizer: str | None, args) -> tasks_lib.Task:
-    """An eval-only task: MATH (test split, `args.level`; 0 = all levels), MATH-500, GSM8K, toy."""
-    if name in ("toy", "toy_sorted"):
-        return tasks_lib.make_task(name)
-    if name == "math":
-        problems = data_lib.load_math(data, split="test", levels=args.level or None)
-    elif name == "math500":
-        problems = data_lib.load_math500(data)
-    elif name == "gsm8k":
-        problems = data_lib.load_gsm8k(data)
-    else:
-        raise ValueError(f"unknown task {name!r}; valid: math, math500, gsm8k, toy, toy_sorted")
-    fmt = dict(max_prompt_len=args.max_prompt_len, enable_thinking=not args.no_thinking)
-    tok = data_lib.load_tokenizer(tokenizer)
-    return data_lib.MathTask([], problems.problems, tok, name=name, reward_name=args.reward, **fmt)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apo_jax.evaluate", description=__doc__)
-    add = p.add_argument
-    add("--model", required=True, help="HF Qwen3 directory, or a training workdir")
-    add("--step", type=int, default=None, help="workdir checkpoint step (default: the latest)")
-    add("--task", default=None, help="math | math500 | gsm8k | toy (default: workdir's, or math)")
-    add("--data", default=None, help="eval JSONL/Parquet (default: the shared data file)")
-    add("--level", type=int, default=3, help="MATH level kept (0 = all levels)")
-    add("--tokenizer", default=None, help="tokenizer dir (default: the model's, else shared)")
-    add("--num_prompts", type=int, default=0, help="size of a seeded subset (0 = all prompts)")
-    add("--k", type=int, default=8, help="samples per prompt at temperature 1")
-    add("--max_new_tokens", type=int, default=1280, help="tokens per completion")
-    add("--max_prompt_len", type=int, default=1024, help="longer prompts keep their end")
-    add("--prompts_per_call", type=int, default=16, help="prompts per sampler call (x k rows)")
-    add("--reward", default="correct", help="math reward: correct | good_accuracy")
-    add("--no_thinking", action="store_true", help="Qwen3 chat template with thinking off")
-    add("--dtype", default="auto", help="float32 | bfloat16 | auto (float32 on CPU only)")
-    add("--seed", type=int, default=0, help="prompt subset and sampling seed")
-    add("--out", default="results.json", help="where the JSON goes")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Runs the CLI; returns what it writes: metrics, per-prompt records, source, args."""
-    a = _parser().parse_args(argv)
     t0 = time.perf_counter()
-    source, config, task = {"model": os.path.abspath(a.model)}, None, None
-    if os.path.isdir(os.path.join(a.model, "checkpoints")):  # a training workdir
-        graphdef, params, config, task, source["step"] = restore_workdir(a.model, a.step)
+    out = os.path.abspath(out)
+    # Fail now, not after the evaluation: the results must have somewhere to go.
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if not os.access(os.path.dirname(out), os.W_OK):
+        raise PermissionError(f"--out={out}: directory is not writable")
+    p = build.plan(config)
+    task = build.task(p)
+    model_cfg = build.model_config(p, task.vocab_size)
+    source: dict = {}
+    if workdir:
+        workdir = os.path.abspath(workdir)
+        graphdef, params, step = evaluate_lib.restore_params(p, model_cfg, workdir, step)
+        source = {"workdir": workdir, "step": step}
     else:
-        cpu = jax.default_backend() == "cpu"
-        dtype = jnp.dtype(a.dtype if a.dtype != "auto" else "float32" if cpu else "bfloat16")
-        graphdef, params = nnx.split(hf_io.load_qwen3(a.model, dtype=dtype), nnx.Param)
-    name = a.task or (config.task.name if config else "math")
-    if not (config and name == config.task.name and a.data is None):  # else: the run's own task
-        own = os.path.isfile(os.path.join(a.model, "tokenizer_config.json"))
-        task = make_task(name, a.data, a.tokenizer or (a.model if own else None), a)
-    examples = eval_subset(task, a.num_prompts, a.seed)
-    # The run's own prompt buckets when evaluating a workdir (the same padding as in training).
-    longest = max(len(e.prompt_ids) for e in examples)
-    sampler = sampler_lib.Sampler(
-        graphdef,
-        max_prompt_len=max(longest, config.rollout.max_prompt_len if config else a.max_prompt_len),
-        max_new_tokens=a.max_new_tokens,
-        eos_ids=task.eos_ids,
-        pad_id=task.pad_id,
-    )
-    metrics, records = evaluate(
-        task, sampler, params, examples, k=a.k, prompts_per_call=a.prompts_per_call, seed=a.seed
+        mesh = build.mesh(p)
+        graphdef, params = build.model(p, model_cfg, mesh)
+        source = {"model": p.model.hf_dir or f"random init ({p.model.preset}, seed {p.seed})"}
+    num_prompts = p.eval_prompts if num_prompts is None else num_prompts
+    examples = evaluate_lib.eval_subset(task, num_prompts, p.seed)
+    sampler = build.sampler(p, graphdef, task, mesh=None)
+    k = k or p.rollout.group_size
+    per_call = prompts_per_call or p.rollout.prompts_per_step
+    metrics, records = evaluate_lib.evaluate(
+        task, sampler, params, examples, k=k, prompts_per_call=per_call, seed=p.seed
     )
     if hasattr(task, "close"):
         task.close()  # stops the reward worker processes
-    seconds = time.perf_counter() - t0
-    result = dict(metrics=metrics, task=name, source=source, args=vars(a), seconds=seconds)
-    result["per_prompt"] = records
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(metrics, indent=1), f"\nwrote {a.out}")
+    result = dict(
+        metrics=metrics,
+        task=p.task.name,
+        source=source,
+        k=k,
+        num_prompts=len(examples),
+        seconds=time.perf_counter() - t0,
+        config=p.record,
+        per_prompt=records,
+    )
+    if jax.process_index() == 0:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(json.dumps(metrics, indent=1), f"\nwrote {out}")
     return result
 
 
+def cli():
+    app.run(main, argv=sys.argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -7,21 +7,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from apo_jax.trainer.build import config_root_on_path
 
-def _config_root_on_path(argv):
-    """Config files import their base as `from configs import base`: put the directory holding
-    `configs/` (the parent of the config file's folder) on sys.path, wherever we run from."""
-    for i, arg in enumerate(argv):
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else None
-        if arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        if path:
-            root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":", 1)[0])))
-            if root not in sys.path:
-                sys.path.insert(0, root)
-
-
-_config_root_on_path(sys.argv)
+config_root_on_path(sys.argv)
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file (get_config(arg) -> ConfigDict).", lock_config=True
 )
@@ -47,7 +35,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_quiet_orbax)
     import jax
 
-    from apo_jax import distributed, train
+    from apo_jax.infra import distributed
+    from apo_jax.trainer import loop
 
     distributed.initialize(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
@@ -60,7 +49,7 @@ def main(argv):
         jax.devices(),
     )
     workdir = os.path.abspath(_WORKDIR.value)
-    last = train.run(_CONFIG.value, workdir)
+    last = loop.run(_CONFIG.value, workdir)
     if jax.process_index() == 0:
         print(f"\nmetrics: {os.path.join(workdir, 'metrics.jsonl')}")
         if os.path.isdir(os.path.join(workdir, "plots")):

@@ -33,10 +33,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from apo_jax import hf_io  # noqa: E402
-from apo_jax import kv_cache as kv_cache_lib  # noqa: E402
-from apo_jax import sampler as sampler_lib  # noqa: E402
-from apo_jax.model import Qwen3Config  # noqa: E402
+from apo_jax.models import hf_io  # noqa: E402
+from apo_jax.models.qwen3 import Qwen3Config  # noqa: E402
+from apo_jax.rollout import kv_cache as kv_cache_lib  # noqa: E402
+from apo_jax.rollout import sampler as sampler_lib  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0)}

@@ -30,9 +30,9 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from apo_jax import logprobs as logprobs_lib  # noqa: E402
-from apo_jax import model as model_lib  # noqa: E402
-from apo_jax import train_step as ts  # noqa: E402
+from apo_jax.models import qwen3 as model_lib  # noqa: E402
+from apo_jax.trainer import logprobs as logprobs_lib  # noqa: E402
+from apo_jax.trainer import step as ts  # noqa: E402
 from configs import base  # noqa: E402
 
 

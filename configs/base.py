@@ -10,6 +10,8 @@ Usage: --config=configs/base.py[:debug]  (the `debug` arg shrinks everything for
 
 import ml_collections
 
+from apo_jax import objectives, tasks
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -24,14 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # matmul compute dtype (accumulation is always float32)
     m.remat = True  # recompute each block's activations in the backward pass (saves memory)
 
-    c.task = t = ml_collections.ConfigDict()
-    t.name = "math"  # math | toy | toy_sorted  (see apo_jax/tasks.py)
-    t.data_path = ""  # MATH-style JSONL/Parquet; empty = $APO_JAX_DATA_DIR/math/math_train.jsonl
-    t.eval_path = ""  # held-out JSONL; empty = $APO_JAX_DATA_DIR/math/math_test.jsonl
-    t.tokenizer = ""  # tokenizer dir; empty = model.hf_dir if it has one, else .../qwen3
-    t.level = 3  # keep MATH problems of this level (0 = all levels)
-    t.reward = "good_accuracy"  # good_accuracy (author's shaped reward) | correct (0/1)
-    t.enable_thinking = True  # Qwen3 chat template thinking mode
+    # Tasks are plug-ins (apo_jax/tasks/): each registered task brings its block of keys,
+    # config.task.<name>.*, with defaults and meanings in its module (e.g. tasks/math.py).
+    c.task = tasks.default_config("math")  # task.name: math | toy | toy_sorted
 
     c.rollout = r = ml_collections.ConfigDict()
     r.prompts_per_step = 48  # P: prompts sampled per rollout step
@@ -45,25 +42,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.max_refill_rounds = 10  # dynamic sampling: at most this many extra generation rounds
     r.overlong_buffer = 0  # DAPO overlong shaping buffer L_cache in tokens (0 = off)
 
-    c.loss = lo = ml_collections.ConfigDict()
-    lo.name = "apo"  # apo | grpo | gspo | dapo | dr_grpo | fdiv
-    lo.beta_r = 0.3  # apo/fdiv: reward temperature of the target q = softmax((r - mean r)/beta_r)
-    lo.clip_log_ratio = 5.0  # apo/fdiv: clamp on the per-sequence mean log-ratio
-    lo.clip_score = 10.0  # apo/fdiv: clamp on the anchored score u = log-ratio / tau
-    lo.scale_rewards = False  # apo/fdiv: divide group advantages by their std before q
-    lo.logit_reg_coef = 0.0  # apo: reference-code logit regulariser (0.01 to reproduce; §1.7a)
-    lo.on_policy_fix = False  # apo: reference-code "on-policy fix" (§1.7b), off by default
-    lo.divergence = "js"  # fdiv: forward_kl | reverse_kl | js | hellinger | alpha
-    lo.clip_eps_low = 0.2  # grpo/dapo/dr_grpo/gspo: lower ratio clip (gspo canonical: 3e-4)
-    lo.clip_eps_high = 0.2  # upper ratio clip (dapo: 0.28; gspo canonical: 4e-4)
-    lo.dual_clip = 0.0  # grpo/dapo: dual-clip constant c for A < 0 (0 = off; verl uses 3)
-    lo.scale_adv = True  # grpo/dapo/gspo: divide advantages by the group std
-    lo.agg_mode = "seq-mean-token-mean"  # grpo: token-mean | seq-mean-token-mean | ...-sum-norm
-    lo.kl_coef = 0.0  # grpo: beta of the KL to the frozen initial policy (0 = no reference)
-    lo.kl_type = "k3"  # grpo: KL estimator k1 | k2 | k3
-    lo.gspo_token_level = False  # gspo: the GSPO-token variant
+    # Losses are plug-ins (apo_jax/objectives/): each registered objective brings its block,
+    # config.loss.<name>.*, with the family's canonical defaults (GSPO 3e-4 / 4e-4, DAPO 0.2 /
+    # 0.28, ...) and their meanings in its module (e.g. objectives/gspo.py).
+    c.loss = objectives.default_config(
+        "apo"
+    )  # loss.name: apo | fdiv | grpo | dapo | dr_grpo | gspo
 
     c.schedule = s = ml_collections.ConfigDict()
+    # The alpha/tau schedule, used by objectives that declare schedule=True (apo, fdiv).
     s.mode = "legacy"  # alpha schedule: legacy (spec §2) | ess (Appendix A) | fixed
     s.scope = "group"  # schedule statistics per prompt group or over the batch
     s.alpha = 0.9  # alpha when mode = fixed; must lie in (0, 1]
@@ -71,7 +58,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.alpha_min = 0.35  # mode-seeking end
     s.adaptive_tau = True  # tau rule of spec §2 (else tau = tau0)
     s.tau0 = 0.5  # base anchoring temperature
-    s.use_ema = False  # legacy mode: smooth alpha with an EMA of momentum 0.9
+    s.a_tau = 0.2  # tau weight on the anchor's normalised NLL H_stat (spec §2)
+    s.b_tau = 0.5  # tau weight on -confidence * signal
+    s.tau_min = 0.2  # lower clip of tau
+    s.tau_max = 1.5  # upper clip of tau
+    s.use_ema = False  # legacy mode: smooth alpha with an EMA
+    s.ema_momentum = 0.9  # legacy mode EMA: alpha <- m * alpha_ema + (1 - m) * alpha_t
+    s.ess_target_frac = 0.5  # ess mode: target ESS = frac * G (Appendix A)
+    s.ess_candidates = 11  # ess mode: alpha grid size over [alpha_min, alpha_max]
+    s.ess_warmup_calls = 10  # ess mode: alpha = alpha_max for this many first updates
+    s.ess_momentum = 0.9  # ess mode: alpha <- clip(m * alpha_prev + (1 - m) * alpha*, ...)
+    s.ess_max_step = 0.05  # ess mode: largest change of alpha per update
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-6  # peak learning rate

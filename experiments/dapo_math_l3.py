@@ -14,9 +14,9 @@ from configs import base
 def get_config(arg=None):
     c = base.get_config()
     c.loss.name = "dapo"
-    c.loss.clip_eps_low = 0.2
-    c.loss.clip_eps_high = 0.28
-    c.loss.scale_adv = True
+    c.loss.dapo.clip_eps_low = 0.2
+    c.loss.dapo.clip_eps_high = 0.28
+    c.loss.dapo.scale_adv = True
     c.rollout.dynamic_sampling = True
     c.rollout.overlong_buffer = 256
     c.eval.num_prompts = 256  # as apo_math_l3.py

@@ -14,10 +14,10 @@ from configs import base
 def get_config(arg=None):
     c = base.get_config()
     c.loss.name = "grpo"
-    c.loss.clip_eps_low = c.loss.clip_eps_high = 0.2
-    c.loss.dual_clip = 3.0
-    c.loss.agg_mode = "token-mean"
-    c.loss.scale_adv = True
+    c.loss.grpo.clip_eps_low = c.loss.grpo.clip_eps_high = 0.2
+    c.loss.grpo.dual_clip = 3.0
+    c.loss.grpo.agg_mode = "token-mean"
+    c.loss.grpo.scale_adv = True
     c.rollout.group_size = 8
     c.rollout.prompts_per_step = 64
     c.rollout.max_prompt_len = 880

@@ -13,9 +13,9 @@ from configs import base
 def get_config(arg=None):
     c = base.get_config()
     c.loss.name = "grpo"
-    c.loss.clip_eps_low = c.loss.clip_eps_high = 0.2
-    c.loss.agg_mode = "seq-mean-token-mean"  # 1/|o_i| per sequence, then mean (the paper's)
-    c.loss.scale_adv = True
+    c.loss.grpo.clip_eps_low = c.loss.grpo.clip_eps_high = 0.2
+    c.loss.grpo.agg_mode = "seq-mean-token-mean"  # 1/|o_i| per sequence, then mean (the paper's)
+    c.loss.grpo.scale_adv = True
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
     if arg and "debug" in arg.split(","):

@@ -12,9 +12,9 @@ from configs import base
 def get_config(arg=None):
     c = base.get_config()
     c.loss.name = "gspo"
-    c.loss.clip_eps_low = 0.2
-    c.loss.clip_eps_high = 0.28
-    c.loss.scale_adv = True
+    c.loss.gspo.clip_eps_low = 0.2
+    c.loss.gspo.clip_eps_high = 0.28
+    c.loss.gspo.scale_adv = True
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
     if arg and "debug" in arg.split(","):

@@ -52,8 +52,8 @@ def get_config(arg=None):
 
 
 def _run_arm(arm: str, seed: int, steps: int, workdir: str) -> list[dict]:
-    from apo_jax import metrics as metrics_lib
-    from apo_jax import train
+    from apo_jax.infra import metrics as metrics_lib
+    from apo_jax.trainer import loop as train
 
     c = get_config(arm)
     c.seed, c.total_steps = seed, steps

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apo_jax import alpha_schedule as sched
+from apo_jax.objectives import schedule as sched
 
 LN_V = math.log(151936)
 _schedule = jax.jit(sched.schedule, static_argnums=0)

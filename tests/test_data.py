@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from apo_jax import data, tasks
+from apo_jax import tasks
+from apo_jax.tasks import math as data
 
 IM_END, ENDOFTEXT = 151645, 151643
 

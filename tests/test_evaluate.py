@@ -4,6 +4,9 @@ sampler, the standalone CLI (HF directory and training workdir) and a tiny MATH 
 import itertools
 import json
 import math
+import pathlib
+import subprocess
+import sys
 import types
 from fractions import Fraction
 
@@ -11,11 +14,15 @@ import numpy as np
 import pytest
 
 import apo_jax
-from apo_jax import evaluate as evaluate_lib
-from apo_jax import model as model_lib
+from apo_jax import evaluate as evaluate_cli
 from apo_jax import tasks as tasks_lib
-from apo_jax import train
+from apo_jax.models import qwen3 as model_lib
+from apo_jax.trainer import build
+from apo_jax.trainer import evaluate as evaluate_lib
+from apo_jax.trainer import loop as train
 from configs import base
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -153,10 +160,9 @@ def test_tiny_run_on_real_math_prompts_evaluates(math_run):
 def test_cli_on_a_workdir_reproduces_the_training_evaluation(math_run, tmp_path):
     c, last, workdir = math_run
     out = tmp_path / "eval.json"
-    argv = ["--model", str(workdir), "--num_prompts", str(c.eval.num_prompts)]
-    argv += ["--k", str(c.rollout.group_size), "--max_new_tokens", str(c.rollout.max_new_tokens)]
-    argv += ["--prompts_per_call", str(c.rollout.prompts_per_step), "--out", str(out)]
-    result = evaluate_lib.main(argv)
+    # The run's saved config.json, as the CLI reads it with --workdir and no --config.
+    saved = build.load_config_json(str(workdir / "config.json"))
+    result = evaluate_cli.run(saved, workdir=str(workdir), out=str(out))
     assert result["source"]["step"] == c.total_steps and result["task"] == "math"
     assert json.loads(out.read_text())["metrics"] == result["metrics"]
     # Restored parameters, same prompts, seeds and call shapes: the training loop's numbers.
@@ -166,16 +172,18 @@ def test_cli_on_a_workdir_reproduces_the_training_evaluation(math_run, tmp_path)
 
 def test_cli_on_an_hf_directory_writes_json(tmp_path):
     # An HF-format directory (config.json + model.safetensors, as transformers saves them) of a
-    # tiny random Qwen3 covering the toy vocabulary.
+    # tiny random Qwen3 covering the toy vocabulary, evaluated through the command line.
     model_dir = tmp_path / "hf"
     cfg = model_lib.Qwen3Config.tiny(vocab_size=tasks_lib.ToyTask().vocab_size)
     apo_jax.save_qwen3(model_lib.init_model(cfg, seed=0), model_dir)
     out = tmp_path / "res" / "toy.json"
-    argv = ["--model", str(model_dir), "--task", "toy", "--num_prompts", "6", "--k", "4"]
-    argv += ["--max_new_tokens", "6", "--prompts_per_call", "4", "--out", str(out)]
-    result = evaluate_lib.main(argv)
+    argv = [sys.executable, "-m", "apo_jax.evaluate", "--config=configs/toy.py"]
+    argv += [f"--config.model.hf_dir={model_dir}", "--config.model.dtype=float32"]
+    argv += ["--config.rollout.max_new_tokens=6", "--num_prompts=6", "--k=4"]
+    argv += ["--prompts_per_call=4", f"--out={out}"]
+    subprocess.run(argv, check=True, cwd=ROOT, capture_output=True, timeout=300)
     saved = json.loads(out.read_text())
-    assert saved["metrics"] == result["metrics"] and saved["task"] == "toy"
+    assert saved["task"] == "toy"
     records, metrics = saved["per_prompt"], saved["metrics"]
     assert len(records) == 6
     assert metrics["eval/accuracy"] == pytest.approx(
@@ -187,8 +195,9 @@ def test_cli_on_an_hf_directory_writes_json(tmp_path):
 
 @pytest.mark.parametrize("name, size", [("math", 1131), ("math500", 500), ("gsm8k", 1319)])
 def test_eval_tasks_use_the_chat_template_and_stop_ids(name, size, shared_data):
-    args = evaluate_lib._parser().parse_args(["--model", "unused"])
-    task = evaluate_lib.make_task(name, None, None, args)
-    assert len(task.eval_examples()) == size and not task.train_examples()
+    c = base.get_config()
+    c.task.math.eval_set = name
+    task = build.task(build.plan(c))
+    assert len(task.eval_examples()) == size
     assert task.eos_ids == (151645, 151643)  # <|im_end|>, <|endoftext|>
     assert task.decode(task.eval_examples()[0].prompt_ids).endswith("<|im_start|>assistant\n")

@@ -11,8 +11,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors.numpy import load_file, save_file
 
-from apo_jax import hf_io
-from apo_jax.model import Qwen3Config, init_model
+from apo_jax.models import hf_io
+from apo_jax.models.qwen3 import Qwen3Config, init_model
 
 torch = pytest.importorskip("torch", reason="torch is needed for parity with transformers")
 transformers = pytest.importorskip("transformers")

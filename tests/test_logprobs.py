@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-from apo_jax import logprobs
+from apo_jax.trainer import logprobs
 
 
 def _naive(hidden, unembed, tokens, temperature=1.0):

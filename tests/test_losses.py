@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from loss_testing import jitted_loss_and_grad
 
-from apo_jax import losses
+from apo_jax.objectives import apo, fdiv, simplex
 
 BETA_R = 0.3
 _STATIC = ("divergence", "logit_reg_coef", "on_policy_fix", "scale_rewards")
@@ -37,7 +37,7 @@ def _run(fn, logp, logp_old, mask, rewards, **kw):
     return jitted_loss_and_grad(fn, static)(logp, logp_old, mask, rewards, kw)
 
 
-def _run_u(u, rewards, fn=losses.apo_loss, **kw):
+def _run_u(u, rewards, fn=apo.apo_loss, **kw):
     """Loss of u [P, G] (one token per completion, anchor 0, τ = 1 so u = logp) and ∂/∂u."""
     z = np.zeros_like(u)[..., None]
     kw.setdefault("tau", 1.0)
@@ -171,7 +171,7 @@ def test_gradient_descent_converges_to_q():
     def descend(u):
         def step(_, x):
             z = jnp.zeros_like(x)[..., None]
-            f = lambda y: losses.apo_loss(y, z, z + 1, rewards, alpha=alphas, tau=1.0).loss_sum
+            f = lambda y: apo.apo_loss(y, z, z + 1, rewards, alpha=alphas, tau=1.0).loss_sum
             return x - 2.0 * jax.grad(f)(x[..., None])[..., 0]
 
         return jax.lax.fori_loop(0, 1500, step, u)
@@ -188,12 +188,12 @@ def test_gradient_descent_converges_to_q():
 def test_alpha_divergence_duality_and_range(seed, alpha):
     r = np.random.default_rng(seed)
     log_p, log_q = (np.log(_softmax(2 * r.normal(size=(1, 6)))).astype(np.float32) for _ in "pq")
-    d = losses.alpha_divergence(log_q, log_p, alpha)
-    np.testing.assert_allclose(d, losses.alpha_divergence(log_p, log_q, 1 - alpha), rtol=1e-4)
+    d = simplex.alpha_divergence(log_q, log_p, alpha)
+    np.testing.assert_allclose(d, simplex.alpha_divergence(log_p, log_q, 1 - alpha), rtol=1e-4)
     ref = _f_closed("alpha", np.exp(log_q.astype(np.float64)), np.exp(log_p), alpha)
     np.testing.assert_allclose(d, ref, rtol=1e-4)
     assert float(d[0]) > 0.0
-    np.testing.assert_allclose(losses.alpha_divergence(log_q, log_q, alpha), 0.0, atol=1e-5)
+    np.testing.assert_allclose(simplex.alpha_divergence(log_q, log_q, alpha), 0.0, atol=1e-5)
 
 
 def test_divergence_metric_duality_and_hellinger():
@@ -266,7 +266,7 @@ def test_permutation_equivariance_and_group_independence():
 def test_uniform_target_is_a_no_op(alpha):
     logp, _, mask, rewards = _token_case()
     rewards = np.full_like(rewards, 0.5)
-    _, grad = _run(losses.apo_loss, logp, logp, mask, rewards, alpha=alpha, tau=0.5)
+    _, grad = _run(apo.apo_loss, logp, logp, mask, rewards, alpha=alpha, tau=0.5)
     np.testing.assert_allclose(grad, 0.0, atol=1e-7)
 
 
@@ -299,7 +299,7 @@ def test_token_chain_rule():
         n = mask.sum(-1)
         u = ((logp - logp_old) * mask).sum(-1) / n / tau
         g = _closed_grad(u, _q(rewards), alpha)  # [P, G]
-        _, grad = _run(losses.apo_loss, logp, logp_old, mask, rewards, alpha=alpha, tau=tau)
+        _, grad = _run(apo.apo_loss, logp, logp_old, mask, rewards, alpha=alpha, tau=tau)
         np.testing.assert_allclose(grad, (g / (tau * n))[..., None] * mask, atol=1e-12)
 
 
@@ -309,7 +309,7 @@ def test_clamped_sample_gets_zero_gradient(bump, tau):
     logp_old = logp - 0.01
     logp = logp.copy()
     logp[0, 1] += bump
-    out, grad = _run(losses.apo_loss, logp, logp_old, mask, rewards, alpha=0.6, tau=tau)
+    out, grad = _run(apo.apo_loss, logp, logp_old, mask, rewards, alpha=0.6, tau=tau)
     assert float(jnp.abs(grad[0, 1]).max()) == 0.0
     assert float(jnp.abs(grad[0, 0]).max()) > 0.0
     np.testing.assert_allclose(out.metrics["clamp_frac"], 1 / 8)
@@ -319,7 +319,7 @@ def test_doubling_tau_halves_token_gradients_at_on_policy_point():
     logp, _, mask, rewards = _token_case()
 
     def grad(tau):
-        return _run(losses.apo_loss, logp, logp, mask, rewards, alpha=0.6, tau=tau)[1]
+        return _run(apo.apo_loss, logp, logp, mask, rewards, alpha=0.6, tau=tau)[1]
 
     np.testing.assert_allclose(grad(1.0), 0.5 * grad(0.5), atol=1e-7)
 
@@ -334,8 +334,8 @@ def test_stop_gradients(divergence):
 
     def loss(rew, a, t, old):
         if divergence is None:
-            return losses.apo_loss(logp, old, mask, rew, alpha=a, tau=t).loss_sum
-        out = losses.f_divergence_loss(logp, old, mask, rew, divergence=divergence, alpha=a, tau=t)
+            return apo.apo_loss(logp, old, mask, rew, alpha=a, tau=t).loss_sum
+        out = fdiv.f_divergence_loss(logp, old, mask, rew, divergence=divergence, alpha=a, tau=t)
         return out.loss_sum
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(rewards, alpha, tau, logp_old)
@@ -347,11 +347,11 @@ def test_validation():
     args = _token_case()
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="alpha"):
-            losses.apo_loss(*args, alpha=bad, tau=1.0)
+            apo.apo_loss(*args, alpha=bad, tau=1.0)
     with pytest.raises(ValueError, match="tau"):
-        losses.apo_loss(*args, alpha=0.5, tau=0.0)
+        apo.apo_loss(*args, alpha=0.5, tau=0.0)
     with pytest.raises(ValueError, match="divergence"):
-        losses.f_divergence_loss(*args, divergence="tv", tau=1.0)
+        fdiv.f_divergence_loss(*args, divergence="tv", tau=1.0)
 
 
 # ------------------------------------------------------------------ (sum, denom), extras, dtypes
@@ -368,7 +368,7 @@ def test_sum_denom_accumulation_matches_whole_batch():
 
     def run(sl):
         return _run(
-            losses.apo_loss, logp[sl], logp_old[sl], mask[sl], rewards[sl], alpha=alpha[sl], tau=0.7
+            apo.apo_loss, logp[sl], logp_old[sl], mask[sl], rewards[sl], alpha=alpha[sl], tau=0.7
         )
 
     (whole, g_whole), parts = run(slice(None)), [run(slice(0, 2)), run(slice(2, 4))]
@@ -381,8 +381,8 @@ def test_sum_denom_accumulation_matches_whole_batch():
 
 def test_scalar_and_per_prompt_hyperparameters_agree():
     logp, logp_old, mask, rewards = _token_case()
-    scalar = jax.jit(lambda x: losses.apo_loss(x, logp_old, mask, rewards, alpha=0.6, tau=0.8))
-    per_prompt, _ = _run(losses.apo_loss, logp, logp_old, mask, rewards, alpha=0.6, tau=0.8)
+    scalar = jax.jit(lambda x: apo.apo_loss(x, logp_old, mask, rewards, alpha=0.6, tau=0.8))
+    per_prompt, _ = _run(apo.apo_loss, logp, logp_old, mask, rewards, alpha=0.6, tau=0.8)
     np.testing.assert_allclose(scalar(logp).loss_sum, per_prompt.loss_sum, rtol=1e-6)
 
 
@@ -400,9 +400,7 @@ def test_logit_regulariser():
 
 def test_on_policy_fix():
     logp, _, mask, rewards = _token_case()
-    out, _ = _run(
-        losses.apo_loss, logp, logp, mask, rewards, alpha=0.6, tau=1.0, on_policy_fix=True
-    )
+    out, _ = _run(apo.apo_loss, logp, logp, mask, rewards, alpha=0.6, tau=1.0, on_policy_fix=True)
     ell = (logp * mask).sum(-1) / mask.sum(-1)
     q_a = _q(rewards) ** 0.6  # p is uniform at u = 0
     w_hat = q_a / q_a.sum(-1, keepdims=True)
@@ -411,17 +409,15 @@ def test_on_policy_fix():
     np.testing.assert_allclose(out.metrics["on_policy_fix_frac"], 1.0)
     # Far from the anchor it does not fire: same as the plain loss.
     off = logp + np.random.default_rng(5).normal(size=logp.shape).astype(np.float32)
-    fixed, _ = _run(
-        losses.apo_loss, off, logp, mask, rewards, alpha=0.6, tau=1.0, on_policy_fix=True
-    )
-    plain, _ = _run(losses.apo_loss, off, logp, mask, rewards, alpha=0.6, tau=1.0)
+    fixed, _ = _run(apo.apo_loss, off, logp, mask, rewards, alpha=0.6, tau=1.0, on_policy_fix=True)
+    plain, _ = _run(apo.apo_loss, off, logp, mask, rewards, alpha=0.6, tau=1.0)
     np.testing.assert_allclose(fixed.loss_sum, plain.loss_sum, rtol=1e-6)
 
 
 def test_bfloat16_inputs_give_float32_loss():
     logp, logp_old, mask, rewards = _token_case()
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-    out, _ = _run(losses.apo_loss, bf(logp), bf(logp_old), mask, rewards, alpha=0.6, tau=1.0)
+    out, _ = _run(apo.apo_loss, bf(logp), bf(logp_old), mask, rewards, alpha=0.6, tau=1.0)
     assert out.loss_sum.dtype == jnp.float32 and bool(jnp.isfinite(out.loss_sum))
 
 
@@ -429,10 +425,10 @@ def test_bfloat16_inputs_give_float32_loss():
 
 
 def _f_u(u, rewards, name, alpha=0.5):
-    return _run_u(u, rewards, losses.f_divergence_loss, divergence=name, alpha=alpha)
+    return _run_u(u, rewards, fdiv.f_divergence_loss, divergence=name, alpha=alpha)
 
 
-@pytest.mark.parametrize("name", losses.F_DIVERGENCES)
+@pytest.mark.parametrize("name", fdiv.F_DIVERGENCES)
 def test_f_divergence_gradient_and_value_match_closed_form(name):
     with jax.enable_x64(True):
         u, rewards = _inputs()
@@ -447,7 +443,7 @@ def test_f_divergence_special_cases():
     with jax.enable_x64(True):
         u, rewards = _inputs()
         p, q = _softmax(u), _q(rewards)
-        grad = {name: _f_u(u, rewards, name)[1] for name in losses.F_DIVERGENCES}
+        grad = {name: _f_u(u, rewards, name)[1] for name in fdiv.F_DIVERGENCES}
         # α member is APO exactly (value and gradient); α = 1/2 is 4× Hellinger.
         f_out, f_grad = _f_u(u, rewards, "alpha", 0.7)
         apo_out, apo_grad = _run_u(u, rewards, alpha=0.7)

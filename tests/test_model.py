@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apo_jax import hf_io
-from apo_jax.model import Qwen3Config, init_model
+from apo_jax.models import hf_io
+from apo_jax.models.qwen3 import Qwen3Config, init_model
 
 torch = pytest.importorskip("torch", reason="torch is needed for parity with transformers")
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from loss_testing import jitted_loss_and_grad
 
-from apo_jax import policy_gradient as pg
+from apo_jax.objectives import common, dapo, dr_grpo, grpo, gspo
+from apo_jax.tasks import rewards as rewards_lib
+from apo_jax.trainer import loop
 
 _STATIC = ("agg_mode", "max_len", "dual_clip", "kl_coef", "kl_type", "token_level", "scale_adv")
 
@@ -77,21 +79,21 @@ def _np_gspo(logp, logp_old, mask, rewards, eps_low, eps_high):
 # -------------------------------------------------------------------- values vs naive loops (14)
 
 
-@pytest.mark.parametrize("agg", pg.AGG_MODES)
+@pytest.mark.parametrize("agg", common.AGG_MODES)
 def test_grpo_matches_naive_loop(agg):
     case = _case()
-    out, _ = _run(pg.grpo_loss, *case, agg_mode=agg, max_len=9)
+    out, _ = _run(grpo.grpo_loss, *case, agg_mode=agg, max_len=9)
     ref = _np_ppo(*case, eps_low=0.2, eps_high=0.2, agg=agg, max_len=9)
     np.testing.assert_allclose(out.mean(), ref, rtol=1e-5)
     assert 0.0 < float(out.metrics["clip_frac"]) < 1.0
 
 
-@pytest.mark.parametrize("kl_type", pg.KL_TYPES)
+@pytest.mark.parametrize("kl_type", common.KL_TYPES)
 def test_grpo_kl_term_matches_naive_loop(kl_type):
     logp, logp_old, mask, rewards = _case()
     logp_ref = logp_old - 0.1
     kl = dict(kl_coef=0.04, logp_ref=logp_ref, kl_type=kl_type)
-    out, _ = _run(pg.grpo_loss, logp, logp_old, mask, rewards, **kl)
+    out, _ = _run(grpo.grpo_loss, logp, logp_old, mask, rewards, **kl)
     ref = _np_ppo(
         logp, logp_old, mask, rewards, eps_low=0.2, eps_high=0.2, agg="seq-mean-token-mean", **kl
     )
@@ -100,19 +102,19 @@ def test_grpo_kl_term_matches_naive_loop(kl_type):
 
 def test_dual_clip_matches_naive_loop():
     case = _case(spread=1.5)  # large ratios so the dual clip binds for A < 0
-    out, _ = _run(pg.grpo_loss, *case, agg_mode="token-mean", dual_clip=3.0)
+    out, _ = _run(grpo.grpo_loss, *case, agg_mode="token-mean", dual_clip=3.0)
     ref = _np_ppo(*case, eps_low=0.2, eps_high=0.2, agg="token-mean", dual_clip=3.0)
     np.testing.assert_allclose(out.mean(), ref, rtol=1e-5)
-    plain, _ = _run(pg.grpo_loss, *case, agg_mode="token-mean")
+    plain, _ = _run(grpo.grpo_loss, *case, agg_mode="token-mean")
     assert float(out.mean()) < float(plain.mean())
 
 
 def test_dapo_and_dr_grpo_match_naive_loop():
     case = _case()
-    dapo, _ = _run(pg.dapo_loss, *case)
+    dapo_out, _ = _run(dapo.dapo_loss, *case)
     ref = _np_ppo(*case, eps_low=0.2, eps_high=0.28, agg="token-mean")
-    np.testing.assert_allclose(dapo.mean(), ref, rtol=1e-5)
-    dr, _ = _run(pg.dr_grpo_loss, *case, max_len=8)
+    np.testing.assert_allclose(dapo_out.mean(), ref, rtol=1e-5)
+    dr, _ = _run(dr_grpo.dr_grpo_loss, *case, max_len=8)
     ref = _np_ppo(*case, eps_low=0.2, eps_high=0.2, agg="seq-mean-token-sum-norm", scale=False,
                   max_len=8)  # fmt: skip
     np.testing.assert_allclose(dr.mean(), ref, rtol=1e-5)
@@ -121,12 +123,12 @@ def test_dapo_and_dr_grpo_match_naive_loop():
 def test_token_mean_differs_from_seq_mean_only_for_ragged_lengths():
     logp, logp_old, mask, rewards = _case()
     args = (logp, logp_old)
-    tok, _ = _run(pg.grpo_loss, *args, mask, rewards, agg_mode="token-mean")
-    seq, _ = _run(pg.grpo_loss, *args, mask, rewards, agg_mode="seq-mean-token-mean")
+    tok, _ = _run(grpo.grpo_loss, *args, mask, rewards, agg_mode="token-mean")
+    seq, _ = _run(grpo.grpo_loss, *args, mask, rewards, agg_mode="seq-mean-token-mean")
     assert abs(float(tok.mean()) - float(seq.mean())) > 1e-4
     full = np.ones_like(mask)
-    tok, _ = _run(pg.grpo_loss, *args, full, rewards, agg_mode="token-mean")
-    seq, _ = _run(pg.grpo_loss, *args, full, rewards, agg_mode="seq-mean-token-mean")
+    tok, _ = _run(grpo.grpo_loss, *args, full, rewards, agg_mode="token-mean")
+    seq, _ = _run(grpo.grpo_loss, *args, full, rewards, agg_mode="seq-mean-token-mean")
     np.testing.assert_allclose(tok.mean(), seq.mean(), rtol=1e-6)
 
 
@@ -136,10 +138,10 @@ def test_token_mean_differs_from_seq_mean_only_for_ragged_lengths():
 @pytest.mark.parametrize(
     "fn,kw,agg,scale",
     [
-        (pg.grpo_loss, {"agg_mode": "seq-mean-token-mean"}, "seq-mean-token-mean", True),
-        (pg.grpo_loss, {"agg_mode": "token-mean"}, "token-mean", True),
-        (pg.dapo_loss, {}, "token-mean", True),
-        (pg.dr_grpo_loss, {"max_len": 8}, "seq-mean-token-sum-norm", False),
+        (grpo.grpo_loss, {"agg_mode": "seq-mean-token-mean"}, "seq-mean-token-mean", True),
+        (grpo.grpo_loss, {"agg_mode": "token-mean"}, "token-mean", True),
+        (dapo.dapo_loss, {}, "token-mean", True),
+        (dr_grpo.dr_grpo_loss, {"max_len": 8}, "seq-mean-token-sum-norm", False),
     ],
 )
 def test_on_policy_gradient_is_advantage_weighted(fn, kw, agg, scale):
@@ -163,7 +165,11 @@ def test_on_policy_gradient_is_advantage_weighted(fn, kw, agg, scale):
 def test_all_equal_rewards_give_zero_gradient():
     logp, logp_old, mask, _ = _case()
     equal = np.full((2, 4), 0.7, np.float32)
-    for fn, kw in [(pg.grpo_loss, {}), (pg.dr_grpo_loss, {"max_len": 8}), (pg.gspo_loss, {})]:
+    for fn, kw in [
+        (grpo.grpo_loss, {}),
+        (dr_grpo.dr_grpo_loss, {"max_len": 8}),
+        (gspo.gspo_loss, {}),
+    ]:
         _, grad = _run(fn, logp, logp_old, mask, equal, **kw)
         assert np.abs(np.asarray(grad)).max() == 0.0
 
@@ -176,7 +182,7 @@ def test_clipped_tokens_get_zero_gradient():
     logp[0, 0, :3] += 0.5  # A > 0 and ρ > 1 + ε: clipped
     logp[0, 1, :3] -= 0.5  # A < 0 and ρ < 1 − ε: clipped
     logp[0, :2, 3:] += 0.05  # inside the trust region
-    _, grad = _run(pg.grpo_loss, logp, logp_old, mask, rewards)
+    _, grad = _run(grpo.grpo_loss, logp, logp_old, mask, rewards)
     assert float(jnp.abs(grad[0, :2, :3]).max()) == 0.0
     assert float(jnp.abs(grad[0, :2, 3:]).min()) > 0.0
 
@@ -184,19 +190,19 @@ def test_clipped_tokens_get_zero_gradient():
 def test_dr_grpo_has_no_std_scaling():
     case = _case()
     double = (*case[:3], 2.0 * case[3])
-    _, g1 = _run(pg.dr_grpo_loss, *case, max_len=8)
-    _, g2 = _run(pg.dr_grpo_loss, *double, max_len=8)
+    _, g1 = _run(dr_grpo.dr_grpo_loss, *case, max_len=8)
+    _, g2 = _run(dr_grpo.dr_grpo_loss, *double, max_len=8)
     np.testing.assert_allclose(g2, 2.0 * g1, atol=1e-6)
-    _, g1 = _run(pg.grpo_loss, *case)
-    _, g2 = _run(pg.grpo_loss, *double)
+    _, g1 = _run(grpo.grpo_loss, *case)
+    _, g2 = _run(grpo.grpo_loss, *double)
     np.testing.assert_allclose(g2, g1, atol=1e-5)  # std-normalised: scale-free
 
 
 def test_k3_estimator():
     r = np.random.default_rng(1)
     a, b = r.normal(size=1000).astype(np.float32), r.normal(size=1000).astype(np.float32)
-    assert float(pg.kl_estimate(a, b, "k3").min()) > 0.0
-    assert float(jnp.abs(pg.kl_estimate(a, a, "k3")).max()) == 0.0
+    assert float(common.kl_estimate(a, b, "k3").min()) > 0.0
+    assert float(jnp.abs(common.kl_estimate(a, a, "k3")).max()) == 0.0
     # Samples from π: mean k3 (and k1) → KL(π‖π_ref).
     log_pi = np.log(np.asarray([0.5, 0.2, 0.15, 0.1, 0.05]))
     log_ref = np.log(np.asarray([0.2, 0.2, 0.2, 0.2, 0.2]))
@@ -204,7 +210,9 @@ def test_k3_estimator():
     y = r.choice(5, size=200_000, p=np.exp(log_pi))
     for kind in ("k1", "k3"):
         est = float(
-            pg.kl_estimate(log_pi[y].astype(np.float32), log_ref[y].astype(np.float32), kind).mean()
+            common.kl_estimate(
+                log_pi[y].astype(np.float32), log_ref[y].astype(np.float32), kind
+            ).mean()
         )
         np.testing.assert_allclose(est, kl, atol=5e-3)
 
@@ -216,10 +224,10 @@ def test_gspo_sequence_ratio_and_naive_loop():
     logp, logp_old, mask, rewards = _case()
     rho = 1.0002  # inside [1 − 3e-4, 1 + 4e-4]
     same = np.where(mask > 0, logp_old + np.log(rho), logp).astype(np.float32)
-    out, _ = _run(pg.gspo_loss, same, logp_old, mask, rewards)
+    out, _ = _run(gspo.gspo_loss, same, logp_old, mask, rewards)
     np.testing.assert_allclose(out.mean(), (-_adv(rewards, True) * rho).mean(), rtol=1e-4)
-    lo, hi = pg.GSPO_AUTHOR_CLIP_LOW, pg.GSPO_AUTHOR_CLIP_HIGH
-    out, _ = _run(pg.gspo_loss, logp, logp_old, mask, rewards, clip_eps_low=lo, clip_eps_high=hi)
+    lo, hi = gspo.AUTHOR_CLIP[0], gspo.AUTHOR_CLIP[1]
+    out, _ = _run(gspo.gspo_loss, logp, logp_old, mask, rewards, clip_eps_low=lo, clip_eps_high=hi)
     np.testing.assert_allclose(
         out.mean(), _np_gspo(logp, logp_old, mask, rewards, lo, hi), rtol=1e-5
     )
@@ -232,7 +240,7 @@ def test_gspo_clips_whole_sequences():
     logp = logp_old.copy()
     logp[0, 0, 0] += 6 * 1e-3  # s_0 = e^{1e-3} > 1 + 4e-4 with A > 0: whole sequence clipped
     logp[0, 1, 0] += 6 * 1e-4  # s_1 = e^{1e-4}: inside
-    _, grad = _run(pg.gspo_loss, logp, logp_old, mask, rewards)
+    _, grad = _run(gspo.gspo_loss, logp, logp_old, mask, rewards)
     assert float(jnp.abs(grad[0, 0]).max()) == 0.0
     adv = _adv(rewards, True)[0, 1]
     np.testing.assert_allclose(grad[0, 1], -adv * np.exp(1e-4) / 6, rtol=1e-4)  # ∂ loss_sum
@@ -240,9 +248,9 @@ def test_gspo_clips_whole_sequences():
 
 def test_gspo_token_equals_gspo():
     case = _case(spread=0.5)
-    kw = dict(clip_eps_low=pg.GSPO_AUTHOR_CLIP_LOW, clip_eps_high=pg.GSPO_AUTHOR_CLIP_HIGH)
-    seq, g_seq = _run(pg.gspo_loss, *case, **kw)
-    tok, g_tok = _run(pg.gspo_loss, *case, token_level=True, **kw)
+    kw = dict(clip_eps_low=gspo.AUTHOR_CLIP[0], clip_eps_high=gspo.AUTHOR_CLIP[1])
+    seq, g_seq = _run(gspo.gspo_loss, *case, **kw)
+    tok, g_tok = _run(gspo.gspo_loss, *case, token_level=True, **kw)
     np.testing.assert_allclose(tok.mean(), seq.mean(), rtol=1e-6)
     np.testing.assert_allclose(g_tok / tok.denom, g_seq / seq.denom, atol=1e-7)
     assert 0.0 < float(seq.metrics["clip_frac"]) < 1.0
@@ -254,13 +262,13 @@ def test_gspo_token_equals_gspo():
 def test_dapo_overlong_penalty():
     lengths = np.asarray([100, 16384, 18432, 20480, 25000])
     np.testing.assert_allclose(
-        pg.dapo_overlong_penalty(lengths, max_len=20480, cache_len=4096), [0, 0, -0.5, -1, -1]
+        rewards_lib.overlong_penalty(lengths, max_len=20480, cache_len=4096), [0, 0, -0.5, -1, -1]
     )
 
 
 def test_dynamic_sampling_keeps_mixed_groups():
     rewards = np.asarray([[0, 0, 0], [1, 0, 1], [1, 1, 1], [0, 1, 0]], np.float32)
-    np.testing.assert_array_equal(pg.dynamic_sampling_keep(rewards), [False, True, False, True])
+    np.testing.assert_array_equal(loop.dynamic_sampling_keep(rewards), [False, True, False, True])
 
 
 # ----------------------------------------------------------- (sum, denom), stop-grads, validation
@@ -269,10 +277,10 @@ def test_dynamic_sampling_keeps_mixed_groups():
 @pytest.mark.parametrize(
     "fn,kw",
     [
-        (pg.grpo_loss, {"agg_mode": "token-mean"}),
-        (pg.grpo_loss, {"agg_mode": "seq-mean-token-mean"}),
-        (pg.dr_grpo_loss, {"max_len": 8}),
-        (pg.gspo_loss, {}),
+        (grpo.grpo_loss, {"agg_mode": "token-mean"}),
+        (grpo.grpo_loss, {"agg_mode": "seq-mean-token-mean"}),
+        (dr_grpo.dr_grpo_loss, {"max_len": 8}),
+        (gspo.gspo_loss, {}),
     ],
 )
 def test_sum_denom_accumulation_matches_whole_batch(fn, kw):
@@ -292,9 +300,9 @@ def test_stop_gradients():
     logp, logp_old, mask, rewards = _case()
 
     def loss(rew, old, ref):
-        grpo = pg.grpo_loss(logp, old, mask, rew, kl_coef=0.1, logp_ref=ref)
-        gspo = pg.gspo_loss(logp, old, mask, rew, token_level=True)
-        return grpo.loss_sum + gspo.loss_sum
+        a = grpo.grpo_loss(logp, old, mask, rew, kl_coef=0.1, logp_ref=ref)
+        b = gspo.gspo_loss(logp, old, mask, rew, token_level=True)
+        return a.loss_sum + b.loss_sum
 
     for grad in jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(rewards, logp_old, logp_old - 0.1):
         assert np.abs(np.asarray(grad)).max() == 0.0
@@ -303,10 +311,10 @@ def test_stop_gradients():
 def test_validation():
     case = _case()
     with pytest.raises(ValueError, match="agg_mode"):
-        pg.grpo_loss(*case, agg_mode="sum")
+        grpo.grpo_loss(*case, agg_mode="sum")
     with pytest.raises(ValueError, match="max_len"):
-        pg.grpo_loss(*case, agg_mode="seq-mean-token-sum-norm")
+        grpo.grpo_loss(*case, agg_mode="seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="logp_ref"):
-        pg.grpo_loss(*case, kl_coef=0.1)
+        grpo.grpo_loss(*case, kl_coef=0.1)
     with pytest.raises(ValueError, match="kl_type"):
-        pg.grpo_loss(*case, kl_coef=0.1, logp_ref=case[1], kl_type="k4")
+        grpo.grpo_loss(*case, kl_coef=0.1, logp_ref=case[1], kl_type="k4")

@@ -10,10 +10,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
-from apo_jax import hf_io, sampling
-from apo_jax import sampler as sampler_lib
-from apo_jax import sharding as sharding_lib
-from apo_jax.model import Qwen3Config, init_model
+from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import hf_io
+from apo_jax.models.qwen3 import Qwen3Config, init_model
+from apo_jax.rollout import sampler as sampler_lib
+from apo_jax.rollout import sampling
 
 T_NEW = 12  # new tokens per test rollout
 TEMP, TOP_K, TOP_P = 0.7, 20, 0.8  # the shared sampler: every filter active

@@ -2,17 +2,17 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from apo_jax import checkpoint as checkpoint_lib
-from apo_jax import model as model_lib
-from apo_jax import sharding as sharding_lib
-from apo_jax import train_step as ts
+from apo_jax.infra import checkpoint as checkpoint_lib
+from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import qwen3 as model_lib
+from apo_jax.trainer import build
+from apo_jax.trainer import step as ts
 from configs import base
 
 if jax.device_count() < 8:
@@ -21,10 +21,6 @@ if jax.device_count() < 8:
 # 8 query and 8 kv heads so that tensor=8 divides them; hidden 64 divides fsdp=4.
 CFG = model_lib.Qwen3Config.tiny(num_heads=8, num_kv_heads=8, head_dim=8)
 P, G, TP, TC = 4, 2, 5, 6
-
-
-def _mesh_cfg(data, fsdp, tensor):
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
 
 
 def _config():
@@ -58,15 +54,15 @@ def _two_steps(mesh):
     # SGD with lr 1: the parameter change is the gradient itself, so the comparison is tight
     # (Adam's first steps are sign-like and would amplify rounding in near-zero entries).
     tx = optax.sgd(1.0)
-    sched = ts.schedule_config(c, CFG.vocab_size)
-    state = ts.init_train_state(params, tx, 0, sched)
+    spec = build.step_spec(build.plan(c), CFG.vocab_size)
+    state = ts.init_train_state(params, tx, 0, spec.schedule)
     batch = _batch()
     if mesh is None:
-        fns = ts.build(graphdef, c, tx, sched)
+        fns = ts.build(graphdef, spec, tx)
     else:
         shardings = sharding_lib.tree_shardings(state, mesh)
         state = jax.device_put(state, shardings)
-        fns = ts.build(graphdef, c, tx, sched, mesh, shardings)
+        fns = ts.build(graphdef, spec, tx, mesh, shardings)
         batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
     metrics = []
     for _ in range(2):
@@ -82,7 +78,7 @@ def reference():
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
 def test_train_step_on_mesh_equals_one_device(reference, shape):
-    mesh = sharding_lib.make_mesh(_mesh_cfg(*shape))
+    mesh = sharding_lib.make_mesh(*shape)
     state, metrics = _two_steps(mesh)
     ref_state, ref_metrics = reference
     for m, r in zip(metrics, ref_metrics, strict=True):
@@ -98,7 +94,7 @@ def test_train_step_on_mesh_equals_one_device(reference, shape):
 
 
 def test_large_parameters_of_qwen3_0p6b_are_sharded():
-    mesh = sharding_lib.make_mesh(_mesh_cfg(2, 2, 2))
+    mesh = sharding_lib.make_mesh(2, 2, 2)
     abstract = nnx.eval_shape(lambda: model_lib.init_model(model_lib.Qwen3Config.qwen3_0p6b()))
     state = nnx.state(abstract, nnx.Param)
     flat = nnx.to_flat_state(state)
@@ -113,8 +109,8 @@ def test_large_parameters_of_qwen3_0p6b_are_sharded():
 
 
 def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
-    mesh_a = sharding_lib.make_mesh(_mesh_cfg(2, 4, 1))
-    mesh_b = sharding_lib.make_mesh(_mesh_cfg(1, 2, 4))
+    mesh_a = sharding_lib.make_mesh(2, 4, 1)
+    mesh_b = sharding_lib.make_mesh(1, 2, 4)
     state, _ = _two_steps(mesh_a)
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1, keep=2)
     ckpt.save(2, state, {"position": 8, "config": {}})
@@ -134,7 +130,7 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
 def test_rollout_rules_drop_fsdp():
     spec = sharding_lib.logical_to_spec(("embed", "mlp"), sharding_lib.ROLLOUT_RULES)
     assert spec == PartitionSpec(None, "tensor")
-    mesh = sharding_lib.make_mesh(_mesh_cfg(1, 4, 2))
+    mesh = sharding_lib.make_mesh(1, 4, 2)
     params = nnx.state(model_lib.init_model(CFG), nnx.Param)
     train = sharding_lib.reshard(params, mesh, sharding_lib.TRAIN_RULES)
     rollout = sharding_lib.reshard(train, mesh, sharding_lib.ROLLOUT_RULES)
@@ -156,7 +152,7 @@ def test_rollout_rules_drop_fsdp():
 )
 def test_bad_mesh_shapes(shape, match):
     with pytest.raises(ValueError, match=match):
-        sharding_lib.make_mesh(_mesh_cfg(*shape))
+        sharding_lib.make_mesh(*shape)
 
 
 def test_mesh_must_divide_heads_and_batch():

@@ -8,8 +8,9 @@ import optax
 import pytest
 from flax import nnx
 
-from apo_jax import model as model_lib
-from apo_jax import train_step as ts
+from apo_jax.models import qwen3 as model_lib
+from apo_jax.trainer import build
+from apo_jax.trainer import step as ts
 from configs import base
 
 G, P, TP, TC = 2, 4, 5, 6
@@ -21,13 +22,14 @@ def _setup(micro=1, loss="apo", seed=0, tx=None, **loss_overrides):
     c.optim.micro_batches, c.optim.mini_batches = micro, 1
     c.optim.grad_clip = 0.0  # keep the update a plain function of the gradient
     c.loss.name = loss
-    c.loss.update(loss_overrides)
+    c.loss[loss].update(loss_overrides)
     model = model_lib.init_model(model_lib.Qwen3Config.tiny(), seed=seed)
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = tx or ts.make_optimizer(c.optim, 10)[0]
-    sched = ts.schedule_config(c, 128)
-    state = ts.init_train_state(params, tx, 0, sched)
-    return c, graphdef, state, ts.build(graphdef, c, tx, sched), tx
+    plan = build.plan(c)
+    tx = tx or build.optimizer(plan)[0]
+    spec = build.step_spec(plan, 128)
+    state = ts.init_train_state(params, tx, 0, spec.schedule)
+    return c, graphdef, state, ts.build(graphdef, spec, tx), tx
 
 
 def _batch(fns, state, seed=0):

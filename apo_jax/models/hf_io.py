@@ -21,8 +21,8 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from apo_jax import sharding as sharding_lib
-from apo_jax.model import Qwen3, Qwen3Config
+from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models.qwen3 import Qwen3, Qwen3Config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

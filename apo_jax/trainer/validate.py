@@ -1,11 +1,11 @@
-"""Config checks that run before any model is built or compiled: every error names its key."""
+"""Config checks that run before any model is built or compiled (called by `build.plan`):
+every error names its key."""
 
 from __future__ import annotations
 
 import ml_collections
 
-from apo_jax import train_step as train_step_lib
-from apo_jax.alpha_schedule import MODES, SCOPES
+from apo_jax.objectives.schedule import MODES, SCOPES
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -18,10 +18,6 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError on the first key whose value cannot work."""
     if c.total_steps < 1:
         _fail("total_steps", c.total_steps, "must be >= 1")
-    if c.loss.name not in train_step_lib.LOSS_NAMES:
-        _fail(
-            "loss.name", c.loss.name, f"unknown loss; valid: {', '.join(train_step_lib.LOSS_NAMES)}"
-        )
     if c.schedule.mode not in MODES:
         _fail("schedule.mode", c.schedule.mode, f"valid: {', '.join(MODES)}")
     if c.schedule.scope not in SCOPES:
@@ -34,8 +30,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         _fail("schedule.alpha_min", c.schedule.alpha_min, "must be <= schedule.alpha_max")
     if c.schedule.tau0 <= 0:
         _fail("schedule.tau0", c.schedule.tau0, "must be > 0")
-    if c.loss.beta_r <= 0:
-        _fail("loss.beta_r", c.loss.beta_r, "must be > 0")
+    if not 0 < c.schedule.tau_min <= c.schedule.tau_max:
+        _fail("schedule.tau_min", c.schedule.tau_min, "need 0 < tau_min <= tau_max")
 
     r, o = c.rollout, c.optim
     if r.group_size < 2:
@@ -72,14 +68,14 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             _fail(f"model.{key}", c.model[key], f"valid: {', '.join(_DTYPES)}")
 
 
-def check_lengths(c: ml_collections.ConfigDict, max_positions: int) -> None:
-    total = c.rollout.max_prompt_len + c.rollout.max_new_tokens
-    if total > max_positions:
+def check_lengths(max_prompt_len: int, max_new_tokens: int, model_cfg) -> None:
+    total = max_prompt_len + max_new_tokens
+    if total > model_cfg.max_position_embeddings:
         _fail(
             "rollout.max_new_tokens",
-            c.rollout.max_new_tokens,
+            max_new_tokens,
             f"max_prompt_len + max_new_tokens = {total} exceeds the model's "
-            f"max_position_embeddings = {max_positions}",
+            f"max_position_embeddings = {model_cfg.max_position_embeddings}",
         )
 
 

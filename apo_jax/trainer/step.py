@@ -16,20 +16,19 @@ from collections.abc import Callable
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 from jaxtyping import Array, Float
 
-from apo_jax import alpha_schedule as schedule_lib
-from apo_jax import logprobs as logprobs_lib
-from apo_jax import losses as losses_lib
-from apo_jax import model as model_lib
-from apo_jax import sharding as sharding_lib
+from apo_jax import objectives
+from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import qwen3 as model_lib
+from apo_jax.objectives import common
+from apo_jax.objectives import schedule as schedule_lib
+from apo_jax.trainer import logprobs as logprobs_lib
 
 Batch = dict[str, Array]
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards")
-LOSS_NAMES = ("apo", "grpo", "gspo", "dapo", "dr_grpo", "fdiv")
 
 
 @flax.struct.dataclass
@@ -40,41 +39,6 @@ class TrainState:
     rng: Array  # uint32 raw key data (checkpoint-friendly)
     schedule: schedule_lib.ScheduleState  # alpha-schedule state (EMA / ESS smoothing)
     skipped: Array  # int32: updates skipped for a non-finite loss or gradient
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int):
-    """AdamW with optional warm-up and cosine decay, behind a global-norm clip."""
-    if optim.decay == "constant":
-        lr = optax.constant_schedule(optim.lr)
-    elif optim.decay == "cosine":
-        lr = optax.cosine_decay_schedule(optim.lr, max(total_updates - optim.warmup_steps, 1))
-    else:
-        raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {optim.decay!r}")
-    if optim.warmup_steps:
-        warm = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
-        lr = optax.join_schedules([warm, lr], [optim.warmup_steps])
-    adamw = optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
-    clip = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-    return optax.chain(*clip, adamw), lr
-
-
-def schedule_config(config: ml_collections.ConfigDict, vocab_size: int):
-    s, lo = config.schedule, config.loss
-    return schedule_lib.ScheduleConfig(
-        mode=s.mode,
-        scope=s.scope,
-        alpha=s.alpha,
-        alpha_max=s.alpha_max,
-        alpha_min=s.alpha_min,
-        adaptive_tau=s.adaptive_tau,
-        tau0=s.tau0,
-        vocab_size=vocab_size,
-        use_ema=s.use_ema,
-        beta_r=lo.beta_r,
-        scale_rewards=lo.scale_rewards,
-        clip_log_ratio=lo.clip_log_ratio,
-        clip_score=lo.clip_score,
-    )
 
 
 def init_train_state(params: nnx.State, tx, seed: int, sched_cfg) -> TrainState:
@@ -109,92 +73,35 @@ def _group(x: Array, g: int) -> Array:
     return x.reshape(x.shape[0] // g, g, *x.shape[1:])  # [B, ...] -> [P, G, ...]
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, sched_cfg) -> Callable:
-    """(logp [P,G,T], batch grouped [P,G,...], schedule state) -> (LossOutput, new state, alpha
-    and tau metrics). The loss is selected by `config.loss.name` at trace time."""
-    lo, name = config.loss, config.loss.name
-    if name not in LOSS_NAMES:
-        raise ValueError(f"config.loss.name={name!r} is not one of {LOSS_NAMES}")
-    anchored = dict(
-        beta_r=lo.beta_r,
-        clip_log_ratio=lo.clip_log_ratio,
-        clip_score=lo.clip_score,
-        scale_rewards=lo.scale_rewards,
-    )
-    clip = dict(clip_eps_low=lo.clip_eps_low, clip_eps_high=lo.clip_eps_high)
-    dual = dict(dual_clip=lo.dual_clip or None)
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the update needs to know (built from the config by `trainer/build.py`)."""
+
+    group_size: int  # G: consecutive rows of one prompt
+    micro_batches: int  # gradient accumulation steps per update
+    logprob_chunk: int  # vocabulary chunk of the fused log-prob kernel
+    max_new_tokens: int  # the rollout's fixed generation length (Dr.GRPO's normaliser)
+    objective: objectives.Objective
+    loss_params: tuple[tuple[str, object], ...]  # config.loss.<name>.* as sorted pairs
+    schedule: schedule_lib.ScheduleConfig
+
+
+def make_loss_fn(spec: StepSpec) -> Callable:
+    """(logp [P,G,T], batch grouped [P,G,...], schedule state) -> (LossOutput, new state,
+    schedule metrics). Reads the objective's declarations, never its name."""
+    obj, params = spec.objective, dict(spec.loss_params)
 
     def fn(logp, b, sched_state):
-        mask, old, rewards = b["completion_mask"], b["old_logp"], b["rewards"]
-        extra = {}
-        if name in ("apo", "fdiv"):
-            ell = losses_lib.sequence_logp(jax.lax.stop_gradient(logp), mask)  # [P, G]
-            ell_ref = losses_lib.sequence_logp(old, mask)
+        extra, ctx = {}, objectives.Context(max_new_tokens=spec.max_new_tokens)
+        if obj.schedule:
+            mask = b["completion_mask"]
+            ell = common.sequence_logp(jax.lax.stop_gradient(logp), mask)  # [P, G]
+            ell_ref = common.sequence_logp(b["old_logp"], mask)
             alpha, tau, sched_state, extra = schedule_lib.schedule(
-                sched_cfg, sched_state, ell, ell_ref, rewards
+                spec.schedule, sched_state, ell, ell_ref, b["rewards"]
             )
-            if name == "apo":
-                out = losses_lib.apo_loss(
-                    logp,
-                    old,
-                    mask,
-                    rewards,
-                    alpha=alpha,
-                    tau=tau,
-                    **anchored,
-                    logit_reg_coef=lo.logit_reg_coef,
-                    on_policy_fix=lo.on_policy_fix,
-                )
-            else:
-                out = losses_lib.f_divergence_loss(
-                    logp,
-                    old,
-                    mask,
-                    rewards,
-                    divergence=lo.divergence,
-                    tau=tau,
-                    alpha=alpha,
-                    **anchored,
-                )
-        elif name == "grpo":
-            out = losses_lib.LOSSES["grpo"](
-                logp,
-                old,
-                mask,
-                rewards,
-                **clip,
-                **dual,
-                scale_adv=lo.scale_adv,
-                agg_mode=lo.agg_mode,
-                max_len=config.rollout.max_new_tokens,
-                kl_coef=lo.kl_coef,
-                logp_ref=b["ref_logp"] if lo.kl_coef else None,
-                kl_type=lo.kl_type,
-            )
-        elif name == "dapo":
-            out = losses_lib.LOSSES["dapo"](
-                logp, old, mask, rewards, **clip, **dual, scale_adv=lo.scale_adv
-            )
-        elif name == "dr_grpo":
-            out = losses_lib.LOSSES["dr_grpo"](
-                logp,
-                old,
-                mask,
-                rewards,
-                max_len=config.rollout.max_new_tokens,
-                clip_eps=lo.clip_eps_low,
-            )
-        else:  # gspo
-            out = losses_lib.LOSSES["gspo"](
-                logp,
-                old,
-                mask,
-                rewards,
-                **clip,
-                scale_adv=lo.scale_adv,
-                token_level=lo.gspo_token_level,
-            )
-        return out, sched_state, extra
+            ctx = ctx._replace(alpha=alpha, tau=tau)
+        return obj.loss(logp, b, ctx, **params), sched_state, extra
 
     return fn
 
@@ -205,15 +112,12 @@ class StepFns:
     logprobs: Callable  # (params, Batch) -> [B, Tc] float32
 
 
-def build(
-    graphdef, config: ml_collections.ConfigDict, tx, sched_cfg, mesh=None, state_shardings=None
-) -> StepFns:
+def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> StepFns:
     """Jits the update and the log-prob scorer for this model and config. With a mesh, the
     state keeps `state_shardings` (parameters and optimizer moments by their logical axes),
     batch rows are split over the data-parallel axes and metrics come back replicated."""
-    g, micro = config.rollout.group_size, config.optim.micro_batches
-    chunk = config.optim.logprob_chunk
-    loss_fn = make_loss_fn(config, sched_cfg)
+    g, micro, chunk = spec.group_size, spec.micro_batches, spec.logprob_chunk
+    loss_fn = make_loss_fn(spec)
     if mesh is not None:
         rows = sharding_lib.batch_sharding(mesh)
         micro_sharding = sharding_lib.named(mesh, None, sharding_lib.TRAIN_RULES["batch"])

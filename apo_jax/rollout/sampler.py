@@ -23,11 +23,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from apo_jax import kv_cache as kv_cache_lib
-from apo_jax import model as model_lib
-from apo_jax import sampling as sampling_lib
-from apo_jax import sharding as sharding_lib
-from apo_jax.sampling import SamplingParams
+from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import qwen3 as model_lib
+from apo_jax.rollout import kv_cache as kv_cache_lib
+from apo_jax.rollout import sampling as sampling_lib
+from apo_jax.rollout.sampling import SamplingParams
 
 __all__ = ["SampleOutput", "Sampler", "SamplingParams", "generate", "length_buckets"]
 

@@ -1,89 +1,16 @@
-"""The task interface the training loop consumes, and the embedded toy tasks (no downloads).
-
-A task owns its prompts (token ids), its vocabulary facts (size, EOS, PAD) and a host-side reward
-over sampled completions. `make_task(name, **kwargs)` builds one by name: the toy tasks here, or
-"math" (Hendrycks MATH with the Qwen3 tokenizer, from `data.py`).
-"""
+"""The embedded toy tasks (no downloads): copy a set of value tokens, in any order ("toy") or
+sorted ("toy_sorted"). The default run (`make run`) and most tests use them."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    prompt_ids: tuple[int, ...]  # tokenised prompt, no padding
-    answer: str  # reference answer (for rewards / logging)
-    uid: str  # stable id, e.g. "train/algebra/3.json" or "toy/train/123"
-
-
-@runtime_checkable
-class Task(Protocol):
-    name: str
-    vocab_size: int  # smallest model vocabulary that covers every id the task uses
-    eos_ids: tuple[int, ...]  # tokens that end a completion
-    pad_id: int
-
-    def train_examples(self) -> Sequence[Example]: ...
-
-    def eval_examples(self) -> Sequence[Example]: ...
-
-    def rewards(
-        self, examples: Sequence[Example], completions: Sequence[Sequence[int]]
-    ) -> np.ndarray: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-def trim_completion(ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[int, ...]:
-    """The completion up to (not including) its first stop token; the rest is padding."""
-    stop = set(int(t) for t in stop_ids)
-    out = []
-    for t in ids:
-        t = int(t)
-        if t in stop:
-            break
-        out.append(t)
-    return tuple(out)
-
-
-def distinct_correct(
-    task: Task,
-    examples: Sequence[Example],
-    completions: Sequence[Sequence[int]],
-    rewards: Sequence[float] | np.ndarray | None = None,
-    threshold: float = 1.0,
-) -> dict[str, int]:
-    """Number of distinct correct completions per prompt, keyed by uid (first-seen order).
-
-    A completion is correct when its reward is >= `threshold`; completions are compared after
-    trimming at the first EOS/PAD. Prompts without any correct completion map to 0. On the toy
-    permutation task this counts how many of the k! valid orderings a group found (coverage);
-    a mode-seeking policy drives it towards 1.
-    """
-    if rewards is None:
-        rewards = task.rewards(examples, completions)
-    if not len(examples) == len(completions) == len(rewards):
-        raise ValueError(
-            f"distinct_correct: {len(examples)} examples, {len(completions)} completions and "
-            f"{len(rewards)} rewards must have the same length"
-        )
-    stop = (*task.eos_ids, task.pad_id)
-    found: dict[str, set[tuple[int, ...]]] = {}
-    for ex, comp, r in zip(examples, completions, rewards, strict=True):
-        hits = found.setdefault(ex.uid, set())
-        if float(r) >= threshold:
-            hits.add(trim_completion(comp, stop))
-    return {uid: len(hits) for uid, hits in found.items()}
-
-
-# --- the embedded toy task -----------------------------------------------------------------------
+from apo_jax.tasks import registry
+from apo_jax.tasks.base import Example, trim_completion
 
 PAD_ID, EOS_ID, SEP_ID = 0, 1, 2
 _FIRST_VALUE_ID = 3
@@ -257,20 +184,37 @@ class ToyTask:
         return Example(prompt_ids=(*ids, SEP_ID), answer=answer, uid=f"{self.name}/{split}/{i}")
 
 
-# --- construction by name ------------------------------------------------------------------------
+# config.task.toy.* / config.task.toy_sorted.*
+DEFAULTS = dict(
+    num_values=10,  # size of the value alphabet (vocabulary = 3 special tokens + num_values)
+    prompt_len=3,  # k: values per prompt (k! correct answers for "toy", one for "toy_sorted")
+)
 
-TASK_NAMES = ("toy", "toy_sorted", "math")
+
+def _builder(ordered: bool):
+    def build(p, ctx: registry.TaskContext) -> ToyTask:
+        return ToyTask(ordered=ordered, seed=ctx.seed, **p)
+
+    return build
 
 
-def make_task(name: str, **kwargs) -> Task:
-    """Builds a task by name: "toy", "toy_sorted" (kwargs go to `ToyTask`) or "math" (kwargs go to
-    `data.MathTask.from_files`)."""
-    if name == "toy":
-        return ToyTask(ordered=False, **kwargs)
-    if name == "toy_sorted":
-        return ToyTask(ordered=True, **kwargs)
-    if name == "math":
-        from apo_jax import data  # lazy: pulls in transformers and the reward workers
+def _check(name: str):
+    def check(p) -> None:
+        if not 1 <= p["prompt_len"] <= p["num_values"]:
+            registry.fail(
+                f"{name}.prompt_len", p["prompt_len"], "need 1 <= prompt_len <= num_values"
+            )
 
-        return data.MathTask.from_files(**kwargs)
-    raise ValueError(f"unknown task {name!r}; valid task names: {', '.join(TASK_NAMES)}")
+    return check
+
+
+for _name, _ordered in (("toy", False), ("toy_sorted", True)):
+    registry.register(
+        registry.TaskSpec(
+            _name,
+            _builder(_ordered),
+            DEFAULTS,
+            _check(_name),
+            doc="copy a set of values " + ("in ascending order" if _ordered else "in any order"),
+        )
+    )

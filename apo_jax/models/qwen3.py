@@ -25,12 +25,19 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from apo_jax import kv_cache as kv_cache_lib
-
 # Finite (not -inf) so that a fully masked row (left padding) gives a uniform softmax, not NaN.
 MASK_VALUE = -1e30
 
-KVLayer = kv_cache_lib.KVLayer  # (k, v), each [B, K, S, H]
+KVLayer = tuple[Array, Array]  # (k, v) of one layer's cache, each [B, K, S, H]
+
+
+def write_kv(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""]) -> KVLayer:
+    """Writes this step's k, v [B, T, K, H] at slots index .. index + T - 1 of one layer's cache
+    ([B, K, S, H]: the attention dots batch over (B, K); see rollout/kv_cache.py)."""
+    at = (0, 0, index, 0)
+    k = jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), at)
+    v = jax.lax.dynamic_update_slice(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), at)
+    return k, v  # [B, K, S, H] each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,8 +335,8 @@ class Attention(nnx.Module):
         g = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)  # [B, T, K, G, H]
         kv_eq = "BSKH"  # uncached: attend to this call's own keys, [B, S=T, K, H]
-        if kv is not None:  # the cache is [B, K, S, H]: see kv_cache.py for why
-            k, v = kv_cache_lib.write(kv, k, v, cache_index)
+        if kv is not None:  # the cache is [B, K, S, H]: see rollout/kv_cache.py for why
+            k, v = write_kv(kv, k, v, cache_index)
             kv_eq = "BKSH"
         scores = jnp.einsum(
             f"BTKGH,{kv_eq}->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32

@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from apo_jax import losses as losses_lib
+from apo_jax.objectives import simplex
 
 MODES = ("legacy", "ess", "fixed")
 SCOPES = ("group", "batch")
 _ESS_ALPHA_BOUNDS = (1e-3, 1.0 - 1e-3)  # Appendix A's final clip
+# Keys the ESS rule shares with the anchored-simplex objectives (it rebuilds their p and q).
+SIMPLEX_KEYS = ("beta_r", "scale_rewards", "clip_log_ratio", "clip_score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +148,9 @@ def schedule(
 
 def _ess_alpha(cfg: ScheduleConfig, ell, ell_ref, rewards, tau):
     """Appendix A: α* = argmin_k |mean_P ESS(ŵ_k) − frac·G| over the α grid."""
-    u, _, _ = losses_lib.anchored_scores(ell, ell_ref, tau, cfg.clip_log_ratio, cfg.clip_score)
+    u, _, _ = simplex.anchored_scores(ell, ell_ref, tau, cfg.clip_log_ratio, cfg.clip_score)
     log_p = jax.nn.log_softmax(u, axis=-1)  # [P, G]
-    log_q = losses_lib.target_log_q(rewards, cfg.beta_r, cfg.scale_rewards)  # [P, G]
+    log_q = simplex.target_log_q(rewards, cfg.beta_r, cfg.scale_rewards)  # [P, G]
     grid = jnp.linspace(cfg.alpha_min, cfg.alpha_max, cfg.ess_candidates)
     grid = grid[:, None, None]  # [K, 1, 1]
     log_w = jax.nn.log_softmax(grid * log_q + (1.0 - grid) * log_p, axis=-1)  # [K, P, G]

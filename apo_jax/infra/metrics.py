@@ -67,11 +67,12 @@ class MetricsWriter:
             self._tb.close()
 
 
-def write_config(workdir: str, config) -> None:
+def write_config(workdir: str, config_json: str) -> None:
+    """Writes the run's configuration (JSON text) as `workdir/config.json`."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+            f.write(config_json)
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -4,8 +4,6 @@ evaluation, checkpoint."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 from collections.abc import Sequence
 
@@ -14,67 +12,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import nnx
 
-from apo_jax import checkpoint as checkpoint_lib
-from apo_jax import data as data_lib
-from apo_jax import evaluate as evaluate_lib
-from apo_jax import hf_io, validate
-from apo_jax import metrics as metrics_lib
-from apo_jax import model as model_lib
-from apo_jax import policy_gradient as pg_lib
-from apo_jax import sampler as sampler_lib
-from apo_jax import sharding as sharding_lib
-from apo_jax import tasks as tasks_lib
-from apo_jax import train_step as train_step_lib
-
-
-def make_task(c: ml_collections.ConfigDict) -> tasks_lib.Task:
-    t = c.task
-    if t.name != "math":
-        return tasks_lib.make_task(t.name, seed=c.seed)
-    hf_tokenizer = c.model.hf_dir and os.path.isfile(os.path.join(c.model.hf_dir, "tokenizer.json"))
-    return tasks_lib.make_task(
-        "math",
-        train_path=t.data_path or None,  # None: data.DEFAULT_DATA_DIR (../shared/data here)
-        eval_path=t.eval_path or None,
-        tokenizer_path=t.tokenizer or (c.model.hf_dir if hf_tokenizer else None),
-        levels=(t.level,) if t.level else None,
-        reward_name=t.reward,
-        enable_thinking=t.enable_thinking,
-        max_prompt_len=c.rollout.max_prompt_len,
-    )
-
-
-def model_config(c: ml_collections.ConfigDict, task) -> model_lib.Qwen3Config:
-    """The architecture, read without touching any weights (for checks before loading)."""
-    m = c.model
-    if m.hf_dir:
-        if not os.path.isdir(m.hf_dir):
-            raise FileNotFoundError(
-                f"config.model.hf_dir={m.hf_dir!r}: no such directory. {hf_io.WHERE}"
-            )
-        return model_lib.Qwen3Config.from_hf(os.path.join(m.hf_dir, "config.json"))
-    cfg = model_lib.Qwen3Config.preset(m.preset)
-    if m.vocab_size:
-        vocab = task.vocab_size if m.vocab_size == -1 else m.vocab_size
-        cfg = dataclasses.replace(cfg, vocab_size=vocab)
-    return cfg
-
-
-def make_model(c: ml_collections.ConfigDict, cfg: model_lib.Qwen3Config, mesh):
-    """(graphdef, params) with every parameter created directly in its sharding on `mesh`."""
-    m = c.model
-    kw = dict(param_dtype=jnp.dtype(m.param_dtype), dtype=jnp.dtype(m.dtype), remat=m.remat)
-    if m.hf_dir:
-        model = hf_io.load_qwen3(m.hf_dir, dtype=kw["param_dtype"], mesh=mesh, remat=m.remat)
-        model.dtype = kw["dtype"]  # the compute dtype may differ from the stored one
-        return nnx.split(model, nnx.Param)
-    init = lambda: model_lib.init_model(cfg, c.seed, **kw)
-    graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
-    shardings = sharding_lib.tree_shardings(abstract, mesh)
-    params = jax.jit(lambda: nnx.split(init(), nnx.Param)[1], out_shardings=shardings)()
-    return graphdef, params
+from apo_jax.infra import checkpoint as checkpoint_lib
+from apo_jax.infra import metrics as metrics_lib
+from apo_jax.infra import sharding as sharding_lib
+from apo_jax.tasks import math as data_lib
+from apo_jax.tasks import rewards as rewards_lib
+from apo_jax.trainer import build
+from apo_jax.trainer import evaluate as evaluate_lib
+from apo_jax.trainer import step as step_lib
 
 
 def pad_left(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
@@ -86,12 +32,12 @@ def pad_left(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
     return ids, mask
 
 
-def rollout(c, task, sampler, params, examples, row_ids, rng) -> dict:
+def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, rng) -> dict:
     """G completions for each of this process's examples and their rewards: host arrays whose
     rows are this process's share of the global batch, group-major. `row_ids` (the examples'
     places in the global batch) key the per-row sampling noise, so a row's completion does not
     depend on how the batch is split over processes."""
-    g = c.rollout.group_size
+    g = r.group_size
     prompts = [e.prompt_ids for e in examples]
     out = sampler.sample(params, prompts, n=g, rng=rng, row_ids=row_ids)
     tokens, mask = (sharding_lib.local_rows(x) for x in (out.tokens, out.mask))
@@ -99,12 +45,8 @@ def rollout(c, task, sampler, params, examples, row_ids, rng) -> dict:
     grouped = [e for e in examples for _ in range(g)]  # [P·G], group-major
     rewards = np.asarray(task.rewards(grouped, completions), np.float32)
     lengths = sharding_lib.local_rows(out.lengths)
-    if c.rollout.overlong_buffer:
-        rewards += np.asarray(
-            pg_lib.dapo_overlong_penalty(
-                lengths, c.rollout.max_new_tokens, c.rollout.overlong_buffer
-            )
-        )
+    if r.overlong_buffer:  # DAPO's overlong shaping, in tokens (spec §4.3)
+        rewards += rewards_lib.overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer)
     # The sampler's bucket, not max_prompt_len: no compute on padding beyond the bucket.
     prompt_ids, prompt_mask = pad_left(prompts, sampler.bucket(prompts), task.pad_id)
     return dict(
@@ -127,53 +69,44 @@ def _take_groups(batch: dict, groups: np.ndarray, g: int) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains per `config`, resuming from the latest checkpoint in `workdir`. Returns the last
     metrics line. Every process of a multi-host run calls this with the same config."""
-    c = config
-    # --- checks (before anything is built), mesh, task ----------------------------------------
-    validate.check_config(c)
-    mesh = sharding_lib.make_mesh(c.mesh)
+    p = build.plan(config)  # validates every key before anything is built
+    r, o = p.rollout, p.optim
+    n = r.prompts_per_step  # P
+    mesh = build.mesh(p)
     ckpt = checkpoint_lib.Checkpointer(
-        workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep
+        workdir, every_steps=p.checkpoint_every, keep=p.checkpoint_keep
     )
     latest = ckpt.latest_step()
     if latest is not None:
-        checkpoint_lib.check_compatible(ckpt.read_record(latest)["config"], c.to_dict(), workdir)
-    task = make_task(c)
+        checkpoint_lib.check_compatible(ckpt.read_record(latest)["config"], p.record, workdir)
+    task = build.task(p)
     train_set = task.train_examples()
-    p, g, mini = c.rollout.prompts_per_step, c.rollout.group_size, c.optim.mini_batches
-    model_cfg = model_config(c, task)
-    validate.check_vocab(model_cfg.vocab_size, task.vocab_size)
-    validate.check_lengths(c, model_cfg.max_position_embeddings)
-    rows = p * g // mini  # sequences per optimizer update
-    sharding_lib.check_mesh_fits(mesh.devices.shape, model_cfg, rows // c.optim.micro_batches)
+    if not len(train_set):
+        raise ValueError(f"config.task.name={p.task.name!r}: the task has no training prompts")
+    mini = o.mini_batches
+    model_cfg = build.model_config(p, task.vocab_size)
+    rows = r.prompts_per_step * r.group_size // mini  # sequences per optimizer update
+    sharding_lib.check_mesh_fits(mesh.devices.shape, model_cfg, rows // o.micro_batches)
     procs, me = jax.process_count(), jax.process_index()
-    if (p // mini) % procs:
+    if (r.prompts_per_step // mini) % procs:
         raise ValueError(
-            f"config.rollout.prompts_per_step={p}: each of the {mini} mini-batches "
-            f"must split evenly over {procs} processes"
+            f"config.rollout.prompts_per_step={r.prompts_per_step}: each of the {mini} "
+            f"mini-batches must split evenly over {procs} processes"
         )
 
     # --- model, optimizer, train state, jitted functions --------------------------------------
-    graphdef, params = make_model(c, model_cfg, mesh)
-    tx, lr_fn = train_step_lib.make_optimizer(c.optim, c.total_steps * mini)
-    sched_cfg = train_step_lib.schedule_config(c, model_cfg.vocab_size)
-    # The frozen reference (only for a KL term) is a copy: the train state is donated.
-    ref_params = jax.tree.map(jnp.copy, params) if c.loss.kl_coef else None
-    init_state = lambda prm: train_step_lib.init_train_state(prm, tx, c.seed, sched_cfg)
+    graphdef, params = build.model(p, model_cfg, mesh)
+    tx, lr_fn = build.optimizer(p)
+    spec = build.step_spec(p, model_cfg.vocab_size)
+    # The frozen reference (only for objectives that ask for one) is a copy: the state is donated.
+    use_ref = p.objective.reference(p.loss_params)
+    ref_params = jax.tree.map(jnp.copy, params) if use_ref else None
+    init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule)
     state_shardings = sharding_lib.tree_shardings(jax.eval_shape(init_state, params), mesh)
     state = jax.jit(init_state, out_shardings=state_shardings)(params)
     del params
-    fns = train_step_lib.build(graphdef, c, tx, sched_cfg, mesh, state_shardings)
-    sampler = sampler_lib.Sampler(
-        graphdef,
-        max_prompt_len=c.rollout.max_prompt_len,
-        max_new_tokens=c.rollout.max_new_tokens,
-        temperature=c.rollout.temperature,
-        top_k=c.rollout.top_k,
-        top_p=c.rollout.top_p,
-        eos_ids=task.eos_ids,
-        pad_id=task.pad_id,
-        mesh=mesh,
-    )
+    fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings)
+    sampler = build.sampler(p, graphdef, task, mesh)
     # Decode reads every weight each token: without FSDP gathering the rollout copy is laid out
     # by ROLLOUT_RULES (a reshard happens only when the two tables differ on this mesh).
     to_rollout = lambda prm: sharding_lib.reshard(prm, mesh, sharding_lib.ROLLOUT_RULES)
@@ -187,34 +120,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, record = ckpt.restore(latest, abstract)
         start, position = latest, int(record["position"])
         logging.info("resumed from step %d (data position %d)", start, position)
-    metrics_lib.write_config(workdir, c)
-    writer = metrics_lib.MetricsWriter(
-        workdir, tensorboard=c.logging.tensorboard, resume_step=start
-    )
-    progress = _progress(c, start)
+    metrics_lib.write_config(workdir, p.to_json())
+    writer = metrics_lib.MetricsWriter(workdir, tensorboard=p.tensorboard, resume_step=start)
+    progress = _progress(p, start)
     root_key = jax.random.wrap_key_data(jnp.asarray(jax.device_get(state.rng)))  # not donated
 
     # --- loop --------------------------------------------------------------------------------
     line: dict = {}
     stopping = False
     with checkpoint_lib.StopSignal() as stop:
-        for step in range(start + 1, c.total_steps + 1):
+        for step in range(start + 1, p.total_steps + 1):
             t0 = time.perf_counter()
             rng = jax.random.fold_in(root_key, step)
             # Each process takes its share of every mini-batch, so mini-batch k holds the same
             # prompts whatever the number of processes.
-            order = data_lib.global_batch_indices(len(train_set), c.seed, position, p)
-            slots = np.arange(p).reshape(mini, -1)  # [mini, P/mini] places in the global batch
+            order = data_lib.global_batch_indices(
+                len(train_set), p.seed, position, r.prompts_per_step
+            )
+            slots = np.arange(r.prompts_per_step).reshape(
+                mini, -1
+            )  # [mini, P/mini] places in the global batch
             mine = np.concatenate([data_lib.process_slice(s, me, procs) for s in slots])
-            position += p
+            position += n
             rollout_params = to_rollout(state.params)
             batch = rollout(
-                c, task, sampler, rollout_params, [train_set[i] for i in order[mine]], mine, rng
+                r, task, sampler, rollout_params, [train_set[i] for i in order[mine]], mine, rng
             )
             info = {}
-            if c.rollout.dynamic_sampling:
+            if r.dynamic_sampling:
                 batch, position, info = _refill(
-                    c, task, sampler, rollout_params, batch, position, rng
+                    p, task, sampler, rollout_params, batch, position, rng
                 )
             t_rollout = time.perf_counter() - t0
 
@@ -256,8 +191,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     **info,
                 }
             )
-            if c.eval.num_prompts and c.eval.every_steps and step % c.eval.every_steps == 0:
-                line.update(evaluate(c, task, sampler, to_rollout(state.params)))
+            if p.eval_prompts and p.eval_every and step % p.eval_every == 0:
+                line.update(evaluate(p, task, sampler, to_rollout(state.params)))
             line = writer.write(step, line)
             progress.update(1)
             progress.set_postfix(
@@ -266,24 +201,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             # A signal may reach only some processes; saving is collective, so all must agree.
             stopping = bool(_all_rows(np.asarray([stop.received is not None])).any())
-            if ckpt.should_save(step) or step == c.total_steps or stopping:
-                ckpt.save(step, state, {"position": position, "config": c.to_dict()})
+            if ckpt.should_save(step) or step == p.total_steps or stopping:
+                ckpt.save(step, state, {"position": position, "config": p.record})
             if stopping:
                 logging.warning("signal %s: saved step %d, stopping", stop.received, step)
                 break
     progress.close()
-    if c.eval.num_prompts and not stopping and not c.eval.every_steps:
-        final = evaluate(c, task, sampler, to_rollout(state.params))
-        line = writer.write(c.total_steps, {**line, **final})
+    if p.eval_prompts and not stopping and not p.eval_every:
+        final = evaluate(p, task, sampler, to_rollout(state.params))
+        line = writer.write(p.total_steps, {**line, **final})
     writer.close()
     ckpt.close()
-    if c.logging.plots:
+    if p.plots:
         metrics_lib.write_plots(workdir)
     return line
 
 
 # Host batch keys that go to the device; sampler_logp only feeds the sampler/trainer gap metric.
-_DEVICE_KEYS = (*train_step_lib.BATCH_KEYS, "sampler_logp")
+_DEVICE_KEYS = (*step_lib.BATCH_KEYS, "sampler_logp")
 
 
 def _to_global(local: np.ndarray, mini: int, mesh) -> jax.Array:
@@ -310,33 +245,36 @@ def _all_rows(local: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape[1:])
 
 
-def _refill(c, task, sampler, params, batch, position, rng):
+def _refill(p: build.Plan, task, sampler, params, batch, position, rng):
     """DAPO dynamic sampling: keep groups whose rewards differ and refill from fresh prompts, for
     at most `max_refill_rounds` rounds; a batch still short is topped up with dropped groups
     (reported as `rollout/refill_short`). Works on this process's rows; every process runs the
     same number of rounds (sampling is a collective)."""
-    p, g, mini = c.rollout.prompts_per_step, c.rollout.group_size, c.optim.mini_batches
+    r, mini = p.rollout, p.optim.mini_batches
+    n, g = r.prompts_per_step, r.group_size
     need = len(batch["rewards"])  # this process's rows
     train_set = task.train_examples()
     kept, dropped = [], []
-    for round_ in range(c.rollout.max_refill_rounds + 1):
+    for round_ in range(r.max_refill_rounds + 1):
         if round_:
-            order = data_lib.global_batch_indices(len(train_set), c.seed, position, p)
-            slots = np.arange(p).reshape(mini, -1)
+            order = data_lib.global_batch_indices(
+                len(train_set), p.seed, position, r.prompts_per_step
+            )
+            slots = np.arange(r.prompts_per_step).reshape(mini, -1)
             mine = np.concatenate(
                 [data_lib.process_slice(s, jax.process_index(), jax.process_count()) for s in slots]
             )
-            position += p
+            position += n
             batch = rollout(
-                c,
+                r,
                 task,
                 sampler,
                 params,
                 [train_set[i] for i in order[mine]],
-                mine + round_ * p,
+                mine + round_ * n,
                 jax.random.fold_in(rng, round_),
             )
-        keep = np.asarray(pg_lib.dynamic_sampling_keep(batch["rewards"].reshape(-1, g)))
+        keep = dynamic_sampling_keep(batch["rewards"].reshape(-1, g))
         kept.append(_take_groups(batch, np.flatnonzero(keep), g))
         dropped.append(_take_groups(batch, np.flatnonzero(~keep), g))
         have = sum(len(b["rewards"]) for b in kept)
@@ -351,20 +289,25 @@ def _refill(c, task, sampler, params, batch, position, rng):
     )
 
 
-def evaluate(c, task, sampler, params) -> dict:
-    """Held-out `eval/...` metrics on `eval.num_prompts` prompts (apo_jax/evaluate.py): greedy
+def evaluate(p: build.Plan, task, sampler, params) -> dict:
+    """Held-out `eval/...` metrics on `eval.num_prompts` prompts (trainer/evaluate.py): greedy
     accuracy, avg@G and pass@k at temperature 1, length, entropy and diversity."""
-    return evaluate_lib.in_training(c, task, sampler, params)
+    return evaluate_lib.in_training(p, task, sampler, params)
 
 
-def _progress(c, start):
+def _progress(p: build.Plan, start):
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=c.total_steps,
+        total=p.total_steps,
         initial=start,
-        disable=not c.logging.progress or jax.process_index() != 0,
+        disable=not p.progress or jax.process_index() != 0,
         desc="train",
         unit="step",
         dynamic_ncols=True,
     )
+
+
+def dynamic_sampling_keep(rewards: np.ndarray) -> np.ndarray:
+    """DAPO dynamic sampling: keep groups [P, G] whose rewards are not all equal."""
+    return rewards.max(-1) > rewards.min(-1)

@@ -77,9 +77,9 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules) -> Named
     return NamedSharding(mesh, _fit_spec(logical_to_spec(axes, rules), shape, mesh))
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
     """Resolves (data, fsdp, tensor) sizes; at most one may be -1 ("the devices left over")."""
-    sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
+    sizes = [int(data), int(fsdp), int(tensor)]
     names = [f"config.mesh.{n}" for n in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"config.mesh: at most one of {names} may be -1, got {sizes}")
@@ -105,14 +105,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (GSPMD) over the global devices.
 
     A mesh smaller than the device count (it must divide it) uses the first devices: handy for
     a one-device debug run on a multi-device host. Multi-process runs must use every device.
     """
     devices = jax.devices() if devices is None else list(devices)
-    shape = mesh_shape(mesh_cfg, len(devices))
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
     used = shape[0] * shape[1] * shape[2]
     if used < len(devices):
         if jax.process_count() > 1:

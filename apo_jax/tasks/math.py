@@ -1,6 +1,6 @@
 """Math prompt datasets: JSONL/Parquet loading (Hendrycks MATH, MATH-500, GSM8K), Qwen3 chat
 formatting with left truncation, a stateless checkpointable shuffled order with per-process
-slices, and `MathTask` (the `tasks.Task` interface over MATH with verified rewards).
+slices, and `MathTask` (the `base.Task` interface over MATH with verified rewards).
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from apo_jax import rewards as rewards_lib
-from apo_jax import tasks
+from apo_jax.tasks import base, registry
+from apo_jax.tasks import rewards as rewards_lib
 
 logger = logging.getLogger(__name__)
 
 # This checkout keeps the shared data next to the project; anywhere else pass paths explicitly
 # or set APO_JAX_DATA_DIR.
 DEFAULT_DATA_DIR = Path(
-    os.environ.get("APO_JAX_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")
+    os.environ.get("APO_JAX_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data")
 )
 
 # Spec §3.1: reasoning in <think>...</think>, final answer in <answer>...</answer>; we also ask
@@ -312,7 +312,7 @@ def process_slice(indices: np.ndarray, process_index: int, process_count: int) -
 
 
 class MathTask:
-    """`tasks.Task` over math problems with the Qwen3 chat template and verified rewards.
+    """`base.Task` over math problems with the Qwen3 chat template and verified rewards.
 
     reward_name: "good_accuracy" (the author's shaped reward) or "correct" (0/1). Rewards are
     scored by a `rewards.RewardPool` of `reward_workers` processes, started on first use.
@@ -347,15 +347,13 @@ class MathTask:
         self._eval = self._examples(eval_problems, fmt)
         self._pool = rewards_lib.RewardPool(reward_workers, timeout_s=reward_timeout_s)
 
-    def _examples(self, problems: Sequence[Problem], fmt: dict) -> list[tasks.Example]:
+    def _examples(self, problems: Sequence[Problem], fmt: dict) -> list[base.Example]:
         ids = (
             format_prompts(self.tokenizer, [p.question for p in problems], **fmt)
             if problems
             else []
         )
-        return [
-            tasks.Example(tuple(x), p.answer, p.uid) for x, p in zip(ids, problems, strict=True)
-        ]
+        return [base.Example(tuple(x), p.answer, p.uid) for x, p in zip(ids, problems, strict=True)]
 
     @classmethod
     def from_files(
@@ -375,10 +373,10 @@ class MathTask:
         eval_ = load_math(eval_path, split="test", **filt)
         return cls(train.problems, eval_.problems, load_tokenizer(tokenizer_path), **kwargs)
 
-    def train_examples(self) -> Sequence[tasks.Example]:
+    def train_examples(self) -> Sequence[base.Example]:
         return self._train
 
-    def eval_examples(self) -> Sequence[tasks.Example]:
+    def eval_examples(self) -> Sequence[base.Example]:
         return self._eval
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -387,11 +385,11 @@ class MathTask:
     def completion_texts(self, completions: Sequence[Sequence[int]]) -> list[str]:
         """Response strings as graded: cut at the first EOS/PAD, special tokens dropped."""
         stop = (*self.eos_ids, self.pad_id)
-        trimmed = [list(tasks.trim_completion(c, stop)) for c in completions]
+        trimmed = [list(base.trim_completion(c, stop)) for c in completions]
         return self.tokenizer.batch_decode(trimmed, skip_special_tokens=True)
 
     def rewards(
-        self, examples: Sequence[tasks.Example], completions: Sequence[Sequence[int]]
+        self, examples: Sequence[base.Example], completions: Sequence[Sequence[int]]
     ) -> np.ndarray:
         if len(examples) != len(completions):
             raise ValueError(
@@ -403,3 +401,62 @@ class MathTask:
     def close(self) -> None:
         """Stops the reward workers (they are restarted if rewards are asked for again)."""
         self._pool.close()
+
+
+# --- registration --------------------------------------------------------------------------------
+
+EVAL_SETS = ("math", "math500", "gsm8k")
+
+# config.task.math.*
+DEFAULTS = dict(
+    data_path="",  # training JSONL/Parquet; empty = $APO_JAX_DATA_DIR/math/math_train.jsonl
+    eval_set="math",  # held-out set: math (MATH test, same level filter) | math500 | gsm8k
+    eval_path="",  # held-out file; empty = the shared copy of eval_set
+    tokenizer="",  # tokenizer dir; empty = model.hf_dir if it has one, else $APO_JAX_DATA_DIR/qwen3
+    level=3,  # keep MATH problems of this level, 1..5 (0 = all levels)
+    reward="good_accuracy",  # good_accuracy (the author's shaped reward) | correct (0/1)
+    enable_thinking=True,  # Qwen3 chat template thinking mode
+)
+
+
+def _build(p, ctx: registry.TaskContext) -> MathTask:
+    levels = (p["level"],) if p["level"] else None
+    train = load_math(p["data_path"] or None, split="train", levels=levels)
+    eval_path = p["eval_path"] or None
+    if p["eval_set"] == "math":
+        held_out = load_math(eval_path, split="test", levels=levels)
+    elif p["eval_set"] == "math500":
+        held_out = load_math500(eval_path)
+    else:
+        held_out = load_gsm8k(eval_path)
+    tokenizer = p["tokenizer"] or None
+    if (
+        tokenizer is None
+        and ctx.model_dir
+        and os.path.isfile(os.path.join(ctx.model_dir, "tokenizer.json"))
+    ):
+        tokenizer = ctx.model_dir
+    return MathTask(
+        train.problems,
+        held_out.problems,
+        load_tokenizer(tokenizer),
+        reward_name=p["reward"],
+        max_prompt_len=ctx.max_prompt_len,
+        enable_thinking=p["enable_thinking"],
+    )
+
+
+def _check(p) -> None:
+    if p["eval_set"] not in EVAL_SETS:
+        registry.fail("math.eval_set", p["eval_set"], f"valid: {', '.join(EVAL_SETS)}")
+    if p["reward"] not in rewards_lib.REWARD_NAMES:
+        registry.fail("math.reward", p["reward"], f"valid: {', '.join(rewards_lib.REWARD_NAMES)}")
+    if not 0 <= p["level"] <= 5:
+        registry.fail("math.level", p["level"], "MATH levels are 1..5 (0 = all levels)")
+
+
+registry.register(
+    registry.TaskSpec(
+        "math", _build, DEFAULTS, _check, doc="Hendrycks MATH prompts, verified math rewards"
+    )
+)

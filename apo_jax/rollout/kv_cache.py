@@ -9,7 +9,7 @@ of row b) turns slots into RoPE positions and masks the padding.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Int
 
-from apo_jax import sharding as sharding_lib
-
-if TYPE_CHECKING:  # model.py imports this module; a runtime import would be circular
-    from apo_jax.model import Qwen3Config
+from apo_jax.infra import sharding as sharding_lib
 
 # [B, K, S, H] rather than the projection's [B, S, K, H]: the attention dots batch over (B, K),
 # so with S outside K XLA transposes the whole cache of every layer at every decode step.
@@ -30,6 +27,14 @@ LOGICAL_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 SEQ_AXIS = 2
 
 KVLayer = tuple[Array, Array]  # (k, v), each [B, K, S, H]
+
+
+class CacheGeometry(Protocol):
+    """What the cache needs from a model config (every model family's config has these)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
 
 
 @jax.tree_util.register_dataclass
@@ -47,21 +52,13 @@ class KVCache:
         return self.layers[0][0].shape[SEQ_AXIS]
 
 
-def init(cfg: Qwen3Config, starts: Int[Array, " B"], length: int, dtype=jnp.float32) -> KVCache:
+def init(cfg: CacheGeometry, starts: Int[Array, " B"], length: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of `length` slots for len(starts) rows."""
     shape = (starts.shape[0], cfg.num_kv_heads, length, cfg.head_dim)  # [B, K, S, H]
     layers = tuple(
         (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)
     )
     return KVCache(layers, jnp.zeros((), jnp.int32), starts.astype(jnp.int32))
-
-
-def write(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""]) -> KVLayer:
-    """Writes this step's k, v [B, T, K, H] at slots index .. index + T - 1 of one layer."""
-    at = (0, 0, index, 0)
-    k = jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), at)
-    v = jax.lax.dynamic_update_slice(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), at)
-    return k, v  # [B, K, S, H] each
 
 
 def step_inputs(cache: KVCache, num_queries: int) -> tuple[Int[Array, "B T"], Bool[Array, "B T S"]]:
@@ -97,7 +94,7 @@ def extend(cache: KVCache, extra: int) -> KVCache:
     return dataclasses.replace(cache, layers=layers)
 
 
-def nbytes(cfg: Qwen3Config, batch: int, length: int, dtype) -> int:
+def nbytes(cfg: CacheGeometry, batch: int, length: int, dtype) -> int:
     """Bytes of a cache holding `length` slots for `batch` rows (keys and values, all layers)."""
     per_layer = 2 * batch * cfg.num_kv_heads * length * cfg.head_dim
     return cfg.num_layers * per_layer * jnp.dtype(dtype).itemsize

@@ -1,0 +1,1 @@
+"""Plumbing: device meshes and sharding rules, multi-host start-up, checkpoints, metrics files."""

@@ -1,0 +1,7 @@
+"""Loss families (one module each) and the α/τ schedule. Importing the package registers every
+built-in objective; `registry.register` adds one from anywhere."""
+
+from apo_jax.objectives import apo, dapo, dr_grpo, fdiv, grpo, gspo  # noqa: F401  (registers)
+from apo_jax.objectives.registry import Context, Objective, default_config, get, names, register
+
+__all__ = ["Context", "Objective", "default_config", "get", "names", "register"]

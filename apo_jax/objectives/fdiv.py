@@ -1,0 +1,121 @@
+"""The f-divergence family on the anchored group simplex (f-DPG applied exactly over the G
+candidates; spec §1.5, §4.5). Named members: forward KL (DPG/GDC; with a linear target, DMPO),
+reverse KL, Jensen–Shannon (f-DPG's recommended JS), Hellinger (DGPO) and α (APO itself).
+
+Token arrays are [P, G, T], rewards [P, G]; the loss is a mean over prompts.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from apo_jax.objectives import common as pg_lib
+from apo_jax.objectives import registry, simplex
+from apo_jax.objectives.common import LossOutput
+
+sg = jax.lax.stop_gradient
+F_DIVERGENCES = ("forward_kl", "reverse_kl", "js", "hellinger", "alpha")
+
+# config.loss.fdiv.* (τ, and α for the alpha member, come from config.schedule)
+DEFAULTS = dict(
+    divergence="js",  # forward_kl | reverse_kl | js | hellinger | alpha
+    beta_r=0.3,  # reward temperature of the target q
+    clip_log_ratio=5.0,  # clamp on the per-sequence mean log-ratio
+    clip_score=10.0,  # clamp on the anchored score u
+    scale_rewards=False,  # divide group advantages by their std before q
+)
+
+
+def _f_terms(divergence: str, log_p, log_q, alpha, eps):
+    """Pseudo-reward weights c_i = p_i f′(p_i/q_i) (constant·p_i dropped) and the value D_f."""
+    p, q = jnp.exp(log_p), jnp.exp(log_q)
+    if divergence == "forward_kl":  # f(t) = −log t
+        return -q, (q * (log_q - log_p)).sum(-1)
+    if divergence == "reverse_kl":  # f(t) = t log t
+        return p * (log_p - log_q), (p * (log_p - log_q)).sum(-1)
+    if divergence == "js":  # f(t) = t log(2t/(1+t)) + log(2/(1+t))
+        log_m = jnp.logaddexp(log_p, log_q) - jnp.log(2.0)  # m = (p + q)/2
+        return p * (log_p - log_m), (p * (log_p - log_m) + q * (log_q - log_m)).sum(-1)
+    if divergence == "hellinger":  # f(t) = (√t − 1)²/2
+        root = jnp.exp(0.5 * (log_p + log_q))  # √(pq)
+        return -0.5 * root, 1.0 - root.sum(-1)
+    if divergence == "alpha":  # f(t) = (t − t^(1−α))/(α(1−α))
+        w = simplex.alpha_weights(log_q, log_p, alpha, eps)
+        return -w / alpha, simplex.alpha_divergence(log_q, log_p, alpha)
+    raise ValueError(f"unknown divergence {divergence!r}; expected one of {F_DIVERGENCES}")
+
+
+def f_divergence_loss(
+    logp: Float[Array, "P G T"],
+    logp_old: Float[Array, "P G T"],
+    mask: Float[Array, "P G T"],
+    rewards: Float[Array, "P G"],
+    *,
+    divergence: str,
+    tau: float | Float[Array, " P"],
+    alpha: float | Float[Array, " P"] = 0.5,
+    beta_r: float = DEFAULTS["beta_r"],
+    clip_log_ratio: float = DEFAULTS["clip_log_ratio"],
+    clip_score: float = DEFAULTS["clip_score"],
+    scale_rewards: bool = DEFAULTS["scale_rewards"],
+    eps: float = 1e-10,
+) -> LossOutput:
+    """f-DPG on the anchored group simplex (spec §1.5, §4.5), p = softmax(u) and q as in APO:
+
+        D_f(p‖q) = Σ_i q_i f(p_i/q_i),   ∇_θ D_f = Σ_i p_i f′(p_i/q_i) ∇_θ log p_i   (exact over G)
+        L_prompt = Σ_i sg[c_i] log p_i,  c_i = p_i f′(p_i/q_i) − const·p_i  (Σ_i p_i ∇log p_i = 0)
+
+      forward_kl  KL(q‖p)           f = −log t                         c = −q
+      reverse_kl  KL(p‖q)           f = t log t                        c = p (log p − log q)
+      js          KL(p‖m) + KL(q‖m) f = t log(2t/(1+t)) + log(2/(1+t)) c = p log(p/m), m = (p+q)/2
+      hellinger   1 − Σ √(pq)       f = (√t − 1)²/2                    c = −√(pq)/2
+      alpha       D_α(q‖p)          f = (t − t^(1−α))/(α(1−α))         c = −w/α  (APO exactly)
+
+    Mean over prompts; metrics["divergence"] is D_f itself.
+    """
+    if divergence not in F_DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {F_DIVERGENCES}")
+    simplex.check_alpha_tau(alpha if divergence == "alpha" else 0.5, tau)
+    p_n = rewards.shape[0]
+    dt = pg_lib.float_dtype(logp)
+    alpha_c, tau_c = simplex.per_prompt(alpha, p_n, dt), simplex.per_prompt(tau, p_n, dt)  # [P, 1]
+    g = simplex.anchored_group(
+        logp, logp_old, mask, rewards, tau_c, beta_r, clip_log_ratio, clip_score, scale_rewards
+    )
+    c, value = _f_terms(divergence, g.log_p, g.log_q, alpha_c, eps)  # [P, G], [P]
+    per_prompt = (sg(c) * g.log_p).sum(-1)  # [P]
+    metrics = simplex.group_metrics(g, tau_c, logp, logp_old, mask, value)
+    return LossOutput(
+        (per_prompt * g.valid_prompt).sum(), g.valid_prompt.sum(), pg_lib.scalar_metrics(**metrics)
+    )
+
+
+def _loss(logp, b, ctx, **params) -> LossOutput:
+    return f_divergence_loss(
+        logp,
+        b["old_logp"],
+        b["completion_mask"],
+        b["rewards"],
+        alpha=ctx.alpha,
+        tau=ctx.tau,
+        **params,
+    )
+
+
+def _check(p) -> None:
+    if p["divergence"] not in F_DIVERGENCES:
+        registry.fail("fdiv.divergence", p["divergence"], f"valid: {', '.join(F_DIVERGENCES)}")
+    simplex.check_params("fdiv", p)
+
+
+OBJECTIVE = registry.register(
+    registry.Objective(
+        name="fdiv",
+        loss=_loss,
+        defaults=DEFAULTS,
+        schedule=True,
+        couples_rows=True,
+        check=_check,
+        doc="f-divergence (forward/reverse KL, JS, Hellinger, α) on the anchored group simplex",
+    )
+)

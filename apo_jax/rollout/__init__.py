@@ -1,0 +1,1 @@
+"""Rollout: the functional KV cache, token sampling and the jitted prefill + decode sampler."""

@@ -1,0 +1,1 @@
+"""The trainer: the build boundary (config -> objects), the jitted step, the loop, evaluation."""

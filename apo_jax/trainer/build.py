@@ -1,0 +1,302 @@
+"""The build boundary: the config (a ConfigDict) becomes typed objects here, and nowhere else.
+
+`plan(config)` validates every key and reads it into a frozen `Plan` (no I/O, no devices); the
+builders below turn a plan into the run's objects: mesh, task, model, objective, optimizer,
+train state, sampler. The training loop, in-loop evaluation and the evaluation CLI all start
+from a plan, so their defaults cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from apo_jax import objectives, tasks
+from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import hf_io
+from apo_jax.models import qwen3 as model_lib
+from apo_jax.objectives import schedule as schedule_lib
+from apo_jax.rollout import sampler as sampler_lib
+from apo_jax.trainer import step as step_lib
+from apo_jax.trainer import validate
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    preset: str  # preset name for random init (when hf_dir is empty)
+    vocab_size: int  # random init: 0 = the preset's, -1 = the task's
+    hf_dir: str  # Hugging Face model directory ("" = random init)
+    param_dtype: Any  # jnp dtype of the learner's parameters
+    dtype: Any  # jnp compute dtype
+    remat: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    prompts_per_step: int  # P
+    group_size: int  # G
+    max_prompt_len: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    dynamic_sampling: bool
+    max_refill_rounds: int
+    overlong_buffer: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    lr: float
+    warmup_steps: int
+    decay: str
+    b1: float
+    b2: float
+    weight_decay: float
+    grad_clip: float
+    mini_batches: int
+    micro_batches: int
+    logprob_chunk: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a run needs to know, typed; built once by `plan(config)`."""
+
+    seed: int
+    total_steps: int
+    model: ModelSettings
+    task: tasks.TaskSpec
+    task_params: Mapping[str, Any]  # config.task.<name>.*
+    rollout: RolloutSettings
+    objective: objectives.Objective
+    loss_params: Mapping[str, Any]  # config.loss.<name>.*
+    schedule: schedule_lib.ScheduleConfig  # vocab_size filled in by `step_spec`
+    optim: OptimSettings
+    mesh: tuple[int, int, int]  # (data, fsdp, tensor), -1 = the devices left over
+    checkpoint_every: int
+    checkpoint_keep: int
+    eval_every: int
+    eval_prompts: int
+    tensorboard: bool
+    plots: bool
+    progress: bool
+    record: Mapping[str, Any]  # the config as plain data (config.json, checkpoint records)
+
+    @property
+    def updates_total(self) -> int:
+        return self.total_steps * self.optim.mini_batches
+
+    def to_json(self) -> str:
+        return json.dumps(self.record, indent=2, sort_keys=True, default=str)
+
+
+def plan(c: ml_collections.ConfigDict) -> Plan:
+    """Validates the config (errors name the key) and reads every key into a `Plan`."""
+    validate.check_config(c)
+    objective = objectives.get(c.loss.name)
+    loss_params = dict(c.loss[objective.name])
+    objective.check(loss_params)
+    task = tasks.get(c.task.name)
+    task_params = dict(c.task[task.name])
+    task.check(task_params)
+    m, r, o, s = c.model, c.rollout, c.optim, c.schedule
+    return Plan(
+        seed=c.seed,
+        total_steps=c.total_steps,
+        model=ModelSettings(
+            preset=m.preset,
+            vocab_size=m.vocab_size,
+            hf_dir=m.hf_dir,
+            param_dtype=jnp.dtype(m.param_dtype),
+            dtype=jnp.dtype(m.dtype),
+            remat=m.remat,
+        ),
+        task=task,
+        task_params=task_params,
+        rollout=RolloutSettings(
+            prompts_per_step=r.prompts_per_step,
+            group_size=r.group_size,
+            max_prompt_len=r.max_prompt_len,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            dynamic_sampling=r.dynamic_sampling,
+            max_refill_rounds=r.max_refill_rounds,
+            overlong_buffer=r.overlong_buffer,
+        ),
+        objective=objective,
+        loss_params=loss_params,
+        schedule=schedule_lib.ScheduleConfig(
+            mode=s.mode,
+            scope=s.scope,
+            alpha=s.alpha,
+            alpha_max=s.alpha_max,
+            alpha_min=s.alpha_min,
+            adaptive_tau=s.adaptive_tau,
+            tau0=s.tau0,
+            a_tau=s.a_tau,
+            b_tau=s.b_tau,
+            tau_min=s.tau_min,
+            tau_max=s.tau_max,
+            use_ema=s.use_ema,
+            ema_momentum=s.ema_momentum,
+            ess_target_frac=s.ess_target_frac,
+            ess_candidates=s.ess_candidates,
+            ess_warmup_calls=s.ess_warmup_calls,
+            ess_momentum=s.ess_momentum,
+            ess_max_step=s.ess_max_step,
+            # The ESS rule rebuilds p and q as the loss does: same constants as its block.
+            **{k: loss_params[k] for k in schedule_lib.SIMPLEX_KEYS if k in loss_params},
+        ),
+        optim=OptimSettings(
+            lr=o.lr,
+            warmup_steps=o.warmup_steps,
+            decay=o.decay,
+            b1=o.b1,
+            b2=o.b2,
+            weight_decay=o.weight_decay,
+            grad_clip=o.grad_clip,
+            mini_batches=o.mini_batches,
+            micro_batches=o.micro_batches,
+            logprob_chunk=o.logprob_chunk,
+        ),
+        mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
+        checkpoint_every=c.checkpoint.every_steps,
+        checkpoint_keep=c.checkpoint.keep,
+        eval_every=c.eval.every_steps,
+        eval_prompts=c.eval.num_prompts,
+        tensorboard=c.logging.tensorboard,
+        plots=c.logging.plots,
+        progress=c.logging.progress,
+        record=c.to_dict(),
+    )
+
+
+def config_root_on_path(argv) -> None:
+    """Config files import their base as `from configs import base`: put the directory holding
+    `configs/` (the parent of the config file's folder) on sys.path, wherever we run from."""
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path:
+            root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":", 1)[0])))
+            if root not in sys.path:
+                sys.path.insert(0, root)
+
+
+def load_config_json(path: str) -> ml_collections.ConfigDict:
+    """A run's saved `config.json` as a ConfigDict (for evaluation and resumption checks)."""
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+# --- builders -------------------------------------------------------------------------------------
+
+
+def mesh(p: Plan):
+    data, fsdp, tensor = p.mesh
+    return sharding_lib.make_mesh(data, fsdp, tensor)
+
+
+def task(p: Plan) -> tasks.Task:
+    ctx = tasks.TaskContext(
+        seed=p.seed, max_prompt_len=p.rollout.max_prompt_len, model_dir=p.model.hf_dir
+    )
+    return p.task.build(p.task_params, ctx)
+
+
+def model_config(p: Plan, task_vocab: int) -> model_lib.Qwen3Config:
+    """The architecture, read without touching any weights (for checks before loading)."""
+    m = p.model
+    if m.hf_dir:
+        if not os.path.isdir(m.hf_dir):
+            raise FileNotFoundError(
+                f"config.model.hf_dir={m.hf_dir!r}: no such directory. {hf_io.WHERE}"
+            )
+        cfg = model_lib.Qwen3Config.from_hf(os.path.join(m.hf_dir, "config.json"))
+    else:
+        cfg = model_lib.Qwen3Config.preset(m.preset)
+        if m.vocab_size:
+            vocab = task_vocab if m.vocab_size == -1 else m.vocab_size
+            cfg = dataclasses.replace(cfg, vocab_size=vocab)
+    validate.check_vocab(cfg.vocab_size, task_vocab)
+    validate.check_lengths(p.rollout.max_prompt_len, p.rollout.max_new_tokens, cfg)
+    return cfg
+
+
+def model(p: Plan, cfg: model_lib.Qwen3Config, mesh):
+    """(graphdef, params) with every parameter created directly in its sharding on `mesh`."""
+    m = p.model
+    if m.hf_dir:
+        loaded = hf_io.load_qwen3(m.hf_dir, dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        loaded.dtype = m.dtype  # the compute dtype may differ from the stored one
+        return nnx.split(loaded, nnx.Param)
+    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    init = lambda: model_lib.init_model(cfg, p.seed, **kw)
+    graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
+    shardings = sharding_lib.tree_shardings(abstract, mesh)
+    params = jax.jit(lambda: nnx.split(init(), nnx.Param)[1], out_shardings=shardings)()
+    return graphdef, params
+
+
+def abstract_model(p: Plan, cfg: model_lib.Qwen3Config):
+    """(graphdef, abstract params): shapes only, nothing allocated (restores, dry runs)."""
+    m = p.model
+    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    return nnx.split(nnx.eval_shape(lambda: model_lib.init_model(cfg, p.seed, **kw)), nnx.Param)
+
+
+def optimizer(p: Plan):
+    """AdamW with optional warm-up and cosine decay, behind a global-norm clip; and the lr
+    schedule (for logging)."""
+    o = p.optim
+    if o.decay == "constant":
+        lr = optax.constant_schedule(o.lr)
+    else:  # cosine (validated)
+        lr = optax.cosine_decay_schedule(o.lr, max(p.updates_total - o.warmup_steps, 1))
+    if o.warmup_steps:
+        warm = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+        lr = optax.join_schedules([warm, lr], [o.warmup_steps])
+    adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    return optax.chain(*clip, adamw), lr
+
+
+def step_spec(p: Plan, vocab_size: int) -> step_lib.StepSpec:
+    return step_lib.StepSpec(
+        group_size=p.rollout.group_size,
+        micro_batches=p.optim.micro_batches,
+        logprob_chunk=p.optim.logprob_chunk,
+        max_new_tokens=p.rollout.max_new_tokens,
+        objective=p.objective,
+        loss_params=tuple(sorted(p.loss_params.items())),
+        schedule=dataclasses.replace(p.schedule, vocab_size=vocab_size),
+    )
+
+
+def sampler(p: Plan, graphdef, task: tasks.Task, mesh) -> sampler_lib.Sampler:
+    r = p.rollout
+    return sampler_lib.Sampler(
+        graphdef,
+        max_prompt_len=r.max_prompt_len,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_k=r.top_k,
+        top_p=r.top_p,
+        eos_ids=task.eos_ids,
+        pad_id=task.pad_id,
+        mesh=mesh,
+    )

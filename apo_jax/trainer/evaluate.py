@@ -1,0 +1,275 @@
+"""Held-out evaluation: greedy accuracy, avg@k and unbiased pass@k at temperature 1, mean length,
+per-token entropy and diversity. Used by the training loop (`in_training`) and by the evaluation
+CLI (`python -m apo_jax.evaluate`, apo_jax/evaluate.py).
+
+A completion is correct when its reward is >= 1 (MATH: verified final answer; toy: full credit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from apo_jax import tasks as tasks_lib
+from apo_jax.infra import checkpoint as checkpoint_lib
+from apo_jax.infra import sharding as sharding_lib
+from apo_jax.tasks import math as data_lib
+from apo_jax.tasks import rewards as rewards_lib
+from apo_jax.trainer import build
+from apo_jax.trainer import step as step_lib
+
+CORRECT = 1.0  # reward at or above which a completion counts as correct
+# Per-prompt statistics, one column each (gathered over processes as one float array).
+_FIELDS = (
+    "greedy_reward",
+    "greedy_correct",
+    "greedy_len",
+    "num_correct",  # correct completions among the k samples at T = 1
+    "sample_reward",  # mean reward of the k samples
+    "sample_len",  # mean length (tokens) of the k samples
+    "truncated",  # fraction of the k samples that hit max_new_tokens
+    "nll_sum",  # sum over the k samples' tokens of -log pi(y_t | .)
+    "tokens",  # number of those tokens
+    "distinct_answers",  # distinct correct final answers
+    "distinct_correct",  # distinct correct completions
+    "distinct_completions",  # distinct completions, correct or not
+)
+
+
+# --- estimators ----------------------------------------------------------------------------------
+
+
+def pass_at_k(n, c, k: int) -> np.ndarray:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 − C(n−c, k)/C(n, k),
+    elementwise. Computed as 1 − Π_{i=n−c+1}^{n} (1 − k/i), which never forms the binomials
+    (they overflow float64 for n in the hundreds)."""
+    n, c = np.broadcast_arrays(np.asarray(n, np.int64), np.asarray(c, np.int64))
+    out = np.ones(n.shape, np.float64)
+    for idx in np.ndindex(n.shape):
+        ni, ci = int(n[idx]), int(c[idx])
+        if not 0 <= ci <= ni or not 1 <= k <= ni:
+            raise ValueError(
+                f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={ni}, c={ci}, k={k}"
+            )
+        if ni - ci >= k:  # else every k-subset holds a correct sample: pass@k = 1
+            out[idx] = 1.0 - np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1))
+    return out
+
+
+def avg_at_k(c, n) -> float:
+    """avg@k: the mean fraction of correct samples per prompt (c of n), averaged over prompts."""
+    return float(np.mean(np.asarray(c, np.float64) / np.asarray(n, np.float64)))
+
+
+def pass_ks(k: int) -> list[int]:
+    """The k values reported: powers of two below k, and k itself."""
+    return sorted({2**i for i in range(k.bit_length()) if 2**i < k} | {k})
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+def _generate(sampler, params, prompts, *, n, per_call, rng, **overrides):
+    """This process's share of n completions per prompt, in calls of `per_call` prompts (the last
+    call padded with repeats so every call has one shape and compiles once). Returns the global
+    prompt index of each local row and host arrays tokens, logp, mask, truncated [rows, ...]."""
+    procs, me = jax.process_count(), jax.process_index()
+    per_call = min(per_call, len(prompts))
+    per_call += -per_call % procs  # every process takes the same number of prompts per call
+    index, cols = [], []
+    for lo in range(0, len(prompts), per_call):
+        mine = data_lib.process_slice(np.arange(lo, lo + per_call), me, procs)
+        batch = [prompts[min(i, len(prompts) - 1)] for i in mine]
+        # row_ids = global prompt index: a prompt's samples do not depend on the batching.
+        out = sampler.sample(params, batch, n=n, rng=rng, row_ids=mine, **overrides)
+        parts = [
+            sharding_lib.local_rows(x) for x in (out.tokens, out.logp, out.mask, out.truncated)
+        ]
+        keep = np.repeat(mine < len(prompts), n)  # drop the padding prompts' rows
+        index.append(np.repeat(mine, n)[keep])
+        cols.append([x[keep] for x in parts])
+    return np.concatenate(index), *(np.concatenate(c) for c in zip(*cols, strict=True))
+
+
+def _answer_keys(task, examples, completions, correct) -> list:
+    """What makes two correct completions 'different answers': the permutation on the toy task,
+    the extracted final answer (whitespace-normalised) on math tasks, else the completion."""
+    if hasattr(task, "answer_rank"):
+        return [
+            task.answer_rank(e, c) if ok else None
+            for e, c, ok in zip(examples, completions, correct, strict=True)
+        ]
+    if hasattr(task, "completion_texts"):
+        texts = task.completion_texts(completions)
+        answers = [rewards_lib.extract_answer(t) or "" for t in texts]
+        return [" ".join(a.split()) if ok else None for a, ok in zip(answers, correct, strict=True)]
+    stop = (*task.eos_ids, task.pad_id)
+    return [
+        tasks_lib.trim_completion(c, stop) if ok else None
+        for c, ok in zip(completions, correct, strict=True)
+    ]
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def evaluate(
+    task: tasks_lib.Task,
+    sampler,
+    params,
+    examples: Sequence[tasks_lib.Example],
+    *,
+    k: int,
+    prompts_per_call: int,
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
+    """(metrics, per-prompt records) for `examples`: one greedy completion and k samples at
+    temperature 1 (top-k / top-p off) per prompt, from the same `seed` every call so that
+    successive evaluations of a run share their sampling noise.
+
+    Per-token entropy: the sampler's `logp` is log π(y_t | x, y_<t) under the untempered policy,
+    and at T = 1 the tokens are drawn from π itself, so −log π(y_t | ·) is an unbiased estimate
+    of the entropy H(π(· | x, y_<t)) at that step; `eval/entropy` is their mean over all sampled
+    tokens (nats), i.e. a token-weighted average along the policy's own trajectories.
+    """
+    if k < 1:
+        raise ValueError(f"k (samples per prompt) must be >= 1, got {k}")
+    examples = list(examples)
+    prompts = [e.prompt_ids for e in examples]
+    rng = jax.random.key(seed)
+    stop = (*task.eos_ids, task.pad_id)
+    local: dict[int, dict] = {}
+
+    # Greedy: rows = prompts, in calls of k·prompts_per_call rows (the sampled calls' size).
+    idx, tokens, _, mask, _ = _generate(
+        sampler, params, prompts, n=1, per_call=k * prompts_per_call, rng=rng, temperature=0.0
+    )
+    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
+    rewards = np.asarray(task.rewards([examples[i] for i in idx], comps), np.float64)
+    for i, r, m in zip(idx, rewards, mask, strict=True):
+        local[int(i)] = dict(
+            greedy_reward=r, greedy_correct=float(r >= CORRECT), greedy_len=m.sum()
+        )
+
+    # k samples at T = 1 per prompt; rows of one prompt are consecutive.
+    idx, tokens, logp, mask, truncated = _generate(
+        sampler,
+        params,
+        prompts,
+        n=k,
+        per_call=prompts_per_call,
+        rng=rng,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+    )
+    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
+    grouped = [examples[i] for i in idx]
+    rewards = np.asarray(task.rewards(grouped, comps), np.float64)
+    correct = rewards >= CORRECT
+    keys = _answer_keys(task, grouped, comps, correct)
+    nll = -(logp * mask).sum(-1)  # [rows]
+    for lo in range(0, len(idx), k):
+        g = slice(lo, lo + k)
+        i = int(idx[lo])
+        solved = {x for x in keys[g] if x is not None}
+        distinct = tasks_lib.distinct_correct(task, grouped[g], comps[g], rewards[g], CORRECT)
+        local[i].update(
+            num_correct=float(correct[g].sum()),
+            sample_reward=rewards[g].mean(),
+            sample_len=mask[g].sum(-1).mean(),
+            truncated=truncated[g].mean(),
+            nll_sum=nll[g].sum(),
+            tokens=mask[g].sum(),
+            distinct_answers=float(len(solved)),
+            distinct_correct=float(distinct[grouped[lo].uid]),
+            distinct_completions=float(len({tasks_lib.trim_completion(c, stop) for c in comps[g]})),
+        )
+    stats = _gather(local, len(examples))  # [N, len(_FIELDS)]
+    col = {f: stats[:, j] for j, f in enumerate(_FIELDS)}
+
+    metrics = {
+        "eval/accuracy": col["greedy_correct"].mean(),  # greedy
+        "eval/reward_mean": col["greedy_reward"].mean(),  # greedy
+        "eval/greedy_len_mean": col["greedy_len"].mean(),
+        f"eval/avg@{k}": avg_at_k(col["num_correct"], k),
+        **{f"eval/pass@{j}": pass_at_k(k, col["num_correct"], j).mean() for j in pass_ks(k)},
+        "eval/sample_reward_mean": col["sample_reward"].mean(),
+        "eval/len_mean": col["sample_len"].mean(),
+        "eval/truncated_frac": col["truncated"].mean(),
+        "eval/entropy": col["nll_sum"].sum() / max(col["tokens"].sum(), 1.0),
+        "eval/distinct_correct_answers": col["distinct_answers"].mean(),
+        "eval/distinct_correct": col["distinct_correct"].mean(),
+        "eval/distinct_completions": col["distinct_completions"].mean(),
+    }
+    records = [
+        {"uid": e.uid, "answer": e.answer, **{f: float(col[f][i]) for f in _FIELDS}}
+        for i, e in enumerate(examples)
+    ]
+    return {key: float(v) for key, v in metrics.items()}, records
+
+
+def _gather(local: dict[int, dict], n: int) -> np.ndarray:
+    """Every process's per-prompt rows as one [n, fields] array, in prompt order."""
+    ids = np.asarray(sorted(local), np.int64)
+    rows = np.asarray([[local[i][f] for f in _FIELDS] for i in ids], np.float64).reshape(
+        -1, len(_FIELDS)
+    )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ids = np.asarray(multihost_utils.process_allgather(ids)).reshape(-1)
+        rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1, len(_FIELDS))
+    out = np.full((n, len(_FIELDS)), np.nan)
+    out[ids] = rows
+    if np.isnan(out).any():
+        raise RuntimeError("evaluation: some prompts got no completions")
+    return out
+
+
+def eval_subset(task, num_prompts: int, seed: int = 0) -> list[tasks_lib.Example]:
+    """A fixed, seeded subset of the eval split (spread over it: MATH files are sorted by
+    subject), the whole split if num_prompts is 0 or larger."""
+    pool = task.eval_examples()
+    if not num_prompts or num_prompts >= len(pool):
+        return list(pool)
+    pick = np.sort(np.random.default_rng(seed).permutation(len(pool))[:num_prompts])
+    return [pool[int(i)] for i in pick]
+
+
+def in_training(p: build.Plan, task, sampler, params) -> dict:
+    """The training loop's evaluation: `eval.num_prompts` held-out prompts, k = the rollout's
+    group size, calls shaped like the rollout's (prompts_per_step prompts × G samples), so the
+    sampled pass reuses the rollout's compiled programs when the rollout samples at T = 1."""
+    examples = eval_subset(task, p.eval_prompts, seed=p.seed)
+    metrics, _ = evaluate(
+        task,
+        sampler,
+        params,
+        examples,
+        k=p.rollout.group_size,
+        prompts_per_call=p.rollout.prompts_per_step,
+        seed=p.seed,
+    )
+    return metrics
+
+
+def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = None):
+    """(graphdef, params, step) from a training workdir's Orbax checkpoint (the latest unless
+    `step`), on the default device. Orbax restores the whole train state (it needs the full
+    tree); everything but the parameters is then dropped."""
+    ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=0, keep=max(p.checkpoint_keep, 1))
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no complete checkpoint under checkpoints/")
+    graphdef, abstract = build.abstract_model(p, model_cfg)
+    tx, _ = build.optimizer(p)
+    sched = build.step_spec(p, model_cfg.vocab_size).schedule
+    state = jax.eval_shape(lambda prm: step_lib.init_train_state(prm, tx, p.seed, sched), abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+    state, _ = ckpt.restore(step, state)
+    ckpt.close()
+    return graphdef, state.params, step

@@ -1,0 +1,164 @@
+"""The config and its build boundary: every key is read, each loss and task is a plug-in with its
+own canonical defaults, and a loss registered from this file alone trains."""
+
+import glob
+import importlib.util
+import inspect
+import pathlib
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from apo_jax import objectives, tasks
+from apo_jax.infra import checkpoint as checkpoint_lib
+from apo_jax.objectives import apo, dapo, dr_grpo, fdiv, grpo, gspo
+from apo_jax.objectives import registry as objective_registry
+from apo_jax.objectives.common import LossOutput, masked_mean, sequence_logp
+from apo_jax.trainer import build
+from apo_jax.trainer import loop as train
+from configs import base, toy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted(
+    f
+    for f in glob.glob(str(ROOT / "configs" / "*.py"))
+    + glob.glob(str(ROOT / "experiments" / "*.py"))
+    if not f.endswith("__init__.py")
+)
+
+
+class _Recorder:
+    """A read-only view of a ConfigDict that records the path of every leaf read."""
+
+    def __init__(self, cd, log, prefix=""):
+        self._cd, self._log, self._prefix = cd, log, prefix
+
+    def _get(self, name):
+        value = self._cd[name]
+        path = self._prefix + name
+        if isinstance(value, ml_collections.ConfigDict):
+            return _Recorder(value, self._log, path + ".")
+        self._log.add(path)
+        return value
+
+    __getitem__ = _get
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._get(name)
+
+    def keys(self):
+        return self._cd.keys()
+
+    def __iter__(self):
+        return iter(self._cd.keys())
+
+    def to_dict(self):  # the plain record: not a read of any key
+        return self._cd.to_dict()
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_key_is_read_by_the_build():
+    """The union over config files, losses and tasks of the keys `build.plan` reads covers every
+    key (a key nothing reads fails); plan is the only reader of the config."""
+    read: set[str] = set()
+    for path in CONFIG_FILES:
+        c = _load(path).get_config(None)
+        build.plan(_Recorder(c, read))
+    for name in objectives.names():
+        c = base.get_config()
+        c.loss.name = name
+        build.plan(_Recorder(c, read))
+    for name in tasks.names():
+        c = base.get_config()
+        c.task.name = name
+        build.plan(_Recorder(c, read))
+    keys = checkpoint_lib.flatten_config(base.get_config().to_dict())
+    unread = sorted(set(keys) - read)
+    assert not unread, f"config keys nothing reads: {unread}"
+
+
+@pytest.mark.parametrize(
+    "module", [apo, fdiv, grpo, gspo, dapo, dr_grpo], ids=lambda m: m.OBJECTIVE.name
+)
+def test_loss_signature_defaults_cannot_disagree_with_the_config(module):
+    obj = module.OBJECTIVE
+    fn = {"apo": apo.apo_loss, "fdiv": fdiv.f_divergence_loss, "grpo": grpo.grpo_loss}.get(
+        obj.name, getattr(module, f"{obj.name}_loss", None)
+    )
+    params = inspect.signature(fn).parameters
+    block = base.get_config().loss[obj.name].to_dict()
+    assert block == dict(obj.defaults)
+    for key, value in block.items():
+        if key in params and params[key].default is not inspect.Parameter.empty:
+            assert params[key].default == value, (obj.name, key)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("gspo", dict(clip_eps_low=3e-4, clip_eps_high=4e-4)),  # GSPO paper §5.1
+        ("dapo", dict(clip_eps_low=0.2, clip_eps_high=0.28)),  # clip-higher
+        ("grpo", dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0)),
+        ("dr_grpo", dict(clip_eps=0.2)),
+        ("apo", dict(beta_r=0.3, clip_log_ratio=5.0, clip_score=10.0, logit_reg_coef=0.0)),
+    ],
+)
+def test_each_loss_runs_with_its_canonical_defaults_when_chosen_by_name(name, expected):
+    c = base.get_config()
+    c.loss.name = name
+    p = build.plan(c)
+    assert p.objective.name == name
+    for key, value in expected.items():
+        assert p.loss_params[key] == value, key
+
+
+def test_every_task_builds_from_its_block():
+    for name in ("toy", "toy_sorted"):
+        c = toy.get_config()
+        c.task.name = name
+        c.task[name].prompt_len = 4
+        task = build.task(build.plan(c))
+        assert all(len(e.prompt_ids) == 5 for e in task.train_examples()[:8])  # 4 values + "="
+
+
+@pytest.fixture
+def reinforce_loss():
+    """A sequence-level REINFORCE loss with a leave-one-out baseline, defined only here."""
+
+    def loss(logp, b, ctx, *, baseline_weight):
+        r = b["rewards"]  # [P, G]
+        g = r.shape[-1]
+        loo = (r.sum(-1, keepdims=True) - r) / (g - 1)  # leave-one-out mean
+        adv = r - baseline_weight * loo
+        ell = sequence_logp(logp, b["completion_mask"])  # [P, G]
+        per_seq = -adv * ell
+        valid = (b["completion_mask"].sum(-1) > 0).astype(jnp.float32)
+        return LossOutput(
+            (per_seq * valid).sum(), valid.sum(), {"adv_mean": masked_mean(adv, valid)}
+        )
+
+    obj = objectives.register(
+        objectives.Objective(name="test_reinforce", loss=loss, defaults=dict(baseline_weight=1.0))
+    )
+    yield obj
+    objective_registry._REGISTRY.pop(obj.name)
+
+
+def test_a_loss_registered_from_a_test_file_trains(reinforce_loss, tmp_path):
+    c = toy.get_config("debug")  # built after registration: has config.loss.test_reinforce
+    c.mesh.data, c.total_steps = 1, 1
+    c.loss.name = "test_reinforce"
+    c.loss.test_reinforce.baseline_weight = 0.5
+    last = train.run(c, str(tmp_path))
+    assert last["step"] == 1 and np.isfinite(last["loss/value"])
+    assert "loss/adv_mean" in last and "schedule/alpha" not in last
