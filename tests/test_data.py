@@ -20,8 +20,7 @@ def tokenizer(shared_data):
 @pytest.fixture(scope="module")
 def math_task(shared_data):
     # Serial rewards (no worker processes) keep this fast; the pool is tested in test_rewards.
-    return tasks.make_task(
-        "math",
+    return data.MathTask.from_files(
         train_path=shared_data / "math" / "math_train.jsonl",
         eval_path=shared_data / "math" / "math_test.jsonl",
         tokenizer_path=shared_data / "qwen3",

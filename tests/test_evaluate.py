@@ -17,6 +17,7 @@ import apo_jax
 from apo_jax import evaluate as evaluate_cli
 from apo_jax import tasks as tasks_lib
 from apo_jax.models import qwen3 as model_lib
+from apo_jax.tasks import toy as toy_task
 from apo_jax.trainer import build
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import loop as train
@@ -93,7 +94,7 @@ class _ScriptedSampler:
                     c_i, m_i = self.plan(i, self.k)
                     ok, perm = j < c_i, perms[j % m_i]
                 comp = list(perm) if ok else [values[0]] * 3
-                rows.append((comp + [tasks_lib.EOS_ID], -0.25 if j % 2 == 0 else -0.75))
+                rows.append((comp + [toy_task.EOS_ID], -0.25 if j % 2 == 0 else -0.75))
         tokens = np.zeros((len(rows), 6), np.int32)
         logp, mask = np.zeros(tokens.shape, np.float32), np.zeros(tokens.shape, bool)
         for r, (comp, lp) in enumerate(rows):

@@ -123,7 +123,8 @@ def test_pool_matches_serial_and_keeps_order(math_rows, pool):
     answers = [r["answer"] for r in math_rows]
     picks = [answers[i] for i in rng.integers(0, len(answers), size=len(answers))]
     comps = [f"... \\boxed{{{p}}} " + "step " * int(k) for k, p in enumerate(picks)]
-    serial = R.compute_rewards(comps, answers, "good_accuracy")
+    with R.RewardPool(num_workers=0) as in_process:
+        serial = in_process.rewards(comps, answers, "good_accuracy")
     parallel = pool.rewards(comps, answers, "good_accuracy")
     np.testing.assert_array_equal(serial, parallel)
     assert 0 < (serial == 1.0).sum() < len(serial)  # a mix of hits and misses, in input order
@@ -186,7 +187,7 @@ def test_good_accuracy_branches():
 
 def test_unknown_reward_name():
     with pytest.raises(ValueError, match="unknown reward 'acc'.*good_accuracy.*correct"):
-        R.compute_rewards(["x"], ["1"], "acc")
+        R.RewardPool(num_workers=0).rewards(["x"], ["1"], "acc")
 
 
 def test_overlong_penalty():

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from apo_jax import tasks
+from apo_jax.tasks import toy
 
-EOS, PAD, SEP = tasks.EOS_ID, tasks.PAD_ID, tasks.SEP_ID
+EOS, PAD, SEP = toy.EOS_ID, toy.PAD_ID, toy.SEP_ID
 
 
 def _values(example):
@@ -17,7 +18,7 @@ def _values(example):
 
 @pytest.fixture(scope="module")
 def toy():
-    return tasks.make_task("toy")
+    return tasks.ToyTask()
 
 
 def test_interface_and_vocabulary(toy):
@@ -54,7 +55,7 @@ def test_reward_correct_wrong_partial(toy):
 
 
 def test_sorted_variant_has_one_answer():
-    task = tasks.make_task("toy_sorted")
+    task = tasks.ToyTask(ordered=True)
     ex = task.train_examples()[3]
     vals = _values(ex)
     assert task.reward(ex, sorted(vals) + [EOS]) == 1.0
@@ -73,8 +74,8 @@ def test_uniform_random_policy_gets_dense_partial_reward(toy):
 
 
 def test_generation_is_deterministic_and_seeded():
-    a, b = tasks.make_task("toy", seed=3), tasks.make_task("toy", seed=3)
-    c = tasks.make_task("toy", seed=4)
+    a, b = tasks.ToyTask(seed=3), tasks.ToyTask(seed=3)
+    c = tasks.ToyTask(seed=4)
     idx = [0, 1, 17, 999_999]
     assert [a.train_examples()[i] for i in idx] == [b.train_examples()[i] for i in idx]
     assert a.eval_examples()[:10] == b.eval_examples()[:10]
@@ -112,9 +113,9 @@ def test_distinct_correct_and_answer_rank(toy):
 
 
 def test_make_task_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown task 'nope'.*toy.*toy_sorted.*math"):
-        tasks.make_task("nope")
+    with pytest.raises(ValueError, match="unknown task; valid: toy, toy_sorted, math"):
+        tasks.get("nope")
     with pytest.raises(ValueError, match="prompt_len"):
-        tasks.make_task("toy", num_values=2, prompt_len=3)
+        tasks.ToyTask(num_values=2, prompt_len=3)
     with pytest.raises(ValueError, match="split"):
-        tasks.make_task("toy", num_values=3, prompt_len=3)  # a single value set: no eval split
+        tasks.ToyTask(num_values=3, prompt_len=3)  # a single value set: no eval split

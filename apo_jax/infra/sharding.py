@@ -57,8 +57,10 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Replicates any dimension the mesh axes do not divide (e.g. 2 kv heads on tensor=4)."""
+def fit_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules):
+    """The rule table's PartitionSpec for an array with logical `axes` and `shape`, replicating
+    any dimension the mesh axes do not divide (e.g. 2 kv heads on tensor=4)."""
+    spec = logical_to_spec(axes, rules)
     out = []
     for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
@@ -74,7 +76,7 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules) -> Named
     shape = variable.get_value().shape
     if axes is None:
         return NamedSharding(mesh, PartitionSpec())
-    return NamedSharding(mesh, _fit_spec(logical_to_spec(axes, rules), shape, mesh))
+    return NamedSharding(mesh, fit_spec(axes, shape, mesh, rules))
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:

@@ -13,7 +13,6 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Int
 
@@ -103,18 +102,8 @@ def nbytes(cfg: CacheGeometry, batch: int, length: int, dtype) -> int:
 def shardings(cache: KVCache, mesh: Mesh, rules: sharding_lib.Rules) -> KVCache:
     """NamedShardings for a cache: B on the batch mesh axes, K on tensor (per the rule table);
     a dimension the mesh axes do not divide (2 kv heads on tensor=4) stays replicated."""
-    kv = NamedSharding(mesh, fit_spec(LOGICAL_AXES, cache.layers[0][0].shape, mesh, rules))
-    rows = NamedSharding(mesh, fit_spec(("batch",), cache.starts.shape, mesh, rules))
+    kv_shape = cache.layers[0][0].shape  # [B, K, S, H]
+    kv = NamedSharding(mesh, sharding_lib.fit_spec(LOGICAL_AXES, kv_shape, mesh, rules))
+    rows = NamedSharding(mesh, sharding_lib.fit_spec(("batch",), cache.starts.shape, mesh, rules))
     layers = tuple((kv, kv) for _ in cache.layers)
     return KVCache(layers, NamedSharding(mesh, PartitionSpec()), rows)
-
-
-def fit_spec(axes, shape, mesh: Mesh, rules: sharding_lib.Rules) -> PartitionSpec:
-    """The rule table's PartitionSpec for `axes`, replicating dims the mesh does not divide."""
-    spec = sharding_lib.logical_to_spec(axes, rules)
-    out = []
-    for dim, mesh_axes in zip(shape, spec, strict=True):
-        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        size = int(np.prod([mesh.shape[a] for a in names]))
-        out.append(mesh_axes if size > 1 and dim % size == 0 else None)
-    return PartitionSpec(*out)

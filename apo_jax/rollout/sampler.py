@@ -279,7 +279,7 @@ class Sampler:
         )
 
         def rows(x):  # [B, ...] arrays: B on the batch axes
-            spec = kv_cache_lib.fit_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
+            spec = sharding_lib.fit_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
             return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
         fields = ("tokens", "logp", "sample_logp", "last", "done", "lengths", "keys")

@@ -380,18 +380,3 @@ class RewardPool:
         validate_reward_name(reward_name)
         codes = self.check([extract_answer(c) for c in completions], answers)
         return _rewards_from(reward_name, completions, codes)
-
-
-def compute_rewards(
-    completions: Sequence[str],
-    answers: Sequence[str],
-    reward_name: str = "good_accuracy",
-    *,
-    pool: RewardPool | None = None,
-    timeout_s: float | None = 5.0,
-) -> np.ndarray:
-    """float32 [N] rewards, in `pool` if given, else serially in this process."""
-    if pool is not None:
-        return pool.rewards(completions, answers, reward_name)
-    with RewardPool(num_workers=0, timeout_s=timeout_s) as serial:
-        return serial.rewards(completions, answers, reward_name)
