@@ -52,7 +52,8 @@ def _snapshot(root: pathlib.Path) -> dict:
 def finished(tmp_path_factory):
     """A finished tiny toy run (checkpoints, metrics.jsonl, config.json) and its bytes."""
     workdir = tmp_path_factory.mktemp("finished")
-    train.run(_toy(), str(workdir))
+    # No in-run evaluation: fewer programs to compile (the cases fail before the resume check).
+    train.run(_toy(**{"eval.num_prompts": 0, "eval.every_steps": 0}), str(workdir))
     saved = _snapshot(workdir)
     assert any(k.startswith("checkpoints") for k in saved) and "metrics.jsonl" in saved
     return workdir, saved
@@ -176,7 +177,6 @@ LATE_CASES = [  # (math overrides, regex): errors found by building the task, be
     ({"task.math.eval_path": "{d}/empty.jsonl"}, r"config\.task\.math\.eval_path: .*empty\.jsonl"),
     ({"task.math.level": 2}, r"eval_path: .*test\.jsonl has no problems of level 2"),
     ({"task.math.data_path": "{d}/missing.jsonl"}, r"missing\.jsonl: no such file"),
-    ({"rollout.max_new_tokens": 100_000}, r"config\.rollout\.max_new_tokens=100000: .*exceeds"),
 ]
 
 
@@ -189,6 +189,15 @@ def test_bad_data_fails_before_the_model(math_files, tmp_path, no_compile, overr
         train.run(_math(math_files, **overrides), str(tmp_path / "run"))
     c = _math(math_files, **overrides)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
+        evaluate_cli.run(c, out=str(tmp_path / "r.json"))
+
+
+def test_lengths_beyond_the_model_fail_before_the_model(tmp_path, no_compile):
+    c = _toy(**{"rollout.max_new_tokens": 100_000})
+    match = r"config\.rollout\.max_new_tokens=100000: .*exceeds the model's max_position"
+    with pytest.raises(ValueError, match=match):
+        train.run(c, str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=match):
         evaluate_cli.run(c, out=str(tmp_path / "r.json"))
 
 
