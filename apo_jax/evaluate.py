@@ -12,6 +12,7 @@ configuration from the run's saved config.json (overrides still apply to it).
 import json
 import os
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -90,11 +91,29 @@ def run(
     t0 = time.perf_counter()
     out = os.path.abspath(out)
     # Fail now, not after the evaluation: the results must have somewhere to go.
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    if not os.access(os.path.dirname(out), os.W_OK):
-        raise PermissionError(f"--out={out}: directory is not writable")
+    # A real write (permission bits say nothing about read-only mounts or root).
+    try:
+        if os.path.isdir(out):
+            raise IsADirectoryError(21, "is a directory")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with tempfile.TemporaryFile(dir=os.path.dirname(out)):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--out={out}: cannot write there ({e.strerror or e})") from None
+    for flag, value, low in (
+        ("k", k, 1),
+        ("num_prompts", num_prompts, 0),
+        ("prompts_per_call", prompts_per_call, 1),
+    ):
+        if value is not None and value < low:
+            raise ValueError(f"--{flag}={value}: must be >= {low}")
     p = build.plan(config)
     task = build.task(p)
+    # The prompts and the model's shape are checked before any weights are loaded.
+    num_prompts = p.eval_prompts if num_prompts is None else num_prompts
+    examples = evaluate_lib.eval_subset(task, num_prompts, p.seed)
+    if not examples:
+        raise ValueError(f"config.task.name={p.task.name!r}: the task's held-out set is empty")
     model_cfg = build.model_config(p, task.vocab_size)
     source: dict = {}
     if workdir:
@@ -105,8 +124,6 @@ def run(
         mesh = build.mesh(p)
         graphdef, params = build.model(p, model_cfg, mesh)
         source = {"model": p.model.hf_dir or f"random init ({p.model.preset}, seed {p.seed})"}
-    num_prompts = p.eval_prompts if num_prompts is None else num_prompts
-    examples = evaluate_lib.eval_subset(task, num_prompts, p.seed)
     sampler = build.sampler(p, graphdef, task, mesh=None)
     k = k or p.rollout.group_size
     per_call = prompts_per_call or p.rollout.prompts_per_step

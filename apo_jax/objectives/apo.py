@@ -98,6 +98,8 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
 
 def _check(p) -> None:
     simplex.check_params("apo", p)
+    if p["logit_reg_coef"] < 0:
+        registry.fail("apo.logit_reg_coef", p["logit_reg_coef"], "must be >= 0 (0 = off)")
 
 
 OBJECTIVE = registry.register(

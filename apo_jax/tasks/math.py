@@ -429,6 +429,8 @@ def _build(p, ctx: registry.TaskContext) -> MathTask:
         held_out = load_math500(eval_path)
     else:
         held_out = load_gsm8k(eval_path)
+    _require_problems(train, "data_path", p["level"])
+    _require_problems(held_out, "eval_path", p["level"] if p["eval_set"] == "math" else 0)
     tokenizer = p["tokenizer"] or None
     if (
         tokenizer is None
@@ -444,6 +446,18 @@ def _build(p, ctx: registry.TaskContext) -> MathTask:
         max_prompt_len=ctx.max_prompt_len,
         enable_thinking=p["enable_thinking"],
     )
+
+
+def _require_problems(problems: ProblemSet, key: str, level: int) -> None:
+    """An empty set fails here, before any model is built, naming the file and the filter."""
+    if not len(problems):
+        kept = f" of level {level} (config.task.math.level={level})" if level else ""
+        skipped = (
+            f"; {problems.num_skipped} malformed record(s) skipped" if problems.num_skipped else ""
+        )
+        raise ValueError(
+            f"config.task.math.{key}: {problems.source} has no problems{kept}{skipped}"
+        )
 
 
 def _check(p) -> None:

@@ -106,9 +106,11 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     validate.check_config(c)
     objective = objectives.get(c.loss.name)
     loss_params = dict(c.loss[objective.name])
+    validate.check_block(f"loss.{objective.name}", loss_params, objective.defaults)
     objective.check(loss_params)
     task = tasks.get(c.task.name)
     task_params = dict(c.task[task.name])
+    validate.check_block(f"task.{task.name}", task_params, task.defaults)
     task.check(task_params)
     m, r, o, s = c.model, c.rollout, c.optim, c.schedule
     return Plan(

@@ -4,6 +4,8 @@ evaluation, checkpoint."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -70,6 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains per `config`, resuming from the latest checkpoint in `workdir`. Returns the last
     metrics line. Every process of a multi-host run calls this with the same config."""
     p = build.plan(config)  # validates every key before anything is built
+    check_workdir(workdir)
     r, o = p.rollout, p.optim
     n = r.prompts_per_step  # P
     mesh = build.mesh(p)
@@ -83,6 +86,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_set = task.train_examples()
     if not len(train_set):
         raise ValueError(f"config.task.name={p.task.name!r}: the task has no training prompts")
+    if p.eval_prompts and not len(task.eval_examples()):
+        raise ValueError(
+            f"config.eval.num_prompts={p.eval_prompts}: task {p.task.name!r} has no held-out "
+            "prompts (set eval.num_prompts=0 or give the task an evaluation set)"
+        )
     mini = o.mini_batches
     model_cfg = build.model_config(p, task.vocab_size)
     rows = r.prompts_per_step * r.group_size // mini  # sequences per optimizer update
@@ -215,6 +223,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if p.plots:
         metrics_lib.write_plots(workdir)
     return line
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails now, before any model is built, if `workdir` cannot hold checkpoints and metrics
+    (a real write: permission bits say nothing about read-only mounts or root)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise PermissionError(
+            f"workdir {workdir!r} is not a writable directory ({e.strerror or e})"
+        ) from None
 
 
 # Host batch keys that go to the device; sampler_logp only feeds the sampler/trainer gap metric.

@@ -1,59 +1,180 @@
-"""Config checks that run before any model is built or compiled (called by `build.plan`):
-every error names its key."""
+"""Config checks that run before any model is built or compiled (called by `build.plan`, which
+training, the evaluation CLI and the dry run all go through): every error names its key.
+
+`KEYS` states the type and valid range of every key of configs/base.py (objective and task
+blocks are checked by their own `check`, after `check_block` has checked their types and that
+their numbers are finite). Keys that some settings ignore are documented here, not refused:
+model.preset / model.vocab_size (ignored when model.hf_dir is set), schedule.* (used only by
+objectives with a schedule: apo, fdiv), rollout.max_refill_rounds (only with
+rollout.dynamic_sampling), eval.every_steps (only with eval.num_prompts > 0), loss.<other>.*
+and task.<other>.* (only the chosen block is read).
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
 from apo_jax.objectives.schedule import MODES, SCOPES
 
 _DTYPES = ("float32", "bfloat16")
+_INF = math.inf
 
 
 def _fail(key: str, value, why: str):
     raise ValueError(f"config.{key}={value!r}: {why}")
 
 
+class Range:
+    """A closed/open interval written as in maths, e.g. Range("(0, 1]"), Range("[1, inf)")."""
+
+    def __init__(self, text: str):
+        lo, hi = text[1:-1].split(",")
+        self.text, self.lo, self.hi = text, float(lo), float(hi)
+        self.lo_open, self.hi_open = text[0] == "(", text[-1] == ")"
+
+    def __contains__(self, x) -> bool:
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return above and below
+
+
+# key -> (type, valid range or None, meaning). Floats must also be finite (no nan/inf).
+KEYS: dict[str, tuple[type, str | None, str]] = {
+    "seed": (int, "[0, inf)", "seeds numpy and JAX generators, which need a non-negative int"),
+    "total_steps": (int, "[1, inf)", "rollout steps"),
+    "model.preset": (str, None, "random-init preset (ignored when model.hf_dir is set)"),
+    "model.vocab_size": (int, "[-1, inf)", "0 = the preset's, -1 = the task's (random init)"),
+    "model.hf_dir": (str, None, "Hugging Face model directory"),
+    "model.param_dtype": (str, None, "float32 | bfloat16"),
+    "model.dtype": (str, None, "float32 | bfloat16"),
+    "model.remat": (bool, None, "recompute activations"),
+    "rollout.prompts_per_step": (int, "[1, inf)", "prompts per rollout step"),
+    "rollout.group_size": (int, "[2, inf)", "group-relative losses need >= 2 completions"),
+    "rollout.max_prompt_len": (int, "[1, inf)", "tokens"),
+    "rollout.max_new_tokens": (int, "[1, inf)", "tokens"),
+    "rollout.temperature": (float, "[0, inf)", "0 = greedy"),
+    "rollout.top_k": (int, "[0, inf)", "0 = off"),
+    "rollout.top_p": (float, "(0, 1]", "nucleus mass, 1 = off"),
+    "rollout.dynamic_sampling": (bool, None, "DAPO dynamic sampling"),
+    "rollout.max_refill_rounds": (int, "[0, inf)", "extra rounds (only with dynamic_sampling)"),
+    # < max_new_tokens is checked below: a buffer as long as the completion penalises them all.
+    "rollout.overlong_buffer": (int, "[0, inf)", "tokens, 0 = off"),
+    "schedule.mode": (str, None, "legacy | ess | fixed"),
+    "schedule.scope": (str, None, "group | batch"),
+    "schedule.alpha": (float, "(0, 1]", "alpha must lie in (0, 1] (1 = forward KL)"),
+    "schedule.alpha_max": (float, "(0, 1]", "alpha must lie in (0, 1] (1 = forward KL)"),
+    "schedule.alpha_min": (float, "(0, 1]", "alpha must lie in (0, 1] (1 = forward KL)"),
+    "schedule.adaptive_tau": (bool, None, "tau rule of spec §2"),
+    "schedule.tau0": (float, "(0, inf)", "anchoring temperature"),
+    "schedule.a_tau": (float, "[0, inf)", "weight of H_stat in tau (spec §2)"),
+    "schedule.b_tau": (float, "[0, inf)", "weight of -confidence * signal in tau (spec §2)"),
+    "schedule.tau_min": (float, "(0, inf)", "lower clip of tau"),
+    "schedule.tau_max": (float, "(0, inf)", "upper clip of tau"),
+    "schedule.use_ema": (bool, None, "legacy-mode EMA"),
+    "schedule.ema_momentum": (float, "[0, 1)", "EMA momentum (1 would freeze alpha)"),
+    "schedule.ess_target_frac": (float, "(0, 1]", "target ESS as a fraction of G"),
+    "schedule.ess_candidates": (int, "[2, inf)", "alpha grid size (both ends at least)"),
+    "schedule.ess_warmup_calls": (int, "[0, inf)", "updates at alpha_max first"),
+    "schedule.ess_momentum": (float, "[0, 1)", "momentum (1 would freeze alpha)"),
+    "schedule.ess_max_step": (float, "(0, 1]", "largest change of alpha per update"),
+    "optim.lr": (float, "(0, inf)", "peak learning rate"),
+    "optim.warmup_steps": (int, "[0, inf)", "optimizer updates"),
+    "optim.decay": (str, None, "constant | cosine"),
+    "optim.b1": (float, "[0, 1)", "Adam moment decay (1 never forgets)"),
+    "optim.b2": (float, "[0, 1)", "Adam moment decay (1 never forgets; bias correction / 0)"),
+    "optim.weight_decay": (float, "[0, inf)", "decoupled weight decay (< 0 grows weights)"),
+    "optim.grad_clip": (float, "[0, inf)", "global-norm clip, 0 = off"),
+    "optim.mini_batches": (int, "[1, inf)", "updates per rollout step"),
+    "optim.micro_batches": (int, "[1, inf)", "gradient accumulation steps"),
+    "optim.logprob_chunk": (int, "[1, inf)", "vocabulary chunk of the log-prob kernel"),
+    "mesh.data": (int, "[-1, inf)", "-1 = the devices left over (0 is refused below)"),
+    "mesh.fsdp": (int, "[1, inf)", "FSDP axis size"),
+    "mesh.tensor": (int, "[1, inf)", "tensor-parallel axis size"),
+    "checkpoint.every_steps": (int, "[0, inf)", "0 = only at the end / on a signal"),
+    "checkpoint.keep": (int, "[1, inf)", "0 would delete every checkpoint, the final one too"),
+    "eval.every_steps": (int, "[0, inf)", "0 = only at the end (if eval.num_prompts)"),
+    "eval.num_prompts": (int, "[0, inf)", "0 = no evaluation"),
+    "logging.tensorboard": (bool, None, "TensorBoard events"),
+    "logging.plots": (bool, None, "PNG plots"),
+    "logging.progress": (bool, None, "progress bar"),
+}
+_RANGES = {key: Range(spec[1]) for key, spec in KEYS.items() if spec[1]}
+
+
+def _get(c, key: str):
+    node = c
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_value(key: str, value, kind: type, valid: str | None = None, why: str = "") -> None:
+    """Type (bool is not a number; an int is a valid float), finiteness and range of one key."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        _fail(key, value, f"must be a {kind.__name__}" + (f" ({why})" if why else ""))
+    if kind is float and not math.isfinite(value):
+        _fail(key, value, "must be a finite number")
+    if valid and value not in (_RANGES.get(key) or Range(valid)):
+        _fail(key, value, f"must lie in {valid}" + (f": {why}" if why else ""))
+
+
+def check_block(prefix: str, params: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """An objective's or task's block (`config.<prefix>.*`): each value has its default's type
+    (int where the default is an int, any number where it is a float) and numbers are finite.
+    Ranges are the block owner's `check`."""
+    for key, default in defaults.items():
+        value = params[key]
+        if isinstance(default, bool):
+            check_value(f"{prefix}.{key}", value, bool)
+        elif isinstance(default, int):
+            check_value(f"{prefix}.{key}", value, int)
+        elif isinstance(default, float):
+            check_value(f"{prefix}.{key}", value, float)
+        elif isinstance(default, str):
+            check_value(f"{prefix}.{key}", value, str)
+
+
 def check_config(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError on the first key whose value cannot work."""
-    if c.total_steps < 1:
-        _fail("total_steps", c.total_steps, "must be >= 1")
+    for key, (kind, valid, why) in KEYS.items():
+        check_value(key, _get(c, key), kind, valid, why)
     if c.schedule.mode not in MODES:
         _fail("schedule.mode", c.schedule.mode, f"valid: {', '.join(MODES)}")
     if c.schedule.scope not in SCOPES:
         _fail("schedule.scope", c.schedule.scope, f"valid: {', '.join(SCOPES)}")
-    for key in ("alpha", "alpha_max", "alpha_min"):
-        value = c.schedule[key]
-        if not 0.0 < value <= 1.0:
-            _fail(f"schedule.{key}", value, "alpha must lie in (0, 1] (1 = forward KL)")
     if c.schedule.alpha_min > c.schedule.alpha_max:
         _fail("schedule.alpha_min", c.schedule.alpha_min, "must be <= schedule.alpha_max")
-    if c.schedule.tau0 <= 0:
-        _fail("schedule.tau0", c.schedule.tau0, "must be > 0")
-    if not 0 < c.schedule.tau_min <= c.schedule.tau_max:
-        _fail("schedule.tau_min", c.schedule.tau_min, "need 0 < tau_min <= tau_max")
+    if c.schedule.tau_min > c.schedule.tau_max:
+        _fail("schedule.tau_min", c.schedule.tau_min, "need tau_min <= tau_max")
 
     r, o = c.rollout, c.optim
-    if r.group_size < 2:
-        _fail("rollout.group_size", r.group_size, "group-relative losses need >= 2 completions")
-    if r.prompts_per_step < 1:
-        _fail("rollout.prompts_per_step", r.prompts_per_step, "must be >= 1")
-    if r.max_new_tokens < 1 or r.max_prompt_len < 1:
-        _fail("rollout.max_new_tokens", r.max_new_tokens, "lengths must be >= 1")
-    if r.temperature < 0 or r.top_k < 0 or not 0 < r.top_p <= 1:
+    if r.overlong_buffer >= r.max_new_tokens:
         _fail(
-            "rollout.temperature",
-            (r.temperature, r.top_k, r.top_p),
-            "need temperature >= 0, top_k >= 0, 0 < top_p <= 1",
+            "rollout.overlong_buffer",
+            r.overlong_buffer,
+            f"must be < rollout.max_new_tokens={r.max_new_tokens} (0 = off): a buffer as long "
+            "as the completion penalises every completion",
         )
-    if o.mini_batches < 1 or r.prompts_per_step % o.mini_batches:
+    if r.prompts_per_step % o.mini_batches:
         _fail(
             "optim.mini_batches",
             o.mini_batches,
             f"must divide rollout.prompts_per_step={r.prompts_per_step}",
         )
     per_update = r.prompts_per_step // o.mini_batches
-    if o.micro_batches < 1 or per_update % o.micro_batches:
+    if per_update % o.micro_batches:
         _fail(
             "optim.micro_batches",
             o.micro_batches,
@@ -61,8 +182,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         )
     if o.decay not in ("constant", "cosine"):
         _fail("optim.decay", o.decay, "valid: constant, cosine")
-    if o.lr <= 0:
-        _fail("optim.lr", o.lr, "must be > 0")
+    if c.mesh.data == 0:
+        _fail("mesh.data", c.mesh.data, "must be >= 1, or -1 for the devices left over")
     for key in ("param_dtype", "dtype"):
         if c.model[key] not in _DTYPES:
             _fail(f"model.{key}", c.model[key], f"valid: {', '.join(_DTYPES)}")

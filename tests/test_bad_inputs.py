@@ -1,0 +1,250 @@
+"""Bad input, table-driven (issue 15): each case fails before any model is built or function
+compiled, with a message that names the key, file or flag, and leaves a finished run's workdir
+byte-for-byte unchanged."""
+
+import json
+import math
+import pathlib
+
+import pytest
+
+from apo_jax import evaluate as evaluate_cli
+from apo_jax.trainer import build
+from apo_jax.trainer import evaluate as evaluate_lib
+from apo_jax.trainer import loop as train
+from configs import base, toy
+
+NAN, INF = math.nan, math.inf
+
+
+def _set(c, overrides: dict):
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _toy(**overrides):
+    c = toy.get_config("debug")
+    c.mesh.data = 1  # the loop itself is single-device here (tests have 8 fake devices)
+    c.total_steps = 2
+    c.checkpoint.every_steps = 1
+    return _set(c, overrides)
+
+
+def _math(data_dir: pathlib.Path, **overrides):
+    """base.py:debug on small MATH-format files (train: levels 2 and 3; test: level 3)."""
+    c = base.get_config("debug")
+    c.mesh.data = 1
+    c.task.math.data_path = str(data_dir / "train.jsonl")
+    c.task.math.eval_path = str(data_dir / "test.jsonl")
+    return _set(c, overrides)
+
+
+def _snapshot(root: pathlib.Path) -> dict:
+    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny toy run (checkpoints, metrics.jsonl, config.json) and its bytes."""
+    workdir = tmp_path_factory.mktemp("finished")
+    # No in-run evaluation: fewer programs to compile (the cases fail before the resume check).
+    train.run(_toy(**{"eval.num_prompts": 0, "eval.every_steps": 0}), str(workdir))
+    saved = _snapshot(workdir)
+    assert any(k.startswith("checkpoints") for k in saved) and "metrics.jsonl" in saved
+    return workdir, saved
+
+
+@pytest.fixture(scope="module")
+def math_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("math")
+    row = lambda i, level: dict(problem=f"What is {i} + 1?", answer=str(i + 1), level=level)
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps(row(i, f"Level {2 + i % 2}")) + "\n")
+    with open(d / "test.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps(row(i, "Level 3")) + "\n")
+    (d / "empty.jsonl").write_text("")
+    (d / "a_file").write_text("not a directory")
+    return d
+
+
+@pytest.fixture
+def no_compile(monkeypatch, finished):
+    """Every builder that allocates weights or compiles raises: the error must come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the error must come before any model is built or compiled")
+
+    monkeypatch.setattr(train.step_lib, "build", forbidden)
+    monkeypatch.setattr(build.sampler_lib, "Sampler", forbidden)
+    monkeypatch.setattr(build, "model", forbidden)
+    monkeypatch.setattr(evaluate_lib, "restore_params", forbidden)
+    monkeypatch.setattr(evaluate_lib, "evaluate", forbidden)
+
+
+# (overrides of toy.py:debug, regex the message must match). Group numbers refer to issue 15.
+CONFIG_CASES = [
+    # 2: keep >= 1 (keep=0 would delete every checkpoint, the final one too)
+    ({"checkpoint.keep": 0}, r"config\.checkpoint\.keep=0: must lie in \[1, inf\)"),
+    ({"checkpoint.keep": -1}, r"config\.checkpoint\.keep=-1"),
+    # 3: non-finite floats
+    ({"optim.lr": NAN}, r"config\.optim\.lr=nan: must be a finite"),
+    ({"optim.lr": INF}, r"config\.optim\.lr=inf: must be a finite"),
+    ({"optim.lr": -INF}, r"config\.optim\.lr=-inf"),
+    ({"schedule.alpha": NAN}, r"config\.schedule\.alpha=nan"),
+    ({"schedule.tau0": INF}, r"config\.schedule\.tau0=inf"),
+    ({"rollout.temperature": NAN}, r"config\.rollout\.temperature=nan"),
+    ({"optim.b1": NAN}, r"config\.optim\.b1=nan"),
+    ({"optim.grad_clip": INF}, r"config\.optim\.grad_clip=inf"),
+    ({"loss.apo.beta_r": INF}, r"config\.loss\.apo\.beta_r=inf"),
+    ({"loss.name": "grpo", "loss.grpo.kl_coef": NAN}, r"config\.loss\.grpo\.kl_coef=nan"),
+    # 6: out-of-range values
+    ({"rollout.overlong_buffer": 9}, r"config\.rollout\.overlong_buffer=9: must be < rollout"),
+    ({"rollout.overlong_buffer": 8}, r"config\.rollout\.overlong_buffer=8"),
+    ({"rollout.overlong_buffer": -1}, r"config\.rollout\.overlong_buffer=-1"),
+    ({"loss.apo.clip_log_ratio": 0.0}, r"config\.loss\.apo\.clip_log_ratio=0\.0"),
+    (
+        {"loss.name": "fdiv", "loss.fdiv.clip_log_ratio": 0.0},
+        r"config\.loss\.fdiv\.clip_log_ratio=0\.0",
+    ),
+    ({"checkpoint.every_steps": -1}, r"config\.checkpoint\.every_steps=-1"),
+    ({"eval.num_prompts": -5}, r"config\.eval\.num_prompts=-5"),
+    ({"loss.name": "grpo", "loss.grpo.clip_eps_low": -0.1}, r"config\.loss\.grpo\.clip_eps_low"),
+    ({"loss.name": "dapo", "loss.dapo.clip_eps_low": -0.1}, r"config\.loss\.dapo\.clip_eps_low"),
+    ({"loss.name": "gspo", "loss.gspo.clip_eps_high": -1e-4}, r"config\.loss\.gspo\.clip_eps_high"),
+    ({"loss.name": "dr_grpo", "loss.dr_grpo.clip_eps": 1.0}, r"config\.loss\.dr_grpo\.clip_eps"),
+    ({"loss.name": "grpo", "loss.grpo.dual_clip": 0.5}, r"config\.loss\.grpo\.dual_clip"),
+    ({"loss.apo.logit_reg_coef": -0.01}, r"config\.loss\.apo\.logit_reg_coef"),
+    ({"optim.b2": 1.0}, r"config\.optim\.b2=1\.0: must lie in \[0, 1\)"),
+    ({"optim.b2": 1.5}, r"config\.optim\.b2=1\.5"),
+    ({"optim.weight_decay": -0.01}, r"config\.optim\.weight_decay=-0\.01"),
+    ({"optim.logprob_chunk": 0}, r"config\.optim\.logprob_chunk=0"),
+    ({"optim.warmup_steps": -1}, r"config\.optim\.warmup_steps=-1"),
+    ({"optim.grad_clip": -1.0}, r"config\.optim\.grad_clip=-1\.0"),
+    ({"eval.every_steps": -1}, r"config\.eval\.every_steps=-1"),
+    ({"seed": -1}, r"config\.seed=-1"),
+    ({"rollout.max_refill_rounds": -1}, r"config\.rollout\.max_refill_rounds=-1"),
+    ({"rollout.top_p": 0.0}, r"config\.rollout\.top_p=0\.0"),
+    ({"rollout.top_k": -1}, r"config\.rollout\.top_k=-1"),
+    ({"total_steps": 0}, r"config\.total_steps=0"),
+    ({"model.vocab_size": -2}, r"config\.model\.vocab_size=-2"),
+    ({"mesh.data": 0}, r"config\.mesh\.data=0"),
+    ({"mesh.fsdp": 0}, r"config\.mesh\.fsdp=0"),
+    ({"schedule.ema_momentum": 1.0}, r"config\.schedule\.ema_momentum=1\.0"),
+    ({"schedule.ess_candidates": 1}, r"config\.schedule\.ess_candidates=1"),
+    ({"schedule.alpha_min": 0.95}, r"config\.schedule\.alpha_min=0\.95: must be <= "),
+    ({"task.toy.prompt_len": 11}, r"config\.task\.toy\.prompt_len=11"),
+    ({"task.toy.num_values": 2.5}, r"config\.task\.toy\.num_values=2\.5: must be a int"),
+    # 7: unknown names, caught by plan, blaming only their key
+    ({"loss.name": "fdiv", "loss.fdiv.divergence": "kl"}, r"config\.loss\.fdiv\.divergence='kl'"),
+    ({"loss.name": "grpo", "loss.grpo.agg_mode": "mean"}, r"^config\.loss\.grpo\.agg_mode='mean'"),
+    ({"loss.name": "grpo", "loss.grpo.kl_type": "k4"}, r"^config\.loss\.grpo\.kl_type='k4'"),
+    ({"loss.name": "ppo"}, r"config\.loss\.name='ppo': unknown loss"),
+    ({"task.name": "chess"}, r"config\.task\.name='chess': unknown task"),
+    ({"task.name": "math", "task.math.level": 9}, r"config\.task\.math\.level=9"),
+    ({"task.name": "math", "task.math.eval_set": "aime"}, r"config\.task\.math\.eval_set"),
+    ({"task.name": "math", "task.math.reward": "f1"}, r"config\.task\.math\.reward='f1'"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", CONFIG_CASES, ids=lambda x: str(x)[:60])
+def test_bad_config_fails_first_and_changes_nothing(finished, no_compile, overrides, match):
+    workdir, saved = finished
+    c = _toy()
+    with c.ignore_type():  # e.g. a float where an int is expected, as a hand-written config may
+        _set(c, overrides)
+    with pytest.raises(ValueError, match=match) as err:
+        train.run(c, str(workdir))
+    if "loss.grpo.agg_mode" in overrides:
+        assert "kl_type" not in str(err.value)  # blame only the key that is wrong
+    if "loss.grpo.kl_type" in overrides:
+        assert "agg_mode" not in str(err.value)
+    # The evaluation CLI goes through the same plan.
+    with pytest.raises(ValueError, match=match):
+        evaluate_cli.run(c, workdir=str(workdir), out=str(workdir.parent / "r.json"))
+    assert _snapshot(workdir) == saved
+
+
+LATE_CASES = [  # (math overrides, regex): errors found by building the task, before the model
+    ({"task.math.data_path": "{d}/empty.jsonl"}, r"config\.task\.math\.data_path: .*empty\.jsonl"),
+    ({"task.math.level": 4}, r"data_path: .*train\.jsonl has no problems of level 4 .*level=4"),
+    ({"task.math.eval_path": "{d}/empty.jsonl"}, r"config\.task\.math\.eval_path: .*empty\.jsonl"),
+    ({"task.math.level": 2}, r"eval_path: .*test\.jsonl has no problems of level 2"),
+    ({"task.math.data_path": "{d}/missing.jsonl"}, r"missing\.jsonl: no such file"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", LATE_CASES, ids=lambda x: str(x)[:60])
+def test_bad_data_fails_before_the_model(math_files, tmp_path, no_compile, overrides, match):
+    overrides = {
+        k: v.format(d=math_files) if isinstance(v, str) else v for k, v in overrides.items()
+    }
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train.run(_math(math_files, **overrides), str(tmp_path / "run"))
+    c = _math(math_files, **overrides)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        evaluate_cli.run(c, out=str(tmp_path / "r.json"))
+
+
+def test_lengths_beyond_the_model_fail_before_the_model(tmp_path, no_compile):
+    c = _toy(**{"rollout.max_new_tokens": 100_000})
+    match = r"config\.rollout\.max_new_tokens=100000: .*exceeds the model's max_position"
+    with pytest.raises(ValueError, match=match):
+        train.run(c, str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=match):
+        evaluate_cli.run(c, out=str(tmp_path / "r.json"))
+
+
+def test_unwritable_workdir_fails_before_the_model(finished, math_files, no_compile):
+    # Under a regular file: unwritable even for root, which ignores permission bits.
+    bad = math_files / "a_file" / "run"
+    with pytest.raises(PermissionError, match=r"workdir .*a_file/run.* not a writable"):
+        train.run(_toy(), str(bad))
+    with pytest.raises(PermissionError, match=r"workdir .*a_file"):
+        train.run(_toy(), str(math_files / "a_file"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"out": "{d}/a_file/r.json"}, r"--out=.*a_file/r\.json: cannot write"),
+        ({"out": "{d}"}, r"--out=.*: cannot write there \(is a directory\)"),
+        ({"k": 0}, r"--k=0: must be >= 1"),
+        ({"num_prompts": -1}, r"--num_prompts=-1"),
+        ({"prompts_per_call": 0}, r"--prompts_per_call=0"),
+    ],
+    ids=lambda x: str(x)[:40],
+)
+def test_evaluation_cli_flags_fail_first(finished, math_files, no_compile, kwargs, match):
+    workdir, saved = finished
+    kwargs = {k: v.format(d=math_files) if isinstance(v, str) else v for k, v in kwargs.items()}
+    kwargs.setdefault("out", str(math_files / "r.json"))
+    with pytest.raises((ValueError, PermissionError), match=match):
+        evaluate_cli.run(_toy(), workdir=str(workdir), **kwargs)
+    assert _snapshot(workdir) == saved
+
+
+def test_empty_eval_set_with_evaluation_fails_before_the_model(tmp_path, no_compile):
+    class NoEval:
+        def __init__(self, task):
+            self._task = task
+
+        def __getattr__(self, name):
+            return getattr(self._task, name)
+
+        def eval_examples(self):
+            return []
+
+    real = build.task
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "task", lambda p: NoEval(real(p)))
+        with pytest.raises(ValueError, match=r"config\.eval\.num_prompts=4: .* no held-out"):
+            train.run(_toy(), str(tmp_path / "run"))
+        with pytest.raises(ValueError, match=r"held-out set is empty"):
+            evaluate_cli.run(_toy(), out=str(tmp_path / "r.json"))
