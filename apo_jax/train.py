@@ -17,9 +17,9 @@ from absl import logging
 from flax import nnx
 
 from apo_jax import checkpoint as checkpoint_lib
+from apo_jax import console, hf_io, validate
 from apo_jax import data as data_lib
 from apo_jax import evaluate as evaluate_lib
-from apo_jax import hf_io, validate
 from apo_jax import metrics as metrics_lib
 from apo_jax import model as model_lib
 from apo_jax import policy_gradient as pg_lib
@@ -187,6 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, record = ckpt.restore(latest, abstract)
         start, position = latest, int(record["position"])
         logging.info("resumed from step %d (data position %d)", start, position)
+    console.banner(c, model_cfg, state.params, mesh, workdir, start)
     metrics_lib.write_config(workdir, c)
     writer = metrics_lib.MetricsWriter(
         workdir, tensorboard=c.logging.tensorboard, resume_step=start
@@ -261,8 +262,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             line = writer.write(step, line)
             progress.update(1)
             progress.set_postfix(
-                reward=f"{line['reward/mean']:.3f}",
-                alpha=f"{line.get('schedule/alpha', float('nan')):.2f}",
+                reward=console.fmt(line.get("reward/mean")),
+                alpha=console.fmt(line.get("schedule/alpha"), 2),
             )
             # A signal may reach only some processes; saving is collective, so all must agree.
             stopping = bool(_all_rows(np.asarray([stop.received is not None])).any())
