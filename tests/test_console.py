@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from absl import logging
 
 from apo_jax import console
@@ -22,6 +23,7 @@ def console_lines(out: str) -> list[str]:
     return [p for p in parts if p and not p.startswith("train")]
 
 
+@pytest.mark.slow  # a subprocess run: start-up, compiles, 4 steps with a save each
 def test_default_run_console_is_short_and_quiet(tmp_path):
     cmd = [
         sys.executable,
