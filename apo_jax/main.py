@@ -25,18 +25,15 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_orbax(record) -> bool:
-    """Orbax reports every save at INFO; keep its warnings and errors only."""
-    return "orbax" not in record.pathname or record.levelno >= logging.WARNING
-
-
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_quiet_orbax)
     import jax
 
+    from apo_jax import console
     from apo_jax.infra import distributed
     from apo_jax.trainer import loop
+
+    console.quiet_libraries(flags.FLAGS.verbosity)
 
     distributed.initialize(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
@@ -50,13 +47,7 @@ def main(argv):
     )
     workdir = os.path.abspath(_WORKDIR.value)
     last = loop.run(_CONFIG.value, workdir)
-    if jax.process_index() == 0:
-        print(f"\nmetrics: {os.path.join(workdir, 'metrics.jsonl')}")
-        if os.path.isdir(os.path.join(workdir, "plots")):
-            print(f"plots:   {os.path.join(workdir, 'plots')}")
-        print(f"tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
-        summary = {k: round(v, 4) for k, v in last.items() if k.startswith(("reward/", "eval/"))}
-        print(f"last step: {summary}")
+    console.summary(last, workdir)
 
 
 def cli():

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from loss_testing import jitted_loss_and_grad
+from numerics import assert_close_to_scale
 
 from apo_jax.objectives import common, dapo, dr_grpo, grpo, gspo
 from apo_jax.tasks import rewards as rewards_lib
@@ -45,8 +46,9 @@ def _adv(rewards, scale):
 
 
 def _np_ppo(logp, logp_old, mask, rewards, *, eps_low, eps_high, agg, scale=True, dual_clip=None,
-            max_len=None, kl_coef=0.0, logp_ref=None, kl_type="k3"):  # fmt: skip
-    """Naive loop over prompts, completions and tokens (spec §4.1, §4.3, §4.4)."""
+            max_len=None, kl_coef=0.0, logp_ref=None, kl_type="k3", magnitude=False):  # fmt: skip
+    """Naive loop over prompts, completions and tokens (spec §4.1, §4.3, §4.4). `magnitude`:
+    the same aggregation of |per-token loss|, i.e. Σ|weighted terms| (the rounding scale)."""
     adv = _adv(rewards.astype(np.float64), scale)
     tok_total, n_total, seq = 0.0, 0, []
     for i, j in np.ndindex(*rewards.shape):
@@ -59,6 +61,7 @@ def _np_ppo(logp, logp_old, mask, rewards, *, eps_low, eps_high, agg, scale=True
             if kl_coef:
                 x = float(logp_ref[i, j, t] - logp[i, j, t])
                 loss += kl_coef * {"k1": -x, "k2": x * x / 2, "k3": math.exp(x) - 1 - x}[kl_type]
+            loss = abs(loss) if magnitude else loss
             s, n = s + loss, n + 1
         tok_total, n_total = tok_total + s, n_total + n
         if n and agg != "token-mean":
@@ -66,14 +69,28 @@ def _np_ppo(logp, logp_old, mask, rewards, *, eps_low, eps_high, agg, scale=True
     return tok_total / n_total if agg == "token-mean" else float(np.mean(seq))
 
 
-def _np_gspo(logp, logp_old, mask, rewards, eps_low, eps_high):
+def _np_gspo(logp, logp_old, mask, rewards, eps_low, eps_high, magnitude=False):
     adv, vals = _adv(rewards.astype(np.float64), True), []
     for i, j in np.ndindex(*rewards.shape):
         valid = mask[i, j] > 0
         s = math.exp(float(np.mean(logp[i, j, valid] - logp_old[i, j, valid])))
         a = adv[i, j]
         vals.append(max(-a * s, -a * min(max(s, 1 - eps_low), 1 + eps_high)))
+        vals[-1] = abs(vals[-1]) if magnitude else vals[-1]
     return float(np.mean(vals))
+
+
+def _k(mask, sides=1):
+    """k for scale_atol of a loss over `mask`'s tokens (tests/README.md): n for the sums, + 32
+    for each term's own rounding (exp/clip, and the advantage's centring, whose error is ~G·eps
+    relative to r/std ≈ 4/0.3), per float32 side (the numpy references are float64)."""
+    return sides * (float(np.sum(mask)) + 32)
+
+
+def _max_term(logp, logp_old, mask, rewards):
+    """Bound of every aggregation's Σ|weighted terms| (weights sum to ≤ 1): max|A|·max(ρ, 1.2)."""
+    rho = np.where(mask > 0, np.exp(logp.astype(np.float64) - logp_old), 0.0)
+    return np.abs(_adv(rewards.astype(np.float64), True)).max() * max(rho.max(), 1.2)
 
 
 # -------------------------------------------------------------------- values vs naive loops (14)
@@ -84,7 +101,8 @@ def test_grpo_matches_naive_loop(agg):
     case = _case()
     out, _ = _run(grpo.grpo_loss, *case, agg_mode=agg, max_len=9)
     ref = _np_ppo(*case, eps_low=0.2, eps_high=0.2, agg=agg, max_len=9)
-    np.testing.assert_allclose(out.mean(), ref, rtol=1e-5)
+    scale = _np_ppo(*case, eps_low=0.2, eps_high=0.2, agg=agg, max_len=9, magnitude=True)
+    assert_close_to_scale(out.mean(), ref, [scale], k=_k(case[2]))
     assert 0.0 < float(out.metrics["clip_frac"]) < 1.0
 
 
@@ -94,17 +112,18 @@ def test_grpo_kl_term_matches_naive_loop(kl_type):
     logp_ref = logp_old - 0.1
     kl = dict(kl_coef=0.04, logp_ref=logp_ref, kl_type=kl_type)
     out, _ = _run(grpo.grpo_loss, logp, logp_old, mask, rewards, **kl)
-    ref = _np_ppo(
-        logp, logp_old, mask, rewards, eps_low=0.2, eps_high=0.2, agg="seq-mean-token-mean", **kl
-    )
-    np.testing.assert_allclose(out.mean(), ref, rtol=1e-5)
+    kw = dict(eps_low=0.2, eps_high=0.2, agg="seq-mean-token-mean", **kl)
+    ref = _np_ppo(logp, logp_old, mask, rewards, **kw)
+    scale = _np_ppo(logp, logp_old, mask, rewards, magnitude=True, **kw)
+    assert_close_to_scale(out.mean(), ref, [scale], k=_k(mask))
 
 
 def test_dual_clip_matches_naive_loop():
     case = _case(spread=1.5)  # large ratios so the dual clip binds for A < 0
     out, _ = _run(grpo.grpo_loss, *case, agg_mode="token-mean", dual_clip=3.0)
-    ref = _np_ppo(*case, eps_low=0.2, eps_high=0.2, agg="token-mean", dual_clip=3.0)
-    np.testing.assert_allclose(out.mean(), ref, rtol=1e-5)
+    kw = dict(eps_low=0.2, eps_high=0.2, agg="token-mean", dual_clip=3.0)
+    ref, scale = _np_ppo(*case, **kw), _np_ppo(*case, magnitude=True, **kw)
+    assert_close_to_scale(out.mean(), ref, [scale], k=_k(case[2]))
     plain, _ = _run(grpo.grpo_loss, *case, agg_mode="token-mean")
     assert float(out.mean()) < float(plain.mean())
 
@@ -112,12 +131,13 @@ def test_dual_clip_matches_naive_loop():
 def test_dapo_and_dr_grpo_match_naive_loop():
     case = _case()
     dapo_out, _ = _run(dapo.dapo_loss, *case)
-    ref = _np_ppo(*case, eps_low=0.2, eps_high=0.28, agg="token-mean")
-    np.testing.assert_allclose(dapo_out.mean(), ref, rtol=1e-5)
+    kw = dict(eps_low=0.2, eps_high=0.28, agg="token-mean")
+    ref, scale = _np_ppo(*case, **kw), _np_ppo(*case, magnitude=True, **kw)
+    assert_close_to_scale(dapo_out.mean(), ref, [scale], k=_k(case[2]))
     dr, _ = _run(dr_grpo.dr_grpo_loss, *case, max_len=8)
-    ref = _np_ppo(*case, eps_low=0.2, eps_high=0.2, agg="seq-mean-token-sum-norm", scale=False,
-                  max_len=8)  # fmt: skip
-    np.testing.assert_allclose(dr.mean(), ref, rtol=1e-5)
+    kw = dict(eps_low=0.2, eps_high=0.2, agg="seq-mean-token-sum-norm", scale=False, max_len=8)
+    ref, scale = _np_ppo(*case, **kw), _np_ppo(*case, magnitude=True, **kw)
+    assert_close_to_scale(dr.mean(), ref, [scale], k=_k(case[2]))
 
 
 def test_token_mean_differs_from_seq_mean_only_for_ragged_lengths():
@@ -129,7 +149,8 @@ def test_token_mean_differs_from_seq_mean_only_for_ragged_lengths():
     full = np.ones_like(mask)
     tok, _ = _run(grpo.grpo_loss, *args, full, rewards, agg_mode="token-mean")
     seq, _ = _run(grpo.grpo_loss, *args, full, rewards, agg_mode="seq-mean-token-mean")
-    np.testing.assert_allclose(tok.mean(), seq.mean(), rtol=1e-6)
+    scale = _max_term(logp, logp_old, full, rewards)
+    assert_close_to_scale(tok.mean(), seq.mean(), [scale], k=_k(full, sides=2))
 
 
 # ------------------------------------------------------------------------- gradients (14, 16, 17)
@@ -225,12 +246,13 @@ def test_gspo_sequence_ratio_and_naive_loop():
     rho = 1.0002  # inside [1 − 3e-4, 1 + 4e-4]
     same = np.where(mask > 0, logp_old + np.log(rho), logp).astype(np.float32)
     out, _ = _run(gspo.gspo_loss, same, logp_old, mask, rewards)
-    np.testing.assert_allclose(out.mean(), (-_adv(rewards, True) * rho).mean(), rtol=1e-4)
+    terms = -_adv(rewards.astype(np.float64), True) * rho / rewards.size  # Σ = 0: centred
+    assert_close_to_scale(out.mean(), terms.sum(), terms, k=_k(mask))
     lo, hi = gspo.AUTHOR_CLIP[0], gspo.AUTHOR_CLIP[1]
     out, _ = _run(gspo.gspo_loss, logp, logp_old, mask, rewards, clip_eps_low=lo, clip_eps_high=hi)
-    np.testing.assert_allclose(
-        out.mean(), _np_gspo(logp, logp_old, mask, rewards, lo, hi), rtol=1e-5
-    )
+    ref = _np_gspo(logp, logp_old, mask, rewards, lo, hi)
+    scale = _np_gspo(logp, logp_old, mask, rewards, lo, hi, magnitude=True)
+    assert_close_to_scale(out.mean(), ref, [scale], k=_k(mask))
 
 
 def test_gspo_clips_whole_sequences():
@@ -251,7 +273,7 @@ def test_gspo_token_equals_gspo():
     kw = dict(clip_eps_low=gspo.AUTHOR_CLIP[0], clip_eps_high=gspo.AUTHOR_CLIP[1])
     seq, g_seq = _run(gspo.gspo_loss, *case, **kw)
     tok, g_tok = _run(gspo.gspo_loss, *case, token_level=True, **kw)
-    np.testing.assert_allclose(tok.mean(), seq.mean(), rtol=1e-6)
+    assert_close_to_scale(tok.mean(), seq.mean(), [_max_term(*case)], k=_k(case[2], sides=2))
     np.testing.assert_allclose(g_tok / tok.denom, g_seq / seq.denom, atol=1e-7)
     assert 0.0 < float(seq.metrics["clip_frac"]) < 1.0
 
@@ -291,7 +313,9 @@ def test_sum_denom_accumulation_matches_whole_batch(fn, kw):
         for s in (slice(0, 2), slice(2, 4))
     ]
     denom = sum(o.denom for o, _ in parts)
-    np.testing.assert_allclose(sum(o.loss_sum for o, _ in parts) / denom, whole.mean(), rtol=1e-6)
+    acc = sum(o.loss_sum for o, _ in parts) / denom
+    scale = _max_term(logp, logp_old, mask, rewards)
+    assert_close_to_scale(acc, whole.mean(), [scale], k=_k(mask, sides=2))
     g_acc = jnp.concatenate([g for _, g in parts]) / denom
     np.testing.assert_allclose(g_acc, g_whole / whole.denom, atol=1e-7)
 

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from apo_jax import console
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import metrics as metrics_lib
 from apo_jax.infra import sharding as sharding_lib
@@ -128,6 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, record = ckpt.restore(latest, abstract)
         start, position = latest, int(record["position"])
         logging.info("resumed from step %d (data position %d)", start, position)
+    console.banner(p, model_cfg, state.params, mesh, workdir, start)
     metrics_lib.write_config(workdir, p.to_json())
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=p.tensorboard, resume_step=start)
     progress = _progress(p, start)
@@ -204,8 +206,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             line = writer.write(step, line)
             progress.update(1)
             progress.set_postfix(
-                reward=f"{line['reward/mean']:.3f}",
-                alpha=f"{line.get('schedule/alpha', float('nan')):.2f}",
+                reward=console.fmt(line.get("reward/mean")),
+                alpha=console.fmt(line.get("schedule/alpha"), 2),
             )
             # A signal may reach only some processes; saving is collective, so all must agree.
             stopping = bool(_all_rows(np.asarray([stop.received is not None])).any())
