@@ -134,9 +134,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpoint_lib.Checkpointer(
         workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep
     )
-    latest = ckpt.latest_step()
-    if latest is not None:
-        checkpoint_lib.check_compatible(ckpt.read_record(latest)["config"], c.to_dict(), workdir)
+    saved = ckpt.latest_record()  # (step, record) of the newest readable step, or None
+    if saved is not None:
+        checkpoint_lib.check_compatible(saved[1]["config"], c.to_dict(), workdir)
     task = make_task(c)
     train_set = task.train_examples()
     p, g, mini = c.rollout.prompts_per_step, c.rollout.group_size, c.optim.mini_batches
@@ -180,13 +180,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --- restore -----------------------------------------------------------------------------
     start, position = 0, 0
-    if latest is not None:
+    if saved is not None:
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
         )
-        state, record = ckpt.restore(latest, abstract)
-        start, position = latest, int(record["position"])
-        logging.info("resumed from step %d (data position %d)", start, position)
+        # Falls back past damaged steps (moved to checkpoints/damaged/, logged).
+        if (restored := ckpt.restore_latest(abstract)) is not None:
+            start, state, record = restored
+            position = int(record["position"])
+            logging.info("resumed from step %d (data position %d)", start, position)
     metrics_lib.write_config(workdir, c)
     writer = metrics_lib.MetricsWriter(
         workdir, tensorboard=c.logging.tensorboard, resume_step=start
@@ -261,8 +263,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             line = writer.write(step, line)
             progress.update(1)
             progress.set_postfix(
-                reward=f"{line['reward/mean']:.3f}",
-                alpha=f"{line.get('schedule/alpha', float('nan')):.2f}",
+                reward=metrics_lib.fmt(line["reward/mean"], 3),
+                alpha=metrics_lib.fmt(line.get("schedule/alpha"), 2),
             )
             # A signal may reach only some processes; saving is collective, so all must agree.
             stopping = bool(_all_rows(np.asarray([stop.received is not None])).any())
