@@ -44,12 +44,12 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         _fail("rollout.prompts_per_step", r.prompts_per_step, "must be >= 1")
     if r.max_new_tokens < 1 or r.max_prompt_len < 1:
         _fail("rollout.max_new_tokens", r.max_new_tokens, "lengths must be >= 1")
-    if r.temperature < 0 or r.top_k < 0 or not 0 < r.top_p <= 1:
-        _fail(
-            "rollout.temperature",
-            (r.temperature, r.top_k, r.top_p),
-            "need temperature >= 0, top_k >= 0, 0 < top_p <= 1",
-        )
+    if r.temperature < 0:
+        _fail("rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")
+    if r.top_k < 0:
+        _fail("rollout.top_k", r.top_k, "must be >= 0 (0 = no top-k cut)")
+    if not 0 < r.top_p <= 1:
+        _fail("rollout.top_p", r.top_p, "must lie in (0, 1] (1 = no nucleus cut)")
     if o.mini_batches < 1 or r.prompts_per_step % o.mini_batches:
         _fail(
             "optim.mini_batches",

@@ -191,6 +191,10 @@ def test_reward_rises_on_the_embedded_task(tmp_path):
         ({"rollout.max_new_tokens": 100_000}, "exceeds the model's max_position_embeddings"),
         ({"model.hf_dir": "/nonexistent/qwen3"}, "no such directory"),
         ({"mesh.data": 3}, "config.mesh"),
+        ({"rollout.top_p": 0.0}, r"config\.rollout\.top_p=0\.0"),
+        ({"rollout.top_p": 1.5}, r"config\.rollout\.top_p=1\.5"),
+        ({"rollout.top_k": -1}, r"config\.rollout\.top_k=-1"),
+        ({"rollout.temperature": -0.5}, r"config\.rollout\.temperature=-0\.5"),
     ],
 )
 def test_bad_input_fails_fast_with_the_key(tmp_path, monkeypatch, overrides, match):
