@@ -163,6 +163,9 @@ def check_answer(pred: str | None, gold: str, timeout_s: float | None = 5.0) -> 
         return WRONG
     if _normalize(pred) == _normalize(gold):
         return CORRECT
+    # Import outside the deadline: the import is not the check's cost, and one interrupted
+    # half-way leaves sympy/math-verify modules broken for every later check.
+    _math_verify()
     try:
         with _deadline(timeout_s):
             return CORRECT if _verify(pred, gold) else WRONG

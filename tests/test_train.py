@@ -306,3 +306,26 @@ def test_damaged_checkpoint_and_torn_metrics_line_resume_from_previous_step(tmp_
     assert _files(tmp_path / "checkpoints" / "1") == step1
     (aside,) = (tmp_path / "checkpoints" / checkpoint_lib.DAMAGED).iterdir()
     assert aside.name.startswith("2-")
+
+
+def test_metrics_torn_last_line_dropped_on_resume_and_bad_middle_line_named(tmp_path):
+    from apo_jax import metrics as metrics_lib
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss/value": 0.5 * s}) for s in (1, 2)]
+    path.write_text("\n".join(good) + '\n{"step": 3, "loss/va')
+    writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False, resume_step=2)
+    writer.write(3, {"loss/value": float("nan")})
+    assert path.read_text().splitlines() == [*good, '{"step": 3, "loss/value": "nan"}']
+    path.write_text(good[0] + "\n{torn\n" + good[1] + "\n")  # not the last line: an error
+    with pytest.raises(ValueError, match=rf"{path}:2: not a JSON metrics line"):
+        metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False, resume_step=2)
+    assert path.read_text() == good[0] + "\n{torn\n" + good[1] + "\n"  # left as it was
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan", None, 0.25])
+def test_progress_formatting_never_raises(value):
+    from apo_jax import metrics as metrics_lib
+
+    text = metrics_lib.fmt(value, 2)
+    assert text == (f"{float(value):.2f}" if value is not None else "None")
