@@ -195,3 +195,59 @@ def test_math_task_rewards(math_task, tokenizer):
     assert r.dtype == np.float32 and r[0] == 1.0 and r[2] == 1.0
     assert 0 < r[1] < 0.1  # good_accuracy: a small length bonus for a wrong answer
     assert math_task.completion_texts([right + [IM_END] + wrong])[0].endswith("</answer>")
+
+
+# --- files that are not what they claim -----------------------------------------------------------
+
+
+def test_non_utf8_line_is_named_and_bom_is_accepted(tmp_path):
+    good = json.dumps({"problem": "1+1?", "answer": "2", "level": "Level 1", "type": "Algebra"})
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good.encode() + b"\n" + good.replace("1+1", "caf\xe9").encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{path}:2 .*not UTF-8"):
+        data.load_math(path)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n" + good.encode() + b"\n")
+    loaded = data.load_math(bom)
+    assert [p.question for p in loaded] == ["1+1?", "1+1?"]
+
+
+def test_tokenizer_config_without_vocabulary_is_refused(shared_data, tmp_path):
+    (tmp_path / "tokenizer_config.json").write_bytes(
+        (shared_data / "qwen3" / "tokenizer_config.json").read_bytes()
+    )
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: no tokenizer\.json"):
+        data.load_tokenizer(tmp_path)
+
+
+def test_slow_tokenizer_files_are_accepted(shared_data, tokenizer, tmp_path):
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((shared_data / "qwen3" / name).read_bytes())
+    slow = data.load_tokenizer(tmp_path)
+    text = "Compute $\\dfrac{7}{8} - 0.125$."
+    assert slow.encode(text) == tokenizer.encode(text)
+
+
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *data._CHAT_TOKENS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_check_tokenizer_rejects_tiny_or_lossy_vocabularies():
+    with pytest.raises(ValueError, match=r"where: the tokenizer has only 30 tokens"):
+        data.check_tokenizer(_word_tokenizer([f"w{i}" for i in range(26)]), "where")
+    lossy = _word_tokenizer([f"w{i}" for i in range(2000)])  # MATH symbols all map to [UNK]
+    with pytest.raises(ValueError, match=r"where: the tokenizer does not round-trip"):
+        data.check_tokenizer(lossy, "where")
+
+
+def test_math_prompts_round_trip_through_the_real_tokenizer(tokenizer, math_task):
+    data.check_tokenizer(tokenizer, "qwen3")  # the shipped tokenizer passes
+    ex = math_task.eval_examples()[0]
+    text = math_task.decode(ex.prompt_ids)
+    assert tokenizer.encode(text, add_special_tokens=False) == list(ex.prompt_ids)

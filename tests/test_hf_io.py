@@ -171,3 +171,40 @@ def test_bad_config_values_name_file_and_key(ckpt, changes, match):
     with pytest.raises(ValueError, match=match) as info:
         hf_io.load_qwen3(ckpt)
     assert "config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"garbage header"])
+def test_damaged_safetensors_file_is_named(ckpt, content):
+    weights = ckpt / hf_io.SINGLE_FILE
+    weights.write_bytes(content if content else b"")
+    with pytest.raises(ValueError, match=rf"{weights}: not a readable safetensors file"):
+        hf_io.load_qwen3(ckpt)
+
+
+def test_truncated_safetensors_file_is_named(ckpt):
+    weights = ckpt / hf_io.SINGLE_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{weights}: not a readable safetensors file"):
+        hf_io.load_qwen3(ckpt)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weight_is_reported_by_tensor_name(ckpt, bad):
+    key = "model.layers.0.self_attn.k_proj.weight"
+
+    def poison(t):
+        t[key] = t[key].copy()
+        t[key][3, 5] = bad
+
+    _edit_weights(ckpt, poison)
+    saved = (ckpt / hf_io.SINGLE_FILE).read_bytes()
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{key}' holds 1 non-finite"):
+        hf_io.load_qwen3(ckpt)
+    assert (ckpt / hf_io.SINGLE_FILE).read_bytes() == saved  # nothing saved was touched
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"qwen3"', "3"])
+def test_config_json_that_is_not_an_object_is_named(ckpt, text):
+    (ckpt / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object"):
+        hf_io.load_qwen3(ckpt)

@@ -2,8 +2,10 @@
 timeout, good_accuracy branches, DAPO overlong shaping, and the process pool."""
 
 import concurrent.futures
+import gc
 import json
 import re
+import sys
 import time
 from fractions import Fraction
 
@@ -159,6 +161,66 @@ def test_hard_timeout_restarts_the_pool():
         assert codes.tolist() == [R.TIMED_OUT, R.CORRECT, R.WRONG]
         assert p.num_timeouts == 1
         assert time.monotonic() - start < 30
+
+
+@pytest.fixture
+def busy_gc_callback():
+    """A garbage-collection callback that spends 10 ms per call, like JAX's _xla_gc_callback
+    under load: an alarm that lands in it raises inside the callback, where CPython prints the
+    exception ("Exception ignored in ...") and swallows it."""
+
+    def callback(phase, info):
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.01:
+            pass
+
+    # pytest's own hook records swallowed exceptions, and would itself be hit by alarms.
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    # Only this callback: JAX's own one spends its time in C++ with the GIL held, where no
+    # signal can act (up to ~0.6 s per collection here), which would make the timing noisy.
+    others = gc.callbacks[:]
+    gc.callbacks[:] = [callback]
+    threshold = gc.get_threshold()
+    gc.set_threshold(50)  # collect often, so most of the time is spent in the callback
+    yield
+    gc.set_threshold(*threshold)
+    gc.callbacks[:] = others
+    sys.unraisablehook = hook
+
+
+def test_deadline_holds_under_a_busy_garbage_collector(monkeypatch, busy_gc_callback):
+    def gc_heavy_verify(pred, gold):  # 2/3 of the time inside gc callbacks; gives up at 20 s
+        end = time.monotonic() + 20.0
+        while time.monotonic() < end:
+            gc.collect(0)  # young generation: quick, so the time goes to the callbacks
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.01:
+                pass
+        return True
+
+    monkeypatch.setattr(R, "_verify", gc_heavy_verify)
+    for _ in range(3):  # a lost alarm is likely each time: without re-arming, ~20 s per call
+        start = time.monotonic()
+        assert R.check_answer("x", "y", timeout_s=0.5) == R.TIMED_OUT
+        assert time.monotonic() - start < 0.5 + 1.5
+
+
+def test_deadline_holds_on_a_deep_frac_nest_under_a_busy_garbage_collector(busy_gc_callback):
+    deep = "\\frac{1}{" * 5000 + "2" + "}" * 5000
+    start = time.monotonic()
+    assert R.check_answer(deep, "1", timeout_s=1.0) == R.TIMED_OUT
+    assert time.monotonic() - start < 1.0 + 1.5
+
+
+def test_pool_deadline_holds_on_a_deep_frac_nest():
+    deep = "\\frac{1}{" * 5000 + "2" + "}" * 5000
+    with R.RewardPool(num_workers=1, timeout_s=1.0) as p:
+        assert p.hard_timeout_s == 1.0 + R.HARD_GRACE_S  # the parent enforces it too
+        p.check(["1"], ["1"])  # start the worker outside the timed part
+        start = time.monotonic()
+        codes = p.check([deep, "5"], ["1", "5"])
+        assert codes.tolist() == [R.TIMED_OUT, R.CORRECT]
+        assert time.monotonic() - start < 1.0 + R.HARD_GRACE_S + 1.0
 
 
 # --- shaped rewards ------------------------------------------------------------------------------

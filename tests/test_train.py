@@ -192,6 +192,10 @@ def test_reward_rises_on_the_embedded_task(tmp_path):
         ({"rollout.max_new_tokens": 100_000}, "exceeds the model's max_position_embeddings"),
         ({"model.hf_dir": "/nonexistent/qwen3"}, "no such directory"),
         ({"mesh.data": 3}, "config.mesh"),
+        ({"rollout.top_p": 0.0}, r"config\.rollout\.top_p=0\.0"),
+        ({"rollout.top_p": 1.5}, r"config\.rollout\.top_p=1\.5"),
+        ({"rollout.top_k": -1}, r"config\.rollout\.top_k=-1"),
+        ({"rollout.temperature": -0.5}, r"config\.rollout\.temperature=-0\.5"),
     ],
 )
 def test_bad_input_fails_fast_with_the_key(tmp_path, monkeypatch, overrides, match):
@@ -202,3 +206,117 @@ def test_bad_input_fails_fast_with_the_key(tmp_path, monkeypatch, overrides, mat
     monkeypatch.setattr(train.build.sampler_lib, "Sampler", no_compile)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         train.run(_debug_toy(**overrides), str(tmp_path))
+
+
+def _files(directory) -> dict:
+    """Relative path -> bytes of every file below `directory`."""
+    root = pathlib.Path(directory)
+    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+
+def _damage(step_dir: pathlib.Path, how: str) -> None:
+    data = sorted((step_dir / "state").glob("ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
+    if how == "truncate_data":
+        data[-1].write_bytes(data[-1].read_bytes()[:10])
+    elif how == "delete_data":
+        for f in data:
+            f.unlink()
+    elif how == "delete_manifest":
+        (step_dir / "state" / "manifest.ocdbt").unlink()
+    elif how == "garbage_record":
+        (step_dir / "record" / "metadata").write_text("{garbage")
+    else:
+        raise ValueError(how)
+
+
+def _toy_checkpoints(workdir, steps=(1, 2)):
+    ck = checkpoint_lib.Checkpointer(str(workdir), every_steps=1, keep=5)
+    for s in steps:
+        state = {"w": np.arange(1000, dtype=np.float32) * s, "b": np.full(3, s, np.float32)}
+        ck.save(s, jax.tree.map(jax.numpy.asarray, state), {"position": 10 * s, "config": {}})
+    ck.close()
+    abstract = {
+        k: jax.ShapeDtypeStruct(
+            shape, np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
+        for k, shape in (("w", (1000,)), ("b", (3,)))
+    }
+    return abstract
+
+
+@pytest.mark.parametrize(
+    "how", ["truncate_data", "delete_data", "delete_manifest", "garbage_record"]
+)
+def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, how, capfd):
+    abstract = _toy_checkpoints(tmp_path)
+    ckdir = tmp_path / "checkpoints"
+    _damage(ckdir / "2", how)
+    damaged, intact = _files(ckdir / "2"), _files(ckdir / "1")
+    ck = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1, keep=5)
+    step, state, record = ck.restore_latest(abstract)
+    assert step == 1 and record["position"] == 10
+    np.testing.assert_array_equal(state["w"], np.arange(1000, dtype=np.float32))
+    # The damaged step is kept, byte for byte, out of Orbax's way; step 1 is untouched.
+    (aside,) = (ckdir / checkpoint_lib.DAMAGED).iterdir()
+    assert aside.name.startswith("2-") and _files(aside) == damaged
+    assert _files(ckdir / "1") == intact and ck.latest_step() == 1
+    # The same step can be saved again (a resumed run re-saves it).
+    ck.save(2, jax.tree.map(lambda x: x + 0, state), {"position": 20, "config": {}})
+    assert ck.manager.all_steps() == [1, 2]
+    ck.close()
+    # No flood of Orbax/TensorStore tracebacks (the one reason goes to the log).
+    assert capfd.readouterr().err.count("Traceback") == 0
+
+
+def test_no_restorable_checkpoint_names_workdir_and_steps(tmp_path):
+    abstract = _toy_checkpoints(tmp_path)
+    _damage(tmp_path / "checkpoints" / "2", "delete_manifest")
+    _damage(tmp_path / "checkpoints" / "1", "truncate_data")
+    ck = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1, keep=5)
+    with pytest.raises(RuntimeError, match=rf"{tmp_path}: no checkpoint restores.*2 \(.*1 \("):
+        ck.restore_latest(abstract)
+    assert len(list((tmp_path / "checkpoints" / checkpoint_lib.DAMAGED).iterdir())) == 2
+
+
+def test_damaged_checkpoint_and_torn_metrics_line_resume_from_previous_step(tmp_path):
+    """A kill that tears the metrics line of step 3, plus a damaged step-2 checkpoint: the run
+    resumes from step 1 and re-runs steps 2-3 exactly as the first run did step 2."""
+    c = lambda n: _debug_toy(total_steps=n, **{"checkpoint.every_steps": 1, "eval.num_prompts": 0})
+    train.run(c(2), str(tmp_path))
+    first = _lines(tmp_path)
+    _damage(tmp_path / "checkpoints" / "2", "truncate_data")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss/val')  # torn: no closing brace, no newline
+    step1 = _files(tmp_path / "checkpoints" / "1")
+    last = train.run(c(3), str(tmp_path))
+    lines = _lines(tmp_path)
+    assert last["step"] == 3 and [x["step"] for x in lines] == [1, 2, 3]
+    assert _comparable(lines[:2]) == _comparable(first)  # step 2 re-run from step 1: identical
+    assert _files(tmp_path / "checkpoints" / "1") == step1
+    (aside,) = (tmp_path / "checkpoints" / checkpoint_lib.DAMAGED).iterdir()
+    assert aside.name.startswith("2-")
+
+
+def test_metrics_torn_last_line_dropped_on_resume_and_bad_middle_line_named(tmp_path):
+    from apo_jax.infra import metrics as metrics_lib
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss/value": 0.5 * s}) for s in (1, 2)]
+    path.write_text("\n".join(good) + '\n{"step": 3, "loss/va')
+    writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False, resume_step=2)
+    writer.write(3, {"loss/value": float("nan")})
+    assert path.read_text().splitlines() == [*good, '{"step": 3, "loss/value": "nan"}']
+    path.write_text(good[0] + "\n{torn\n" + good[1] + "\n")  # not the last line: an error
+    with pytest.raises(ValueError, match=rf"{path}:2: not a JSON metrics line"):
+        metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False, resume_step=2)
+    assert path.read_text() == good[0] + "\n{torn\n" + good[1] + "\n"  # left as it was
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [(float("nan"), "nan"), (float("inf"), "inf"), ("nan", "nan"), (None, "-"), (0.25, "0.25")],
+)
+def test_progress_formatting_never_raises(value, text):
+    from apo_jax import console
+
+    assert console.fmt(value, 2) == text

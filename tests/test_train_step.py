@@ -152,3 +152,19 @@ def test_non_finite_batch_leaves_state_unchanged():
         jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf")])
+def test_non_finite_learning_rate_never_writes_params(lr):
+    """Loss and gradient are finite, the update is not: the guard must still hold."""
+    c = base.get_config("debug")
+    c.optim.lr = lr
+    tx = ts.make_optimizer(c.optim, 10)[0]
+    _, _, state, fns, _ = _setup(tx=tx)
+    before = _copy(state)
+    after, metrics = fns.train_step(_copy(state), _batch(fns, state))
+    assert np.isfinite(float(metrics["loss/value"]))
+    assert np.isfinite(float(metrics["optim/grad_norm"]))
+    assert int(after.skipped) == 1 and int(after.step) == 0
+    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -3,22 +3,31 @@
 A checkpoint holds the train state pytree (params, optimizer state, step, RNG, alpha-schedule
 state) and a JSON record (data-order position, the config it was written under). Orbax writes
 each step into a temporary directory and renames it when complete, so a run killed mid-save
-(even by SIGKILL) leaves the previous complete checkpoint as the latest one.
+(even by SIGKILL) leaves the previous complete checkpoint as the latest one. A complete step that
+was damaged afterwards (a truncated or deleted data file, a lost manifest, a garbled record) is
+moved aside to `checkpoints/damaged/` and the run resumes from the newest step that restores.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
 import signal
+import sys
+import threading
+import time
 from collections.abc import Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.experimental import multihost_utils
 
 # Keys that may change between a run and its resumption; every other key must match.
 RESUMABLE_PREFIXES = ("total_steps", "checkpoint.", "logging.", "eval.", "mesh.")
+DAMAGED = "damaged"  # subdirectory of checkpoints/ holding steps that failed to restore
 
 
 class Checkpointer:
@@ -26,7 +35,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, every_steps: int, keep: int):
         self.every_steps = every_steps
-        directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.workdir = workdir
+        self.directory = directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         _remove_partial_saves(directory)
         self.manager = ocp.CheckpointManager(
             directory,
@@ -75,8 +85,88 @@ class Checkpointer:
         )
         return out.state, out.record
 
+    def latest_record(self) -> tuple[int, dict] | None:
+        """(step, record) of the newest step whose JSON record reads; steps whose record does
+        not are moved aside. None if the workdir holds no checkpoint. For checks that must run
+        before the model is built (the state itself is checked by `restore_latest`)."""
+        return self._newest(lambda step: (step, self.read_record(step)))
+
+    def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+        """(step, state, record) of the newest step that restores completely, or None if the
+        workdir holds no checkpoint. A step that fails to restore is logged with the reason and
+        moved to `checkpoints/damaged/` (never deleted); if no step restores, raises one
+        RuntimeError naming the workdir and every step tried."""
+        return self._newest(lambda step: (step, *self.restore(step, abstract_state)))
+
+    def _newest(self, load):
+        tried = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            with _quiet_leftovers():
+                try:
+                    out = load(step)
+                    int(out[-1]["position"])  # a record without a data position cannot resume
+                    return out
+                except Exception as e:  # noqa: BLE001 (any failure means this step is unusable)
+                    # Orbax/TensorStore messages run to dozens of lines (the whole spec): keep
+                    # the first line up to the spec dump.
+                    first = (str(e).strip().splitlines() or [""])[0].split(" See full Tensor")[0]
+                    reason = f"{type(e).__name__}: {first[:300]}"
+            tried.append(f"{step} ({reason})")
+            aside = self._set_aside(step)
+            logging.warning(
+                "checkpoint step %d in %s does not restore (%s); moved it to %s and "
+                "trying the previous step",
+                step,
+                self.workdir,
+                reason,
+                aside,
+            )
+        if tried:
+            raise RuntimeError(
+                f"{self.workdir}: no checkpoint restores; tried step(s) {'; '.join(tried)}. "
+                f"The damaged steps are kept in {os.path.join(self.directory, DAMAGED)}; use a "
+                "fresh --workdir to start over."
+            )
+        return None
+
+    def _set_aside(self, step: int) -> str:
+        """Renames a damaged step directory to checkpoints/damaged/<step>-<time> (out of Orbax's
+        sight: it lists only integer names) so that it is kept for inspection and a re-save of
+        the same step starts clean."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = os.path.join(self.directory, DAMAGED, f"{step}-{stamp}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            if os.path.exists(aside):  # same step damaged twice within a second
+                aside += f"-{time.monotonic_ns()}"
+            os.rename(os.path.join(self.directory, str(step)), aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"apo_jax: checkpoint {step} set aside")
+        self.manager.reload()  # forget the step (all_steps, latest_step, save's existence check)
+        return aside
+
     def close(self):
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_leftovers():
+    """A failed Orbax restore leaves its other reads behind: coroutines that raise the same
+    error when garbage-collected and callbacks on a closed event loop, each printed as a full
+    traceback ("Exception ignored in ...", "Event loop is closed"). The one error that matters
+    is raised and reported by the caller, so these echoes are dropped, here and at the next
+    collection."""
+    hook, thread_hook = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    try:
+        yield
+    finally:
+        # Once the caller has dropped the error (and the frames it holds): finalize the
+        # abandoned coroutines and let threads finish their callbacks while the echo is muted.
+        gc.collect()
+        time.sleep(0.05)
+        sys.unraisablehook, threading.excepthook = hook, thread_hook
 
 
 def _remove_partial_saves(directory: str) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from absl import logging
 
 PLOTS = (  # (metric, title) drawn by `write_plots`
     ("reward/mean", "mean reward"),
@@ -39,7 +40,11 @@ class MetricsWriter:
         # Steps after the checkpoint we resume from are re-run: drop their old lines so the
         # file reads exactly like an uninterrupted run.
         if os.path.exists(self.path):
-            kept = [line for line in read_metrics(self.path) if line["step"] <= resume_step]
+            kept = [
+                line
+                for line in read_metrics(self.path, allow_torn_end=True)
+                if line["step"] <= resume_step
+            ]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(json.dumps(line) + "\n" for line in kept)
             os.replace(self.path + ".tmp", self.path)
@@ -53,8 +58,13 @@ class MetricsWriter:
     def write(self, step: int, metrics: Mapping[str, object]) -> dict:
         line = {"step": int(step), **{k: _to_float(v) for k, v in sorted(metrics.items())}}
         if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            # One write() of the whole line on an O_APPEND descriptor: a kill leaves either the
+            # line or (at worst, mid-syscall) a torn tail that resuming drops, never a mix.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(line) + "\n").encode())
+            finally:
+                os.close(fd)
             if self._tb is not None:
                 for k, v in line.items():
                     if k != "step" and isinstance(v, float):
@@ -75,9 +85,24 @@ def write_config(workdir: str, config_json: str) -> None:
             f.write(config_json)
 
 
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: str, *, allow_torn_end: bool = False) -> list[dict]:
+    """The lines of a `metrics.jsonl`. A line that is not JSON raises ValueError naming file and
+    line, except (with `allow_torn_end`) a last line without its newline: what a kill during
+    the write leaves. That one is dropped with a warning."""
+    with open(path, encoding="utf-8") as f:
+        raw = f.readlines()
+    lines = []
+    for lineno, text in enumerate(raw, start=1):
+        if not text.strip():
+            continue
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError as e:
+            if allow_torn_end and lineno == len(raw) and not text.endswith("\n"):
+                logging.warning("%s:%d: dropping a torn last line (%s)", path, lineno, e)
+                continue
+            raise ValueError(f"{path}:{lineno}: not a JSON metrics line ({e})") from None
+    return lines
 
 
 def write_plots(workdir: str) -> list[str]:

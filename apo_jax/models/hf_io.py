@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from apo_jax.infra import sharding as sharding_lib
@@ -116,13 +116,24 @@ def _weight_files(hf_dir: str) -> dict[str, str]:
                 raise FileNotFoundError(f"{index} names {os.path.basename(path)}, which is missing")
         return files
     if os.path.isfile(single):
-        with safe_open(single, framework="numpy") as f:
+        with _open(single) as f:
             return {key: single for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     present = sorted(os.listdir(hf_dir))
     raise FileNotFoundError(
         f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
         f"(directory holds {present}). {WHERE}"
     )
+
+
+def _open(path: str):
+    """safe_open, with a damaged file (empty, truncated, not safetensors) named in the error."""
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({os.path.getsize(path)} bytes; {e}); "
+            "the download or save may be incomplete"
+        ) from None
 
 
 def load_qwen3(
@@ -169,7 +180,7 @@ def load_qwen3(
     flat_shardings = None if shardings is None else dict(nnx.to_flat_state(shardings))
     np_dtype = np.dtype(jnp.dtype(dtype))
 
-    handles = {path: safe_open(path, framework="numpy") for path in sorted(set(files.values()))}
+    handles = {path: _open(path) for path in sorted(set(files.values()))}
     try:
         flat = nnx.to_flat_state(state)
         values = []
@@ -181,6 +192,13 @@ def load_qwen3(
                 raise ValueError(
                     f"{file}: key {entry.hf_key!r} has shape {tuple(tensor.shape)}, "
                     f"expected {entry.hf_shape} from config.json"
+                )
+            # Checked on the stored tensor: a NaN/inf weight would otherwise only surface as
+            # every update being skipped (or NaN rewards) far into the run.
+            if not np.isfinite(tensor).all():
+                bad = int(np.size(tensor) - np.isfinite(tensor).sum())
+                raise ValueError(
+                    f"{file}: tensor {entry.hf_key!r} holds {bad} non-finite value(s) (NaN/inf)"
                 )
             value = np.ascontiguousarray(entry.to_jax(tensor)).astype(np_dtype, copy=False)
             if flat_shardings is not None:

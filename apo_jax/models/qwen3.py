@@ -170,8 +170,12 @@ class Qwen3Config:
         with open(path) as f:
             try:
                 hf = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise ValueError(
+                f"{path}: expected a JSON object of Qwen3 config keys, got a {type(hf).__name__}"
+            )
 
         def bad(key, why):
             return ValueError(f"{path}: key {key!r} {why}")

@@ -122,8 +122,17 @@ def read_records(
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # Bytes, decoded per line: a non-UTF-8 line is reported with file:line like a JSON error
+    # (a bare UnicodeDecodeError names neither). "utf-8-sig" on the first line accepts a BOM.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno} (line {lineno}): not UTF-8 text (byte {e.start}: "
+                    f"{raw[e.start : e.start + 1]!r}); re-save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -215,18 +224,56 @@ def load_gsm8k(
 # --- chat formatting -----------------------------------------------------------------------------
 
 
+# What a real tokenizer needs on disk: its config plus the vocabulary, either as the fast
+# tokenizer.json or as one of the slow tokenizers' file sets (BPE, SentencePiece, WordPiece).
+_TOKENIZER_VOCAB_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # Qwen3's chat template
+MIN_VOCAB = 1000  # any real subword vocabulary is far larger; 26 = only the special tokens
+_ROUND_TRIP = "Find $x$ if $\\frac{2}{3}x + 5 = 11$, then write $\\sqrt{x^2}$ as \\boxed{x}."
+
+
 def load_tokenizer(path: str | os.PathLike | None = None):
     """A Hugging Face tokenizer from a local directory (a Qwen3 model directory works); default
-    DEFAULT_DATA_DIR/qwen3. Never touches the network."""
+    DEFAULT_DATA_DIR/qwen3. Never touches the network. Raises naming the directory and file if
+    the files a real tokenizer needs are missing, or if what loads fails `check_tokenizer`
+    (transformers otherwise builds a special-tokens-only tokenizer from the config alone)."""
     path = Path(path) if path is not None else DEFAULT_DATA_DIR / "qwen3"
+    help_text = (
+        "pass a directory holding a Qwen3 tokenizer (tokenizer.json + tokenizer_config.json), "
+        "e.g. a Qwen/Qwen3-1.7B model directory"
+    )
     if not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer_config.json; {help_text}")
+    if not any(all((path / f).is_file() for f in files) for files in _TOKENIZER_VOCAB_FILES):
         raise FileNotFoundError(
-            f"{path}: no tokenizer_config.json; pass a directory holding a Qwen3 tokenizer "
-            "(tokenizer.json + tokenizer_config.json), e.g. a Qwen/Qwen3-1.7B model directory"
+            f"{path}: no tokenizer.json (nor the slow-tokenizer files vocab.json + merges.txt "
+            f"or tokenizer.model); tokenizer_config.json alone is not a tokenizer; {help_text}"
         )
     from transformers import AutoTokenizer  # lazy: slow import
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    check_tokenizer(tokenizer, str(path))
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, where: str) -> None:
+    """Raises ValueError (naming `where`) unless the tokenizer has a real vocabulary, the Qwen3
+    chat special tokens, and round-trips a MATH-style prompt (encode then decode is identity)."""
+    if len(tokenizer) < MIN_VOCAB:
+        raise ValueError(
+            f"{where}: the tokenizer has only {len(tokenizer)} tokens (< {MIN_VOCAB}); its "
+            "vocabulary files are missing or broken"
+        )
+    vocab = tokenizer.get_vocab()
+    if missing := [t for t in _CHAT_TOKENS if t not in vocab]:
+        raise ValueError(f"{where}: the tokenizer lacks the chat special token(s) {missing}")
+    ids = tokenizer.encode(_ROUND_TRIP, add_special_tokens=False)
+    back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if back != _ROUND_TRIP:
+        raise ValueError(
+            f"{where}: the tokenizer does not round-trip a MATH prompt: {_ROUND_TRIP!r} "
+            f"-> {len(ids)} ids -> {back!r}"
+        )
 
 
 def chat_messages(question: str, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
@@ -334,6 +381,7 @@ class MathTask:
     ):
         rewards_lib.validate_reward_name(reward_name)
         self.name, self.reward_name, self.tokenizer = name, reward_name, tokenizer
+        check_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "") or "tokenizer")
         self.vocab_size = len(tokenizer)
         im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
         self.eos_ids = (im_end, eot)

@@ -86,6 +86,7 @@ class _Deadline(BaseException):
 
 
 _warned_no_timeout = False
+_REARM_S = 0.05  # after the deadline, raise again this often until the check stops
 
 
 @contextlib.contextmanager
@@ -108,7 +109,10 @@ def _deadline(seconds: float | None) -> Iterator[None]:
         raise _Deadline()
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # Re-armed every _REARM_S after the deadline: a _Deadline raised while a garbage-collection
+    # callback runs (JAX installs one) is printed and swallowed ("Exception ignored in:
+    # _xla_gc_callback"), so one alarm alone can be lost and the check would run on unbounded.
+    signal.setitimer(signal.ITIMER_REAL, seconds, _REARM_S)
     try:
         yield
     finally:
@@ -159,6 +163,9 @@ def check_answer(pred: str | None, gold: str, timeout_s: float | None = 5.0) -> 
         return WRONG
     if _normalize(pred) == _normalize(gold):
         return CORRECT
+    # Import outside the deadline: the import is not the check's cost, and one interrupted
+    # half-way leaves sympy/math-verify modules broken for every later check.
+    _math_verify()
     try:
         with _deadline(timeout_s):
             return CORRECT if _verify(pred, gold) else WRONG
@@ -239,6 +246,9 @@ def validate_reward_name(name: str) -> None:
 # --- parallel scoring ----------------------------------------------------------------------------
 
 _POLL_S = 0.05  # how often the parent checks on running checks
+# A worker's own alarm normally stops a check within ~_REARM_S of timeout_s; the parent steps
+# in only past this grace (a check stuck in C code, or a worker whose alarms are all lost).
+HARD_GRACE_S = 2.0
 _started_queue = None  # set in each worker: where it announces which job it is starting
 
 
@@ -264,8 +274,10 @@ class RewardPool:
     Each check runs in a worker's main thread under a SIGALRM deadline of `timeout_s`, which
     interrupts slow Python-level parsing/simplification. A check stuck in C code cannot be
     interrupted that way, so the parent also times every check from the moment a worker starts
-    it: one running longer than `hard_timeout_s` counts as timed out, the pool is terminated,
-    and the unfinished rest is resubmitted to a fresh pool. Works from any thread of the parent.
+    it: one running longer than `hard_timeout_s` (default: `timeout_s` plus a short grace, so
+    the per-check deadline holds even if the worker's alarm is lost) counts as timed out, the
+    pool is terminated, and the unfinished rest is resubmitted to a fresh pool (the fork server
+    restarts it in milliseconds). Works from any thread of the parent.
     Output order always follows the input; results depend on timing only through timeouts.
     """
 
@@ -273,7 +285,7 @@ class RewardPool:
         self,
         num_workers: int = 4,
         timeout_s: float | None = 5.0,
-        hard_timeout_s: float | None = None,  # default: 2 * timeout_s + 10
+        hard_timeout_s: float | None = None,  # default: timeout_s + HARD_GRACE_S
         start_timeout_s: float = 120.0,  # workers that start no check by then are broken
         # Not "fork": forking a process that runs JAX can deadlock. The fork server is a clean
         # process that imports this module once, so (re)starting workers takes milliseconds.
@@ -282,7 +294,7 @@ class RewardPool:
         if num_workers < 0:
             raise ValueError(f"RewardPool: num_workers must be >= 0, got {num_workers}")
         self.num_workers, self.timeout_s = num_workers, timeout_s
-        self.hard_timeout_s = hard_timeout_s or 2 * (timeout_s or 5.0) + 10.0
+        self.hard_timeout_s = hard_timeout_s or (timeout_s or 5.0) + HARD_GRACE_S
         self.start_timeout_s = start_timeout_s
         self._ctx = multiprocessing.get_context(start_method)
         self._pool = self._queue = None

@@ -80,9 +80,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpoint_lib.Checkpointer(
         workdir, every_steps=p.checkpoint_every, keep=p.checkpoint_keep
     )
-    latest = ckpt.latest_step()
-    if latest is not None:
-        checkpoint_lib.check_compatible(ckpt.read_record(latest)["config"], p.record, workdir)
+    saved = ckpt.latest_record()  # (step, record) of the newest readable step, or None
+    if saved is not None:
+        checkpoint_lib.check_compatible(saved[1]["config"], p.record, workdir)
     task = build.task(p)
     train_set = task.train_examples()
     if not len(train_set):
@@ -122,13 +122,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --- restore -----------------------------------------------------------------------------
     start, position = 0, 0
-    if latest is not None:
+    if saved is not None:
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
         )
-        state, record = ckpt.restore(latest, abstract)
-        start, position = latest, int(record["position"])
-        logging.info("resumed from step %d (data position %d)", start, position)
+        # Falls back past damaged steps (moved to checkpoints/damaged/, logged).
+        if (restored := ckpt.restore_latest(abstract)) is not None:
+            start, state, record = restored
+            position = int(record["position"])
+            logging.info("resumed from step %d (data position %d)", start, position)
     console.banner(p, model_cfg, state.params, mesh, workdir, start)
     metrics_lib.write_config(workdir, p.to_json())
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=p.tensorboard, resume_step=start)

@@ -38,7 +38,7 @@ class TrainState:
     step: Array  # int32: optimizer updates applied
     rng: Array  # uint32 raw key data (checkpoint-friendly)
     schedule: schedule_lib.ScheduleState  # alpha-schedule state (EMA / ESS smoothing)
-    skipped: Array  # int32: updates skipped for a non-finite loss or gradient
+    skipped: Array  # int32: updates skipped for a non-finite loss, gradient or update
 
 
 def init_train_state(params: nnx.State, tx, seed: int, sched_cfg) -> TrainState:
@@ -163,7 +163,10 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A finite gradient can still give a non-finite update (lr = nan/inf, an optimizer
+        # state already overflowed): the update's norm must be finite too.
+        update_norm = optax.tree.norm(updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = state.replace(
             params=keep(params, state.params),
