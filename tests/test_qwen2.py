@@ -76,11 +76,10 @@ def test_logits_match_transformers_float32(hf_qwen2, tied, kv_heads):
     want = _torch_logits(ref, ids)
     np.testing.assert_allclose(np.asarray(forward(ours, ids)), want, atol=1e-4, rtol=0)
     # the biases matter: zeroing ours moves the logits far beyond the tolerance
-    state = nnx.state(ours, nnx.Param)
-    zeroed = jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.zeros_like(x) if "bias" in str(p[-1]) else x, state
-    )
-    nnx.update(ours, zeroed)
+    flat = nnx.to_flat_state(nnx.state(ours, nnx.Param))
+    biases = [(p, v.replace(jnp.zeros_like(v.get_value()))) for p, v in flat if "bias" in p[-1]]
+    assert len(biases) == 3 * ours.cfg.num_layers
+    nnx.update(ours, nnx.from_flat_state(biases))
     assert np.abs(np.asarray(forward(ours, ids)) - want).max() > 1e-2
 
 
