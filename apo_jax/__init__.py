@@ -2,7 +2,7 @@
 
 Package floors (each imports only from floors below it):
   infra/       sharding tables and meshes, multi-host start-up, checkpoints, metrics files
-  models/      model families (Qwen3), HF safetensors in and out
+  models/      model families as plug-ins (Qwen3, Qwen2 / Qwen2.5), HF safetensors in and out
   rollout/     KV cache, token sampling, the jitted sampler
   objectives/  loss families as plug-ins (APO, f-div, GRPO, DAPO, Dr.GRPO, GSPO), α/τ schedule
   tasks/       tasks as plug-ins (toy, MATH), datasets, verified rewards
@@ -15,7 +15,17 @@ Shape alphabet (every shape comment and einsum in the package):
   N query heads, K kv heads, H head dim, F MLP width, L layers, C vocabulary chunk.
 """
 
-from apo_jax.models.hf_io import load_qwen3, save_qwen3
+from apo_jax.models.hf_io import load_model, load_qwen3, save_model, save_qwen3
+from apo_jax.models.qwen2 import Qwen2Config
 from apo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
 
-__all__ = ["Qwen3", "Qwen3Config", "init_model", "load_qwen3", "save_qwen3"]
+__all__ = [
+    "Qwen2Config",
+    "Qwen3",
+    "Qwen3Config",
+    "init_model",
+    "load_model",
+    "load_qwen3",
+    "save_model",
+    "save_qwen3",
+]

@@ -19,9 +19,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 66  # rollout steps (each: sample a batch, then optim.mini_batches updates)
 
     c.model = m = ml_collections.ConfigDict()
-    m.preset = "qwen3_1p7b"  # Qwen3Config preset for random init, used when hf_dir is empty
+    m.preset = "qwen3_1p7b"  # preset of any family (models/registry.py), random init
     m.vocab_size = 0  # random init only: 0 = the preset's, -1 = the task's vocabulary size
-    m.hf_dir = ""  # Hugging Face Qwen3 directory (config.json + safetensors); overrides preset
+    m.hf_dir = ""  # HF model dir (family read from config.json); overrides preset
     m.param_dtype = "float32"  # learner parameter dtype: float32 | bfloat16
     m.dtype = "bfloat16"  # matmul compute dtype (accumulation is always float32)
     m.remat = True  # recompute each block's activations in the backward pass (saves memory)

@@ -117,7 +117,7 @@ def _edit_weights(ckpt, fn):
 
 
 def test_missing_directory_says_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such directory.*Hugging Face Qwen3 model"):
+    with pytest.raises(FileNotFoundError, match="no such directory.*Hugging Face model directory"):
         hf_io.load_qwen3(tmp_path / "nope")
 
 

@@ -1,17 +1,16 @@
-"""Hugging Face Qwen3 checkpoints in and out: `config.json` + (sharded) safetensors.
+"""Hugging Face checkpoints of any registered model family in and out: `config.json` +
+(sharded) safetensors.
 
-One explicit table maps every parameter of `model.Qwen3` to its HF key, HF shape and the
-transform between layouts (torch Linear stores [out, in]; we store [in, ...out dims]).
+`config.json` picks the family (models/registry.py); the family's explicit key map
+(models/hf_keys.py) maps every parameter to its HF key, HF shape and layout transforms.
 Loading reads tensor by tensor from memory-mapped files and places each one directly with its
 target sharding, so the whole model never sits on one host first.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,81 +21,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from apo_jax.infra import sharding as sharding_lib
-from apo_jax.models.qwen3 import Qwen3, Qwen3Config
+from apo_jax.models import family, hf_keys, registry
+from apo_jax.models.decoder import Decoder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 WHERE = (
-    "Pass a Hugging Face Qwen3 model directory (config.json + model.safetensors or a sharded "
-    "model.safetensors.index.json), e.g. one saved by transformers' save_pretrained or "
-    "downloaded from the Hub with `huggingface-cli download Qwen/Qwen3-1.7B --local-dir DIR`."
+    "Pass a Hugging Face model directory of a supported family (config.json + model.safetensors "
+    "or a sharded model.safetensors.index.json), e.g. one saved by transformers' save_pretrained "
+    "or downloaded from the Hub with `huggingface-cli download Qwen/Qwen3-1.7B --local-dir DIR`."
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    hf_key: str
-    hf_shape: tuple[int, ...]
-    to_jax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-def _same(x):
-    return x
-
-
-def _linear(out_dims: tuple[int, ...], in_dim: int, in_first: bool = True) -> tuple:
-    """torch [prod(out), in] <-> ours [in, *out] (in_first) or [*in, out] for o_proj/down."""
-    if in_first:
-        to_jax = lambda w: w.T.reshape(in_dim, *out_dims)
-        to_hf = lambda w: w.reshape(in_dim, -1).T
-    else:  # ours is [*in_dims, out]; `in_dim` here is the flattened input size
-        to_jax = lambda w: w.T.reshape(*out_dims)
-        to_hf = lambda w: w.reshape(-1, w.shape[-1]).T
-    return to_jax, to_hf
-
-
-def key_map(cfg: Qwen3Config) -> dict[tuple, _Entry]:
-    """Our parameter path -> (HF key, HF shape, transforms)."""
-    d, f, n, k, h = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-    )
-    table = {
-        ("embed_tokens",): _Entry("model.embed_tokens.weight", (cfg.vocab_size, d), _same, _same),
-        ("norm", "scale"): _Entry("model.norm.weight", (d,), _same, _same),
-    }
-    if not cfg.tie_word_embeddings:
-        table[("lm_head",)] = _Entry("lm_head.weight", (cfg.vocab_size, d), _same, _same)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        linear = {
-            ("attn", "q_proj"): (p + "self_attn.q_proj.weight", (n * h, d), _linear((n, h), d)),
-            ("attn", "k_proj"): (p + "self_attn.k_proj.weight", (k * h, d), _linear((k, h), d)),
-            ("attn", "v_proj"): (p + "self_attn.v_proj.weight", (k * h, d), _linear((k, h), d)),
-            ("attn", "o_proj"): (
-                p + "self_attn.o_proj.weight",
-                (d, n * h),
-                _linear((n, h, d), n * h, in_first=False),
-            ),
-            ("mlp", "gate_proj"): (p + "mlp.gate_proj.weight", (f, d), _linear((f,), d)),
-            ("mlp", "up_proj"): (p + "mlp.up_proj.weight", (f, d), _linear((f,), d)),
-            ("mlp", "down_proj"): (p + "mlp.down_proj.weight", (d, f), _linear((d,), f)),
-        }
-        for path, (key, shape, (to_jax, to_hf)) in linear.items():
-            table[("layers", i, *path)] = _Entry(key, shape, to_jax, to_hf)
-        norms = {
-            ("input_layernorm", "scale"): (p + "input_layernorm.weight", (d,)),
-            ("post_attention_layernorm", "scale"): (p + "post_attention_layernorm.weight", (d,)),
-            ("attn", "q_norm", "scale"): (p + "self_attn.q_norm.weight", (h,)),
-            ("attn", "k_norm", "scale"): (p + "self_attn.k_norm.weight", (h,)),
-        }
-        for path, (key, shape) in norms.items():
-            table[("layers", i, *path)] = _Entry(key, shape, _same, _same)
-    return table
+def key_map(cfg: family.ModelConfig) -> dict[tuple, hf_keys.Entry]:
+    """Our parameter path -> (HF key, HF shape, transforms), from the config's family."""
+    return registry.of(cfg).key_map(cfg)
 
 
 def _weight_files(hf_dir: str) -> dict[str, str]:
@@ -136,15 +75,16 @@ def _open(path: str):
         ) from None
 
 
-def load_qwen3(
+def load_model(
     hf_dir: str | os.PathLike,
     *,
     dtype=jnp.float32,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules = sharding_lib.TRAIN_RULES,
     remat: bool = False,
-) -> Qwen3:
-    """Loads a HF Qwen3 checkpoint into an NNX `Qwen3` with parameters (and compute) in `dtype`.
+) -> Decoder:
+    """Loads a HF checkpoint of any registered family (picked from config.json) with parameters
+    (and compute) in `dtype`.
 
     With a mesh, each tensor goes straight to its NamedSharding (from the logical axes and
     `rules`); nothing is first gathered on one device.
@@ -152,9 +92,10 @@ def load_qwen3(
     hf_dir = os.fspath(hf_dir)
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"{hf_dir}: no such directory. {WHERE}")
-    cfg = Qwen3Config.from_hf(os.path.join(hf_dir, "config.json"))
+    cfg = registry.config_from_hf(os.path.join(hf_dir, "config.json"))
+    fam = registry.of(cfg)
     files = _weight_files(hf_dir)
-    table = key_map(cfg)
+    table = fam.key_map(cfg)
 
     expected = {e.hf_key for e in table.values()}
     # A tied checkpoint may still carry lm_head.weight (= the embedding); it is not needed.
@@ -169,11 +110,11 @@ def load_qwen3(
     if unexpected:
         raise KeyError(
             f"{files[unexpected[0]]}: unexpected safetensors key {unexpected[0]!r} "
-            "for a dense Qwen3 with this config.json"
+            f"for a {fam.name} model with this config.json"
         )
 
     abstract = nnx.eval_shape(
-        lambda: Qwen3(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, remat=remat)
+        lambda: fam.build(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, remat=remat)
     )
     graphdef, state = nnx.split(abstract)
     shardings = None if mesh is None else sharding_lib.tree_shardings(state, mesh, rules)
@@ -211,8 +152,8 @@ def load_qwen3(
     return nnx.merge(graphdef, nnx.from_flat_state(values))
 
 
-def save_qwen3(
-    model: Qwen3, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 1024**3
+def save_model(
+    model: family.CausalLM, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 1024**3
 ) -> None:
     """Writes `config.json` and safetensors (sharded with an index above `max_shard_bytes`) that
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with identical logits."""
@@ -253,3 +194,8 @@ def save_qwen3(
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
+
+
+# The Qwen3-era public names (apo_jax.load_qwen3 / save_qwen3): any family loads and saves.
+load_qwen3 = load_model
+save_qwen3 = save_model

@@ -24,7 +24,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from apo_jax.infra import sharding as sharding_lib
-from apo_jax.models import qwen3 as model_lib
 from apo_jax.rollout import kv_cache as kv_cache_lib
 from apo_jax.rollout import sampling as sampling_lib
 from apo_jax.rollout.sampling import SamplingParams
@@ -233,10 +232,10 @@ class Sampler:
     def _decode(self, params, state: DecodeState, *, sp: SamplingParams) -> DecodeState:
         self.traces["decode"] += 1
         model = nnx.merge(self.graphdef, params)
-        cfg, first_slot = model.cfg, state.cache.length - self.max_new_tokens
+        first_slot = state.cache.length - self.max_new_tokens
         # RoPE tables for every decode slot, built once outside the loop (see rope_tables).
         positions = kv_cache_lib.positions(state.cache.starts, first_slot, self.max_new_tokens)
-        cos, sin = model_lib.rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, 1, *]
+        cos, sin = model.rope_tables(positions)  # [B, T, 1, *]
 
         def cond(s: DecodeState):
             return (s.step < self.max_new_tokens) & ~jnp.all(s.done)

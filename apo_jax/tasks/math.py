@@ -276,6 +276,51 @@ def check_tokenizer(tokenizer, where: str) -> None:
         )
 
 
+def _end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (Qwen: <|im_end|>),
+    found by rendering one assistant turn: the first special token after its text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "MARKER7431"
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # a template that cannot render a plain turn names no end-of-turn token
+        return None
+    if marker not in text:
+        return None
+    tail = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return next((i for i in tail["input_ids"] if i in special), None)
+
+
+def stop_token_ids(tokenizer, model_dir: str | os.PathLike | None = None) -> tuple[int, ...]:
+    """The ids that end a completion, in order, without duplicates: `eos_token_id` of
+    generation_config.json (in `model_dir`, else beside the tokenizer) when there is one, the chat
+    template's end-of-turn token, the tokenizer's eos token, and its pad token (a model that emits
+    the padding token has left the text: Qwen's pad <|endoftext|> is its end-of-document token).
+    Qwen3: (151645 <|im_end|>, 151643 <|endoftext|>)."""
+    ids: list[int] = []
+    dirs = [d for d in (model_dir, getattr(tokenizer, "name_or_path", None)) if d]
+    for d in dirs:
+        path = Path(d) / "generation_config.json"
+        if path.is_file():
+            try:
+                eos = json.loads(path.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            ids += [eos] if isinstance(eos, int) else list(eos or [])
+            break
+    ids += [_end_of_turn_id(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id]
+    out = tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+    if not out:
+        raise ValueError(
+            f"tokenizer {dirs[-1] if dirs else tokenizer!r}: no stop token found (no "
+            "generation_config.json eos_token_id, chat-template end-of-turn, eos or pad token)"
+        )
+    return out
+
+
 def chat_messages(question: str, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [*system, {"role": "user", "content": question}]
@@ -378,14 +423,15 @@ class MathTask:
         reward_workers: int = 4,
         reward_timeout_s: float = 5.0,
         name: str = "math",
+        model_dir: str | os.PathLike | None = None,  # for its generation_config.json
     ):
         rewards_lib.validate_reward_name(reward_name)
         self.name, self.reward_name, self.tokenizer = name, reward_name, tokenizer
         check_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "") or "tokenizer")
         self.vocab_size = len(tokenizer)
-        im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-        self.eos_ids = (im_end, eot)
-        self.pad_id = eot if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        self.eos_ids = stop_token_ids(tokenizer, model_dir)
+        pad = tokenizer.pad_token_id
+        self.pad_id = self.eos_ids[-1] if pad is None else pad
         fmt = dict(
             enable_thinking=enable_thinking,
             system_prompt=system_prompt,
@@ -493,6 +539,7 @@ def _build(p, ctx: registry.TaskContext) -> MathTask:
         reward_name=p["reward"],
         max_prompt_len=ctx.max_prompt_len,
         enable_thinking=p["enable_thinking"],
+        model_dir=ctx.model_dir or None,
     )
 
 

@@ -23,8 +23,9 @@ from flax import nnx
 
 from apo_jax import objectives, tasks
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import decoder as model_lib
 from apo_jax.models import hf_io
-from apo_jax.models import qwen3 as model_lib
+from apo_jax.models import registry as models
 from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.trainer import step as step_lib
@@ -220,7 +221,7 @@ def task(p: Plan) -> tasks.Task:
     return p.task.build(p.task_params, ctx)
 
 
-def model_config(p: Plan, task_vocab: int) -> model_lib.Qwen3Config:
+def model_config(p: Plan, task_vocab: int) -> model_lib.DecoderConfig:
     """The architecture, read without touching any weights (for checks before loading)."""
     m = p.model
     if m.hf_dir:
@@ -228,9 +229,9 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.Qwen3Config:
             raise FileNotFoundError(
                 f"config.model.hf_dir={m.hf_dir!r}: no such directory. {hf_io.WHERE}"
             )
-        cfg = model_lib.Qwen3Config.from_hf(os.path.join(m.hf_dir, "config.json"))
+        cfg = models.config_from_hf(os.path.join(m.hf_dir, "config.json"))
     else:
-        cfg = model_lib.Qwen3Config.preset(m.preset)
+        cfg = models.preset(m.preset)
         if m.vocab_size:
             vocab = task_vocab if m.vocab_size == -1 else m.vocab_size
             cfg = dataclasses.replace(cfg, vocab_size=vocab)
@@ -239,11 +240,11 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.Qwen3Config:
     return cfg
 
 
-def model(p: Plan, cfg: model_lib.Qwen3Config, mesh):
+def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
     """(graphdef, params) with every parameter created directly in its sharding on `mesh`."""
     m = p.model
     if m.hf_dir:
-        loaded = hf_io.load_qwen3(m.hf_dir, dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        loaded = hf_io.load_model(m.hf_dir, dtype=m.param_dtype, mesh=mesh, remat=m.remat)
         loaded.dtype = m.dtype  # the compute dtype may differ from the stored one
         return nnx.split(loaded, nnx.Param)
     kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
@@ -254,7 +255,7 @@ def model(p: Plan, cfg: model_lib.Qwen3Config, mesh):
     return graphdef, params
 
 
-def abstract_model(p: Plan, cfg: model_lib.Qwen3Config):
+def abstract_model(p: Plan, cfg: model_lib.DecoderConfig):
     """(graphdef, abstract params): shapes only, nothing allocated (restores, dry runs)."""
     m = p.model
     kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)

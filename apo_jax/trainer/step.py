@@ -22,7 +22,7 @@ from jaxtyping import Array, Float
 
 from apo_jax import objectives
 from apo_jax.infra import sharding as sharding_lib
-from apo_jax.models import qwen3 as model_lib
+from apo_jax.models import decoder as model_lib
 from apo_jax.objectives import common
 from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.trainer import logprobs as logprobs_lib

@@ -1,0 +1,355 @@
+"""The dense pre-norm decoder every model family shares (Qwen3, Qwen2 / Qwen2.5), in Flax NNX.
+
+A family is this decoder plus its config (`DecoderConfig` subclass: presets, HF config.json in
+and out, two switches: q/k RMSNorm, q/k/v biases) and its HF key map; see models/family.py.
+
+Shape alphabet (used in every einsum and shape comment of the package):
+  B batch, T query length, S key/value (cache) length, D model dim, N query heads,
+  K kv heads, G = N // K query heads per kv head, H head dim, F MLP hidden, V vocab, L layers.
+
+Dtype policy:
+  - parameters are stored in `param_dtype` (float32 for the learner, bfloat16 for a rollout copy);
+  - matmuls run in the compute `dtype` with float32 accumulation (`preferred_element_type`);
+  - RMSNorm statistics, attention logits and softmax, final logits and everything downstream
+    (log-probs, losses) are float32.
+
+Every parameter carries logical axis names (`axes` metadata) that `sharding.py` maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from apo_jax.models.family import KVLayer, RopeTables
+
+# Finite (not -inf) so that a fully masked row (left padding) gives a uniform softmax, not NaN.
+MASK_VALUE = -1e30
+
+
+def write_kv(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""]) -> KVLayer:
+    """Writes this step's k, v [B, T, K, H] at slots index .. index + T - 1 of one layer's cache
+    ([B, K, S, H]: the attention dots batch over (B, K); see rollout/kv_cache.py)."""
+    at = (0, 0, index, 0)
+    k = jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), at)
+    v = jax.lax.dynamic_update_slice(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), at)
+    return k, v  # [B, K, S, H] each
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of a dense pre-norm decoder (what a Hugging Face `config.json` describes).
+
+    Each family subclasses this with its presets, `from_hf` / `to_hf` and its two switches
+    (class attributes, not fields: they are what makes the family, not a per-model choice)."""
+
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H (explicit: not hidden_size // num_heads in general)
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 40960
+
+    qk_norm: ClassVar[bool] = False  # RMSNorm of q and k per head before RoPE (Qwen3)
+    qkv_bias: ClassVar[bool] = False  # biases on the q, k, v projections (Qwen2)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}.{field} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{name}: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads} (grouped-query attention needs that)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"{name}.head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ValueError(
+                f"{name}: rope_theta ({self.rope_theta}) and rms_norm_eps "
+                f"({self.rms_norm_eps}) must be positive"
+            )
+
+    @property
+    def num_params(self) -> int:
+        d, f, n, k, h = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
+        layer = d * h * (2 * n + 2 * k) + 3 * d * f + 2 * d
+        layer += 2 * h if self.qk_norm else 0
+        layer += (n + 2 * k) * h if self.qkv_bias else 0
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std=0.02) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), axes=axes)
+
+
+def _dot(eq: str, x: Array, w: Array, dtype) -> Array:
+    """einsum in the compute dtype with float32 accumulation, result in the compute dtype."""
+    out = jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) in float32, cast back to the input dtype, then scaled (no 1 + w offset)."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis_name,))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_tables(positions: Int[Array, "B T"], head_dim: int, theta: float) -> RopeTables:
+    """cos/sin of the rotary angles for `positions`, shared by all layers.
+
+    XLA:CPU fuses (and so recomputes) the sin/cos into each layer's q and k consumers; a decode
+    loop should build the tables for all its steps once and pass each step's slice as
+    `hidden_states(..., rope_cs=...)`."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
+
+
+def apply_rope(x: Float[Array, "B T N H"], tables: RopeTables) -> Array:
+    """Rotary embedding, non-interleaved ("rotate half") as in the Hugging Face Qwen models."""
+    cos, sin = (t.astype(x.dtype) for t in tables)
+    h = x.shape[-1]
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg, self.dtype = cfg, dtype
+        self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
+        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", param_dtype)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", param_dtype)
+        if cfg.qkv_bias:  # zeros, as transformers initialises Linear biases
+            self.q_bias = nnx.Param(jnp.zeros((n, h), param_dtype), axes=("heads", "head_dim"))
+            self.k_bias = nnx.Param(jnp.zeros((k, h), param_dtype), axes=("kv_heads", "head_dim"))
+            self.v_bias = nnx.Param(jnp.zeros((k, h), param_dtype), axes=("kv_heads", "head_dim"))
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        rope_cs: RopeTables,
+        mask: Bool[Array, "B T S"],
+        kv: KVLayer | None = None,
+        cache_index: Int[Array, ""] | None = None,
+    ) -> tuple[Array, KVLayer]:
+        cfg, dt = self.cfg, self.dtype
+        q = _dot("BTD,DNH->BTNH", x, self.q_proj[...], dt)  # [B, T, N, H]
+        k = _dot("BTD,DKH->BTKH", x, self.k_proj[...], dt)  # [B, T, K, H]
+        v = _dot("BTD,DKH->BTKH", x, self.v_proj[...], dt)  # [B, T, K, H]
+        if cfg.qkv_bias:  # added in the compute dtype, like torch's Linear(bias=True)
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:  # Qwen3 normalises q and k per head *before* the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope_cs), apply_rope(k, rope_cs)
+        b, t = q.shape[:2]
+        g = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)  # [B, T, K, G, H]
+        kv_eq = "BSKH"  # uncached: attend to this call's own keys, [B, S=T, K, H]
+        if kv is not None:  # the cache is [B, K, S, H]: see rollout/kv_cache.py for why
+            k, v = write_kv(kv, k, v, cache_index)
+            kv_eq = "BKSH"
+        scores = jnp.einsum(
+            f"BTKGH,{kv_eq}->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32
+        )
+        scores = scores * cfg.head_dim**-0.5  # [B, K, G, T, S] float32
+        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
+        # Output BKGTH, then a small transpose: XLA:CPU has no bf16 x bf16 -> f32 kernel for the
+        # BKSH dot with a BTKGH output (it fails at run time).
+        out = jnp.einsum(
+            f"BKGTS,{kv_eq}->BKGTH", probs, v.astype(dt), preferred_element_type=jnp.float32
+        )
+        out = out.transpose(0, 3, 1, 2, 4).astype(dt)  # [B, T, K, G, H]
+        # Contract over N*H as one dim: with "BTNH,NHD" XLA:CPU picked an [H, N, D] order and
+        # transposed the whole o_proj weight on every call (a copy per layer per decode step).
+        nh = cfg.num_heads * cfg.head_dim
+        out = out.reshape(b, t, nh)  # [B, T, N*H]
+        w_o = self.o_proj[...].reshape(nh, -1)  # [N*H, D]
+        return _dot("BTE,ED->BTD", out, w_o, dt), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.dtype = dtype
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        gate = _dot("BTD,DF->BTF", x, self.gate_proj[...], self.dtype)  # [B, T, F]
+        up = _dot("BTD,DF->BTF", x, self.up_proj[...], self.dtype)  # [B, T, F]
+        return _dot("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...], self.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype
+        )
+        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+
+    def __call__(self, x, rope_cs, mask, kv=None, cache_index=None):
+        h, kv = self.attn(self.input_layernorm(x), rope_cs, mask, kv, cache_index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Decoder(nnx.Module):
+    """Dense causal LM (any family's config). `model(input_ids)` returns float32 logits
+    [B, T, V]. Implements `family.CausalLM`."""
+
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+        remat: bool = False,
+    ):
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        v, d = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, "norm", param_dtype)
+        if not cfg.tie_word_embeddings:
+            # Stored like the embedding, [V, D] (HF's lm_head.weight layout), so that the fused
+            # log-prob code sees one unembedding layout whether or not the head is tied.
+            self.lm_head = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
+
+    def rope_tables(self, positions: Int[Array, "B T"]) -> RopeTables:
+        """cos/sin tables for `positions` (see `rope_tables`), for `hidden_states(rope_cs=)`."""
+        return rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def unembed(self) -> Float[Array, "V D"]:
+        """The LM head matrix, rows indexed by vocabulary."""
+        w = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+        return w[...]
+
+    def hidden_states(
+        self,
+        input_ids: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        mask: Bool[Array, "B T S"],
+        cache: Sequence[KVLayer] | None = None,
+        cache_index: Int[Array, ""] | None = None,
+        *,
+        rope_cs: RopeTables | None = None,
+    ) -> tuple[Float[Array, "B T D"], list[KVLayer] | None]:
+        """Final-norm hidden states, plus the updated per-layer KV cache when one is given.
+
+        Without a cache, `mask[b, t, s]` says whether query t may attend to key s of the same
+        sequence (S == T). With a cache of length S, this step's T keys are written at slots
+        `cache_index .. cache_index + T - 1` first, and `mask` ranges over all S slots.
+        `rope_cs`, if given, are precomputed `rope_tables(positions, ...)` (positions unused).
+        """
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+        if rope_cs is None:
+            rope_cs = self.rope_tables(positions)
+        new_cache = [] if cache is not None else None
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else cache[i]
+            if self.remat:
+                x, kv = nnx.remat(lambda blk, x, kv: blk(x, rope_cs, mask, kv, cache_index))(
+                    block, x, kv
+                )
+            else:
+                x, kv = block(x, rope_cs, mask, kv, cache_index)
+            if new_cache is not None:
+                new_cache.append(kv)
+        return self.norm(x), new_cache
+
+    def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        w = self.unembed().astype(self.dtype)
+        return jnp.einsum(
+            "BTD,VD->BTV", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32
+        )
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "B T"],
+        *,
+        attention_mask: Array | None = None,
+        positions: Int[Array, "B T"] | None = None,
+    ) -> Float[Array, "B T V"]:
+        """Causal forward pass. `attention_mask` [B, T] marks real tokens (1) vs padding (0);
+        positions default to the count of real tokens before each one, so a left- or
+        right-padded row gives the same logits at its real tokens as the unpadded row."""
+        hidden = self.hidden_states(
+            input_ids, *causal_inputs(input_ids, attention_mask, positions)
+        )[0]
+        return self.logits(hidden)
+
+
+def causal_inputs(
+    input_ids: Int[Array, "B T"],
+    attention_mask: Array | None = None,
+    positions: Array | None = None,
+) -> tuple[Int[Array, "B T"], Bool[Array, "B T T"]]:
+    """Positions and the [B, T, T] causal + padding mask for an uncached forward pass."""
+    b, t = input_ids.shape
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)  # [B, T]
+    causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
+    return positions, causal[None] & valid[:, None, :]  # [B, T, T]
+
+
+def init_model(cfg: DecoderConfig, seed: int = 0, **kwargs) -> Decoder:
+    """A randomly initialised model of any family (HF-like init: normal(0.02), norms at one,
+    biases at zero)."""
+    return Decoder(cfg, rngs=nnx.Rngs(params=seed), **kwargs)
