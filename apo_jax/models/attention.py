@@ -1,0 +1,413 @@
+"""Causal GQA attention behind one selector (`model.attention`): a described mask, the naive
+reference, a blockwise online-softmax XLA version (any backend), cuDNN (GPU) and splash (TPU).
+
+Shapes: q [B, T, N, H]; k, v [B, S, K, H] ("BSKH", a call's own keys) or [B, K, S, H] ("BKSH",
+the KV cache); N = K * G with query head n reading kv head n // G. Output [B, T, N, H] in q.dtype.
+Scores, softmax statistics and accumulators are float32 in every implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+IMPLS = ("auto", "xla_blockwise", "cudnn", "splash", "naive")
+# Finite (not -inf) so that a fully masked row in `naive` gives a uniform softmax, not NaN.
+MASK_VALUE = -1e30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Which key slots each query sees, without a [B, T, S] array.
+
+    Query t sits at slot `q_offset + t` and sees key slot s iff
+    `kv_start[b] <= s < kv_end[b]` and `s <= q_offset + t` (causal). `q_offset=None` means a
+    call's own keys (T == S, offset 0): the only case the cuDNN / splash kernels take.
+    Training: `from_valid(valid)` (left-padded prompt + right-padded completion); prefill into an
+    empty cache of P slots: `Mask(starts, full(P), None)`; a cached step: `for_cache`.
+    Queries outside [kv_start, kv_end) are padding: their outputs are finite and implementation-
+    defined (naive: mean of v; blockwise: 0 where no key is visible; kernels: 0).
+    """
+
+    kv_start: Int[Array, " B"]  # first real key slot (left padding before it)
+    kv_end: Int[Array, " B"]  # one past the last real key slot (right padding / unfilled cache)
+    q_offset: Int[Array, ""] | None = None  # slot of query 0 (the cache write index)
+
+    @classmethod
+    def from_valid(cls, valid: Bool[Array, "B T"]) -> Mask:
+        """Uncached mask from real-token flags; each row's real tokens must be contiguous."""
+        valid = valid.astype(bool)
+        t = valid.shape[1]
+        idx = jnp.arange(t, dtype=jnp.int32)
+        start = jnp.min(jnp.where(valid, idx, t), axis=1)  # [B]; t for an empty row
+        end = jnp.max(jnp.where(valid, idx + 1, 0), axis=1)  # [B]; 0 for an empty row
+        return cls(start.astype(jnp.int32), jnp.maximum(end, start).astype(jnp.int32))
+
+    @classmethod
+    def for_cache(cls, starts: Int[Array, " B"], index, num_queries: int) -> Mask:
+        """T = num_queries queries written at cache slots index .. index + T - 1: they see the
+        filled slots starts[b] .. their own (the kv_cache.step_inputs mask, described)."""
+        index = jnp.asarray(index, jnp.int32)
+        end = jnp.broadcast_to(index + num_queries, starts.shape).astype(jnp.int32)
+        return cls(starts.astype(jnp.int32), end, index)
+
+    def dense(self, num_queries: int, num_keys: int) -> Bool[Array, "B T S"]:
+        """The [B, T, S] boolean this mask describes (for `naive` and tests)."""
+        q = jnp.arange(num_queries, dtype=jnp.int32)
+        if self.q_offset is not None:
+            q = q + self.q_offset
+        s = jnp.arange(num_keys, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
+        lo, hi = self.kv_start[:, None, None], self.kv_end[:, None, None]
+        return (s >= lo) & (s < hi) & (s <= q[None, :, None])  # [B, T, S]
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"model.attention must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def resolve(impl: str, q: Array, k: Array, mask: Mask, kv_layout: str = "BSKH") -> str:
+    """The implementation a call runs. The kernels take the uncached shape only (q_offset None,
+    T == S); a cached step under `cudnn` / `splash` runs `xla_blockwise` (decode and prefill
+    with an offset are not kernel-shaped). `auto`: cuDNN on GPU when it takes the shapes,
+    splash on TPU, else xla_blockwise."""
+    check_impl(impl)
+    s = k.shape[2 if kv_layout == "BKSH" else 1]
+    uncached = mask.q_offset is None and q.shape[1] == s
+    backend = jax.default_backend()
+    if impl == "cudnn" and backend != "gpu":
+        raise ValueError(f"model.attention='cudnn' needs a GPU backend, this one is {backend!r}")
+    if impl == "cudnn" and not _cudnn_takes(q):
+        raise ValueError(
+            f"model.attention='cudnn' takes bf16/fp16 with head_dim % 8 == 0 and <= 256, got "
+            f"{q.dtype} head_dim {q.shape[-1]} (use 'auto' or 'xla_blockwise')"
+        )
+    if impl in ("cudnn", "splash") and not uncached:
+        return "xla_blockwise"
+    if impl == "auto":
+        if backend == "gpu" and uncached and _cudnn_takes(q):
+            return "cudnn"
+        if backend == "tpu" and uncached:
+            return "splash"
+        return "xla_blockwise"
+    return impl
+
+
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Mask,
+    *,
+    impl: str = "auto",
+    kv_layout: str = "BSKH",
+    scale: float | None = None,
+    block_q: int = 256,
+    block_k: int = 256,
+    interpret: bool = False,
+) -> Array:
+    """Causal GQA attention of q [B, T, N, H] over k, v (`kv_layout`), masked by `mask`.
+    `block_q` / `block_k` size xla_blockwise's tiles; `interpret` runs splash in Pallas
+    interpret mode (CPU tests)."""
+    if kv_layout not in ("BSKH", "BKSH"):
+        raise ValueError(f"kv_layout must be 'BSKH' or 'BKSH', got {kv_layout!r}")
+    b, t, n, h = q.shape
+    kh = k.shape[1 if kv_layout == "BKSH" else 2]
+    if n % kh or k.shape != v.shape or k.shape[-1] != h:
+        raise ValueError(f"attention: q {q.shape} does not fit k {k.shape} / v {v.shape}")
+    scale = h**-0.5 if scale is None else scale
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    which = resolve(impl, q, k, mask, kv_layout)
+    if which == "naive":
+        return naive(q, k, v, mask, kv_layout=kv_layout, scale=scale)
+    if which == "cudnn":
+        return _cudnn(q, _to_bskh(k, kv_layout), _to_bskh(v, kv_layout), mask, scale)
+    if which == "splash":
+        kt, vt = (x if kv_layout == "BKSH" else x.transpose(0, 2, 1, 3) for x in (k, v))
+        return _splash(q, kt, vt, mask, scale, interpret)
+    cfg = _Blocks(block_q, block_k, scale, kv_layout)
+    offset = jnp.zeros((), jnp.int32) if mask.q_offset is None else mask.q_offset
+    return _flash(cfg, q, k, v, mask.kv_start, mask.kv_end, jnp.asarray(offset, jnp.int32))
+
+
+# --- naive: the reference (the model's original code path) -------------------------------------
+def naive(q, k, v, mask: Mask | Array, *, kv_layout: str = "BSKH", scale: float) -> Array:
+    """Materialises float32 scores [B, K, G, T, S]; `mask` may be a Mask or a dense [B, T, S]."""
+    b, t, n, h = q.shape
+    kh = k.shape[1 if kv_layout == "BKSH" else 2]
+    dt = q.dtype
+    dense = mask.dense(t, k.shape[kv_layout.index("S")]) if isinstance(mask, Mask) else mask
+    q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+    scores = jnp.einsum(
+        f"BTKGH,{kv_layout}->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32
+    )
+    scores = scores * scale  # [B, K, G, T, S] float32
+    scores = jnp.where(dense[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
+    # Output BKGTH, then a small transpose: XLA:CPU has no bf16 x bf16 -> f32 kernel for the
+    # BKSH dot with a BTKGH output (it fails at run time).
+    out = jnp.einsum(
+        f"BKGTS,{kv_layout}->BKGTH", probs, v.astype(dt), preferred_element_type=jnp.float32
+    )
+    return out.transpose(0, 3, 1, 2, 4).astype(dt).reshape(b, t, n, h)  # [B, T, N, H]
+
+
+# --- xla_blockwise: flash attention in plain XLA -----------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Blocks:
+    block_q: int
+    block_k: int
+    scale: float
+    kv_layout: str
+
+
+def _slots(i, size: int, length: int):
+    """Start of tile i: i * size, shifted back so the last tile ends at `length` (no padding
+    copies of a cache; rows the shift repeats are masked by their nominal start)."""
+    return jnp.minimum(i * size, length - size)
+
+
+def _kv_tile(x, start, size: int, layout: str):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=layout.index("S"))
+
+
+def _visible(kv_start, kv_end, q_slots, k_slots, k_from, q_rows=None, q_from=None):
+    """[B, 1, 1, bq, bk] visibility of a tile; k_from / q_from are the nominal tile starts."""
+    k = k_slots[None, None, :]  # [1, 1, bk]
+    vis = (k >= kv_start[:, None, None]) & (k < kv_end[:, None, None])
+    vis = vis & (k <= q_slots[None, :, None]) & (k >= k_from)  # [B, bq, bk]
+    if q_from is not None:  # backward: a repeated query row must not add its gradient twice
+        vis = vis & (q_rows[None, :, None] >= q_from)
+    return vis[:, None, None]
+
+
+def _key_range(cfg: _Blocks, kv_start, kv_end, q_last_slot, s: int):
+    """Key tiles [lo, hi) some row of the batch can see: before hi the keys are filled
+    (kv_end) and causal (q_last_slot); a dynamic trip count, so decode skips empty slots."""
+    bk = min(cfg.block_k, s)
+    lo = jnp.min(kv_start) // bk
+    hi_slot = jnp.minimum(jnp.max(kv_end), q_last_slot + 1)
+    hi = jnp.clip(-(-hi_slot // bk), 0, -(-s // bk))
+    return jnp.minimum(lo, hi), hi
+
+
+def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset):
+    b, t, n, h = q.shape
+    lay = cfg.kv_layout
+    s, kh = k.shape[lay.index("S")], k.shape[lay.index("K")]
+    g, bq, bk, dt = n // kh, min(cfg.block_q, t), min(cfg.block_k, s), q.dtype
+    q5 = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]
+
+    def q_tile(i, carry):
+        out, lse = carry
+        qs = _slots(i, bq, t)
+        qb = jax.lax.dynamic_slice_in_dim(q5, qs, bq, axis=1)  # [B, bq, K, G, H]
+        q_slots = q_offset + qs + jnp.arange(bq, dtype=jnp.int32)  # [bq]
+        lo, hi = _key_range(cfg, kv_start, kv_end, q_offset + qs + bq - 1, s)
+
+        def k_tile(j, c):
+            m, den, acc = c
+            ks = _slots(j, bk, s)
+            kb, vb = _kv_tile(k, ks, bk, lay), _kv_tile(v, ks, bk, lay)
+            sc = jnp.einsum(f"BTKGH,{lay}->BKGTS", qb, kb, preferred_element_type=jnp.float32)
+            k_slots = ks + jnp.arange(bk, dtype=jnp.int32)
+            vis = _visible(kv_start, kv_end, q_slots, k_slots, j * bk)  # [B, 1, 1, bq, bk]
+            sc = jnp.where(vis, sc * cfg.scale, MASK_VALUE)  # [B, K, G, bq, bk] float32
+            m_new = jnp.maximum(m, sc.max(-1))  # [B, K, G, bq]
+            p = jnp.where(vis, jnp.exp(sc - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            pv = jnp.einsum(
+                f"BKGTS,{lay}->BKGTH", p.astype(dt), vb, preferred_element_type=jnp.float32
+            )
+            return m_new, den * alpha + p.sum(-1), acc * alpha[..., None] + pv
+
+        init = (
+            jnp.full((b, kh, g, bq), MASK_VALUE, jnp.float32),
+            jnp.zeros((b, kh, g, bq), jnp.float32),
+            jnp.zeros((b, kh, g, bq, h), jnp.float32),
+        )
+        m, den, acc = jax.lax.fori_loop(lo, hi, k_tile, init)
+        seen = den > 0  # a query that sees no key gets 0, not NaN
+        ob = (acc / jnp.where(seen, den, 1.0)[..., None]).astype(dt)  # [B, K, G, bq, H]
+        lse_b = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), 0.0)  # [B, K, G, bq]
+        out = jax.lax.dynamic_update_slice_in_dim(out, ob.transpose(0, 3, 1, 2, 4), qs, axis=1)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_b, qs, axis=3)
+        return out, lse
+
+    init = (jnp.zeros((b, t, kh, g, h), dt), jnp.zeros((b, kh, g, t), jnp.float32))
+    out, lse = jax.lax.fori_loop(0, -(-t // bq), q_tile, init)
+    return out.reshape(b, t, n, h), lse  # [B, T, N, H], [B, K, G, T] float32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset):
+    return _fwd(cfg, q, k, v, kv_start, kv_end, q_offset)[0]
+
+
+def _flash_fwd(cfg, q, k, v, kv_start, kv_end, q_offset):
+    out, lse = _fwd(cfg, q, k, v, kv_start, kv_end, q_offset)
+    # Residuals are O(T + S): no [T, S] tile survives the forward pass.
+    return out, (q, k, v, kv_start, kv_end, q_offset, out, lse)
+
+
+def _flash_bwd(cfg: _Blocks, res, dout):
+    """FlashAttention-2 backward: per key tile, recompute each query tile's probabilities
+    from the saved logsumexp; dk, dv accumulate over query tiles, dq over key tiles."""
+    q, k, v, kv_start, kv_end, q_offset, out, lse = res
+    b, t, n, h = q.shape
+    lay = cfg.kv_layout
+    s, kh = k.shape[lay.index("S")], k.shape[lay.index("K")]
+    g, bq, bk, dt = n // kh, min(cfg.block_q, t), min(cfg.block_k, s), q.dtype
+    q5, do5 = q.reshape(b, t, kh, g, h), dout.astype(dt).reshape(b, t, kh, g, h)
+    # D_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij, the softmax-backward row term.
+    o5 = out.reshape(b, t, kh, g, h)
+    dd = jnp.einsum("BTKGH,BTKGH->BKGT", do5, o5, preferred_element_type=jnp.float32)
+    lo, hi = _key_range(cfg, kv_start, kv_end, q_offset + t - 1, s)
+
+    def k_tile(j, carry):
+        dq, dk, dv = carry
+        ks = _slots(j, bk, s)
+        kb, vb = _kv_tile(k, ks, bk, lay), _kv_tile(v, ks, bk, lay)
+        k_slots = ks + jnp.arange(bk, dtype=jnp.int32)
+        # Query tiles that can see this key tile: causal lower bound on their last slot.
+        i_lo = jnp.clip((j * bk - q_offset) // bq, 0, -(-t // bq))
+
+        def q_tile(i, c):
+            dq, dkb, dvb = c
+            qs = _slots(i, bq, t)
+            qb = jax.lax.dynamic_slice_in_dim(q5, qs, bq, axis=1)  # [B, bq, K, G, H]
+            dob = jax.lax.dynamic_slice_in_dim(do5, qs, bq, axis=1)
+            lse_b = jax.lax.dynamic_slice_in_dim(lse, qs, bq, axis=3)  # [B, K, G, bq]
+            dd_b = jax.lax.dynamic_slice_in_dim(dd, qs, bq, axis=3)
+            rows = qs + jnp.arange(bq, dtype=jnp.int32)
+            vis = _visible(kv_start, kv_end, q_offset + rows, k_slots, j * bk, rows, i * bq)
+            sc = jnp.einsum(f"BTKGH,{lay}->BKGTS", qb, kb, preferred_element_type=jnp.float32)
+            p = jnp.where(vis, jnp.exp(sc * cfg.scale - lse_b[..., None]), 0.0)  # [B,K,G,bq,bk]
+            dp = jnp.einsum(f"BTKGH,{lay}->BKGTS", dob, vb, preferred_element_type=jnp.float32)
+            ds = (p * (dp - dd_b[..., None]) * cfg.scale).astype(dt)  # d(scores before scale)
+            dvb = dvb + jnp.einsum(
+                f"BKGTS,BTKGH->{lay}", p.astype(dt), dob, preferred_element_type=jnp.float32
+            )
+            dkb = dkb + jnp.einsum(
+                f"BKGTS,BTKGH->{lay}", ds, qb, preferred_element_type=jnp.float32
+            )
+            dqb = jnp.einsum(f"BKGTS,{lay}->BKGTH", ds, kb, preferred_element_type=jnp.float32)
+            upd = jax.lax.dynamic_slice_in_dim(dq, qs, bq, axis=1) + dqb.transpose(0, 3, 1, 2, 4)
+            return jax.lax.dynamic_update_slice_in_dim(dq, upd, qs, axis=1), dkb, dvb
+
+        zeros = jnp.zeros(kb.shape, jnp.float32)
+        dq, dkb, dvb = jax.lax.fori_loop(i_lo, -(-t // bq), q_tile, (dq, zeros, zeros))
+        axis = lay.index("S")
+        add = lambda full, tile: jax.lax.dynamic_update_slice_in_dim(
+            full, _kv_tile(full, ks, bk, lay) + tile, ks, axis=axis
+        )
+        return dq, add(dk, dkb), add(dv, dvb)
+
+    init = (
+        jnp.zeros((b, t, kh, g, h), jnp.float32),
+        jnp.zeros(k.shape, jnp.float32),
+        jnp.zeros(v.shape, jnp.float32),
+    )
+    dq, dk, dv = jax.lax.fori_loop(lo, hi, k_tile, init)
+    dq = dq.reshape(b, t, n, h).astype(q.dtype)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# --- cuDNN (GPU) -------------------------------------------------------------------------------
+def _cudnn_takes(q: Array) -> bool:
+    """cuDNN flash attention: fp16/bf16 only, head dim a multiple of 8 up to 256."""
+    h = q.shape[-1]
+    return q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 256
+
+
+def _to_bskh(x: Array, layout: str) -> Array:
+    return x.transpose(0, 2, 1, 3) if layout == "BKSH" else x
+
+
+def _roll_rows(x: Array, shift: Int[Array, " B"]) -> Array:
+    """x [B, T, ...] with row b rotated left by shift[b] (a gather, O(T) memory)."""
+    t = x.shape[1]
+    idx = (jnp.arange(t, dtype=jnp.int32)[None, :] + shift[:, None]) % t  # [B, T]
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _cudnn(q, k, v, mask: Mask, scale: float, implementation: str = "cudnn") -> Array:
+    """cuDNN takes right padding (per-row lengths) with a causal mask, not left padding:
+    rotate each row left by kv_start so its real tokens start at 0, attend, rotate back."""
+    start, length = mask.kv_start, jnp.maximum(mask.kv_end - mask.kv_start, 0)
+    qr, kr, vr = (_roll_rows(x, start) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(
+        qr,
+        kr,
+        vr,
+        scale=scale,
+        is_causal=True,
+        query_seq_lengths=length.astype(jnp.int32),
+        key_value_seq_lengths=length.astype(jnp.int32),
+        implementation=implementation,  # "xla" in the CPU test of the rotation
+    )  # [B, T, N, H]
+    out = _roll_rows(out, (q.shape[1] - start) % q.shape[1])
+    return _zero_padding_rows(out, mask)
+
+
+def _zero_padding_rows(out: Array, mask: Mask) -> Array:
+    t = jnp.arange(out.shape[1], dtype=jnp.int32)[None, :]
+    real = (t >= mask.kv_start[:, None]) & (t < mask.kv_end[:, None])  # [B, T]
+    return jnp.where(real[:, :, None, None], out, 0).astype(out.dtype)
+
+
+# --- splash (TPU Pallas) -----------------------------------------------------------------------
+_SPLASH_TILE = 128  # the kernel's lane width: sequence lengths and tiles are multiples of it
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(num_heads: int, length: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    blk = max(b for b in (512, 256, 128) if length % b == 0)
+    sizes = splash.BlockSizes(
+        block_q=blk,
+        block_kv=blk,
+        block_kv_compute=blk,
+        block_q_dkv=blk,
+        block_kv_dkv=blk,
+        block_kv_dkv_compute=blk,
+        block_q_dq=blk,
+        block_kv_dq=blk,
+    )
+    causal = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
+    return splash.make_splash_mha(
+        causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+
+def _splash(q, k, v, mask: Mask, scale: float, interpret: bool) -> Array:
+    """Splash attention with a static causal mask; padding via segment ids (real tokens 1,
+    padding 0: a padding query still sees itself, so no softmax row is empty). k, v [B,K,S,H]."""
+    if jax.default_backend() != "tpu" and not interpret:
+        raise ValueError(
+            f"model.attention='splash' needs a TPU backend, this one is "
+            f"{jax.default_backend()!r} (interpret=True runs it slowly elsewhere, for tests)"
+        )
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, t, n, h = q.shape
+    tp = -(-t // _SPLASH_TILE) * _SPLASH_TILE
+    pad = lambda x, axis: jnp.pad(x, [(0, tp - t) if a == axis else (0, 0) for a in range(4)])
+    qh = pad(q.transpose(0, 2, 1, 3) * jnp.asarray(scale, q.dtype), 2)  # [B, N, Tp, H]
+    kh, vh = pad(k, 2), pad(v, 2)  # [B, K, Tp, H]
+    pos = jnp.arange(tp, dtype=jnp.int32)[None, :]
+    seg = ((pos >= mask.kv_start[:, None]) & (pos < mask.kv_end[:, None])).astype(jnp.int32)
+    kernel = _splash_kernel(n, tp, interpret)
+    out = jax.vmap(kernel)(qh, kh, vh, splash.SegmentIds(q=seg, kv=seg))  # [B, N, Tp, H]
+    out = out[:, :, :t].transpose(0, 2, 1, 3).astype(q.dtype)  # [B, T, N, H]
+    return _zero_padding_rows(out, mask)
