@@ -6,8 +6,10 @@ from __future__ import annotations
 import ml_collections
 
 from apo_jax.objectives.schedule import MODES, SCOPES
+from apo_jax.trainer import rollout_correction
 
 _DTYPES = ("float32", "bfloat16")
+_PRECISIONS = ("default", "float32")
 
 
 def _fail(key: str, value, why: str):
@@ -52,13 +54,22 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             o.mini_batches,
             f"must divide rollout.prompts_per_step={r.prompts_per_step}",
         )
-    per_update = r.prompts_per_step // o.mini_batches
-    if o.micro_batches < 1 or per_update % o.micro_batches:
+    rows = r.prompts_per_step * r.group_size // o.mini_batches
+    if o.micro_batches < 1 or rows % o.micro_batches:
         _fail(
             "optim.micro_batches",
             o.micro_batches,
-            f"must divide the {per_update} prompts of each mini-batch",
+            f"must divide the {rows} rows of each update "
+            "(rollout.prompts_per_step * rollout.group_size / optim.mini_batches)",
         )
+    if c.loss.rollout_correction not in rollout_correction.MODES:
+        _fail(
+            "loss.rollout_correction",
+            c.loss.rollout_correction,
+            f"valid: {', '.join(rollout_correction.MODES)}",
+        )
+    if not c.loss.rollout_correction_cap > 1.0:
+        _fail("loss.rollout_correction_cap", c.loss.rollout_correction_cap, "must be > 1")
     if o.decay not in ("constant", "cosine"):
         _fail("optim.decay", o.decay, "valid: constant, cosine")
     if o.lr <= 0:
@@ -66,6 +77,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     for key in ("param_dtype", "dtype"):
         if c.model[key] not in _DTYPES:
             _fail(f"model.{key}", c.model[key], f"valid: {', '.join(_DTYPES)}")
+    if c.model.logprob_precision not in _PRECISIONS:
+        _fail("model.logprob_precision", c.model.logprob_precision, "valid: default, float32")
 
 
 def check_lengths(max_prompt_len: int, max_new_tokens: int, model_cfg) -> None:
