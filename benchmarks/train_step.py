@@ -10,8 +10,14 @@ Cases:
     and the ~42M-parameter Qwen3, batch 8 x (32 prompt + 64 completion) tokens, float32 and
     bfloat16 compute: tokens/s, model FLOP/s (6 N per token + attention) and that divided by the
     matmul peak of the same dtype, all medians after warm-up, compile time separately;
+  - `micro_batches`: the APO step at 1 (fused), 2 (whole groups of 4) and 8 (1 row each)
+    micro-batches of an 8-row batch: step time and XLA's memory estimate (compiled
+    memory_analysis: temporaries and arguments);
+  - `logprob_precision`: the bfloat16-compute step scored with model.logprob_precision =
+    default vs float32 (float32 activations, highest matmul precision): time and memory;
   - `logprob_memory`: XLA's peak temporary memory of value-and-grad of the chunked log-probs vs
-    the naive log_softmax over full logits, vocabulary 151,936, hidden 1024, several lengths.
+    the naive log_softmax over full logits, vocabulary 151,936, hidden 1024, several lengths
+    (skipped by --quick).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from apo_jax.models import qwen3 as model_lib  # noqa: E402
+from apo_jax.trainer import build  # noqa: E402
 from apo_jax.trainer import logprobs as logprobs_lib  # noqa: E402
 from apo_jax.trainer import step as ts  # noqa: E402
 from configs import base  # noqa: E402
@@ -76,16 +83,23 @@ def model_flops_per_token(cfg: model_lib.Qwen3Config, seq: int) -> float:
     return 6 * weights + 3 * attention
 
 
-def train_step_case(name: str, cfg, dtype: str, repeats: int, batch=8, prompt=32, new=64) -> dict:
+def _step_fns(cfg, dtype: str, batch: int, micro: int = 1, precision: str = "default"):
     c = base.get_config("debug")
     c.rollout.group_size, c.rollout.prompts_per_step = 4, batch // 4
-    c.optim.mini_batches, c.optim.micro_batches = 1, 1
+    c.optim.mini_batches, c.optim.micro_batches = 1, micro
+    c.model.logprob_precision = precision
+    plan = build.plan(c)
     model = model_lib.init_model(cfg, 0, dtype=jnp.dtype(dtype))
     graphdef, params = nnx.split(model, nnx.Param)
-    tx, _ = ts.make_optimizer(c.optim, 100)
-    sched = ts.schedule_config(c, cfg.vocab_size)
-    state = ts.init_train_state(params, tx, 0, sched)
-    fns = ts.build(graphdef, c, tx, sched)
+    tx, _ = build.optimizer(plan)
+    spec = build.step_spec(plan, cfg.vocab_size)
+    state = ts.init_train_state(params, tx, 0, spec.schedule)
+    return state, ts.build(graphdef, spec, tx)
+
+
+def _time_step(cfg, dtype, repeats, batch, prompt, new, micro=1, precision="default"):
+    """(median step seconds, compile seconds, XLA temp + argument bytes estimate)."""
+    state, fns = _step_fns(cfg, dtype, batch, micro, precision)
     rng = np.random.RandomState(0)
     b = dict(
         prompt_ids=jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, prompt)), jnp.int32),
@@ -99,6 +113,7 @@ def train_step_case(name: str, cfg, dtype: str, repeats: int, batch=8, prompt=32
     t = time.perf_counter()
     compiled = fns.train_step.lower(state, b).compile()
     compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
     holder = {"state": state}
 
     def one():
@@ -106,7 +121,11 @@ def train_step_case(name: str, cfg, dtype: str, repeats: int, batch=8, prompt=32
         return m["loss/value"]
 
     jax.block_until_ready(one())  # warm-up
-    seconds = _median_time(one, repeats)
+    return _median_time(one, repeats), compile_s, mem
+
+
+def train_step_case(name: str, cfg, dtype: str, repeats: int, batch=8, prompt=32, new=64) -> dict:
+    seconds, compile_s, _ = _time_step(cfg, dtype, repeats, batch, prompt, new)
     tokens = batch * (prompt + new)
     flops = model_flops_per_token(cfg, prompt + new) * tokens
     return {
@@ -120,6 +139,42 @@ def train_step_case(name: str, cfg, dtype: str, repeats: int, batch=8, prompt=32
         "tokens_per_s": tokens / seconds,
         "model_gflops": flops / seconds / 1e9,
         "compile_s": compile_s,
+    }
+
+
+def micro_batch_case(name, cfg, dtype, repeats, micro, batch=8, prompt=32, new=64) -> dict:
+    """The APO step (row-coupled: cotangent path) at `micro` micro-batches on one device:
+    micro = batch is 1 row per device, micro = batch / G whole groups, 1 the fused pass."""
+    seconds, compile_s, mem = _time_step(cfg, dtype, repeats, batch, prompt, new, micro=micro)
+    return {
+        "case": "micro_batches",
+        "model": name,
+        "dtype": dtype,
+        "batch": batch,
+        "group_size": 4,
+        "micro_batches": micro,
+        "rows_per_micro_batch": batch // micro,
+        "step_s": seconds,
+        "compile_s": compile_s,
+        "xla_temp_mib": mem.temp_size_in_bytes / 2**20,
+        "xla_args_mib": mem.argument_size_in_bytes / 2**20,
+    }
+
+
+def precision_case(name, cfg, repeats, precision, batch=8, prompt=32, new=64) -> dict:
+    """bfloat16 compute, scored with `model.logprob_precision` = default or float32."""
+    seconds, compile_s, mem = _time_step(
+        cfg, "bfloat16", repeats, batch, prompt, new, precision=precision
+    )
+    return {
+        "case": "logprob_precision",
+        "model": name,
+        "dtype": "bfloat16",
+        "logprob_precision": precision,
+        "batch": batch,
+        "step_s": seconds,
+        "compile_s": compile_s,
+        "xla_temp_mib": mem.temp_size_in_bytes / 2**20,
     }
 
 
@@ -164,7 +219,14 @@ def main():
             row["matmul_peak_gflops"] = peak_gflops
             row["fraction_of_peak"] = row["model_gflops"] / peak_gflops
             print(json.dumps(row), flush=True)
-    for seq in (256, 1024) if args.quick else (256, 1024, 4096):
+    for name, cfg in models:
+        for micro in (1, 2, 8):  # fused; whole groups of 4; 1 row per micro-batch
+            print(json.dumps(micro_batch_case(name, cfg, "float32", repeats, micro)), flush=True)
+        for precision in ("default", "float32"):
+            print(json.dumps(precision_case(name, cfg, repeats, precision)), flush=True)
+    if args.quick:
+        return
+    for seq in (256, 1024, 4096):
         print(json.dumps(logprob_memory(seq)), flush=True)
 
 

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.param_dtype = "float32"  # learner parameter dtype: float32 | bfloat16
     m.dtype = "bfloat16"  # matmul compute dtype (accumulation is always float32)
     m.remat = True  # recompute each block's activations in the backward pass (saves memory)
+    m.logprob_precision = "default"  # scoring (anchor, reference, train step): default | float32
 
     # Tasks are plug-ins (apo_jax/tasks/): each registered task brings its block of keys,
     # config.task.<name>.*, with defaults and meanings in its module (e.g. tasks/math.py).
@@ -48,6 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = objectives.default_config(
         "apo"
     )  # loss.name: apo | fdiv | grpo | dapo | dr_grpo | gspo
+    # Sampler/trainer mismatch correction, any objective (apo_jax/trainer/rollout_correction.py).
+    c.loss.rollout_correction = "none"  # none | tis_token | tis_sequence | mis_sequence
+    c.loss.rollout_correction_cap = 2.0  # C > 1: TIS weight cap; MIS keeps ratios in [1/C, C]
 
     c.schedule = s = ml_collections.ConfigDict()
     # The alpha/tau schedule, used by objectives that declare schedule=True (apo, fdiv).
@@ -79,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.weight_decay = 0.01  # AdamW decoupled weight decay
     o.grad_clip = 1.0  # global-norm gradient clip (0 = off)
     o.mini_batches = 2  # optimizer updates per rollout step (prompts split evenly)
-    o.micro_batches = 1  # gradient accumulation inside each update (exact, by whole groups)
+    o.micro_batches = 1  # gradient accumulation inside each update (exact, any rows; divides them)
     o.logprob_chunk = 8192  # vocabulary chunk of the fused log-prob kernel
 
     c.mesh = me = ml_collections.ConfigDict()

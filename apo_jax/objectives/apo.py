@@ -52,7 +52,8 @@ def apo_loss(
     Off-by-default extras from the reference code: `logit_reg_coef` adds coef·logsumexp_G(u)²
     per prompt (§1.7a; the reference's micro-batch is one group, so the square is per group),
     and `on_policy_fix` (§1.7b) replaces L_prompt by −Σ ŵ_i ℓ_i − 0.01·H(p) in groups where
-    mean|ℓ − ℓ_ref| < 0.01 and std(u) < 0.01.
+    mean|ℓ − ℓ_ref| < 0.01 and std(u) < 0.01. Sampler/trainer mismatch correction (which ratio,
+    and why): trainer/rollout_correction.py.
     """
     simplex.check_alpha_tau(alpha, tau)
     p_n = rewards.shape[0]

@@ -40,6 +40,7 @@ class ModelSettings:
     param_dtype: Any  # jnp dtype of the learner's parameters
     dtype: Any  # jnp compute dtype
     remat: bool
+    logprob_precision: str = "default"  # scoring: default | float32 (activations, matmuls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,8 @@ class Plan:
     plots: bool
     progress: bool
     record: Mapping[str, Any]  # the config as plain data (config.json, checkpoint records)
+    rollout_correction: str = "none"  # loss.rollout_correction (trainer/rollout_correction.py)
+    rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap, C > 1
 
     @property
     def updates_total(self) -> int:
@@ -124,6 +127,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             param_dtype=jnp.dtype(m.param_dtype),
             dtype=jnp.dtype(m.dtype),
             remat=m.remat,
+            logprob_precision=m.logprob_precision,
         ),
         task=task,
         task_params=task_params,
@@ -184,6 +188,8 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
         plots=c.logging.plots,
         progress=c.logging.progress,
         record=c.to_dict(),
+        rollout_correction=c.loss.rollout_correction,
+        rollout_correction_cap=c.loss.rollout_correction_cap,
     )
 
 
@@ -287,6 +293,9 @@ def step_spec(p: Plan, vocab_size: int) -> step_lib.StepSpec:
         objective=p.objective,
         loss_params=tuple(sorted(p.loss_params.items())),
         schedule=dataclasses.replace(p.schedule, vocab_size=vocab_size),
+        logprob_precision=p.model.logprob_precision,
+        rollout_correction=p.rollout_correction,
+        rollout_correction_cap=float(p.rollout_correction_cap),
     )
 
 

@@ -95,6 +95,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mini = o.mini_batches
     model_cfg = build.model_config(p, task.vocab_size)
     rows = r.prompts_per_step * r.group_size // mini  # sequences per optimizer update
+    data, fsdp, _ = mesh.devices.shape
+    step_lib.check_micro_batches(rows, o.micro_batches, data * fsdp)
     sharding_lib.check_mesh_fits(mesh.devices.shape, model_cfg, rows // o.micro_batches)
     procs, me = jax.process_count(), jax.process_index()
     if (r.prompts_per_step // mini) % procs:
@@ -242,7 +244,8 @@ def check_workdir(workdir: str) -> None:
         ) from None
 
 
-# Host batch keys that go to the device; sampler_logp only feeds the sampler/trainer gap metric.
+# Host batch keys that go to the device; sampler_logp feeds the sampler/trainer gap metric and the
+# train step's rollout correction (loss.rollout_correction).
 _DEVICE_KEYS = (*step_lib.BATCH_KEYS, "sampler_logp")
 
 

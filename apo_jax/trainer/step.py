@@ -1,11 +1,12 @@
 """The train state and one fused, jitted update: forward -> chunked log-probs -> loss -> grads ->
-global-norm clip -> AdamW, with exact gradient accumulation over micro-batches.
+global-norm clip -> AdamW, with exact gradient accumulation over micro-batches of any rows.
 
 Batch layout (B = P·G rows, the G completions of a prompt in consecutive rows):
   prompt_ids, prompt_mask         [B, Tp]  left-padded prompts
   completion_ids, completion_mask [B, Tc]  completions, mask 1 up to and including EOS
   old_logp, ref_logp              [B, Tc]  anchor / frozen-reference token log-probs (float32)
   rewards                         [B]      float32
+  sampler_logp                    [B, Tc]  the sampler's token log-probs (optional, float32)
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from apo_jax.models import decoder as model_lib
 from apo_jax.objectives import common
 from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.trainer import logprobs as logprobs_lib
+from apo_jax.trainer import rollout_correction as rc_lib
 
 Batch = dict[str, Array]
+# sampler_logp (the sampler's token log-probs [B, Tc]) is optional: the rollout correction and the
+# sampler/trainer gap metric read it.
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards")
 
 
@@ -52,11 +56,46 @@ def init_train_state(params: nnx.State, tx, seed: int, sched_cfg) -> TrainState:
     )
 
 
+PRECISIONS = ("default", "float32")
+
+
+def _float32_model(model) -> None:
+    """Sets the compute dtype of every (sub)module that has one to float32, in place (a freshly
+    merged scoring copy only)."""
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "dtype"):
+            module.dtype = jnp.float32
+
+
 def completion_logprobs(
-    graphdef, params, batch: Batch, *, chunk: int, with_entropy: bool = False
+    graphdef,
+    params,
+    batch: Batch,
+    *,
+    chunk: int,
+    with_entropy: bool = False,
+    precision: str = "default",
 ) -> Float[Array, "B Tc"] | tuple[Array, Array]:
-    """Token log-probs (and entropies) of the completions given their prompts, float32."""
+    """Token log-probs (and entropies) of the completions given their prompts, float32.
+
+    precision "float32": parameters cast to float32, float32 activations and the highest matmul
+    precision (bf16 matmul tiling makes a row's log-probs depend on the batch shape; float32 with
+    full-precision matmuls removes that at ~2x the forward cost). Gradients flow back through the
+    cast to the stored parameter dtype."""
+    if precision == "float32":
+        params = jax.tree.map(
+            lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            params,
+        )
+        with jax.default_matmul_precision("highest"):
+            return _completion_logprobs(graphdef, params, batch, chunk, with_entropy, True)
+    return _completion_logprobs(graphdef, params, batch, chunk, with_entropy, False)
+
+
+def _completion_logprobs(graphdef, params, batch, chunk, with_entropy, float32):
     model = nnx.merge(graphdef, params)
+    if float32:
+        _float32_model(model)
     ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)  # [B, L]
     valid = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
     positions, mask = model_lib.causal_inputs(ids, valid)  # [B, L], [B, L, L]
@@ -78,12 +117,15 @@ class StepSpec:
     """What the update needs to know (built from the config by `trainer/build.py`)."""
 
     group_size: int  # G: consecutive rows of one prompt
-    micro_batches: int  # gradient accumulation steps per update
+    micro_batches: int  # gradient accumulation steps per update (any count dividing the rows)
     logprob_chunk: int  # vocabulary chunk of the fused log-prob kernel
     max_new_tokens: int  # the rollout's fixed generation length (Dr.GRPO's normaliser)
     objective: objectives.Objective
     loss_params: tuple[tuple[str, object], ...]  # config.loss.<name>.* as sorted pairs
     schedule: schedule_lib.ScheduleConfig
+    logprob_precision: str = "default"  # model.logprob_precision: default | float32
+    rollout_correction: str = "none"  # loss.rollout_correction (trainer/rollout_correction.py)
+    rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap: C > 1
 
 
 def make_loss_fn(spec: StepSpec) -> Callable:
@@ -106,55 +148,149 @@ def make_loss_fn(spec: StepSpec) -> Callable:
     return fn
 
 
+def check_micro_batches(rows: int, micro: int, data_parallel: int = 1) -> None:
+    """Any micro-batch count works if it divides the update's rows and the data-parallel axes
+    (data x fsdp) divide every micro-batch; errors name the key."""
+    if micro < 1 or rows % micro:
+        raise ValueError(
+            f"config.optim.micro_batches={micro}: must divide the {rows} rows of each update "
+            "(rollout.prompts_per_step * rollout.group_size / optim.mini_batches)"
+        )
+    if (rows // micro) % data_parallel:
+        raise ValueError(
+            f"config.optim.micro_batches={micro}: micro-batches of {rows // micro} rows do not "
+            f"split over the data-parallel axes (mesh.data * mesh.fsdp = {data_parallel})"
+        )
+
+
+def _split(x: Array, micro: int) -> Array:
+    """[B, ...] -> [micro, B/micro, ...], micro-batch k = rows k, k + micro, ... (strided: with
+    rows split over devices in contiguous blocks, each device keeps its own rows)."""
+    return x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _unsplit(x: Array) -> Array:
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # inverse of _split
+
+
 @dataclasses.dataclass(frozen=True)
 class StepFns:
     train_step: Callable  # (TrainState, Batch) -> (TrainState, metrics); state donated
     logprobs: Callable  # (params, Batch) -> [B, Tc] float32
 
 
+_FORWARD_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+
+
 def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> StepFns:
     """Jits the update and the log-prob scorer for this model and config. With a mesh, the
     state keeps `state_shardings` (parameters and optimizer moments by their logical axes),
-    batch rows are split over the data-parallel axes and metrics come back replicated."""
+    batch rows are split over the data-parallel axes and metrics come back replicated.
+
+    The gradient of every objective is Σ_{i,t} (∂L/∂log π_θ(y_it)) ∇_θ log π_θ(y_it), so
+    micro-batches of any rows are exact:
+      - micro_batches = 1: one fused forward/backward pass;
+      - objectives that couple rows (or use the α/τ schedule), micro_batches > 1: one forward
+        pass scores the whole update batch, the loss (and the schedule, once) gives the
+        cotangent ∂L/∂logp [B, T], and each micro-batch adds vjp(logp_fn)(its cotangent rows);
+      - per-token objectives, micro_batches > 1: each micro-batch differentiates the full-batch
+        loss with its own rows' log-probs in place (other rows are constants; a row's gradient
+        depends only on its own log-probs and on denominators from masks), then the value and
+        metrics are evaluated once on the whole batch's log-probs.
+    Loss values, metrics, denominators and schedule statistics are those of the whole batch, so
+    nothing depends on the micro-batch count."""
     g, micro, chunk = spec.group_size, spec.micro_batches, spec.logprob_chunk
+    precision = spec.logprob_precision
     loss_fn = make_loss_fn(spec)
+    obj = spec.objective
+    via_cotangent = obj.couples_rows or obj.schedule
+    data_parallel = 1
     if mesh is not None:
-        rows = sharding_lib.batch_sharding(mesh)
+        rows_sharding = sharding_lib.batch_sharding(mesh)
         micro_sharding = sharding_lib.named(mesh, None, sharding_lib.TRAIN_RULES["batch"])
         replicated = sharding_lib.named(mesh)
+        data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
 
-    def micro_loss(params, mb, sched_state):
-        logp, entropy = completion_logprobs(graphdef, params, mb, chunk=chunk, with_entropy=True)
-        grouped = {k: _group(v, g) for k, v in mb.items()}
+    def logp_fn(params, b, with_entropy=False):
+        return completion_logprobs(
+            graphdef, params, b, chunk=chunk, with_entropy=with_entropy, precision=precision
+        )
+
+    def batch_loss(logp, lb, sched_state, w):
+        """Whole-batch loss of token log-probs [B, T]: (loss_sum, (denom, state, metrics))."""
+        if w is not None:  # truncated IS: scales each token's gradient, not the value
+            logp = rc_lib.scale_grad(logp, w)
+        grouped = {k: _group(v, g) for k, v in lb.items()}
         out, sched_state, extra = loss_fn(_group(logp, g), grouped, sched_state)
-        m = grouped["completion_mask"].astype(jnp.float32)
         metrics = {f"loss/{k}": v for k, v in out.metrics.items() if k not in ("alpha", "tau")}
         metrics.update({f"schedule/{k}": v for k, v in extra.items()})
-        metrics["policy/entropy"] = (_group(entropy, g) * m).sum() / jnp.maximum(m.sum(), 1.0)
         return out.loss_sum, (out.denom, sched_state, metrics)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    def split(tree):
+        out = jax.tree.map(lambda x: _split(x, micro), tree)
+        if mesh is not None:  # keep each micro-batch's rows spread over the data axes
+            out = jax.lax.with_sharding_constraint(out, micro_sharding)
+        return out
 
     def train_step(state: TrainState, batch: Batch):
         b = batch["rewards"].shape[0]
-        if b % (g * micro):
-            raise ValueError(
-                f"batch of {b} rows does not split into {micro} micro-batches of "
-                f"whole groups of {g}"
-            )
-        split = jax.tree.map(lambda x: x.reshape(micro, b // micro, *x.shape[1:]), batch)
-        if mesh is not None:  # keep each micro-batch's rows spread over the data axes
-            split = jax.lax.with_sharding_constraint(split, micro_sharding)
-
-        def accumulate(carry, mb):
-            grads, loss_sum, denom, sched_state = carry
-            (ls, (d, sched_state, metrics)), gr = grad_fn(state.params, mb, sched_state)
-            grads = jax.tree.map(jnp.add, grads, gr)
-            return (grads, loss_sum + ls, denom + d, sched_state), metrics
-
+        check_micro_batches(b, micro, data_parallel)  # at trace time, before compiling
+        fwd = {k: batch[k] for k in _FORWARD_KEYS}
+        w, loss_mask, rc_metrics = rc_lib.correction(
+            batch["old_logp"],
+            batch.get("sampler_logp"),
+            batch["completion_mask"],
+            spec.rollout_correction,
+            spec.rollout_correction_cap,
+        )
+        lb = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")}
+        lb["completion_mask"] = loss_mask
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros(()), jnp.zeros(()), state.schedule)
-        (grads, loss_sum, denom, sched_state), metrics = jax.lax.scan(accumulate, init, split)
+
+        if micro == 1:
+
+            def fused(params):
+                logp, entropy = logp_fn(params, fwd, with_entropy=True)
+                ls, aux = batch_loss(logp, lb, state.schedule, w)
+                return ls, (aux, entropy)
+
+            (loss_sum, ((denom, sched, metrics), entropy)), grads = jax.value_and_grad(
+                fused, has_aux=True
+            )(state.params)
+        elif via_cotangent:
+            logp, entropy = logp_fn(state.params, fwd, with_entropy=True)  # [B, T], no backward
+            (loss_sum, (denom, sched, metrics)), ct = jax.value_and_grad(batch_loss, has_aux=True)(
+                logp, lb, state.schedule, w
+            )  # ct = ∂loss_sum/∂logp [B, T]
+
+            def accumulate(grads, xs):
+                mb, ct_mb = xs
+                _, vjp = jax.vjp(lambda p: logp_fn(p, mb), state.params)
+                return jax.tree.map(jnp.add, grads, vjp(ct_mb)[0]), None
+
+            grads, _ = jax.lax.scan(accumulate, zeros, (split(fwd), split(ct)))
+        else:
+            filler = split(batch["old_logp"])  # [micro, B/micro, T]: other rows' constants
+
+            def accumulate(grads, xs):
+                k, mb = xs
+
+                def micro_loss(params):
+                    logp_mb, ent_mb = logp_fn(params, mb, with_entropy=True)  # [B/micro, T]
+                    here = (jnp.arange(micro) == k)[:, None, None]
+                    filled = _unsplit(jnp.where(here, logp_mb[None], filler))  # [B, T]
+                    ls, _ = batch_loss(filled, lb, state.schedule, w)
+                    return ls, (logp_mb, ent_mb)
+
+                (_, out), gr = jax.value_and_grad(micro_loss, has_aux=True)(state.params)
+                return jax.tree.map(jnp.add, grads, gr), out
+
+            grads, (logp, entropy) = jax.lax.scan(
+                accumulate, zeros, (jnp.arange(micro), split(fwd))
+            )
+            logp, entropy = _unsplit(logp), _unsplit(entropy)
+            loss_sum, (denom, sched, metrics) = batch_loss(logp, lb, state.schedule, w)
+
         # The loss is sum/denominator over the whole batch; denominators do not depend on the
         # parameters, so dividing the summed gradients once is exact.
         denom = jnp.maximum(denom, 1e-8)
@@ -171,13 +307,16 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
         new_state = state.replace(
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
-            schedule=keep(sched_state, state.schedule),
+            schedule=keep(sched, state.schedule),
             step=state.step + ok.astype(jnp.int32),
             skipped=state.skipped + (~ok).astype(jnp.int32),
         )
-        out = {k: jnp.mean(v) for k, v in metrics.items()}  # mean over micro-batches
+        m = loss_mask.astype(jnp.float32)
+        out = dict(metrics)
+        out.update(rc_metrics)
         out.update(
             {
+                "policy/entropy": (entropy * m).sum() / jnp.maximum(m.sum(), 1.0),
                 "loss/value": loss,
                 "optim/grad_norm": grad_norm,
                 "optim/skipped": new_state.skipped.astype(jnp.float32),
@@ -186,16 +325,21 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
         return new_state, out
 
     def logprobs(params, batch):
-        return completion_logprobs(graphdef, params, batch, chunk=chunk)
+        return logp_fn(params, batch)
 
     if mesh is None:
         return StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))
     step = jax.jit(
         train_step,
-        in_shardings=(state_shardings, rows),
+        in_shardings=(state_shardings, rows_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
     return StepFns(
-        step, jax.jit(logprobs, in_shardings=(state_shardings.params, rows), out_shardings=rows)
+        step,
+        jax.jit(
+            logprobs,
+            in_shardings=(state_shardings.params, rows_sharding),
+            out_shardings=rows_sharding,
+        ),
     )

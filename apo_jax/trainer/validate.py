@@ -19,9 +19,11 @@ from typing import Any
 import ml_collections
 
 from apo_jax.objectives.schedule import MODES, SCOPES
+from apo_jax.trainer import rollout_correction
 
 _DTYPES = ("float32", "bfloat16")
 _INF = math.inf
+_PRECISIONS = ("default", "float32")
 
 
 def _fail(key: str, value, why: str):
@@ -52,6 +54,7 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "model.param_dtype": (str, None, "float32 | bfloat16"),
     "model.dtype": (str, None, "float32 | bfloat16"),
     "model.remat": (bool, None, "recompute activations"),
+    "model.logprob_precision": (str, None, "default | float32 (scoring in float32, highest)"),
     "rollout.prompts_per_step": (int, "[1, inf)", "prompts per rollout step"),
     "rollout.group_size": (int, "[2, inf)", "group-relative losses need >= 2 completions"),
     "rollout.max_prompt_len": (int, "[1, inf)", "tokens"),
@@ -63,6 +66,8 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "rollout.max_refill_rounds": (int, "[0, inf)", "extra rounds (only with dynamic_sampling)"),
     # < max_new_tokens is checked below: a buffer as long as the completion penalises them all.
     "rollout.overlong_buffer": (int, "[0, inf)", "tokens, 0 = off"),
+    "loss.rollout_correction": (str, None, "none | tis_token | tis_sequence | mis_sequence"),
+    "loss.rollout_correction_cap": (float, "(1, inf)", "importance-weight cap C"),
     "schedule.mode": (str, None, "legacy | ess | fixed"),
     "schedule.scope": (str, None, "group | batch"),
     "schedule.alpha": (float, "(0, 1]", "alpha must lie in (0, 1] (1 = forward KL)"),
@@ -173,13 +178,22 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             o.mini_batches,
             f"must divide rollout.prompts_per_step={r.prompts_per_step}",
         )
-    per_update = r.prompts_per_step // o.mini_batches
-    if per_update % o.micro_batches:
+    rows = r.prompts_per_step * r.group_size // o.mini_batches
+    if o.micro_batches < 1 or rows % o.micro_batches:
         _fail(
             "optim.micro_batches",
             o.micro_batches,
-            f"must divide the {per_update} prompts of each mini-batch",
+            f"must divide the {rows} rows of each update "
+            "(rollout.prompts_per_step * rollout.group_size / optim.mini_batches)",
         )
+    if c.loss.rollout_correction not in rollout_correction.MODES:
+        _fail(
+            "loss.rollout_correction",
+            c.loss.rollout_correction,
+            f"valid: {', '.join(rollout_correction.MODES)}",
+        )
+    if not c.loss.rollout_correction_cap > 1.0:
+        _fail("loss.rollout_correction_cap", c.loss.rollout_correction_cap, "must be > 1")
     if o.decay not in ("constant", "cosine"):
         _fail("optim.decay", o.decay, "valid: constant, cosine")
     if c.mesh.data == 0:
@@ -187,6 +201,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     for key in ("param_dtype", "dtype"):
         if c.model[key] not in _DTYPES:
             _fail(f"model.{key}", c.model[key], f"valid: {', '.join(_DTYPES)}")
+    if c.model.logprob_precision not in _PRECISIONS:
+        _fail("model.logprob_precision", c.model.logprob_precision, "valid: default, float32")
 
 
 def check_lengths(max_prompt_len: int, max_new_tokens: int, model_cfg) -> None:

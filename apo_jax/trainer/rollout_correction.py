@@ -1,0 +1,107 @@
+"""Sampler/trainer mismatch correction (`config.loss.rollout_correction`, cap C > 1).
+
+The completions are drawn by the sampler (its kernels, its bf16 KV cache): their distribution is
+π_s, while every loss treats them as draws of the anchor π_old (the trainer's scoring of the same
+parameters, `old_logp`). With per-token log-ratios δ_t = log π_old(y_t) − log π_s(y_t) (masked
+completion tokens only) the modes are:
+
+  none          nothing changes.
+  tis_token     w_t = min(exp δ_t, C) per token.
+  tis_sequence  w_i = min(exp Σ_t δ_t, C) for every token of sequence i.
+  mis_sequence  sequence i is dropped (its completion_mask row zeroed before the loss) when
+                exp Σ_t δ_t ∉ [1/C, C]; kept sequences are unweighted.
+
+Sequence ratios use the *sum* of token log-ratios (the product of token ratios): that is the
+likelihood ratio π_old(y_i)/π_s(y_i) of the whole sampled sequence, the weight that makes a
+sequence-level expectation under π_s equal the one under π_old (verl's sequence level, TRL's
+sequence mask). A length-normalised mean would be bounded for long sequences but is not an
+importance weight of anything; truncation at C (TIS) or the [1/C, C] mask (MIS) is what bounds
+the variance here.
+
+Truncated IS (TIS) is applied to the gradient, not the value: the loss sees `scale_grad(logp, w)`,
+which is logp in the forward pass and multiplies the cotangent of every token log-prob by w in the
+backward pass. Since every objective's gradient is Σ_t (∂L/∂log π_θ(y_t)) ∇_θ log π_θ(y_t), this
+weights each sampled token's (or sequence's) contribution to the policy gradient by w: the
+IS-corrected gradient, for every objective alike and without touching any loss module. Loss values
+and metrics stay those of the uncorrected objective.
+
+APO (objectives/apo.py): its gradient is Σ_i (∂L/∂ℓ_i) ∇_θ ℓ_i over the group's sampled
+completions, ℓ_i the per-sequence mean log-prob. The ratio corrected is the *sampling* ratio
+π_old(y_i)/π_s(y_i) of each completion, which weights sequence i's term ∇ℓ_i (tis_sequence: the
+same w_i on all of its tokens, i.e. exactly the weight of ∇ℓ_i; tis_token weights its tokens
+inside ℓ_i). The anchored log-ratio ℓ_i − ℓ_i^old inside APO's scores is *not* reweighted: both
+of its terms are trainer log-probs, computed exactly; only the fact that y_i was drawn from π_s
+rather than π_old is corrected. With mis_sequence a dropped completion keeps its place in the
+group's softmax with a constant score 0 (ℓ_i = ℓ_i^old = 0 over an empty mask) and gets no
+gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+MODES = ("none", "tis_token", "tis_sequence", "mis_sequence")
+_LOG_GUARD = 30.0  # exp() overflow guard on log-ratios (weights are capped at C anyway)
+
+
+@jax.custom_vjp
+def scale_grad(x: Array, w: Array) -> Array:
+    """Identity in the forward pass; the cotangent of x is multiplied by w (no gradient to w)."""
+    return x
+
+
+def _scale_fwd(x, w):
+    return x, w
+
+
+def _scale_bwd(w, ct):
+    return ct * w.astype(ct.dtype), jnp.zeros_like(w)
+
+
+scale_grad.defvjp(_scale_fwd, _scale_bwd)
+
+
+def correction(
+    old_logp: Float[Array, "B T"],
+    sampler_logp: Float[Array, "B T"] | None,
+    mask: Float[Array, "B T"],
+    mode: str,
+    cap: float,
+) -> tuple[Array | None, Float[Array, "B T"], dict[str, Float[Array, ""]]]:
+    """(token weights [B, T] or None, the loss's completion mask [B, T], metrics).
+
+    Metrics: `rollout/is_weight_mean` (mean weight over completion tokens; for mis_sequence the
+    kept fraction of tokens) and `rollout/masked_frac` (fraction of sequences dropped)."""
+    if mode == "none":
+        return None, mask, {}
+    if mode not in MODES:
+        raise ValueError(f"config.loss.rollout_correction={mode!r}: valid: {', '.join(MODES)}")
+    if sampler_logp is None:
+        raise ValueError(
+            f"config.loss.rollout_correction={mode!r} needs the batch's sampler_logp "
+            "(the sampler's token log-probs)"
+        )
+    m = mask.astype(jnp.float32)
+    delta = (old_logp.astype(jnp.float32) - sampler_logp.astype(jnp.float32)) * m  # [B, T]
+    seq = jnp.clip(delta.sum(-1, keepdims=True), -_LOG_GUARD, _LOG_GUARD)  # [B, 1]
+    n_tok = jnp.maximum(m.sum(), 1.0)
+    valid_seq = (m.sum(-1) > 0).astype(jnp.float32)  # [B]
+    masked_frac = jnp.zeros((), jnp.float32)
+    if mode == "tis_token":
+        w = jnp.minimum(jnp.exp(jnp.clip(delta, -_LOG_GUARD, _LOG_GUARD)), cap)  # [B, T]
+    elif mode == "tis_sequence":
+        w = jnp.broadcast_to(jnp.minimum(jnp.exp(seq), cap), m.shape)  # [B, T]
+    else:  # mis_sequence
+        log_cap = jnp.log(jnp.float32(cap))
+        keep = (jnp.abs(seq) <= log_cap).astype(jnp.float32)  # [B, 1]
+        dropped = (1.0 - keep[:, 0]) * valid_seq
+        masked_frac = dropped.sum() / jnp.maximum(valid_seq.sum(), 1.0)
+        mask = mask * keep.astype(mask.dtype)
+        w = jnp.broadcast_to(keep, m.shape)
+    metrics = {
+        "rollout/is_weight_mean": (w * m).sum() / n_tok,
+        "rollout/masked_frac": masked_frac,
+    }
+    return (None if mode == "mis_sequence" else w), mask, metrics
