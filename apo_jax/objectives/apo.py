@@ -52,7 +52,8 @@ def apo_loss(
     Off-by-default extras from the reference code: `logit_reg_coef` adds coef·logsumexp_G(u)²
     per prompt (§1.7a; the reference's micro-batch is one group, so the square is per group),
     and `on_policy_fix` (§1.7b) replaces L_prompt by −Σ ŵ_i ℓ_i − 0.01·H(p) in groups where
-    mean|ℓ − ℓ_ref| < 0.01 and std(u) < 0.01.
+    mean|ℓ − ℓ_ref| < 0.01 and std(u) < 0.01; with both, the regulariser is added after the
+    fix (in every group, as the reference code does).
     """
     simplex.check_alpha_tau(alpha, tau)
     p_n = rewards.shape[0]
@@ -64,8 +65,6 @@ def apo_loss(
     w = simplex.alpha_weights(g.log_q, g.log_p, alpha_c, eps)  # [P, G]
     per_prompt = -(w * g.log_p / alpha_c).sum(-1)  # [P]
     extra = {}
-    if logit_reg_coef:
-        per_prompt = per_prompt + logit_reg_coef * jax.nn.logsumexp(g.u, -1) ** 2
     if on_policy_fix:
         fires = (jnp.abs(g.d).mean(-1) < _ON_POLICY_TOL) & (g.u.std(-1, ddof=1) < _ON_POLICY_TOL)
         w_hat = w / w.sum(-1, keepdims=True)  # [P, G]
@@ -73,6 +72,8 @@ def apo_loss(
         fix = -(w_hat * g.ell).sum(-1) - _ON_POLICY_ENT_COEF * entropy
         per_prompt = jnp.where(fires, fix, per_prompt)
         extra["on_policy_fix_frac"] = pg_lib.masked_mean(fires.astype(dt), g.valid_prompt)
+    if logit_reg_coef:  # after the fix, as the reference code: it applies to both branches
+        per_prompt = per_prompt + logit_reg_coef * jax.nn.logsumexp(g.u, -1) ** 2
     div = simplex.alpha_divergence(g.log_q, g.log_p, alpha_c)  # [P]
     metrics = simplex.group_metrics(g, tau_c, logp, logp_old, mask, div)
     metrics["alpha"] = jnp.mean(alpha_c)

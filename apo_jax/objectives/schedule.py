@@ -1,6 +1,16 @@
 """Reward- and confidence-guarded α/τ schedule for APO (spec §2) and its ESS variant (Appendix A).
 
 Functional: `schedule(cfg, state, ell, ell_ref, rewards) -> (alpha [P], tau [P], state, metrics)`.
+
+Reachable α (legacy rule, scope "group"): ā = (r̄ − min r)/(max r − min r) is the mean of G
+values in [0, 1] of which at least one is 0 and one is 1 (or ā = 0 when all rewards are equal),
+so ā ≤ (G − 1)/G, attained by one lowest and G − 1 highest rewards (binary rewards: G − 1
+correct), and s = 2ā − 1 ≤ (G − 2)/G. With c ≤ 1 (c = 1 − H_dyn, H_dyn ∈ [0, 1]):
+
+    α_t ∈ [α_max − (α_max − α_min)·(G − 2)/G, α_max]      (`alpha_floor`; spec §5.13)
+
+so α_min is reached only as G → ∞: G = 6 gives 0.9 − 0.55·4/6 ≈ 0.533, G = 8 gives 0.4875,
+G = 2 never leaves α_max. The EMA keeps this range; the ESS mode and "fixed" do reach α_min.
 Inputs are [P, G] (prompts × completions); everything is under stop-gradient and float32.
 `ScheduleState` is a pytree meant to live in the train state (EMA / ESS smoothing, call count).
 """
@@ -60,6 +70,11 @@ class ScheduleConfig:
             raise ValueError("need 0 < alpha_min <= alpha_max <= 1 and 0 < alpha <= 1")
         if not 0.0 < self.tau_min <= self.tau_max:
             raise ValueError("need 0 < tau_min <= tau_max")
+
+
+def alpha_floor(alpha_min: float, alpha_max: float, group_size: int) -> float:
+    """The smallest α the legacy rule can give a group of `group_size` (module docstring)."""
+    return alpha_max - (alpha_max - alpha_min) * max(group_size - 2, 0) / group_size
 
 
 class ScheduleState(NamedTuple):
