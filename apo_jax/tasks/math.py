@@ -330,10 +330,14 @@ class MathTask:
         system_prompt: str | None = SYSTEM_PROMPT,
         reward_workers: int = 4,
         reward_timeout_s: float = 5.0,
+        extraction: str = "strict",
         name: str = "math",
     ):
         rewards_lib.validate_reward_name(reward_name)
+        if extraction not in rewards_lib.EXTRACTIONS:
+            raise ValueError(f"extraction must be one of {rewards_lib.EXTRACTIONS}")
         self.name, self.reward_name, self.tokenizer = name, reward_name, tokenizer
+        self.extraction = extraction
         self.vocab_size = len(tokenizer)
         im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
         self.eos_ids = (im_end, eot)
@@ -391,12 +395,19 @@ class MathTask:
     def rewards(
         self, examples: Sequence[base.Example], completions: Sequence[Sequence[int]]
     ) -> np.ndarray:
+        return self.score(examples, completions)[0]
+
+    def score(
+        self, examples: Sequence[base.Example], completions: Sequence[Sequence[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rewards, correct): correct is the reward pool's CORRECT outcome (verified answer)."""
         if len(examples) != len(completions):
             raise ValueError(
                 f"rewards: {len(examples)} examples but {len(completions)} completions"
             )
         texts = self.completion_texts(completions)
-        return self._pool.rewards(texts, [e.answer for e in examples], self.reward_name)
+        answers = [e.answer for e in examples]
+        return self._pool.score(texts, answers, self.reward_name, self.extraction)
 
     def close(self) -> None:
         """Stops the reward workers (they are restarted if rewards are asked for again)."""
@@ -415,6 +426,9 @@ DEFAULTS = dict(
     tokenizer="",  # tokenizer dir; empty = model.hf_dir if it has one, else $APO_JAX_DATA_DIR/qwen3
     level=3,  # keep MATH problems of this level, 1..5 (0 = all levels)
     reward="good_accuracy",  # good_accuracy (the author's shaped reward) | correct (0/1)
+    # final answer: strict (last \boxed{}, else <answer>) | author (also "answer is X", a
+    # trailing "= X", the last line: the reference grader's fallbacks)
+    extraction="strict",
     enable_thinking=True,  # Qwen3 chat template thinking mode
 )
 
@@ -443,6 +457,7 @@ def _build(p, ctx: registry.TaskContext) -> MathTask:
         reward_name=p["reward"],
         max_prompt_len=ctx.max_prompt_len,
         enable_thinking=p["enable_thinking"],
+        extraction=p["extraction"],
     )
 
 
@@ -451,6 +466,10 @@ def _check(p) -> None:
         registry.fail("math.eval_set", p["eval_set"], f"valid: {', '.join(EVAL_SETS)}")
     if p["reward"] not in rewards_lib.REWARD_NAMES:
         registry.fail("math.reward", p["reward"], f"valid: {', '.join(rewards_lib.REWARD_NAMES)}")
+    if p["extraction"] not in rewards_lib.EXTRACTIONS:
+        registry.fail(
+            "math.extraction", p["extraction"], f"valid: {', '.join(rewards_lib.EXTRACTIONS)}"
+        )
     if not 0 <= p["level"] <= 5:
         registry.fail("math.level", p["level"], "MATH levels are 1..5 (0 = all levels)")
 
