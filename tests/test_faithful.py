@@ -210,3 +210,69 @@ def test_dr_grpo_sequence_gradient_scales_with_length():
     out_g, grad_g = _grad(grpo.grpo_loss, logp, logp, mask, rewards, (("scale_adv", False),))
     seq_g = grad_g.sum(-1) / float(out_g.denom)
     np.testing.assert_allclose(seq_g[0, 2] / seq_g[0, 0], 1.0, rtol=1e-12)  # GRPO: no length
+
+
+# ------------------------------------------------ item 8: the linear (DMPO) target on the simplex
+
+
+def _np_linear_q(r, eps=simplex.LINEAR_EPS):
+    lo, hi = r.min(-1, keepdims=True), r.max(-1, keepdims=True)
+    x = np.zeros_like(r)
+    np.divide(r - lo, hi - lo, out=x, where=np.broadcast_to(hi > lo, r.shape))
+    return (x + eps) / (x + eps).sum(-1, keepdims=True)
+
+
+def test_linear_target_definition_and_limits():
+    r = np.random.default_rng(3).normal(size=(5, 6))
+    log_q = np.asarray(simplex.target_log_q(r, 0.3, False, "linear"))
+    np.testing.assert_allclose(np.exp(log_q), _np_linear_q(r), rtol=1e-12)
+    # shift and positive scale invariant; β_r and scale_rewards unused
+    for r2, beta, scale in ((3.0 * r - 7.0, 0.3, False), (r, 5.0, True)):
+        np.testing.assert_allclose(
+            simplex.target_log_q(r2, beta, scale, "linear"), log_q, atol=1e-12
+        )
+    # all equal: uniform
+    flat = np.full((2, 6), 0.7)
+    np.testing.assert_allclose(np.exp(simplex.target_log_q(flat, 0.3, False, "linear")), 1 / 6)
+    # binary with k correct: (1 + ε)/(k + Gε) per correct answer, ε/(k + Gε) per wrong one
+    eps, g = simplex.LINEAR_EPS, 6
+    for k in range(1, g):
+        b = (np.arange(g) < k).astype(np.float64)[None]
+        q = np.exp(np.asarray(simplex.target_log_q(b, 0.3, False, "linear")))[0]
+        np.testing.assert_allclose(q[:k], (1 + eps) / (k + g * eps), rtol=1e-12)
+        np.testing.assert_allclose(q[k:], eps / (k + g * eps), rtol=1e-12)
+    # linear in the reward: q_i − q_j ∝ r_i − r_j within a group
+    q = _np_linear_q(r)
+    ratio = (q[:, 1:] - q[:, :1]) / (r[:, 1:] - r[:, :1])
+    np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:, :1], ratio.shape), rtol=1e-10)
+    with pytest.raises(ValueError, match="loss.apo.target"):
+        apo.OBJECTIVE.check({**apo.DEFAULTS, "target": "sigmoid"})
+
+
+def _u_grad(fn, u, rewards, static, **dyn):
+    """∂loss_sum/∂u with one token per completion, anchor 0, τ = 1 (so u = logp)."""
+    z = np.zeros_like(u)[..., None]
+    out, g = _grad(fn, u[..., None], z, np.ones_like(z), rewards, static, tau=1.0, **dyn)
+    return out, g[..., 0]
+
+
+@pytest.mark.parametrize("alpha", [0.35, 0.7, 1.0])
+def test_linear_target_gradient_matches_float64_closed_form(alpha):
+    """APO with q linear: ∇_u = −(1/α)(w − pW), w = q^α p^(1−α) (α = 1: p − q); and the
+    forward-KL member with q linear is DMPO's KL(q‖p): gradient p − q, value Σ q log(q/p)."""
+    r = np.random.default_rng(4)
+    u, rewards = r.normal(size=(3, 6)), r.uniform(size=(3, 6))
+    rewards[2] = (rewards[2] > 0.5).astype(np.float64)  # a binary group too
+    q, p = _np_linear_q(rewards), _softmax(u)
+    w = q if alpha == 1.0 else (q + 1e-10) ** alpha * p ** (1 - alpha)
+    expect = -(w - p * w.sum(-1, keepdims=True)) / alpha
+    _, g = _u_grad(apo.apo_loss, u, rewards, (("target", "linear"),), alpha=alpha)
+    np.testing.assert_allclose(g, expect, rtol=1e-8, atol=1e-12)
+    if alpha == 1.0:
+        out, g_kl = _u_grad(
+            fdiv.f_divergence_loss, u, rewards,
+            (("target", "linear"), ("divergence", "forward_kl")), alpha=0.5,
+        )  # fmt: skip
+        np.testing.assert_allclose(g_kl, p - q, rtol=1e-10, atol=1e-14)
+        kl = (q * np.log(q / p)).sum(-1).mean()
+        np.testing.assert_allclose(float(out.metrics["divergence"]), kl, rtol=1e-6)  # float32

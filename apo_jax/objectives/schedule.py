@@ -29,7 +29,7 @@ MODES = ("legacy", "ess", "fixed")
 SCOPES = ("group", "batch")
 _ESS_ALPHA_BOUNDS = (1e-3, 1.0 - 1e-3)  # Appendix A's final clip
 # Keys the ESS rule shares with the anchored-simplex objectives (it rebuilds their p and q).
-SIMPLEX_KEYS = ("beta_r", "scale_rewards", "clip_log_ratio", "clip_score")
+SIMPLEX_KEYS = ("beta_r", "scale_rewards", "clip_log_ratio", "clip_score", "target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,7 @@ class ScheduleConfig:
     scale_rewards: bool = False
     clip_log_ratio: float = 5.0
     clip_score: float = 10.0
+    target: str = "softmax"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -165,7 +166,7 @@ def _ess_alpha(cfg: ScheduleConfig, ell, ell_ref, rewards, tau):
     """Appendix A: α* = argmin_k |mean_P ESS(ŵ_k) − frac·G| over the α grid."""
     u, _, _ = simplex.anchored_scores(ell, ell_ref, tau, cfg.clip_log_ratio, cfg.clip_score)
     log_p = jax.nn.log_softmax(u, axis=-1)  # [P, G]
-    log_q = simplex.target_log_q(rewards, cfg.beta_r, cfg.scale_rewards)  # [P, G]
+    log_q = simplex.target_log_q(rewards, cfg.beta_r, cfg.scale_rewards, cfg.target)  # [P, G]
     grid = jnp.linspace(cfg.alpha_min, cfg.alpha_max, cfg.ess_candidates)
     grid = grid[:, None, None]  # [K, 1, 1]
     log_w = jax.nn.log_softmax(grid * log_q + (1.0 - grid) * log_p, axis=-1)  # [K, P, G]
