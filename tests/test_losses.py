@@ -20,7 +20,7 @@ from loss_testing import jitted_loss_and_grad
 from apo_jax.objectives import apo, fdiv, simplex
 
 BETA_R = 0.3
-_STATIC = ("divergence", "logit_reg_coef", "on_policy_fix", "scale_rewards")
+_STATIC = ("divergence", "logit_reg_coef", "on_policy_fix", "scale_rewards", "target")
 
 
 def _run(fn, logp, logp_old, mask, rewards, **kw):

@@ -14,7 +14,16 @@ from apo_jax.objectives import common, dapo, dr_grpo, grpo, gspo
 from apo_jax.tasks import rewards as rewards_lib
 from apo_jax.trainer import loop
 
-_STATIC = ("agg_mode", "max_len", "dual_clip", "kl_coef", "kl_type", "token_level", "scale_adv")
+_STATIC = (
+    "agg_mode",
+    "agg_rows",
+    "max_len",
+    "dual_clip",
+    "kl_coef",
+    "kl_type",
+    "token_level",
+    "scale_adv",
+)
 
 
 def _run(fn, logp, logp_old, mask, rewards, **kw):
