@@ -23,5 +23,6 @@ def get_config(arg=None):
     c.eval.every_steps = 22
     if arg and "debug" in arg.split(","):
         base.apply_debug(c)
-        c.rollout.max_refill_rounds = 1  # a random tiny model rarely varies its rewards
+        c.rollout.max_refill_rounds = 1  # a random tiny model is rarely right at all
+        c.rollout.overlong_buffer = c.rollout.max_new_tokens // 2  # must fit the debug length
     return c

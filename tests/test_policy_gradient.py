@@ -15,7 +15,16 @@ from apo_jax.objectives import common, dapo, dr_grpo, grpo, gspo
 from apo_jax.tasks import rewards as rewards_lib
 from apo_jax.trainer import loop
 
-_STATIC = ("agg_mode", "max_len", "dual_clip", "kl_coef", "kl_type", "token_level", "scale_adv")
+_STATIC = (
+    "agg_mode",
+    "agg_rows",
+    "max_len",
+    "dual_clip",
+    "kl_coef",
+    "kl_type",
+    "token_level",
+    "scale_adv",
+)
 
 
 def _run(fn, logp, logp_old, mask, rewards, **kw):
@@ -50,7 +59,7 @@ def _np_ppo(logp, logp_old, mask, rewards, *, eps_low, eps_high, agg, scale=True
     """Naive loop over prompts, completions and tokens (spec §4.1, §4.3, §4.4). `magnitude`:
     the same aggregation of |per-token loss|, i.e. Σ|weighted terms| (the rounding scale)."""
     adv = _adv(rewards.astype(np.float64), scale)
-    tok_total, n_total, seq = 0.0, 0, []
+    tok_total, n_total, seq, rows = 0.0, 0, [], []
     for i, j in np.ndindex(*rewards.shape):
         a, s, n = adv[i, j], 0.0, 0
         for t in np.flatnonzero(mask[i, j]):
@@ -64,8 +73,12 @@ def _np_ppo(logp, logp_old, mask, rewards, *, eps_low, eps_high, agg, scale=True
             loss = abs(loss) if magnitude else loss
             s, n = s + loss, n + 1
         tok_total, n_total = tok_total + s, n_total + n
-        if n and agg != "token-mean":
+        rows.append((s, n))
+        if n and agg not in ("token-mean", "token-mean-per-micro"):
             seq.append(s / n if agg == "seq-mean-token-mean" else s / max_len)
+    if agg == "token-mean-per-micro":  # verl: token-mean per micro-batch of 6 rows, then mean
+        chunks = [rows[k : k + 6] for k in range(0, len(rows), 6)]
+        return float(np.mean([sum(s for s, _ in c) / max(sum(n for _, n in c), 1) for c in chunks]))
     return tok_total / n_total if agg == "token-mean" else float(np.mean(seq))
 
 

@@ -20,6 +20,7 @@ DEFAULTS = dict(
     clip_log_ratio=5.0,  # clamp on the per-sequence mean log-ratio ℓ - ℓ_ref
     clip_score=10.0,  # clamp on the anchored score u = clip(ℓ - ℓ_ref)/τ
     scale_rewards=False,  # divide group advantages by their std before q
+    target="softmax",  # softmax (APO: softmax((r - mean r)/beta_r)) | linear (DMPO: q ∝ r - min r)
     logit_reg_coef=0.0,  # reference-code logit regulariser (0.01 to reproduce; §1.7a)
     on_policy_fix=False,  # reference-code "on-policy fix" (§1.7b)
 )
@@ -37,6 +38,7 @@ def apo_loss(
     clip_log_ratio: float = DEFAULTS["clip_log_ratio"],
     clip_score: float = DEFAULTS["clip_score"],
     scale_rewards: bool = DEFAULTS["scale_rewards"],
+    target: str = DEFAULTS["target"],
     logit_reg_coef: float = DEFAULTS["logit_reg_coef"],
     on_policy_fix: bool = DEFAULTS["on_policy_fix"],
     eps: float = 1e-10,
@@ -48,25 +50,35 @@ def apo_loss(
         ∇_u L_prompt = −(1/α)(w − p·Σw) = ∇_u D_α(q‖p);  α = 1: w = q, ∇ = p − q (forward KL)
         loss = Σ_prompts L_prompt / #prompts
 
-    The surrogate's value is not D_α: metrics["divergence"] is the closed form D_α(q‖p).
+    `target="linear"` replaces q by DMPO's q ∝ shifted, range-normalised reward
+    (`simplex.target_log_q`). The surrogate's value is not D_α: metrics["divergence"] is the
+    closed form D_α(q‖p).
     Off-by-default extras from the reference code: `logit_reg_coef` adds coef·logsumexp_G(u)²
     per prompt (§1.7a; the reference's micro-batch is one group, so the square is per group),
     and `on_policy_fix` (§1.7b) replaces L_prompt by −Σ ŵ_i ℓ_i − 0.01·H(p) in groups where
-    mean|ℓ − ℓ_ref| < 0.01 and std(u) < 0.01. Sampler/trainer mismatch correction (which ratio,
-    and why): trainer/rollout_correction.py.
+    mean|ℓ − ℓ_ref| < 0.01 and std(u) < 0.01; with both, the regulariser is added after the
+    fix (in every group, as the reference code does). Sampler/trainer mismatch correction (which
+    ratio, and why): trainer/rollout_correction.py.
     """
     simplex.check_alpha_tau(alpha, tau)
     p_n = rewards.shape[0]
     dt = pg_lib.float_dtype(logp)
     alpha_c, tau_c = simplex.per_prompt(alpha, p_n, dt), simplex.per_prompt(tau, p_n, dt)  # [P, 1]
     g = simplex.anchored_group(
-        logp, logp_old, mask, rewards, tau_c, beta_r, clip_log_ratio, clip_score, scale_rewards
+        logp,
+        logp_old,
+        mask,
+        rewards,
+        tau_c,
+        beta_r,
+        clip_log_ratio,
+        clip_score,
+        scale_rewards,
+        target,
     )
     w = simplex.alpha_weights(g.log_q, g.log_p, alpha_c, eps)  # [P, G]
     per_prompt = -(w * g.log_p / alpha_c).sum(-1)  # [P]
     extra = {}
-    if logit_reg_coef:
-        per_prompt = per_prompt + logit_reg_coef * jax.nn.logsumexp(g.u, -1) ** 2
     if on_policy_fix:
         fires = (jnp.abs(g.d).mean(-1) < _ON_POLICY_TOL) & (g.u.std(-1, ddof=1) < _ON_POLICY_TOL)
         w_hat = w / w.sum(-1, keepdims=True)  # [P, G]
@@ -74,6 +86,8 @@ def apo_loss(
         fix = -(w_hat * g.ell).sum(-1) - _ON_POLICY_ENT_COEF * entropy
         per_prompt = jnp.where(fires, fix, per_prompt)
         extra["on_policy_fix_frac"] = pg_lib.masked_mean(fires.astype(dt), g.valid_prompt)
+    if logit_reg_coef:  # after the fix, as the reference code: it applies to both branches
+        per_prompt = per_prompt + logit_reg_coef * jax.nn.logsumexp(g.u, -1) ** 2
     div = simplex.alpha_divergence(g.log_q, g.log_p, alpha_c)  # [P]
     metrics = simplex.group_metrics(g, tau_c, logp, logp_old, mask, div)
     metrics["alpha"] = jnp.mean(alpha_c)

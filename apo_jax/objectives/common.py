@@ -14,7 +14,7 @@ from jaxtyping import Array, Bool, Float
 
 sg = jax.lax.stop_gradient
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean-per-micro")
 KL_TYPES = ("k1", "k2", "k3")
 _LOG_RATIO_GUARD = 20.0  # exp() overflow guard on token log-ratios (verl's clamp)
 
@@ -94,19 +94,44 @@ def clipped_surrogate(
 
 
 def aggregate(
-    token_loss: Float[Array, "P G T"], mask: Array, agg_mode: str, max_len: int | None = None
+    token_loss: Float[Array, "P G T"],
+    mask: Array,
+    agg_mode: str,
+    max_len: int | None = None,
+    agg_rows: int = 6,
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """(sum, denom) of a [P, G, T] token loss; mean = sum/denom:
     token-mean               Σ_{i,t} l / Σ_{i,t} 1                       (DAPO, verl default)
     seq-mean-token-mean      Σ_i (Σ_t l / |o_i|) / #seqs                 (GRPO paper, GSPO)
     seq-mean-token-sum-norm  Σ_i (Σ_t l / max_len) / #seqs               (Dr.GRPO)
-    Sequences without valid tokens are not counted."""
+    token-mean-per-micro     Σ_c (Σ_{i∈c,t} l / Σ_{i∈c,t} 1) / #chunks   (the APO author's verl)
+    Sequences without valid tokens are not counted.
+
+    token-mean-per-micro is "token-mean" as verl computes it per micro-batch and then averages
+    the micro-batches (loss / gradient-accumulation steps): the rows, flattened group-major
+    (row = prompt·G + completion), are cut into consecutive chunks c of `agg_rows` sequences
+    (the last one shorter if `agg_rows` does not divide P·G) and each chunk is token-averaged
+    on its own, so a token's weight is 1/(tokens of its chunk), not 1/(tokens of the batch).
+    The chunks are those of each loss call (a trainer micro-batch), so choose micro-batches of
+    a multiple of `agg_rows` rows. verl's batch balancing reorders rows before the cut; here
+    they are cut in batch order. Every chunk counts in the denominator, as in verl."""
     m = mask.astype(token_loss.dtype)
     tok_sum = (token_loss * m).sum(-1)  # [P, G]
     n_tok = m.sum(-1)  # [P, G]
     valid_seq = (n_tok > 0).astype(m.dtype)
     if agg_mode == "token-mean":
         return tok_sum.sum(), n_tok.sum()
+    if agg_mode == "token-mean-per-micro":
+        if agg_rows < 1:
+            raise ValueError(f"token-mean-per-micro needs agg_rows >= 1, got {agg_rows}")
+        rows = tok_sum.size
+        chunks = -(-rows // agg_rows)
+        pad = chunks * agg_rows - rows
+        per_row = jnp.stack([tok_sum.reshape(-1), n_tok.reshape(-1)], -1)  # [R, 2]
+        per_row = jnp.pad(per_row, ((0, pad), (0, 0)))  # [chunks·agg_rows, 2]
+        per_chunk = per_row.reshape(chunks, agg_rows, 2).sum(1)  # [chunks, 2]
+        chunk_mean = per_chunk[:, 0] / jnp.maximum(per_chunk[:, 1], 1.0)  # [chunks]
+        return chunk_mean.sum(), jnp.asarray(chunks, m.dtype)
     if agg_mode == "seq-mean-token-mean":
         return (tok_sum / jnp.maximum(n_tok, 1.0)).sum(), valid_seq.sum()
     if agg_mode == "seq-mean-token-sum-norm":

@@ -1,6 +1,15 @@
 """The f-divergence family on the anchored group simplex (f-DPG applied exactly over the G
-candidates; spec §1.5, §4.5). Named members: forward KL (DPG/GDC; with a linear target, DMPO),
-reverse KL, Jensen–Shannon (f-DPG's recommended JS), Hellinger (DGPO) and α (APO itself).
+candidates; spec §1.5, §4.5). The seed methods as members, all on one simplex p = softmax(u):
+
+  forward_kl + target "softmax"   DPG/GDC; the ADPO cross-entropy (= APO at α = 1)
+  forward_kl + target "linear"    DMPO: KL(q‖p) to q ∝ shifted, normalised reward
+                                  (`simplex.target_log_q`), gradient p − q
+  reverse_kl                      KL(p‖q), the RL-with-KL-penalty (mode-seeking) end
+  js                              f-DPG's Jensen–Shannon member (its recommended f)
+  hellinger                       DGPO's (squared) Hellinger distance 1 − Σ√(pq)
+  alpha                           APO's α-divergence D_α(q‖p)
+
+`target` ("softmax" | "linear") picks q for every member.
 
 Token arrays are [P, G, T], rewards [P, G]; the loss is a mean over prompts.
 """
@@ -23,6 +32,7 @@ DEFAULTS = dict(
     clip_log_ratio=5.0,  # clamp on the per-sequence mean log-ratio
     clip_score=10.0,  # clamp on the anchored score u
     scale_rewards=False,  # divide group advantages by their std before q
+    target="softmax",  # softmax (APO: softmax((r - mean r)/beta_r)) | linear (DMPO: q ∝ r - min r)
 )
 
 
@@ -58,6 +68,7 @@ def f_divergence_loss(
     clip_log_ratio: float = DEFAULTS["clip_log_ratio"],
     clip_score: float = DEFAULTS["clip_score"],
     scale_rewards: bool = DEFAULTS["scale_rewards"],
+    target: str = DEFAULTS["target"],
     eps: float = 1e-10,
 ) -> LossOutput:
     """f-DPG on the anchored group simplex (spec §1.5, §4.5), p = softmax(u) and q as in APO:
@@ -80,7 +91,16 @@ def f_divergence_loss(
     dt = pg_lib.float_dtype(logp)
     alpha_c, tau_c = simplex.per_prompt(alpha, p_n, dt), simplex.per_prompt(tau, p_n, dt)  # [P, 1]
     g = simplex.anchored_group(
-        logp, logp_old, mask, rewards, tau_c, beta_r, clip_log_ratio, clip_score, scale_rewards
+        logp,
+        logp_old,
+        mask,
+        rewards,
+        tau_c,
+        beta_r,
+        clip_log_ratio,
+        clip_score,
+        scale_rewards,
+        target,
     )
     c, value = _f_terms(divergence, g.log_p, g.log_q, alpha_c, eps)  # [P, G], [P]
     per_prompt = (sg(c) * g.log_p).sum(-1)  # [P]

@@ -29,7 +29,9 @@ DEFAULTS = dict(
     clip_eps_high=0.2,  # upper ratio clip ε_high
     dual_clip=0.0,  # dual-clip constant c for A < 0 (0 = off; verl uses 3)
     scale_adv=True,  # divide group advantages by the group std
-    agg_mode="seq-mean-token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm | token-mean-per-micro
+    agg_mode="seq-mean-token-mean",
+    agg_rows=6,  # token-mean-per-micro: sequences per token-mean chunk (the author's micro-batch)
     kl_coef=0.0,  # β of the KL to the frozen initial policy (0 = no reference model)
     kl_type="k3",  # KL estimator k1 | k2 | k3
 )
@@ -46,6 +48,7 @@ def grpo_loss(
     dual_clip: float = DEFAULTS["dual_clip"],
     scale_adv: bool = DEFAULTS["scale_adv"],
     agg_mode: str = DEFAULTS["agg_mode"],
+    agg_rows: int = DEFAULTS["agg_rows"],
     max_len: int | None = None,
     kl_coef: float = DEFAULTS["kl_coef"],
     logp_ref: Float[Array, "P G T"] | None = None,
@@ -56,7 +59,9 @@ def grpo_loss(
         L = agg_{i,t}[ max(−Â_i ρ_{i,t}, −Â_i clip(ρ_{i,t}, 1−ε_l, 1+ε_h)) + β·KL̂_{i,t}(π_θ‖π_ref) ]
 
     Â_i = (r_i − r̄)/(std + 1e-6) (or r_i − r̄ without `scale_adv`); `agg_mode` is one of
-    AGG_MODES (the paper's is seq-mean-token-mean); KL̂ is `kl_type` from `kl_estimate`.
+    AGG_MODES (the paper's is seq-mean-token-mean; "token-mean-per-micro" is the APO author's
+    verl fork: token-mean within chunks of `agg_rows` sequences, averaged over chunks, see
+    `common.aggregate`); KL̂ is `kl_type` from `kl_estimate`.
     """
     if agg_mode not in AGG_MODES or kl_type not in KL_TYPES:
         raise ValueError(f"agg_mode must be in {AGG_MODES} and kl_type in {KL_TYPES}")
@@ -79,7 +84,7 @@ def grpo_loss(
         kl = kl_estimate(logp, sg(logp_ref.astype(dt)), kl_type)  # [P, G, T]
         tok_loss = tok_loss + kl_coef * kl
         metrics["kl_ref"] = masked_mean(kl, m)
-    total, denom = aggregate(tok_loss, m, agg_mode, max_len)
+    total, denom = aggregate(tok_loss, m, agg_mode, max_len, agg_rows)
     return LossOutput(total, denom, scalar_metrics(**metrics))
 
 
@@ -100,6 +105,8 @@ def _check(p) -> None:
         registry.fail("grpo.agg_mode", p["agg_mode"], f"valid: {', '.join(AGG_MODES)}")
     if p["kl_type"] not in KL_TYPES:
         registry.fail("grpo.kl_type", p["kl_type"], f"valid: {', '.join(KL_TYPES)}")
+    if p["agg_rows"] < 1:
+        registry.fail("grpo.agg_rows", p["agg_rows"], "must be >= 1")
     if p["kl_coef"] < 0:
         registry.fail("grpo.kl_coef", p["kl_coef"], "must be >= 0")
 

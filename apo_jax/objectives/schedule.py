@@ -1,6 +1,16 @@
 """Reward- and confidence-guarded α/τ schedule for APO (spec §2) and its ESS variant (Appendix A).
 
 Functional: `schedule(cfg, state, ell, ell_ref, rewards) -> (alpha [P], tau [P], state, metrics)`.
+
+Reachable α (legacy rule, scope "group"): ā = (r̄ − min r)/(max r − min r) is the mean of G
+values in [0, 1] of which at least one is 0 and one is 1 (or ā = 0 when all rewards are equal),
+so ā ≤ (G − 1)/G, attained by one lowest and G − 1 highest rewards (binary rewards: G − 1
+correct), and s = 2ā − 1 ≤ (G − 2)/G. With c ≤ 1 (c = 1 − H_dyn, H_dyn ∈ [0, 1]):
+
+    α_t ∈ [α_max − (α_max − α_min)·(G − 2)/G, α_max]      (`alpha_floor`; spec §5.13)
+
+so α_min is reached only as G → ∞: G = 6 gives 0.9 − 0.55·4/6 ≈ 0.533, G = 8 gives 0.4875,
+G = 2 never leaves α_max. The EMA keeps this range; the ESS mode and "fixed" do reach α_min.
 Inputs are [P, G] (prompts × completions); everything is under stop-gradient and float32.
 `ScheduleState` is a pytree meant to live in the train state (EMA / ESS smoothing, call count).
 """
@@ -19,7 +29,7 @@ MODES = ("legacy", "ess", "fixed")
 SCOPES = ("group", "batch")
 _ESS_ALPHA_BOUNDS = (1e-3, 1.0 - 1e-3)  # Appendix A's final clip
 # Keys the ESS rule shares with the anchored-simplex objectives (it rebuilds their p and q).
-SIMPLEX_KEYS = ("beta_r", "scale_rewards", "clip_log_ratio", "clip_score")
+SIMPLEX_KEYS = ("beta_r", "scale_rewards", "clip_log_ratio", "clip_score", "target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +60,7 @@ class ScheduleConfig:
     scale_rewards: bool = False
     clip_log_ratio: float = 5.0
     clip_score: float = 10.0
+    target: str = "softmax"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -60,6 +71,11 @@ class ScheduleConfig:
             raise ValueError("need 0 < alpha_min <= alpha_max <= 1 and 0 < alpha <= 1")
         if not 0.0 < self.tau_min <= self.tau_max:
             raise ValueError("need 0 < tau_min <= tau_max")
+
+
+def alpha_floor(alpha_min: float, alpha_max: float, group_size: int) -> float:
+    """The smallest α the legacy rule can give a group of `group_size` (module docstring)."""
+    return alpha_max - (alpha_max - alpha_min) * max(group_size - 2, 0) / group_size
 
 
 class ScheduleState(NamedTuple):
@@ -150,7 +166,7 @@ def _ess_alpha(cfg: ScheduleConfig, ell, ell_ref, rewards, tau):
     """Appendix A: α* = argmin_k |mean_P ESS(ŵ_k) − frac·G| over the α grid."""
     u, _, _ = simplex.anchored_scores(ell, ell_ref, tau, cfg.clip_log_ratio, cfg.clip_score)
     log_p = jax.nn.log_softmax(u, axis=-1)  # [P, G]
-    log_q = simplex.target_log_q(rewards, cfg.beta_r, cfg.scale_rewards)  # [P, G]
+    log_q = simplex.target_log_q(rewards, cfg.beta_r, cfg.scale_rewards, cfg.target)  # [P, G]
     grid = jnp.linspace(cfg.alpha_min, cfg.alpha_max, cfg.ess_candidates)
     grid = grid[:, None, None]  # [K, 1, 1]
     log_w = jax.nn.log_softmax(grid * log_q + (1.0 - grid) * log_p, axis=-1)  # [K, P, G]

@@ -29,10 +29,31 @@ def check_alpha_tau(alpha, tau) -> None:
         raise ValueError(f"tau must be > 0, got {tau}")
 
 
-def target_log_q(rewards: Float[Array, "P G"], beta_r, scale_rewards: bool) -> Float[Array, "P G"]:
-    """log q = log_softmax_G((r − r̄)/β_r); with `scale_rewards` A is divided by the unbiased group
-    std (std < 1e-8 → 1), spec §1.3. Stop-gradient."""
+TARGETS = ("softmax", "linear")
+LINEAR_EPS = 1e-3  # linear target: mass floor of the lowest reward (keeps log q finite)
+
+
+def target_log_q(
+    rewards: Float[Array, "P G"], beta_r, scale_rewards: bool, target: str = "softmax"
+) -> Float[Array, "P G"]:
+    """The target on the group simplex, as log q (stop-gradient):
+
+    softmax (APO, spec §1.3)  q = softmax_G((r − r̄)/β_r); with `scale_rewards` r − r̄ is divided
+                              by the unbiased group std (std < 1e-8 → 1).
+    linear (DMPO)             q_i = (x_i + ε)/Σ_j (x_j + ε),  x = (r − min_G r)/(max_G r − min_G r)
+                              (x = 0 when all rewards are equal, so q is uniform), ε = LINEAR_EPS:
+                              proportional to the shifted, range-normalised reward; invariant to
+                              shifting and positively scaling r; β_r and `scale_rewards` unused.
+                              Binary rewards with k correct: (1 + ε)/(k + Gε) on each correct
+                              answer, ε/(k + Gε) on each wrong one (→ uniform over the correct
+                              ones as ε → 0)."""
     r = sg(rewards.astype(pg_lib.float_dtype(rewards)))
+    if target == "linear":
+        lo, hi = r.min(-1, keepdims=True), r.max(-1, keepdims=True)
+        x = jnp.where(hi > lo, (r - lo) / jnp.where(hi > lo, hi - lo, 1.0), 0.0)  # [P, G]
+        return jnp.log(x + LINEAR_EPS) - jnp.log((x + LINEAR_EPS).sum(-1, keepdims=True))
+    if target != "softmax":
+        raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
     a = r - r.mean(-1, keepdims=True)  # [P, G]
     if scale_rewards:
         std = r.std(-1, ddof=1, keepdims=True)
@@ -67,7 +88,9 @@ class Group(NamedTuple):
     valid_prompt: Array  # [P] float, group has ≥ 1 token
 
 
-def anchored_group(logp, logp_old, mask, rewards, tau, beta_r, clip_lr, clip_u, scale_rewards):
+def anchored_group(
+    logp, logp_old, mask, rewards, tau, beta_r, clip_lr, clip_u, scale_rewards, target="softmax"
+):
     ell = sequence_logp(logp, mask)  # [P, G]
     ell_ref = sequence_logp(logp_old, mask)  # [P, G]
     u, d, clamped = anchored_scores(ell, ell_ref, tau, clip_lr, clip_u)
@@ -77,7 +100,7 @@ def anchored_group(logp, logp_old, mask, rewards, tau, beta_r, clip_lr, clip_u, 
         d=d,
         u=u,
         log_p=jax.nn.log_softmax(u, axis=-1),
-        log_q=target_log_q(rewards, beta_r, scale_rewards).astype(ell.dtype),
+        log_q=target_log_q(rewards, beta_r, scale_rewards, target).astype(ell.dtype),
         clamped=clamped,
         valid_seq=(n_tok > 0).astype(ell.dtype),
         valid_prompt=(n_tok.sum(-1) > 0).astype(ell.dtype),
@@ -134,3 +157,5 @@ def check_params(name: str, p) -> None:
     for key in ("beta_r", "clip_log_ratio", "clip_score"):
         if not p[key] > 0:
             registry.fail(f"{name}.{key}", p[key], "must be > 0")
+    if p["target"] not in TARGETS:
+        registry.fail(f"{name}.target", p["target"], f"valid: {', '.join(TARGETS)}")

@@ -422,12 +422,16 @@ class MathTask:
         system_prompt: str | None = SYSTEM_PROMPT,
         reward_workers: int = 4,
         reward_timeout_s: float = 5.0,
+        extraction: str = "strict",
         name: str = "math",
         model_dir: str | os.PathLike | None = None,  # for its generation_config.json
     ):
         rewards_lib.validate_reward_name(reward_name)
+        if extraction not in rewards_lib.EXTRACTIONS:
+            raise ValueError(f"extraction must be one of {rewards_lib.EXTRACTIONS}")
         self.name, self.reward_name, self.tokenizer = name, reward_name, tokenizer
         check_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "") or "tokenizer")
+        self.extraction = extraction
         self.vocab_size = len(tokenizer)
         self.eos_ids = stop_token_ids(tokenizer, model_dir)
         pad = tokenizer.pad_token_id
@@ -485,12 +489,19 @@ class MathTask:
     def rewards(
         self, examples: Sequence[base.Example], completions: Sequence[Sequence[int]]
     ) -> np.ndarray:
+        return self.score(examples, completions)[0]
+
+    def score(
+        self, examples: Sequence[base.Example], completions: Sequence[Sequence[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rewards, correct): correct is the reward pool's CORRECT outcome (verified answer)."""
         if len(examples) != len(completions):
             raise ValueError(
                 f"rewards: {len(examples)} examples but {len(completions)} completions"
             )
         texts = self.completion_texts(completions)
-        return self._pool.rewards(texts, [e.answer for e in examples], self.reward_name)
+        answers = [e.answer for e in examples]
+        return self._pool.score(texts, answers, self.reward_name, self.extraction)
 
     def close(self) -> None:
         """Stops the reward workers (they are restarted if rewards are asked for again)."""
@@ -509,6 +520,9 @@ DEFAULTS = dict(
     tokenizer="",  # tokenizer dir; empty = model.hf_dir if it has one, else $APO_JAX_DATA_DIR/qwen3
     level=3,  # keep MATH problems of this level, 1..5 (0 = all levels)
     reward="good_accuracy",  # good_accuracy (the author's shaped reward) | correct (0/1)
+    # final answer: strict (last \boxed{}, else <answer>) | author (also "answer is X", a
+    # trailing "= X", the last line: the reference grader's fallbacks)
+    extraction="strict",
     enable_thinking=True,  # Qwen3 chat template thinking mode
 )
 
@@ -540,6 +554,7 @@ def _build(p, ctx: registry.TaskContext) -> MathTask:
         max_prompt_len=ctx.max_prompt_len,
         enable_thinking=p["enable_thinking"],
         model_dir=ctx.model_dir or None,
+        extraction=p["extraction"],
     )
 
 
@@ -560,6 +575,10 @@ def _check(p) -> None:
         registry.fail("math.eval_set", p["eval_set"], f"valid: {', '.join(EVAL_SETS)}")
     if p["reward"] not in rewards_lib.REWARD_NAMES:
         registry.fail("math.reward", p["reward"], f"valid: {', '.join(rewards_lib.REWARD_NAMES)}")
+    if p["extraction"] not in rewards_lib.EXTRACTIONS:
+        registry.fail(
+            "math.extraction", p["extraction"], f"valid: {', '.join(rewards_lib.EXTRACTIONS)}"
+        )
     if not 0 <= p["level"] <= 5:
         registry.fail("math.level", p["level"], "MATH levels are 1..5 (0 = all levels)")
 

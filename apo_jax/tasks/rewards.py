@@ -66,15 +66,45 @@ def last_boxed(text: str) -> str | None:
     return arg.group(0) if arg else None
 
 
-def extract_answer(text: str) -> str | None:
-    """The model's final answer: the last boxed expression, else the last <answer>...</answer>."""
+EXTRACTIONS = ("strict", "author")
+# "... the answer is X" / "final answer: X": X up to the end of its line (a trailing "." dropped).
+_ANSWER_IS_RE = re.compile(r"answer(?:\s+is|\s*:)\s*(.+)", re.IGNORECASE)
+_TRAILING_EQ_RE = re.compile(r"=\s*([^=]+?)\s*\.?\s*$")
+
+
+def _tidy(s: str) -> str | None:
+    """A fallback answer without surrounding "$", "**", spaces or a final "."; None if empty."""
+    s = s.strip().strip("$*").strip().rstrip(".").strip().strip("$*").strip()
+    return s or None
+
+
+def extract_answer(text: str, mode: str = "strict") -> str | None:
+    """The model's final answer: the last boxed expression, else the last <answer>...</answer>.
+
+    mode "author" adds the reference grader's fallbacks, tried in order when neither exists
+    (answers the strict mode marks wrong): the text after the last "answer is" / "answer:" on
+    its line, the right-hand side of a trailing "= X" on the last non-empty line, and finally
+    that last non-empty line itself. All three drop surrounding "$"/"**" and a final "."."""
+    if mode not in EXTRACTIONS:
+        raise ValueError(f"unknown extraction {mode!r}; valid: {', '.join(EXTRACTIONS)}")
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
     tags = _ANSWER_TAG_RE.findall(text)
     if tags and tags[-1].strip():
         return tags[-1].strip()
-    return None
+    if mode == "strict":
+        return None
+    said = [m.group(1) for line in text.splitlines() for m in [_ANSWER_IS_RE.search(line)] if m]
+    if said and _tidy(said[-1]):
+        return _tidy(said[-1])
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None
+    eq = _TRAILING_EQ_RE.search(lines[-1])
+    if eq and _tidy(eq.group(1)):
+        return _tidy(eq.group(1))
+    return _tidy(lines[-1])
 
 
 # --- equivalence ---------------------------------------------------------------------------------
@@ -386,9 +416,24 @@ class RewardPool:
         return finished, []
 
     def rewards(
-        self, completions: Sequence[str], answers: Sequence[str], reward_name: str = "good_accuracy"
+        self,
+        completions: Sequence[str],
+        answers: Sequence[str],
+        reward_name: str = "good_accuracy",
+        extraction: str = "strict",
     ) -> np.ndarray:
         """float32 [N] rewards ('good_accuracy' or 'correct') of decoded completions."""
+        return self.score(completions, answers, reward_name, extraction)[0]
+
+    def score(
+        self,
+        completions: Sequence[str],
+        answers: Sequence[str],
+        reward_name: str = "good_accuracy",
+        extraction: str = "strict",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 rewards [N], bool correct [N]): correct is the CORRECT outcome code (a timeout
+        is not correct), the reward is shaped from it."""
         validate_reward_name(reward_name)
-        codes = self.check([extract_answer(c) for c in completions], answers)
-        return _rewards_from(reward_name, completions, codes)
+        codes = self.check([extract_answer(c, extraction) for c in completions], answers)
+        return _rewards_from(reward_name, completions, codes), codes == CORRECT

@@ -138,6 +138,13 @@ class ToyTask:
         out = [self.reward(e, c) for e, c in zip(examples, completions, strict=True)]
         return np.asarray(out, dtype=np.float32)
 
+    def score(
+        self, examples: Sequence[Example], completions: Sequence[Sequence[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rewards, correct): correct means full credit (reward 1)."""
+        rewards = self.rewards(examples, completions)
+        return rewards, rewards >= 1.0
+
     def answer_rank(self, example: Example, completion: Sequence[int]) -> int | None:
         """Which correct answer a completion hit: the lexicographic rank of its permutation of
         the prompt values (0 .. k!-1), or None if it is not fully correct."""

@@ -46,7 +46,8 @@ def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, 
     tokens, mask = (sharding_lib.local_rows(x) for x in (out.tokens, out.mask))
     completions = [tuple(t[m > 0]) for t, m in zip(tokens, mask, strict=True)]
     grouped = [e for e in examples for _ in range(g)]  # [P·G], group-major
-    rewards = np.asarray(task.rewards(grouped, completions), np.float32)
+    rewards, correct = task.score(grouped, completions)
+    rewards = np.asarray(rewards, np.float32)
     lengths = sharding_lib.local_rows(out.lengths)
     if r.overlong_buffer:  # DAPO's overlong shaping, in tokens (spec §4.3)
         rewards += rewards_lib.overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer)
@@ -59,6 +60,7 @@ def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, 
         completion_mask=mask.astype(np.float32),
         sampler_logp=sharding_lib.local_rows(out.logp).astype(np.float32),
         rewards=rewards,
+        correct=np.asarray(correct, np.float32),  # verified answer, before any shaping
         lengths=lengths.astype(np.float32),
         truncated=sharding_lib.local_rows(out.truncated).astype(np.float32),
     )
@@ -188,13 +190,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 step_metrics.append(m)
             step_metrics = jax.device_get(step_metrics)
             line = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-            host = {k: _all_rows(batch[k]) for k in ("rewards", "lengths", "truncated")}
+            host = {k: _all_rows(batch[k]) for k in ("rewards", "correct", "lengths", "truncated")}
             seconds = time.perf_counter() - t0
             line.update(
                 {
                     "reward/mean": float(host["rewards"].mean()),
                     "reward/std": float(host["rewards"].std()),
-                    "reward/frac_solved": float((host["rewards"] >= 1.0).mean()),
+                    "reward/frac_solved": float(host["correct"].mean()),
                     "rollout/len_mean": float(host["lengths"].mean()),
                     "rollout/truncated_frac": float(host["truncated"].mean()),
                     "rollout/logp_gap": float(np.mean(jax.device_get(gaps))),
@@ -274,7 +276,9 @@ def _all_rows(local: np.ndarray) -> np.ndarray:
 
 
 def _refill(p: build.Plan, task, sampler, params, batch, position, rng):
-    """DAPO dynamic sampling: keep groups whose rewards differ and refill from fresh prompts, for
+    """DAPO dynamic sampling: keep groups with some but not all answers correct (verl's
+    `filter_groups.metric=acc`: on correctness, not on the shaped or overlong-penalised reward,
+    which differs within almost every group) and refill from fresh prompts, for
     at most `max_refill_rounds` rounds; a batch still short is topped up with dropped groups
     (reported as `rollout/refill_short`). Works on this process's rows; every process runs the
     same number of rounds (sampling is a collective)."""
@@ -302,7 +306,7 @@ def _refill(p: build.Plan, task, sampler, params, batch, position, rng):
                 mine + round_ * n,
                 jax.random.fold_in(rng, round_),
             )
-        keep = dynamic_sampling_keep(batch["rewards"].reshape(-1, g))
+        keep = dynamic_sampling_keep(batch["correct"].reshape(-1, g))
         kept.append(_take_groups(batch, np.flatnonzero(keep), g))
         dropped.append(_take_groups(batch, np.flatnonzero(~keep), g))
         have = sum(len(b["rewards"]) for b in kept)
@@ -336,6 +340,7 @@ def _progress(p: build.Plan, start):
     )
 
 
-def dynamic_sampling_keep(rewards: np.ndarray) -> np.ndarray:
-    """DAPO dynamic sampling: keep groups [P, G] whose rewards are not all equal."""
-    return rewards.max(-1) > rewards.min(-1)
+def dynamic_sampling_keep(correct: np.ndarray) -> np.ndarray:
+    """DAPO dynamic sampling (spec §5.16): keep the groups [P, G] with 0 < #correct < G."""
+    n = np.asarray(correct).astype(bool).sum(-1)  # [P]
+    return (n > 0) & (n < np.shape(correct)[-1])
