@@ -82,9 +82,10 @@ def load_model(
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules = sharding_lib.TRAIN_RULES,
     remat: bool = False,
+    compute_dtype=None,
 ) -> Decoder:
     """Loads a HF checkpoint of any registered family (picked from config.json) with parameters
-    (and compute) in `dtype`.
+    in `dtype` and matmuls in `compute_dtype` (default: `dtype`).
 
     With a mesh, each tensor goes straight to its NamedSharding (from the logical axes and
     `rules`); nothing is first gathered on one device.
@@ -114,7 +115,9 @@ def load_model(
         )
 
     abstract = nnx.eval_shape(
-        lambda: fam.build(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, remat=remat)
+        lambda: fam.build(
+            cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat
+        )
     )
     graphdef, state = nnx.split(abstract)
     shardings = None if mesh is None else sharding_lib.tree_shardings(state, mesh, rules)

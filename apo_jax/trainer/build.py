@@ -250,8 +250,9 @@ def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
     """(graphdef, params) with every parameter created directly in its sharding on `mesh`."""
     m = p.model
     if m.hf_dir:
-        loaded = hf_io.load_model(m.hf_dir, dtype=m.param_dtype, mesh=mesh, remat=m.remat)
-        loaded.dtype = m.dtype  # the compute dtype may differ from the stored one
+        loaded = hf_io.load_model(
+            m.hf_dir, dtype=m.param_dtype, compute_dtype=m.dtype, mesh=mesh, remat=m.remat
+        )
         return nnx.split(loaded, nnx.Param)
     kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
     init = lambda: model_lib.init_model(cfg, p.seed, **kw)
