@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 
 from absl import flags
@@ -66,17 +67,22 @@ def load_config(config_arg: str, overrides: list[str] | tuple[str, ...] = ()):
     config_flags.DEFINE_config_file(
         "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
     )
-    fv(argv)
-    return fv.config
+    with warnings.catch_warnings():  # config_flags loads the file with the deprecated load_module
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fv(argv)
+        return fv.config
 
 
-def _has_key(config, key: str) -> bool:
+def _key_error(config, key: str) -> str | None:
+    """Why `key` cannot be overridden in `config`, or None if it names a value."""
     node = config
     for part in key.split("."):
-        if not hasattr(node, "keys") or part not in node.keys():
-            return False
+        if not hasattr(node, "keys") or part not in node:
+            return f"unknown config key {key!r}"
         node = node[part]
-    return not hasattr(node, "keys")  # a leaf: sub-dicts are not sweepable values
+    if hasattr(node, "keys"):  # a sub-dict: sweeping whole groups is not supported
+        return f"config key {key!r} is a group ({', '.join(node.keys())}), not a value"
+    return None
 
 
 def _get(config, key: str):
@@ -171,9 +177,9 @@ def plan(
     runs, names = [], {}
     for arm in arms:
         arm_seeds = [arm.pop("seed")] if "seed" in arm else seeds
-        for key, value in arm.items():
-            if not _has_key(base, key):
-                raise SweepError(f"unknown config key {key!r} (in arm {arm_name(arm)!r})")
+        for key in arm:
+            if why := _key_error(base, key):
+                raise SweepError(f"{why} (in arm {arm_name(arm)!r})")
         name = arm_name(arm)
         if names.get(name, arm) != arm:
             raise SweepError(f"two different arms share the name {name!r}")
