@@ -24,7 +24,8 @@ DEFAULT_METRICS = (
     "eval/accuracy",
     "eval/avg@{k}",
     "eval/pass@{k}",
-    "eval/distinct_correct_answers",
+    "eval/distinct_correct_answers",  # distinct correct final answers per prompt
+    "eval/distinct_correct",  # distinct correct completions per prompt (toy: orderings found)
     "eval/entropy",
 )
 CURVES = (  # (metric or fallbacks, panel title)
@@ -40,25 +41,40 @@ def read_lines(path: str) -> list[dict]:
         return [json.loads(x) for x in f if x.strip()]
 
 
-def discover(workdir: str) -> dict[str, dict[int, list[dict]]]:
-    """{arm: {seed: metrics lines}} in the sweep's arm order (DIR/sweep.json), else sorted."""
+def _finished(run: str, lines: list[dict]) -> bool:
+    """The run logged its config's final step (config.json is written at start-up)."""
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            total = json.load(f)["total_steps"]
+    except (OSError, ValueError, KeyError):
+        return True  # no config to tell: take the run as it is
+    return lines[-1]["step"] >= total
+
+
+def discover(workdir: str) -> tuple[dict[str, dict[int, list[dict]]], list[str]]:
+    """({arm: {seed: metrics lines}} of the finished runs, in the sweep's arm order
+    (DIR/sweep.json) else sorted; the unfinished runs' directories, left out)."""
     found: dict[str, dict[int, list[dict]]] = {}
-    for path in sorted(
-        glob.glob(os.path.join(glob.escape(workdir), "*", "seed*", "metrics.jsonl"))
-    ):
+    unfinished = []
+    pattern = os.path.join(glob.escape(workdir), "*", "seed*", "metrics.jsonl")
+    for path in sorted(glob.glob(pattern)):
         run = os.path.dirname(path)
         seed = re.fullmatch(r"seed(-?\d+)", os.path.basename(run))
         lines = read_lines(path)
-        if seed and lines:
-            arm = os.path.basename(os.path.dirname(run))
-            found.setdefault(arm, {})[int(seed.group(1))] = lines
+        if not seed or not lines:
+            continue
+        if not _finished(run, lines):
+            unfinished.append(run)
+            continue
+        arm = os.path.basename(os.path.dirname(run))
+        found.setdefault(arm, {})[int(seed.group(1))] = lines
     order = []
     plan = os.path.join(workdir, "sweep.json")
     if os.path.exists(plan):
         with open(plan) as f:
             order = [a for a in json.load(f)["arms"] if a in found]
     order += sorted(a for a in found if a not in order)
-    return {arm: dict(sorted(found[arm].items())) for arm in order}
+    return {arm: dict(sorted(found[arm].items())) for arm in order}, unfinished
 
 
 def tail_window(num_steps: int) -> int:
@@ -161,9 +177,10 @@ def _label(m: str) -> str:
     return f"training reward (last {TAIL_FRAC:.0%} of steps)" if m == REWARD else m
 
 
-def markdown(rows: list[dict], metrics: list[str], workdir: str) -> str:
+def markdown(rows: list[dict], metrics: list[str], workdir: str, unfinished=()) -> str:
+    left_out = f"Left out, unfinished: {', '.join(unfinished)}.\n" if unfinished else ""
     if not rows:
-        return f"# Sweep summary: {workdir}\n\nNo runs with metrics found.\n"
+        return f"# Sweep summary: {workdir}\n\nNo finished runs found. {left_out}"
     base = rows[0]["baseline"]
     head = " | ".join(_label(m) for m in metrics)
     sep = "|---" * (len(metrics) + 2) + "|"
@@ -174,6 +191,7 @@ def markdown(rows: list[dict], metrics: list[str], workdir: str) -> str:
         f"Training reward: mean of `{REWARD}` over the last {TAIL_FRAC:.0%} of each run's steps; "
         "eval metrics: the run's last evaluation. Best: the run's maximum (training reward: "
         "of that trailing mean), mean ± std over seeds.",
+        *([left_out] if unfinished else []),
         "",
         "## Final values",
         "",
@@ -249,7 +267,7 @@ def plot_curves(runs: dict, path: str) -> None:
 
 def write_summary(workdir: str, baseline: str | None = None, metrics: list[str] | None = None):
     """Writes DIR/summary.csv, DIR/summary.md and DIR/curves.png; returns the rows."""
-    runs = discover(workdir)
+    runs, unfinished = discover(workdir)
     names = resolve_metrics(runs, metrics)
     rows = summarise(runs, names, baseline)
     if rows:
@@ -259,6 +277,9 @@ def write_summary(workdir: str, baseline: str | None = None, metrics: list[str] 
             writer.writerows(rows)
         plot_curves(runs, os.path.join(workdir, "curves.png"))
     with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(markdown(rows, names, workdir))
-    print(f"wrote {workdir}/summary.md, summary.csv, curves.png ({len(rows)} arms)")
+        f.write(markdown(rows, names, workdir, unfinished))
+    print(
+        f"wrote {workdir}/summary.md, summary.csv, curves.png ({len(rows)} arms"
+        f"{f', {len(unfinished)} unfinished runs left out' if unfinished else ''})"
+    )
     return rows

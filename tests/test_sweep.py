@@ -124,7 +124,8 @@ def test_killed_sweep_resumes_and_skips_finished_runs(finished_sweep):
     assert "resumed from step" in (victim / "sweep.log").read_text()
     for rundir in runs.values():
         assert _steps(rundir) == list(range(1, STEPS + 1)), rundir
-        assert (rundir / sweep.DONE_MARKER).exists()
+        # Done markers come from the sweep's own runs, not from the command run by hand.
+        assert (rundir / sweep.DONE_MARKER).exists() == (rundir != first)
     # A finished sweep started once more runs nothing.
     plan = sweep.plan(CONFIG, str(workdir), GRID[1:], SEEDS, BASE)
     assert all(sweep.is_finished(r) for r in plan)
@@ -246,3 +247,30 @@ def test_jobs_split_cores_or_gpus():
     assert all(sweep._env(s)["OMP_NUM_THREADS"] == "1" for s in slots)
     with pytest.raises(sweep.SweepError, match="GPU"):
         sweep._slots(3, ["0", "1"])
+
+
+def test_aggregate_leaves_out_unfinished_runs_and_uses_last_tenth(tmp_path):
+    """Hand-written metrics files: 20 steps, so the final training reward is the mean of the
+    last 2 steps; an unfinished run (10 of 20 steps) is left out and named."""
+    rng = np.random.default_rng(0)
+    finals = {}
+    for arm in ("a", "b"):
+        for seed in range(3):
+            run = tmp_path / arm / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "config.json").write_text(json.dumps({"total_steps": 20}))
+            steps = 10 if (arm, seed) == ("b", 2) else 20
+            rewards = rng.uniform(size=steps)
+            lines = [{"step": i + 1, "reward/mean": float(r)} for i, r in enumerate(rewards)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            if steps == 20:
+                finals.setdefault(arm, []).append(rewards[-2:].mean())
+    rows = sweep_summary.write_summary(str(tmp_path), baseline="b")
+    assert [r["arm"] for r in rows] == ["a", "b"] and rows[0]["baseline"] == "b"
+    for row in rows:
+        x = np.array(finals[row["arm"]])
+        assert row["reward/mean:n"] == len(x)
+        np.testing.assert_allclose(row["reward/mean:mean"], x.mean(), rtol=1e-12)
+    assert os.path.join(str(tmp_path), "b", "seed2") in (tmp_path / "summary.md").read_text()
+    with pytest.raises(ValueError, match="baseline 'c'"):
+        sweep_summary.write_summary(str(tmp_path), baseline="c")
