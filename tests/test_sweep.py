@@ -155,7 +155,14 @@ def test_summary_matches_direct_statistics(finished_sweep):
     for metric in metrics:
         for arm in ARMS:
             x, row = final(arm, metric), rows[arm]
-            lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+            # scipy wants a positive scale; equal values (e.g. accuracy 0 in both seeds of so
+            # short a run) have the degenerate interval [mean, mean].
+            sem = stats.sem(x)
+            lo, hi = (
+                stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=sem)
+                if sem > 0
+                else (x.mean(), x.mean())
+            )
             got = [float(row[f"{metric}:{k}"]) for k in ("mean", "std", "ci_lo", "ci_hi")]
             want = [x.mean(), x.std(ddof=1), lo, hi]
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15, err_msg=metric)
