@@ -167,8 +167,6 @@ def plan(
     except Exception as e:  # absl / ml_collections raise several types; all are bad input here
         raise SweepError(f"--config={config_arg} {' '.join(base_overrides)}: {e}") from e
     points = parse_grid(grid) if grid else [{}]
-    if grid and not points:
-        raise SweepError("--grid: empty grid")
     file_arms = load_sweep_file(sweep_arg) if sweep_arg else [{}]
     arms = [{**f, **g} for f in file_arms for g in points]  # file arms x grid points
     if not seeds:
@@ -176,6 +174,7 @@ def plan(
 
     runs, names = [], {}
     for arm in arms:
+        arm = dict(arm)
         arm_seeds = [arm.pop("seed")] if "seed" in arm else seeds
         for key in arm:
             if why := _key_error(base, key):
@@ -185,7 +184,8 @@ def plan(
             raise SweepError(f"two different arms share the name {name!r}")
         names[name] = arm
         for seed in arm_seeds:
-            if isinstance(seed, str) and not seed.lstrip("-").isdigit():
+            text = str(seed)
+            if isinstance(seed, bool | float) or not text.lstrip("-").isdigit():
                 raise SweepError(f"seed {seed!r} (in arm {name!r}) is not an integer")
             seed = int(seed)
             flags_ = [f"--config.{k}={_to_flag_value(v)}" for k, v in arm.items()]

@@ -221,6 +221,8 @@ def test_sweep_file_arms_seeds_and_bad_values(tmp_path):
         "        return [{'schedule.alpha': 'x'}]\n"
         "    if arg == 'empty':\n"
         "        return []\n"
+        "    if arg == 'seed':\n"
+        "        return [{'seed': 1.5}]\n"
         "    return [{'schedule.mode': 'fixed', 'schedule.alpha': 0.35, 'seed': 7},\n"
         "            {'optim.lr': 1e-3, 'logging.plots': True}]\n"
     )
@@ -240,6 +242,8 @@ def test_sweep_file_arms_seeds_and_bad_values(tmp_path):
         sweep.plan(CONFIG, "W", [], [0], [], sweep_arg=f"{path}:bad")
     with pytest.raises(sweep.SweepError, match="empty sweep"):
         sweep.plan(CONFIG, "W", [], [0], [], sweep_arg=f"{path}:empty")
+    with pytest.raises(sweep.SweepError, match="seed 1.5"):
+        sweep.plan(CONFIG, "W", [], [0], [], sweep_arg=f"{path}:seed")
     with pytest.raises(sweep.SweepError, match="alphaa"):
         sweep.plan(CONFIG, "W", [], [0], ["--config.schedule.alphaa=1"])
 
