@@ -29,7 +29,7 @@ DEFAULT_METRICS = (
     "eval/entropy",
 )
 CURVES = (  # (metric or fallbacks, panel title)
-    ((REWARD,), "training reward (trailing mean)"),
+    ((REWARD,), "training reward"),
     (("eval/accuracy",), "held-out greedy accuracy"),
     (("policy/entropy", "eval/entropy"), "entropy (nats / token)"),
     (("schedule/alpha",), "alpha"),
@@ -232,6 +232,15 @@ def markdown(rows: list[dict], metrics: list[str], workdir: str, unfinished=()) 
     return "\n".join(out) + "\n"
 
 
+def _smoothed(steps: np.ndarray, values: np.ndarray, metric: str):
+    """Per-step curves (entropy, alpha) get the reward's trailing window; sparse ones (evals)
+    are drawn as logged."""
+    if metric == REWARD or len(values) < 30:
+        return steps, values
+    w = tail_window(len(values))
+    return steps[w - 1 :], np.convolve(values, np.ones(w) / w, "valid")  # [n - w + 1]
+
+
 def plot_curves(runs: dict, path: str) -> None:
     import matplotlib
 
@@ -247,7 +256,7 @@ def plot_curves(runs: dict, path: str) -> None:
             )
             if metric is None:
                 continue
-            curves = [series(lines, metric) for lines in seeds.values()]
+            curves = [_smoothed(*series(lines, metric), metric) for lines in seeds.values()]
             steps = sorted(set.intersection(*(set(s.tolist()) for s, _ in curves)))
             y = np.array([[dict(zip(s.tolist(), v, strict=True))[t] for t in steps]
                           for s, v in curves])  # fmt: skip  # [seeds, steps]
@@ -260,6 +269,7 @@ def plot_curves(runs: dict, path: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, title=f"mean ± {LEVEL:.0%} CI (t) over seeds")
+    fig.suptitle(f"per-step metrics: trailing mean over {TAIL_FRAC:.0%} of the steps", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
