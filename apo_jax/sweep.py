@@ -288,7 +288,9 @@ def _run_one(config_arg: str, run: Run, slot: dict) -> int:
         )
     if rc == 0:
         with open(os.path.join(run.workdir, DONE_MARKER), "w") as f:
-            json.dump({"total_steps": run.total_steps, "seed": run.seed, "arm": run.arm}, f)
+            # The core / GPU count is part of what reproduces a run (see README, determinism).
+            json.dump({"total_steps": run.total_steps, "seed": run.seed, "arm": run.arm,
+                       **{k: len(v) for k, v in slot.items()}}, f)  # fmt: skip
     return rc
 
 
@@ -303,7 +305,9 @@ def execute(config_arg: str, runs: list[Run], jobs: int, gpus: list[str] | None)
     # Seed-major order: a sweep cut short still has every arm at the seeds it reached.
     todo.sort(key=lambda r: r.seed)
     free: queue.Queue = queue.Queue()
-    for slot in _slots(max(1, min(jobs, len(todo) or 1)), gpus):
+    # Always `jobs` slots, even for fewer runs: a run's core count must not depend on how many
+    # runs were left when the sweep (re)started (it changes CPU rounding, see README).
+    for slot in _slots(jobs, gpus):
         free.put(slot)
     lock, failed = threading.Lock(), []
 
