@@ -84,7 +84,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_incompatible_checkpoint_names_the_keys(tmp_path):
     train.run(_debug_toy(total_steps=2), str(tmp_path))
-    with pytest.raises(ValueError, match=r"incompatible config.*loss\.beta_r: 0\.3 -> 0\.5"):
+    with pytest.raises(ValueError, match=r"incompatible config.*loss\.apo\.beta_r: 0\.3 -> 0\.5"):
         train.run(_debug_toy(**{"loss.apo.beta_r": 0.5}), str(tmp_path))
 
 

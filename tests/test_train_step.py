@@ -157,10 +157,8 @@ def test_non_finite_batch_leaves_state_unchanged():
 @pytest.mark.parametrize("lr", [float("nan"), float("inf")])
 def test_non_finite_learning_rate_never_writes_params(lr):
     """Loss and gradient are finite, the update is not: the guard must still hold."""
-    c = base.get_config("debug")
-    c.optim.lr = lr
-    tx = ts.make_optimizer(c.optim, 10)[0]
-    _, _, state, fns, _ = _setup(tx=tx)
+    # The config refuses a non-finite lr (validate.py); the guard must hold without that check.
+    _, _, state, fns, _ = _setup(tx=optax.adamw(lr))
     before = _copy(state)
     after, metrics = fns.train_step(_copy(state), _batch(fns, state))
     assert np.isfinite(float(metrics["loss/value"]))

@@ -1,0 +1,390 @@
+"""Sweeps over config overrides and seeds, run through the training CLI, then aggregated.
+
+    python -m apo_jax.sweep --config=FILE[:ARG] --workdir=DIR --grid KEY=V1,V2 [--grid ...]
+        [--sweep=FILE[:ARG]] --seeds=0,1,2,3 [--config.KEY=VALUE ...] [--jobs=N]
+        [--print_commands] [--baseline=ARM]
+    python -m apo_jax.sweep --aggregate DIR [--baseline=ARM] [--metrics=...]
+
+Each run is an ordinary training workdir DIR/<arm>/seed<k> (`python -m apo_jax.main`
+subprocess), so a killed run resumes from its checkpoint and a finished one is skipped when the
+sweep starts again. Arms are the cartesian product of the grids, or the override dicts of an
+experiment file's `get_sweep(arg)` (big_vision style). Every override is checked against the
+config file, with ml_collections' own flag parsing, before any run starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import itertools
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+
+from absl import flags
+from ml_collections import config_flags
+
+from apo_jax.trainer import build
+
+DONE_MARKER = "sweep_done.json"  # written into a run's workdir after the trainer exits with 0
+PLAN_FILE = "sweep.json"  # DIR/sweep.json: arm order and overrides, read by the aggregation
+
+
+class SweepError(ValueError):
+    """Bad sweep input (grid key, value, empty grid, sweep file); raised before any run."""
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: str  # readable arm name, e.g. "schedule.alpha=0.35"
+    seed: int
+    overrides: tuple[str, ...]  # "--config.KEY=VALUE" flags for this arm, seed included
+    workdir: str  # DIR/<arm>/seed<k>
+    total_steps: int  # from the fully overridden config: what "finished" means
+
+
+# --- config loading, exactly as apo_jax.main does it -------------------------------------------
+
+
+def load_config(config_arg: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The locked ConfigDict that `python -m apo_jax.main --config=config_arg *overrides` trains
+    with: ml_collections' config_flags loads the file and parses every override by the type of
+    its field, on a private FlagValues so nothing leaks into the global flags."""
+    build.config_root_on_path([f"--config={config_arg}"])
+    argv = ["apo_jax.main", f"--config={config_arg}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
+    )
+    with warnings.catch_warnings():  # config_flags loads the file with the deprecated load_module
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fv(argv)
+        return fv.config
+
+
+def _key_error(config, key: str) -> str | None:
+    """Why `key` cannot be overridden in `config`, or None if it names a value."""
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return f"unknown config key {key!r}"
+        node = node[part]
+    if hasattr(node, "keys"):  # a sub-dict: sweeping whole groups is not supported
+        return f"config key {key!r} is a group ({', '.join(node.keys())}), not a value"
+    return None
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _to_flag_value(value) -> str:
+    """A Python override value as the text the CLI parses back into it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+def parse_grid(specs: list[str]) -> list[dict[str, str]]:
+    """["a=1,2", "b=x,y"] -> the cartesian product as override dicts of value strings."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SweepError(f"--grid {spec!r}: expected KEY=V1,V2[,...]")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise SweepError(f"--grid {spec!r}: empty grid for key {key!r} (no values)")
+        if key in (k for k, _ in axes):
+            raise SweepError(f"--grid: key {key!r} given twice")
+        if key == "seed":
+            raise SweepError("--grid seed=...: give seeds with --seeds")
+        axes.append((key, vals))
+    return [dict(zip([k for k, _ in axes], combo, strict=True)) for combo in
+            itertools.product(*[v for _, v in axes])]  # fmt: skip
+
+
+def load_sweep_file(sweep_arg: str) -> list[dict]:
+    """`get_sweep(arg)` of an experiment file: a list of {config key: value} dicts."""
+    path, _, arg = sweep_arg.partition(":")
+    build.config_root_on_path([f"--config={path}"])
+    if not os.path.isfile(path):
+        raise SweepError(f"--sweep={sweep_arg}: no such file {path!r}")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise SweepError(f"--sweep={sweep_arg}: {path} defines no get_sweep(arg)")
+    arms = module.get_sweep(arg or None)
+    if not isinstance(arms, list | tuple) or not all(isinstance(a, dict) for a in arms):
+        raise SweepError(f"--sweep={sweep_arg}: get_sweep must return a list of dicts")
+    if not arms:
+        raise SweepError(f"--sweep={sweep_arg}: get_sweep returned an empty sweep")
+    return list(arms)
+
+
+def arm_name(overrides: dict) -> str:
+    """Readable and usable as one directory name: "k1=v1,k2=v2" (no "/" inside)."""
+    if not overrides:
+        return "base"
+    return ",".join(f"{k}={_to_flag_value(v)}" for k, v in overrides.items()).replace("/", "%")
+
+
+def plan(
+    config_arg: str,
+    workdir: str,
+    grid: list[str],
+    seeds: list[int],
+    base_overrides: list[str],
+    sweep_arg: str | None = None,
+) -> list[Run]:
+    """Every run of the sweep, each override validated by the config's own parsing. Raises
+    SweepError naming the bad key or value before anything runs."""
+    try:
+        base = load_config(config_arg, base_overrides)
+    except Exception as e:  # absl / ml_collections raise several types; all are bad input here
+        raise SweepError(f"--config={config_arg} {' '.join(base_overrides)}: {e}") from e
+    points = parse_grid(grid) if grid else [{}]
+    file_arms = load_sweep_file(sweep_arg) if sweep_arg else [{}]
+    arms = [{**f, **g} for f in file_arms for g in points]  # file arms x grid points
+    if not seeds:
+        raise SweepError("--seeds: no seeds")
+
+    runs, names = [], {}
+    for arm in arms:
+        arm = dict(arm)
+        arm_seeds = [arm.pop("seed")] if "seed" in arm else seeds
+        for key in arm:
+            if why := _key_error(base, key):
+                raise SweepError(f"{why} (in arm {arm_name(arm)!r})")
+        name = arm_name(arm)
+        if names.get(name, arm) != arm:
+            raise SweepError(f"two different arms share the name {name!r}")
+        names[name] = arm
+        for seed in arm_seeds:
+            text = str(seed)
+            if isinstance(seed, bool | float) or not text.lstrip("-").isdigit():
+                raise SweepError(f"seed {seed!r} (in arm {name!r}) is not an integer")
+            seed = int(seed)
+            flags_ = [f"--config.{k}={_to_flag_value(v)}" for k, v in arm.items()]
+            flags_.append(f"--config.seed={seed}")
+            try:
+                config = load_config(config_arg, [*base_overrides, *flags_])
+                # Every key's range, as training will check it (no I/O, nothing built).
+                build.plan(config)
+            except Exception as e:
+                raise SweepError(f"arm {name!r}, seed {seed}: {e}") from e
+            for key, value in arm.items():
+                # Values from a sweep file are Python objects: the parsed flag must give them back.
+                if not isinstance(value, str) and _get(config, key) != value:
+                    raise SweepError(
+                        f"arm {name!r}: {key}={value!r} parses as {_get(config, key)!r}"
+                    )
+            rundir = os.path.join(workdir, name, f"seed{seed}")
+            if any(r.workdir == rundir for r in runs):
+                raise SweepError(f"arm {name!r}: seed {seed} given twice")
+            runs.append(Run(name, seed, (*base_overrides, *flags_), rundir, config.total_steps))
+    return runs
+
+
+def command(config_arg: str, run: Run) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "apo_jax.main",
+        f"--config={config_arg}",
+        f"--workdir={run.workdir}",
+        *run.overrides,
+    ]
+
+
+def is_finished(run: Run) -> bool:
+    """The done marker of a 0 exit for these total_steps, or (runs launched from printed
+    commands) a metrics.jsonl whose last line is the final step with its final evaluation."""
+    marker = os.path.join(run.workdir, DONE_MARKER)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f).get("total_steps") == run.total_steps:
+                return True
+    path = os.path.join(run.workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        lines = [json.loads(x) for x in f if x.strip()]
+    if not lines or lines[-1]["step"] != run.total_steps:
+        return False
+    # An end-only evaluation writes a second line for the final step after the training line.
+    try:
+        with open(os.path.join(run.workdir, "config.json")) as f:
+            ev = json.load(f).get("eval", {})
+    except (OSError, ValueError):
+        return True
+    final_eval = ev.get("num_prompts", 0) and (
+        not ev.get("every_steps") or run.total_steps % ev["every_steps"] == 0
+    )
+    return not final_eval or any(k.startswith("eval/") for k in lines[-1])
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+def _slots(jobs: int, gpus: list[str] | None) -> list[dict]:
+    """Split the host between `jobs` concurrent runs: disjoint GPU sets if there are GPUs,
+    else disjoint CPU cores (affinity, and thread-pool sizes for the numeric libraries)."""
+    if gpus:
+        if len(gpus) < jobs:
+            raise SweepError(f"--jobs={jobs} but only {len(gpus)} GPU(s): {','.join(gpus)}")
+        return [{"gpus": gpus[i::jobs]} for i in range(jobs)]
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < jobs:  # more jobs than cores: share all of them
+        return [{"cores": cores} for _ in range(jobs)]
+    return [{"cores": cores[i::jobs]} for i in range(jobs)]
+
+
+def _env(slot: dict) -> dict:
+    env = dict(os.environ)
+    if "gpus" in slot:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(slot["gpus"])
+    elif slot.get("cores"):
+        n = str(len(slot["cores"]))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = n
+    return env
+
+
+def _run_one(config_arg: str, run: Run, slot: dict) -> int:
+    os.makedirs(run.workdir, exist_ok=True)
+    cores = slot.get("cores")
+    preexec = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    with open(os.path.join(run.workdir, "sweep.log"), "a") as log:
+        log.write(f"$ {shlex.join(command(config_arg, run))}\n")
+        log.flush()
+        rc = subprocess.call(
+            command(config_arg, run),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(slot),
+            preexec_fn=preexec,
+        )
+    if rc == 0:
+        with open(os.path.join(run.workdir, DONE_MARKER), "w") as f:
+            # The core / GPU count is part of what reproduces a run (see README, determinism).
+            json.dump({"total_steps": run.total_steps, "seed": run.seed, "arm": run.arm,
+                       **{k: len(v) for k, v in slot.items()}}, f)  # fmt: skip
+    return rc
+
+
+def execute(config_arg: str, runs: list[Run], jobs: int, gpus: list[str] | None) -> list[Run]:
+    """Runs every unfinished run, `jobs` at a time; returns the failed ones."""
+    todo = []
+    for run in runs:
+        if is_finished(run):
+            print(f"[sweep] skip (finished): {run.workdir}", flush=True)
+        else:
+            todo.append(run)
+    # Seed-major order: a sweep cut short still has every arm at the seeds it reached.
+    todo.sort(key=lambda r: r.seed)
+    free: queue.Queue = queue.Queue()
+    # Always `jobs` slots, even for fewer runs: a run's core count must not depend on how many
+    # runs were left when the sweep (re)started (it changes CPU rounding, see README).
+    for slot in _slots(jobs, gpus):
+        free.put(slot)
+    lock, failed = threading.Lock(), []
+
+    def work(run: Run) -> None:
+        slot = free.get()
+        try:
+            with lock:
+                print(f"[sweep] start: {run.workdir} {slot}", flush=True)
+            rc = _run_one(config_arg, run, slot)
+            with lock:
+                print(f"[sweep] exit {rc}: {run.workdir}", flush=True)
+                if rc != 0:
+                    failed.append(run)
+        finally:
+            free.put(slot)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(work, todo))
+    return failed
+
+
+def _gpus(arg: str | None) -> list[str] | None:
+    text = arg if arg is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [g for g in (text or "").split(",") if g.strip()] or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--config", help="training config FILE[:ARG], as for apo_jax.main")
+    p.add_argument("--workdir", help="sweep directory; runs go to DIR/<arm>/seed<k>")
+    p.add_argument("--grid", action="append", default=[], help="KEY=V1,V2[,...] (repeatable)")
+    p.add_argument("--sweep", help="experiment FILE[:ARG] defining get_sweep(arg)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, one run per arm each")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once on this host")
+    p.add_argument("--gpus", help="GPU ids split between jobs (default: CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--print_commands", action="store_true", help="print one command per run")
+    p.add_argument("--aggregate", metavar="DIR", help="only aggregate an existing sweep DIR")
+    p.add_argument("--baseline", help="arm the others are compared with (default: the first)")
+    p.add_argument("--metrics", help="comma-separated metrics to summarise (default: see docs)")
+    args, rest = p.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith(("--config.", "--noconfig."))]
+    unknown = [a for a in rest if a not in overrides]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+    from apo_jax import sweep_summary
+
+    metrics = args.metrics.split(",") if args.metrics else None
+    if args.aggregate:
+        sweep_summary.write_summary(args.aggregate, baseline=args.baseline, metrics=metrics)
+        return 0
+    if not args.config or not args.workdir:
+        p.error("--config and --workdir are required (or --aggregate DIR)")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds={args.seeds}: expected comma-separated integers")
+    try:
+        runs = plan(args.config, args.workdir, args.grid, seeds, overrides, args.sweep)
+    except SweepError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_commands:
+        cwd = shlex.quote(os.getcwd())
+        for run in runs:
+            print(f"cd {cwd} && {shlex.join(command(args.config, run))}")
+        return 0
+    os.makedirs(args.workdir, exist_ok=True)
+    arms = list(dict.fromkeys(r.arm for r in runs))
+    with open(os.path.join(args.workdir, PLAN_FILE), "w") as f:
+        json.dump({"config": args.config, "arms": arms, "runs": [r.__dict__ for r in runs]}, f,
+                  indent=1)  # fmt: skip
+    failed = execute(args.config, runs, args.jobs, _gpus(args.gpus))
+    for run in failed:
+        print(f"[sweep] FAILED: {run.workdir} (see {run.workdir}/sweep.log)", file=sys.stderr)
+    sweep_summary.write_summary(args.workdir, baseline=args.baseline, metrics=metrics)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
