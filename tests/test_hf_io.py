@@ -208,3 +208,22 @@ def test_config_json_that_is_not_an_object_is_named(ckpt, text):
     (ckpt / "config.json").write_text(text)
     with pytest.raises(ValueError, match=r"config\.json: expected a JSON object"):
         hf_io.load_qwen3(ckpt)
+
+
+def test_run_from_hf_dir_computes_in_the_config_dtype(tmp_path):
+    """model.param_dtype float32 with model.dtype bfloat16: every layer must compute in bfloat16
+    (the parameters stay float32), as with a random init; not only the top module."""
+    from apo_jax.trainer import build
+    from configs import toy
+
+    hf_io.save_qwen3(init_model(Qwen3Config.tiny(vocab_size=13), seed=0), tmp_path)
+    c = toy.get_config("debug")
+    c.model.hf_dir, c.model.param_dtype, c.model.dtype = str(tmp_path), "float32", "bfloat16"
+    p = build.plan(c)
+    graphdef, params = build.model(p, build.model_config(p, 13), build.mesh(p))
+    model = nnx.merge(graphdef, params)
+    modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
+    dtypes = {type(m).__name__: jnp.dtype(m.dtype) for m in modules if hasattr(m, "dtype")}
+    assert {"Decoder", "Attention", "MLP"} <= set(dtypes), dtypes
+    assert set(dtypes.values()) == {jnp.dtype(jnp.bfloat16)}, dtypes
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
