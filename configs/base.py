@@ -25,6 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.param_dtype = "float32"  # learner parameter dtype: float32 | bfloat16
     m.dtype = "bfloat16"  # matmul compute dtype (accumulation is always float32)
     m.remat = True  # recompute each block's activations in the backward pass (saves memory)
+    # auto | xla_blockwise | cudnn | splash | naive (models/attention.py). auto: cuDNN flash on
+    # GPU, splash on TPU, blockwise online-softmax XLA elsewhere; naive: dense [T, S] scores.
+    m.attention = "auto"
 
     # Tasks are plug-ins (apo_jax/tasks/): each registered task brings its block of keys,
     # config.task.<name>.*, with defaults and meanings in its module (e.g. tasks/math.py).

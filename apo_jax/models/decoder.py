@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from apo_jax.models import attention as attention_lib
 from apo_jax.models.family import KVLayer, RopeTables
 
 # Finite (not -inf) so that a fully masked row (left padding) gives a uniform softmax, not NaN.
@@ -155,9 +156,12 @@ def apply_rope(x: Float[Array, "B T N H"], tables: RopeTables) -> Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+    def __init__(
+        self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype, attention: str = "naive"
+    ):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg, self.dtype = cfg, dtype
+        self.attention = attention_lib.check_impl(attention)  # model.attention
         self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -174,7 +178,7 @@ class Attention(nnx.Module):
         self,
         x: Float[Array, "B T D"],
         rope_cs: RopeTables,
-        mask: Bool[Array, "B T S"],
+        mask: Bool[Array, "B T S"] | attention_lib.Mask,
         kv: KVLayer | None = None,
         cache_index: Int[Array, ""] | None = None,
     ) -> tuple[Array, KVLayer]:
@@ -196,6 +200,33 @@ class Attention(nnx.Module):
         if kv is not None:  # the cache is [B, K, S, H]: see rollout/kv_cache.py for why
             k, v = write_kv(kv, k, v, cache_index)
             kv_eq = "BKSH"
+        if isinstance(mask, attention_lib.Mask) or self.attention != "naive":
+            out = self._attend(q, k, v, mask, kv_eq)  # [B, T, K, G, H]
+        else:
+            out = self._naive(q, k, v, mask, kv_eq)  # [B, T, K, G, H]
+        # Contract over N*H as one dim: with "BTNH,NHD" XLA:CPU picked an [H, N, D] order and
+        # transposed the whole o_proj weight on every call (a copy per layer per decode step).
+        nh = cfg.num_heads * cfg.head_dim
+        out = out.reshape(b, t, nh)  # [B, T, N*H]
+        w_o = self.o_proj[...].reshape(nh, -1)  # [N*H, D]
+        return _dot("BTE,ED->BTD", out, w_o, dt), (k, v)
+
+    def _attend(self, q, k, v, mask, kv_eq: str):
+        """models/attention.py's implementations, for a described mask (`model.attention`)."""
+        if not isinstance(mask, attention_lib.Mask):
+            raise ValueError(
+                f"model.attention={self.attention!r} takes an attention.Mask, not a dense "
+                "[B, T, S] mask (build it with attention.Mask.from_valid / for_cache)"
+            )
+        b, t, kh, g, h = q.shape
+        out = attention_lib.attend(
+            q.reshape(b, t, kh * g, h), k, v, mask, impl=self.attention, kv_layout=kv_eq
+        )
+        return out.reshape(b, t, kh, g, h)
+
+    def _naive(self, q, k, v, mask, kv_eq: str):
+        """The original code path: float32 scores [B, K, G, T, S] under a dense mask."""
+        cfg, dt = self.cfg, self.dtype
         scores = jnp.einsum(
             f"BTKGH,{kv_eq}->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32
         )
@@ -207,13 +238,7 @@ class Attention(nnx.Module):
         out = jnp.einsum(
             f"BKGTS,{kv_eq}->BKGTH", probs, v.astype(dt), preferred_element_type=jnp.float32
         )
-        out = out.transpose(0, 3, 1, 2, 4).astype(dt)  # [B, T, K, G, H]
-        # Contract over N*H as one dim: with "BTNH,NHD" XLA:CPU picked an [H, N, D] order and
-        # transposed the whole o_proj weight on every call (a copy per layer per decode step).
-        nh = cfg.num_heads * cfg.head_dim
-        out = out.reshape(b, t, nh)  # [B, T, N*H]
-        w_o = self.o_proj[...].reshape(nh, -1)  # [N*H, D]
-        return _dot("BTE,ED->BTD", out, w_o, dt), (k, v)
+        return out.transpose(0, 3, 1, 2, 4).astype(dt)  # [B, T, K, G, H]
 
 
 class MLP(nnx.Module):
@@ -233,9 +258,13 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+    def __init__(
+        self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype, attention: str = "naive"
+    ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.attn = Attention(
+            cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, attention=attention
+        )
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype
         )
@@ -259,11 +288,14 @@ class Decoder(nnx.Module):
         param_dtype=jnp.float32,
         dtype=jnp.float32,
         remat: bool = False,
+        attention: str = "naive",
     ):
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        # model.attention (models/attention.py): "naive" keeps the dense [B, T, S] mask path.
+        self.attention = attention_lib.check_impl(attention)
         v, d = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, attention=attention)
         self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(d, cfg.rms_norm_eps, "norm", param_dtype)
         if not cfg.tie_word_embeddings:
@@ -284,7 +316,7 @@ class Decoder(nnx.Module):
         self,
         input_ids: Int[Array, "B T"],
         positions: Int[Array, "B T"],
-        mask: Bool[Array, "B T S"],
+        mask: Bool[Array, "B T S"] | attention_lib.Mask,
         cache: Sequence[KVLayer] | None = None,
         cache_index: Int[Array, ""] | None = None,
         *,
@@ -295,6 +327,8 @@ class Decoder(nnx.Module):
         Without a cache, `mask[b, t, s]` says whether query t may attend to key s of the same
         sequence (S == T). With a cache of length S, this step's T keys are written at slots
         `cache_index .. cache_index + T - 1` first, and `mask` ranges over all S slots.
+        `mask` may instead be an `attention.Mask` (what every `model.attention` but naive
+        takes: `Mask.from_valid` uncached, `Mask.for_cache` with a cache).
         `rope_cs`, if given, are precomputed `rope_tables(positions, ...)` (positions unused).
         """
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
@@ -329,9 +363,11 @@ class Decoder(nnx.Module):
         """Causal forward pass. `attention_mask` [B, T] marks real tokens (1) vs padding (0);
         positions default to the count of real tokens before each one, so a left- or
         right-padded row gives the same logits at its real tokens as the unpadded row."""
-        hidden = self.hidden_states(
-            input_ids, *causal_inputs(input_ids, attention_mask, positions)
-        )[0]
+        positions, mask = causal_inputs(input_ids, attention_mask, positions)
+        if self.attention != "naive":  # the kernels take the mask described, not dense
+            valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask
+            mask = attention_lib.Mask.from_valid(valid)
+        hidden = self.hidden_states(input_ids, positions, mask)[0]
         return self.logits(hidden)
 
 

@@ -82,6 +82,7 @@ def load_model(
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules = sharding_lib.TRAIN_RULES,
     remat: bool = False,
+    attention: str = "naive",
 ) -> Decoder:
     """Loads a HF checkpoint of any registered family (picked from config.json) with parameters
     (and compute) in `dtype`.
@@ -114,7 +115,14 @@ def load_model(
         )
 
     abstract = nnx.eval_shape(
-        lambda: fam.build(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, remat=remat)
+        lambda: fam.build(
+            cfg,
+            rngs=nnx.Rngs(0),
+            param_dtype=dtype,
+            dtype=dtype,
+            remat=remat,
+            attention=attention,
+        )
     )
     graphdef, state = nnx.split(abstract)
     shardings = None if mesh is None else sharding_lib.tree_shardings(state, mesh, rules)

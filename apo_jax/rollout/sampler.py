@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import attention as attention_lib
 from apo_jax.rollout import kv_cache as kv_cache_lib
 from apo_jax.rollout import sampling as sampling_lib
 from apo_jax.rollout.sampling import SamplingParams
@@ -204,6 +205,10 @@ class Sampler:
         # The prompt attends within its own P slots; the T decode slots are appended after.
         cache = kv_cache_lib.init(model.cfg, p - lengths, p, dtype)
         positions, mask = kv_cache_lib.step_inputs(cache, p)  # [B, P], [B, P, P]
+        if model.attention != "naive":
+            # The cache is exactly P slots here, so the prompt is "uncached"-shaped (T == S):
+            # described without an offset, the kernels (cuDNN / splash) can take it.
+            mask = attention_lib.Mask(cache.starts, jnp.full((b,), p, jnp.int32))
         hidden, layers = model.hidden_states(ids, positions, mask, cache.layers, cache.index)
         logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V] float32
         cache = kv_cache_lib.KVCache(tuple(layers), jnp.asarray(p, jnp.int32), cache.starts)
@@ -241,7 +246,10 @@ class Sampler:
             return (s.step < self.max_new_tokens) & ~jnp.all(s.done)
 
         def body(s: DecodeState) -> DecodeState:
-            _, mask = kv_cache_lib.step_inputs(s.cache, 1)  # [B, 1, S]
+            if model.attention == "naive":
+                _, mask = kv_cache_lib.step_inputs(s.cache, 1)  # [B, 1, S]
+            else:  # attends only to the filled slots (blockwise stops at index + 1)
+                mask = attention_lib.Mask.for_cache(s.cache.starts, s.cache.index, 1)
             at = s.cache.index - first_slot
             rope_cs = tuple(jax.lax.dynamic_slice_in_dim(x, at, 1, axis=1) for x in (cos, sin))
             hidden, layers = model.hidden_states(

@@ -40,6 +40,7 @@ class ModelSettings:
     param_dtype: Any  # jnp dtype of the learner's parameters
     dtype: Any  # jnp compute dtype
     remat: bool
+    attention: str  # models/attention.py IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +125,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             param_dtype=jnp.dtype(m.param_dtype),
             dtype=jnp.dtype(m.dtype),
             remat=m.remat,
+            attention=m.attention,
         ),
         task=task,
         task_params=task_params,
@@ -244,10 +246,12 @@ def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
     """(graphdef, params) with every parameter created directly in its sharding on `mesh`."""
     m = p.model
     if m.hf_dir:
-        loaded = hf_io.load_model(m.hf_dir, dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        loaded = hf_io.load_model(
+            m.hf_dir, dtype=m.param_dtype, mesh=mesh, remat=m.remat, attention=m.attention
+        )
         loaded.dtype = m.dtype  # the compute dtype may differ from the stored one
         return nnx.split(loaded, nnx.Param)
-    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
     init = lambda: model_lib.init_model(cfg, p.seed, **kw)
     graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
     shardings = sharding_lib.tree_shardings(abstract, mesh)
@@ -258,7 +262,7 @@ def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
 def abstract_model(p: Plan, cfg: model_lib.DecoderConfig):
     """(graphdef, abstract params): shapes only, nothing allocated (restores, dry runs)."""
     m = p.model
-    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
     return nnx.split(nnx.eval_shape(lambda: model_lib.init_model(cfg, p.seed, **kw)), nnx.Param)
 
 

@@ -22,6 +22,7 @@ from jaxtyping import Array, Float
 
 from apo_jax import objectives
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import attention as attention_lib
 from apo_jax.models import decoder as model_lib
 from apo_jax.objectives import common
 from apo_jax.objectives import schedule as schedule_lib
@@ -60,6 +61,8 @@ def completion_logprobs(
     ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)  # [B, L]
     valid = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
     positions, mask = model_lib.causal_inputs(ids, valid)  # [B, L], [B, L, L]
+    if model.attention != "naive":  # described, never a [B, L, L] array (models/attention.py)
+        mask = attention_lib.Mask.from_valid(valid)
     hidden, _ = model.hidden_states(ids, positions, mask)  # [B, L, D]
     tp, tc = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
     # The hidden state at position j predicts token j + 1.
