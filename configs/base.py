@@ -24,7 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.hf_dir = ""  # HF model dir (family read from config.json); overrides preset
     m.param_dtype = "float32"  # learner parameter dtype: float32 | bfloat16
     m.dtype = "bfloat16"  # matmul compute dtype (accumulation is always float32)
-    m.remat = True  # recompute each block's activations in the backward pass (saves memory)
+    # none | block | a policy of models/decoder.py REMAT_POLICIES (dots_saveable, ...): block
+    # keeps only each block's input for the backward pass (True / False = block / none).
+    m.remat = "block"
     # auto | xla_blockwise | cudnn | splash | naive (models/attention.py). auto: cuDNN flash on
     # GPU, splash on TPU, blockwise online-softmax XLA elsewhere; naive: dense [T, S] scores.
     m.attention = "auto"
@@ -112,7 +114,7 @@ def apply_debug(c: ml_collections.ConfigDict) -> None:
     """Shrinks a config to a random tiny model and a few short steps (CPU, seconds)."""
     c.model.preset, c.model.hf_dir = "tiny", ""
     c.model.vocab_size = -1  # the task's vocabulary (the real Qwen3 one for math tasks)
-    c.model.dtype, c.model.param_dtype, c.model.remat = "float32", "float32", False
+    c.model.dtype, c.model.param_dtype, c.model.remat = "float32", "float32", "none"
     c.total_steps = 2
     c.rollout.prompts_per_step = 4
     c.rollout.group_size = 2

@@ -25,6 +25,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
 from apo_jax.models import attention as attention_lib
@@ -32,6 +33,27 @@ from apo_jax.models.family import KVLayer, RopeTables
 
 # Finite (not -inf) so that a fully masked row (left padding) gives a uniform softmax, not NaN.
 MASK_VALUE = -1e30
+
+_cp = jax.checkpoint_policies
+# model.remat: what a block keeps for the backward pass besides its input (the residual stream,
+# which `jax.checkpoint` always saves). "none" keeps every activation (no checkpointing).
+REMAT_POLICIES = {
+    "none": None,
+    "block": _cp.nothing_saveable,  # only the block input: ~one residual stream per layer
+    "nothing_saveable": _cp.nothing_saveable,
+    "dots_saveable": _cp.dots_saveable,  # every matmul output (fast backward, most memory)
+    "dots_with_no_batch_dims_saveable": _cp.dots_with_no_batch_dims_saveable,
+    "save_attention_out": _cp.save_only_these_names("attention_out"),  # skip attention recompute
+}
+
+
+def check_remat(remat: bool | str) -> str:
+    """`model.remat` as a policy name; True / False (older configs) mean "block" / "none"."""
+    if isinstance(remat, bool):
+        return "block" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+    return remat
 
 
 def write_kv(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""]) -> KVLayer:
@@ -204,6 +226,7 @@ class Attention(nnx.Module):
             out = self._attend(q, k, v, mask, kv_eq)  # [B, T, K, G, H]
         else:
             out = self._naive(q, k, v, mask, kv_eq)  # [B, T, K, G, H]
+        out = checkpoint_name(out, "attention_out")  # what model.remat=save_attention_out keeps
         # Contract over N*H as one dim: with "BTNH,NHD" XLA:CPU picked an [H, N, D] order and
         # transposed the whole o_proj weight on every call (a copy per layer per decode step).
         nh = cfg.num_heads * cfg.head_dim
@@ -287,10 +310,11 @@ class Decoder(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         attention: str = "naive",
     ):
-        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.cfg, self.dtype = cfg, dtype
+        self.remat = check_remat(remat)  # model.remat: a REMAT_POLICIES name
         # model.attention (models/attention.py): "naive" keeps the dense [B, T, S] mask path.
         self.attention = attention_lib.check_impl(attention)
         v, d = cfg.vocab_size, cfg.hidden_size
@@ -335,14 +359,13 @@ class Decoder(nnx.Module):
         if rope_cs is None:
             rope_cs = self.rope_tables(positions)
         new_cache = [] if cache is not None else None
+        run = lambda blk, x, kv: blk(x, rope_cs, mask, kv, cache_index)
+        if (
+            self.remat != "none" and cache is None
+        ):  # cached calls (rollout) are never differentiated
+            run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
         for i, block in enumerate(self.layers):
-            kv = None if cache is None else cache[i]
-            if self.remat:
-                x, kv = nnx.remat(lambda blk, x, kv: blk(x, rope_cs, mask, kv, cache_index))(
-                    block, x, kv
-                )
-            else:
-                x, kv = block(x, rope_cs, mask, kv, cache_index)
+            x, kv = run(block, x, None if cache is None else cache[i])
             if new_cache is not None:
                 new_cache.append(kv)
         return self.norm(x), new_cache

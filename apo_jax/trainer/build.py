@@ -39,7 +39,7 @@ class ModelSettings:
     hf_dir: str  # Hugging Face model directory ("" = random init)
     param_dtype: Any  # jnp dtype of the learner's parameters
     dtype: Any  # jnp compute dtype
-    remat: bool
+    remat: str  # models/decoder.py REMAT_POLICIES name
     attention: str  # models/attention.py IMPLS
 
 
@@ -124,7 +124,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             hf_dir=m.hf_dir,
             param_dtype=jnp.dtype(m.param_dtype),
             dtype=jnp.dtype(m.dtype),
-            remat=m.remat,
+            remat=model_lib.check_remat(m.remat),
             attention=m.attention,
         ),
         task=task,

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from apo_jax.models import attention
+from apo_jax.models import attention, decoder
 from apo_jax.objectives.schedule import MODES, SCOPES
 
 _DTYPES = ("float32", "bfloat16")
@@ -52,7 +52,7 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "model.hf_dir": (str, None, "Hugging Face model directory"),
     "model.param_dtype": (str, None, "float32 | bfloat16"),
     "model.dtype": (str, None, "float32 | bfloat16"),
-    "model.remat": (bool, None, "recompute activations"),
+    "model.remat": (object, None, "none | block | a remat policy (checked below)"),
     "model.attention": (str, None, "auto | xla_blockwise | cudnn | splash | naive"),
     "rollout.prompts_per_step": (int, "[1, inf)", "prompts per rollout step"),
     "rollout.group_size": (int, "[2, inf)", "group-relative losses need >= 2 completions"),
@@ -186,6 +186,10 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         _fail("optim.decay", o.decay, "valid: constant, cosine")
     if c.mesh.data == 0:
         _fail("mesh.data", c.mesh.data, "must be >= 1, or -1 for the devices left over")
+    if not isinstance(c.model.remat, bool) and c.model.remat not in decoder.REMAT_POLICIES:
+        _fail(
+            "model.remat", c.model.remat, f"valid: {', '.join(decoder.REMAT_POLICIES)}, or a bool"
+        )
     if c.model.attention not in attention.IMPLS:
         _fail("model.attention", c.model.attention, f"valid: {', '.join(attention.IMPLS)}")
     for key in ("param_dtype", "dtype"):
