@@ -30,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # auto | xla_blockwise | cudnn | splash | naive (models/attention.py). auto: cuDNN flash on
     # GPU, splash on TPU, blockwise online-softmax XLA elsewhere; naive: dense [T, S] scores.
     m.attention = "auto"
+    # Layers as one [L, ...] stack under lax.scan (compile time independent of depth; remat
+    # effective); the rollout loops over layer slices. False: per-layer weights, a Python loop.
+    m.scan_layers = True
 
     # Tasks are plug-ins (apo_jax/tasks/): each registered task brings its block of keys,
     # config.task.<name>.*, with defaults and meanings in its module (e.g. tasks/math.py).

@@ -312,6 +312,7 @@ class Decoder(nnx.Module):
         dtype=jnp.float32,
         remat: bool | str = False,
         attention: str = "naive",
+        scan_layers: bool = False,
     ):
         self.cfg, self.dtype = cfg, dtype
         self.remat = check_remat(remat)  # model.remat: a REMAT_POLICIES name
@@ -320,7 +321,11 @@ class Decoder(nnx.Module):
         v, d = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, attention=attention)
-        self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, **kw) for _ in range(cfg.num_layers)]
+        # model.scan_layers: one Block whose parameters carry a leading [L] axis ("layers"),
+        # run under lax.scan when uncached, so compile time does not grow with depth.
+        self.scan_layers = bool(scan_layers)
+        self.layers = stack_blocks(blocks) if scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(d, cfg.rms_norm_eps, "norm", param_dtype)
         if not cfg.tie_word_embeddings:
             # Stored like the embedding, [V, D] (HF's lm_head.weight layout), so that the fused
@@ -359,11 +364,20 @@ class Decoder(nnx.Module):
         if rope_cs is None:
             rope_cs = self.rope_tables(positions)
         new_cache = [] if cache is not None else None
+        policy = REMAT_POLICIES[self.remat]
+        if self.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+            if cache is None:  # training / scoring: one compiled layer, scanned
+                x = _scan_blocks(graphdef, stacked, x, rope_cs, mask, self.remat, policy)
+            else:  # rollout: a Python loop over layer slices, each with its cache entry
+                for i in range(self.cfg.num_layers):
+                    block = nnx.merge(graphdef, jax.tree.map(lambda w, i=i: w[i], stacked))
+                    x, kv = block(x, rope_cs, mask, cache[i], cache_index)
+                    new_cache.append(kv)
+            return self.norm(x), new_cache
         run = lambda blk, x, kv: blk(x, rope_cs, mask, kv, cache_index)
-        if (
-            self.remat != "none" and cache is None
-        ):  # cached calls (rollout) are never differentiated
-            run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
+        if self.remat != "none" and cache is None:  # cached calls are never differentiated
+            run = nnx.remat(run, policy=policy)
         for i, block in enumerate(self.layers):
             x, kv = run(block, x, None if cache is None else cache[i])
             if new_cache is not None:
@@ -392,6 +406,30 @@ class Decoder(nnx.Module):
             mask = attention_lib.Mask.from_valid(valid)
         hidden = self.hidden_states(input_ids, positions, mask)[0]
         return self.logits(hidden)
+
+
+def _scan_blocks(graphdef, stacked, x, rope_cs, mask, remat: str, policy):
+    """x through every layer of `stacked` ([L, ...] parameters) with lax.scan. Under remat the
+    scanned body is checkpointed: the backward pass keeps only each layer's input x (plus what
+    `policy` saves), one residual stream per layer, and recomputes the rest layer by layer."""
+
+    def body(x, params):
+        x, _ = nnx.merge(graphdef, params)(x, rope_cs, mask)
+        return x, None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # scan keeps the order
+    return jax.lax.scan(body, x, stacked)[0]
+
+
+def stack_blocks(blocks: Sequence[Block]) -> Block:
+    """One Block whose parameters are the blocks' stacked along a new leading axis [L, ...],
+    with the logical axis "layers" (unsharded: infra/sharding.py) prepended to their `axes`."""
+    graphdef, _ = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *w: jnp.stack(w), *(nnx.split(b)[1] for b in blocks))
+    for _, variable in nnx.to_flat_state(stacked):
+        variable.set_metadata("axes", ("layers", *variable.get_metadata()["axes"]))
+    return nnx.merge(graphdef, stacked)
 
 
 def causal_inputs(

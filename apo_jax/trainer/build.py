@@ -41,6 +41,7 @@ class ModelSettings:
     dtype: Any  # jnp compute dtype
     remat: str  # models/decoder.py REMAT_POLICIES name
     attention: str  # models/attention.py IMPLS
+    scan_layers: bool  # stacked [L, ...] layers under lax.scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             dtype=jnp.dtype(m.dtype),
             remat=model_lib.check_remat(m.remat),
             attention=m.attention,
+            scan_layers=m.scan_layers,
         ),
         task=task,
         task_params=task_params,
@@ -242,16 +244,31 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.DecoderConfig:
     return cfg
 
 
+def _model_kwargs(m: ModelSettings) -> dict:
+    return dict(
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        remat=m.remat,
+        attention=m.attention,
+        scan_layers=m.scan_layers,
+    )
+
+
 def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
     """(graphdef, params) with every parameter created directly in its sharding on `mesh`."""
     m = p.model
     if m.hf_dir:
         loaded = hf_io.load_model(
-            m.hf_dir, dtype=m.param_dtype, mesh=mesh, remat=m.remat, attention=m.attention
+            m.hf_dir,
+            dtype=m.param_dtype,
+            mesh=mesh,
+            remat=m.remat,
+            attention=m.attention,
+            scan_layers=m.scan_layers,
         )
         loaded.dtype = m.dtype  # the compute dtype may differ from the stored one
         return nnx.split(loaded, nnx.Param)
-    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+    kw = _model_kwargs(m)
     init = lambda: model_lib.init_model(cfg, p.seed, **kw)
     graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
     shardings = sharding_lib.tree_shardings(abstract, mesh)
@@ -262,7 +279,7 @@ def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
 def abstract_model(p: Plan, cfg: model_lib.DecoderConfig):
     """(graphdef, abstract params): shapes only, nothing allocated (restores, dry runs)."""
     m = p.model
-    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+    kw = _model_kwargs(m)
     return nnx.split(nnx.eval_shape(lambda: model_lib.init_model(cfg, p.seed, **kw)), nnx.Param)
 
 

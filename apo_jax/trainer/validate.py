@@ -53,6 +53,7 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "model.param_dtype": (str, None, "float32 | bfloat16"),
     "model.dtype": (str, None, "float32 | bfloat16"),
     "model.remat": (object, None, "none | block | a remat policy (checked below)"),
+    "model.scan_layers": (bool, None, "stack layers under lax.scan"),
     "model.attention": (str, None, "auto | xla_blockwise | cudnn | splash | naive"),
     "rollout.prompts_per_step": (int, "[1, inf)", "prompts per rollout step"),
     "rollout.group_size": (int, "[2, inf)", "group-relative losses need >= 2 completions"),
