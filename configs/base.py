@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.top_p = 1.0  # nucleus mass, 1 = off
     r.dynamic_sampling = False  # DAPO: drop groups with all-equal rewards and refill
     r.max_refill_rounds = 10  # dynamic sampling: at most this many extra generation rounds
+    # KV cache dtype: auto (bfloat16 on GPU/TPU, the compute dtype on CPU) | float32 | bfloat16
+    r.cache_dtype = "auto"
     r.overlong_buffer = 0  # DAPO overlong shaping buffer L_cache in tokens (0 = off)
 
     # Losses are plug-ins (apo_jax/objectives/): each registered objective brings its block,

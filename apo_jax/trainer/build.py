@@ -56,6 +56,7 @@ class RolloutSettings:
     dynamic_sampling: bool
     max_refill_rounds: int
     overlong_buffer: int
+    cache_dtype: str  # auto | float32 | bfloat16 (`cache_dtype(plan)` resolves auto)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             dynamic_sampling=r.dynamic_sampling,
             max_refill_rounds=r.max_refill_rounds,
             overlong_buffer=r.overlong_buffer,
+            cache_dtype=r.cache_dtype,
         ),
         objective=objective,
         loss_params=loss_params,
@@ -322,5 +324,14 @@ def sampler(p: Plan, graphdef, task: tasks.Task, mesh) -> sampler_lib.Sampler:
         top_p=r.top_p,
         eos_ids=task.eos_ids,
         pad_id=task.pad_id,
+        cache_dtype=cache_dtype(p),
         mesh=mesh,
     )
+
+
+def cache_dtype(p: Plan):
+    """rollout.cache_dtype: `auto` is bfloat16 on accelerators (the KV cache is what limits the
+    rollout batch there) and the compute dtype on CPU (float32 stays exact)."""
+    if p.rollout.cache_dtype == "auto":
+        return p.model.dtype if jax.default_backend() == "cpu" else jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(p.rollout.cache_dtype)

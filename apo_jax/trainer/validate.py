@@ -62,6 +62,7 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "rollout.temperature": (float, "[0, inf)", "0 = greedy"),
     "rollout.top_k": (int, "[0, inf)", "0 = off"),
     "rollout.top_p": (float, "(0, 1]", "nucleus mass, 1 = off"),
+    "rollout.cache_dtype": (str, None, "auto | float32 | bfloat16"),
     "rollout.dynamic_sampling": (bool, None, "DAPO dynamic sampling"),
     "rollout.max_refill_rounds": (int, "[0, inf)", "extra rounds (only with dynamic_sampling)"),
     # < max_new_tokens is checked below: a buffer as long as the completion penalises them all.
@@ -193,6 +194,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         )
     if c.model.attention not in attention.IMPLS:
         _fail("model.attention", c.model.attention, f"valid: {', '.join(attention.IMPLS)}")
+    if c.rollout.cache_dtype not in ("auto", *_DTYPES):
+        _fail("rollout.cache_dtype", c.rollout.cache_dtype, f"valid: auto, {', '.join(_DTYPES)}")
     for key in ("param_dtype", "dtype"):
         if c.model[key] not in _DTYPES:
             _fail(f"model.{key}", c.model[key], f"valid: {', '.join(_DTYPES)}")
