@@ -115,6 +115,14 @@ class StepFns:
     logprobs: Callable  # (params, Batch) -> [B, Tc] float32
 
 
+def _under_mesh(fn, mesh):
+    def traced(*args):
+        with model_lib.rows_split_over(mesh):
+            return fn(*args)
+
+    return traced
+
+
 def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> StepFns:
     """Jits the update and the log-prob scorer for this model and config. With a mesh, the
     state keeps `state_shardings` (parameters and optimizer moments by their logical axes),
@@ -193,6 +201,8 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
 
     if mesh is None:
         return StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))
+    # Traced under the mesh: the model keeps activations split by rows (decoder.rows_sharded).
+    train_step, logprobs = _under_mesh(train_step, mesh), _under_mesh(logprobs, mesh)
     step = jax.jit(
         train_step,
         in_shardings=(state_shardings, rows),
