@@ -14,6 +14,11 @@ Dtype policy:
     (log-probs, losses) are float32.
 
 Every parameter carries logical axis names (`axes` metadata) that `sharding.py` maps to mesh axes.
+
+Layers: `scan_layers=True` stacks them ([L, ...] parameters, logical axis "layers") and runs them
+under lax.scan when uncached (one compiled layer; with `remat` the checkpointed body keeps only
+each layer's input); cached calls loop over layer slices. `scan_layers=False` keeps per-layer
+weights and a Python loop (faster CPU decode); there XLA may undo the per-block checkpoints.
 """
 
 from __future__ import annotations
