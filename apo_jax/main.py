@@ -1,6 +1,7 @@
 """Entry point: `python -m apo_jax.main --config=configs/<file>.py[:arg] --workdir=DIR`
 (or `apo-train ...`), with `--config.a.b=value` overrides on the locked config."""
 
+import json
 import os
 import sys
 
@@ -21,6 +22,15 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: proces
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host with cluster auto-detection (TPU pods, SLURM)."
+)
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Build nothing real: compile one step's programs on abstract shapes over the visible devices "
+    "and print one JSON line of per-device memory (peak_gib, fits, ...); writes nothing.",
+)
+_DEVICE_MEMORY_GIB = flags.DEFINE_float(
+    "device_memory_gib", None, "--dry_run: per-device memory for `fits` (default: the device's)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -45,6 +55,11 @@ def main(argv):
         jax.device_count(),
         jax.devices(),
     )
+    if _DRY_RUN.value:  # nothing is allocated or written (trainer/dry_run.py)
+        from apo_jax.trainer import dry_run
+
+        print(json.dumps(dry_run.estimate(_CONFIG.value, _DEVICE_MEMORY_GIB.value)), flush=True)
+        return
     workdir = os.path.abspath(_WORKDIR.value)
     last = loop.run(_CONFIG.value, workdir)
     console.summary(last, workdir)

@@ -71,7 +71,7 @@ def hf_config(cfg: Qwen3Config):
     )
 
 
-def build(preset: str, dtype: str, tmp: str, with_hf: bool):
+def build(preset: str, dtype: str, tmp: str, with_hf: bool, **model_kw):
     """(our model, HF model or None) with identical weights."""
     import torch
     import transformers
@@ -81,7 +81,7 @@ def build(preset: str, dtype: str, tmp: str, with_hf: bool):
     path = os.path.join(tmp, f"{preset}")
     if not os.path.isdir(path):
         hf.save_pretrained(path)
-    ours = hf_io.load_qwen3(path, dtype=DTYPES[dtype])
+    ours = hf_io.load_qwen3(path, dtype=DTYPES[dtype], **model_kw)
     if not with_hf:
         return ours, None
     hf = hf.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
@@ -169,6 +169,8 @@ def run_case(args, ours, hf, preset, dtype, batch, mode, bw):
     line = dict(
         model=preset,
         dtype=dtype,
+        attention=ours.attention,
+        scan_layers=ours.scan_layers,
         batch=batch,
         mode=mode,
         prompt_len=args.prompt_len,
@@ -205,6 +207,8 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--attention", default="naive", help="model.attention")
+    parser.add_argument("--scan_layers", action="store_true", help="model.scan_layers")
     parser.add_argument("--no-hf", action="store_true", help="time only apo_jax")
     parser.add_argument("--quick", action="store_true", help="tiny model, b8, f32: < 1 min")
     args = parser.parse_args()
@@ -227,7 +231,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for preset in split(args.models):
             for dtype in split(args.dtypes):
-                ours, hf = build(preset, dtype, tmp, with_hf=not args.no_hf)
+                ours, hf = build(
+                    preset,
+                    dtype,
+                    tmp,
+                    with_hf=not args.no_hf,
+                    attention=args.attention,
+                    scan_layers=args.scan_layers,
+                )
                 for batch in map(int, split(args.batches)):
                     for mode in split(args.modes):
                         run_case(args, ours, hf, preset, dtype, batch, mode, bw)

@@ -24,7 +24,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.hf_dir = ""  # HF model dir (family read from config.json); overrides preset
     m.param_dtype = "float32"  # learner parameter dtype: float32 | bfloat16
     m.dtype = "bfloat16"  # matmul compute dtype (accumulation is always float32)
-    m.remat = True  # recompute each block's activations in the backward pass (saves memory)
+    # none | block | a policy of models/decoder.py REMAT_POLICIES (dots_saveable, ...): block
+    # keeps only each block's input for the backward pass (True / False = block / none).
+    m.remat = "block"
+    # auto | xla_blockwise | cudnn | splash | naive (models/attention.py). auto: cuDNN flash on
+    # GPU, splash on TPU, blockwise online-softmax XLA elsewhere; naive: dense [T, S] scores.
+    m.attention = "auto"
+    # Layers as one [L, ...] stack under lax.scan (compile time independent of depth; remat
+    # effective); the rollout loops over layer slices. False: per-layer weights, a Python loop.
+    m.scan_layers = True
     m.logprob_precision = "default"  # scoring (anchor, reference, train step): default | float32
 
     # Tasks are plug-ins (apo_jax/tasks/): each registered task brings its block of keys,
@@ -41,6 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.top_p = 1.0  # nucleus mass, 1 = off
     r.dynamic_sampling = False  # DAPO: drop groups with all-equal rewards and refill
     r.max_refill_rounds = 10  # dynamic sampling: at most this many extra generation rounds
+    # KV cache dtype: auto (bfloat16 on GPU/TPU, the compute dtype on CPU) | float32 | bfloat16
+    r.cache_dtype = "auto"
     r.overlong_buffer = 0  # DAPO overlong shaping buffer L_cache in tokens (0 = off)
 
     # Losses are plug-ins (apo_jax/objectives/): each registered objective brings its block,
@@ -113,7 +123,7 @@ def apply_debug(c: ml_collections.ConfigDict) -> None:
     """Shrinks a config to a random tiny model and a few short steps (CPU, seconds)."""
     c.model.preset, c.model.hf_dir = "tiny", ""
     c.model.vocab_size = -1  # the task's vocabulary (the real Qwen3 one for math tasks)
-    c.model.dtype, c.model.param_dtype, c.model.remat = "float32", "float32", False
+    c.model.dtype, c.model.param_dtype, c.model.remat = "float32", "float32", "none"
     c.total_steps = 2
     c.rollout.prompts_per_step = 4
     c.rollout.group_size = 2

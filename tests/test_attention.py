@@ -282,7 +282,7 @@ def test_blockwise_train_memory_is_linear_in_length():
 
 # --- the model's `attention` argument (model.attention) -----------------------------------------
 def _tiny_models(**kw):
-    from apo_jax import model as model_lib
+    from apo_jax.models import qwen3 as model_lib
 
     cfg = model_lib.Qwen3Config.tiny()
     naive = model_lib.init_model(cfg, seed=3, **kw)
@@ -316,7 +316,7 @@ def test_model_blockwise_logits_and_grads_match_naive():
 def test_model_blockwise_cached_decode_equals_uncached_forward():
     from flax import nnx
 
-    from apo_jax import kv_cache as kv_cache_lib
+    from apo_jax.rollout import kv_cache as kv_cache_lib
 
     model_lib, naive, blockwise = _tiny_models()
     p, steps = 6, 4
@@ -346,3 +346,37 @@ def test_model_blockwise_cached_decode_equals_uncached_forward():
 
     cached = np.asarray(run(blockwise))
     np.testing.assert_allclose(cached, full[:, p - 1 : p + steps - 1], atol=1e-5)
+
+
+def test_sampler_and_scoring_with_blockwise_match_naive():
+    # The two callers that build the described mask: the sampler (prefill Mask without an
+    # offset, decode Mask.for_cache) and the train step's scorer (Mask.from_valid).
+    from flax import nnx
+
+    from apo_jax.rollout import sampler as sampler_lib
+    from apo_jax.trainer import step as step_lib
+
+    _, naive, blockwise = _tiny_models()
+    prompts = [[5, 9, 3], list(range(1, 15)), [7] * 9]  # left-padded to the 16 bucket
+    outs, scores = [], []
+    for model in (naive, blockwise):
+        graphdef, params = nnx.split(model)
+        smp = sampler_lib.Sampler(graphdef, max_prompt_len=16, max_new_tokens=6)
+        out = smp.sample(params, prompts, n=2, rng=3)
+        ids, lengths = smp.pad(prompts)
+        batch = {
+            "prompt_ids": jnp.repeat(jnp.asarray(ids), 2, axis=0),
+            "prompt_mask": jnp.repeat(jnp.arange(16)[None] >= 16 - lengths[:, None], 2, axis=0),
+            "completion_ids": out.tokens,
+            "completion_mask": out.mask,
+        }
+        scores.append(step_lib.completion_logprobs(graphdef, params, batch, chunk=64))
+        outs.append(out)
+    np.testing.assert_array_equal(np.asarray(outs[1].tokens), np.asarray(outs[0].tokens))
+    np.testing.assert_allclose(np.asarray(outs[1].logp), np.asarray(outs[0].logp), atol=1e-5)
+    real = np.asarray(outs[0].mask)
+    np.testing.assert_allclose(np.asarray(scores[1])[real], np.asarray(scores[0])[real], atol=1e-5)
+    # and the scorer agrees with the sampler's own log-probs (independent code paths)
+    np.testing.assert_allclose(
+        np.asarray(scores[1])[real], np.asarray(outs[0].logp)[real], atol=1e-5
+    )

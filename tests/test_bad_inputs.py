@@ -90,6 +90,9 @@ def no_compile(monkeypatch, finished):
 
 # (overrides of toy.py:debug, regex the message must match). Group numbers refer to issue 15.
 CONFIG_CASES = [
+    # issue 16: the attention and remat selectors name their valid values
+    ({"model.attention": "flash"}, r"config\.model\.attention='flash': valid: auto, xla_blockwise"),
+    ({"model.remat": "everything"}, r"config\.model\.remat='everything': valid: none, block"),
     # 2: keep >= 1 (keep=0 would delete every checkpoint, the final one too)
     ({"checkpoint.keep": 0}, r"config\.checkpoint\.keep=0: must lie in \[1, inf\)"),
     ({"checkpoint.keep": -1}, r"config\.checkpoint\.keep=-1"),

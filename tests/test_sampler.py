@@ -286,3 +286,28 @@ def test_bad_lengths_raise(tiny):
         _sampler(tiny, max_new_tokens=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampler_lib.generate(tiny, [[1, 2]], max_new_tokens=0)
+
+
+def test_rollout_weights_share_or_cast_the_train_parameters():
+    # fsdp 2: TRAIN_RULES shard `embed`, ROLLOUT_RULES do not. Parameters without an embed axis
+    # (q/k norms) are the train arrays themselves; the rest become bfloat16 rollout copies, and a
+    # bf16-compute model samples the same tokens from them as from the float32 train arrays.
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py sets 8 fake CPU devices)")
+    mesh = sharding_lib.make_mesh(1, 2, 1)
+    model = init_model(Qwen3Config.tiny(), seed=2, dtype=jnp.bfloat16)
+    graphdef, params = nnx.split(model)
+    train = sharding_lib.reshard(params, mesh, sharding_lib.TRAIN_RULES)
+    rollout = sampler_lib.rollout_weights(train, mesh, jnp.bfloat16)
+    flat_t, flat_r = nnx.to_flat_state(train), dict(nnx.to_flat_state(rollout))
+    shared = [path for path, v in flat_t if flat_r[path].get_value() is v.get_value()]
+    assert ("layers", 0, "attn", "q_norm", "scale") in shared
+    assert ("embed_tokens",) not in shared
+    assert flat_r[("embed_tokens",)].get_value().dtype == jnp.bfloat16
+    assert flat_r[("embed_tokens",)].get_value().sharding.is_fully_replicated
+    smp = sampler_lib.Sampler(graphdef, max_prompt_len=16, max_new_tokens=6, mesh=mesh)
+    prompts = _prompts([3, 9], seed=2)
+    a, b = smp.sample(train, prompts, n=2, rng=4), smp.sample(rollout, prompts, n=2, rng=4)
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+    # Same weights as the sampler casts them; only the reduction order differs with the layout.
+    np.testing.assert_allclose(np.asarray(b.logp), np.asarray(a.logp), atol=1e-5)

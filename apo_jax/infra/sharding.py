@@ -29,6 +29,7 @@ TRAIN_RULES: Rules = {
     "norm": None,
     "seq": None,
     "cache_seq": None,
+    "layers": None,  # the stacked [L, ...] axis of model.scan_layers: each device holds all layers
 }
 
 # Decode reads every weight once per token: gathering FSDP shards each step would dominate, so

@@ -14,10 +14,17 @@ Dtype policy:
     (log-probs, losses) are float32.
 
 Every parameter carries logical axis names (`axes` metadata) that `sharding.py` maps to mesh axes.
+
+Layers: `scan_layers=True` stacks them ([L, ...] parameters, logical axis "layers") and runs them
+under lax.scan when uncached (one compiled layer; with `remat` the checkpointed body keeps only
+each layer's input); cached calls loop over layer slices. `scan_layers=False` keeps per-layer
+weights and a Python loop (faster CPU decode); there XLA may undo the per-block checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar
@@ -25,12 +32,68 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
+from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import attention as attention_lib
 from apo_jax.models.family import KVLayer, RopeTables
 
 # Finite (not -inf) so that a fully masked row (left padding) gives a uniform softmax, not NaN.
 MASK_VALUE = -1e30
+
+_cp = jax.checkpoint_policies
+# model.remat: what a block keeps for the backward pass besides its input (the residual stream,
+# which `jax.checkpoint` always saves). "none" keeps every activation (no checkpointing).
+REMAT_POLICIES = {
+    "none": None,
+    "block": _cp.nothing_saveable,  # only the block input: ~one residual stream per layer
+    "nothing_saveable": _cp.nothing_saveable,
+    "dots_saveable": _cp.dots_saveable,  # every matmul output (fast backward, most memory)
+    "dots_with_no_batch_dims_saveable": _cp.dots_with_no_batch_dims_saveable,
+    "save_attention_out": _cp.save_only_these_names("attention_out"),  # skip attention recompute
+}
+
+
+_ROW_MESH: contextvars.ContextVar = contextvars.ContextVar("row_mesh", default=None)
+
+
+@contextlib.contextmanager
+def rows_split_over(mesh):
+    """While tracing inside this context, `rows_sharded` splits activations over `mesh`."""
+    token = _ROW_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ROW_MESH.reset(token)
+
+
+def rows_sharded(x: Array) -> Array:
+    """Activations [B, ...] split by rows over the batch mesh axes, when traced inside
+    `rows_split_over(mesh)` (trainer/step.py does). Without this the SPMD partitioner may keep the
+    FSDP-sharded weights in place and run every matmul on the whole batch with partial sums
+    all-reduced: measured, full-batch f32 [B*T, F] buffers and 31 GiB instead of ~3 for the
+    paper's scoring pass on 4 devices."""
+    mesh = _ROW_MESH.get()
+    axes = sharding_lib.TRAIN_RULES["batch"]
+    if mesh is None:
+        return x
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    if x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes)))
+
+
+def check_remat(remat: bool | str) -> str:
+    """`model.remat` as a policy name; True / False (older configs) mean "block" / "none"."""
+    if isinstance(remat, bool):
+        return "block" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+    return remat
 
 
 def write_kv(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""]) -> KVLayer:
@@ -155,9 +218,12 @@ def apply_rope(x: Float[Array, "B T N H"], tables: RopeTables) -> Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+    def __init__(
+        self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype, attention: str = "naive"
+    ):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg, self.dtype = cfg, dtype
+        self.attention = attention_lib.check_impl(attention)  # model.attention
         self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -174,7 +240,7 @@ class Attention(nnx.Module):
         self,
         x: Float[Array, "B T D"],
         rope_cs: RopeTables,
-        mask: Bool[Array, "B T S"],
+        mask: Bool[Array, "B T S"] | attention_lib.Mask,
         kv: KVLayer | None = None,
         cache_index: Int[Array, ""] | None = None,
     ) -> tuple[Array, KVLayer]:
@@ -196,6 +262,34 @@ class Attention(nnx.Module):
         if kv is not None:  # the cache is [B, K, S, H]: see rollout/kv_cache.py for why
             k, v = write_kv(kv, k, v, cache_index)
             kv_eq = "BKSH"
+        if isinstance(mask, attention_lib.Mask) or self.attention != "naive":
+            out = self._attend(q, k, v, mask, kv_eq)  # [B, T, K, G, H]
+        else:
+            out = self._naive(q, k, v, mask, kv_eq)  # [B, T, K, G, H]
+        out = checkpoint_name(out, "attention_out")  # what model.remat=save_attention_out keeps
+        # Contract over N*H as one dim: with "BTNH,NHD" XLA:CPU picked an [H, N, D] order and
+        # transposed the whole o_proj weight on every call (a copy per layer per decode step).
+        nh = cfg.num_heads * cfg.head_dim
+        out = out.reshape(b, t, nh)  # [B, T, N*H]
+        w_o = self.o_proj[...].reshape(nh, -1)  # [N*H, D]
+        return _dot("BTE,ED->BTD", out, w_o, dt), (k, v)
+
+    def _attend(self, q, k, v, mask, kv_eq: str):
+        """models/attention.py's implementations, for a described mask (`model.attention`)."""
+        if not isinstance(mask, attention_lib.Mask):
+            raise ValueError(
+                f"model.attention={self.attention!r} takes an attention.Mask, not a dense "
+                "[B, T, S] mask (build it with attention.Mask.from_valid / for_cache)"
+            )
+        b, t, kh, g, h = q.shape
+        out = attention_lib.attend(
+            q.reshape(b, t, kh * g, h), k, v, mask, impl=self.attention, kv_layout=kv_eq
+        )
+        return out.reshape(b, t, kh, g, h)
+
+    def _naive(self, q, k, v, mask, kv_eq: str):
+        """The original code path: float32 scores [B, K, G, T, S] under a dense mask."""
+        cfg, dt = self.cfg, self.dtype
         scores = jnp.einsum(
             f"BTKGH,{kv_eq}->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32
         )
@@ -207,13 +301,7 @@ class Attention(nnx.Module):
         out = jnp.einsum(
             f"BKGTS,{kv_eq}->BKGTH", probs, v.astype(dt), preferred_element_type=jnp.float32
         )
-        out = out.transpose(0, 3, 1, 2, 4).astype(dt)  # [B, T, K, G, H]
-        # Contract over N*H as one dim: with "BTNH,NHD" XLA:CPU picked an [H, N, D] order and
-        # transposed the whole o_proj weight on every call (a copy per layer per decode step).
-        nh = cfg.num_heads * cfg.head_dim
-        out = out.reshape(b, t, nh)  # [B, T, N*H]
-        w_o = self.o_proj[...].reshape(nh, -1)  # [N*H, D]
-        return _dot("BTE,ED->BTD", out, w_o, dt), (k, v)
+        return out.transpose(0, 3, 1, 2, 4).astype(dt)  # [B, T, K, G, H]
 
 
 class MLP(nnx.Module):
@@ -233,9 +321,13 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+    def __init__(
+        self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype, attention: str = "naive"
+    ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.attn = Attention(
+            cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, attention=attention
+        )
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype
         )
@@ -258,13 +350,22 @@ class Decoder(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        attention: str = "naive",
+        scan_layers: bool = False,
     ):
-        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.cfg, self.dtype = cfg, dtype
+        self.remat = check_remat(remat)  # model.remat: a REMAT_POLICIES name
+        # model.attention (models/attention.py): "naive" keeps the dense [B, T, S] mask path.
+        self.attention = attention_lib.check_impl(attention)
         v, d = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, attention=attention)
+        blocks = [Block(cfg, **kw) for _ in range(cfg.num_layers)]
+        # model.scan_layers: one Block whose parameters carry a leading [L] axis ("layers"),
+        # run under lax.scan when uncached, so compile time does not grow with depth.
+        self.scan_layers = bool(scan_layers)
+        self.layers = stack_blocks(blocks) if scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(d, cfg.rms_norm_eps, "norm", param_dtype)
         if not cfg.tie_word_embeddings:
             # Stored like the embedding, [V, D] (HF's lm_head.weight layout), so that the fused
@@ -284,7 +385,7 @@ class Decoder(nnx.Module):
         self,
         input_ids: Int[Array, "B T"],
         positions: Int[Array, "B T"],
-        mask: Bool[Array, "B T S"],
+        mask: Bool[Array, "B T S"] | attention_lib.Mask,
         cache: Sequence[KVLayer] | None = None,
         cache_index: Int[Array, ""] | None = None,
         *,
@@ -295,20 +396,31 @@ class Decoder(nnx.Module):
         Without a cache, `mask[b, t, s]` says whether query t may attend to key s of the same
         sequence (S == T). With a cache of length S, this step's T keys are written at slots
         `cache_index .. cache_index + T - 1` first, and `mask` ranges over all S slots.
+        `mask` may instead be an `attention.Mask` (what every `model.attention` but naive
+        takes: `Mask.from_valid` uncached, `Mask.for_cache` with a cache).
         `rope_cs`, if given, are precomputed `rope_tables(positions, ...)` (positions unused).
         """
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+        x = rows_sharded(x)
         if rope_cs is None:
             rope_cs = self.rope_tables(positions)
         new_cache = [] if cache is not None else None
+        policy = REMAT_POLICIES[self.remat]
+        if self.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+            if cache is None:  # training / scoring: one compiled layer, scanned
+                x = _scan_blocks(graphdef, stacked, x, rope_cs, mask, self.remat, policy)
+            else:  # rollout: a Python loop over layer slices, each with its cache entry
+                for i in range(self.cfg.num_layers):
+                    block = nnx.merge(graphdef, jax.tree.map(lambda w, i=i: w[i], stacked))
+                    x, kv = block(x, rope_cs, mask, cache[i], cache_index)
+                    new_cache.append(kv)
+            return self.norm(x), new_cache
+        run = lambda blk, x, kv: blk(x, rope_cs, mask, kv, cache_index)
+        if self.remat != "none" and cache is None:  # cached calls are never differentiated
+            run = nnx.remat(run, policy=policy)
         for i, block in enumerate(self.layers):
-            kv = None if cache is None else cache[i]
-            if self.remat:
-                x, kv = nnx.remat(lambda blk, x, kv: blk(x, rope_cs, mask, kv, cache_index))(
-                    block, x, kv
-                )
-            else:
-                x, kv = block(x, rope_cs, mask, kv, cache_index)
+            x, kv = run(block, rows_sharded(x), None if cache is None else cache[i])
             if new_cache is not None:
                 new_cache.append(kv)
         return self.norm(x), new_cache
@@ -329,10 +441,36 @@ class Decoder(nnx.Module):
         """Causal forward pass. `attention_mask` [B, T] marks real tokens (1) vs padding (0);
         positions default to the count of real tokens before each one, so a left- or
         right-padded row gives the same logits at its real tokens as the unpadded row."""
-        hidden = self.hidden_states(
-            input_ids, *causal_inputs(input_ids, attention_mask, positions)
-        )[0]
+        positions, mask = causal_inputs(input_ids, attention_mask, positions)
+        if self.attention != "naive":  # the kernels take the mask described, not dense
+            valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask
+            mask = attention_lib.Mask.from_valid(valid)
+        hidden = self.hidden_states(input_ids, positions, mask)[0]
         return self.logits(hidden)
+
+
+def _scan_blocks(graphdef, stacked, x, rope_cs, mask, remat: str, policy):
+    """x through every layer of `stacked` ([L, ...] parameters) with lax.scan. Under remat the
+    scanned body is checkpointed: the backward pass keeps only each layer's input x (plus what
+    `policy` saves), one residual stream per layer, and recomputes the rest layer by layer."""
+
+    def body(x, params):
+        x, _ = nnx.merge(graphdef, params)(rows_sharded(x), rope_cs, mask)
+        return rows_sharded(x), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # scan keeps the order
+    return jax.lax.scan(body, x, stacked)[0]
+
+
+def stack_blocks(blocks: Sequence[Block]) -> Block:
+    """One Block whose parameters are the blocks' stacked along a new leading axis [L, ...],
+    with the logical axis "layers" (unsharded: infra/sharding.py) prepended to their `axes`."""
+    graphdef, _ = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *w: jnp.stack(w), *(nnx.split(b)[1] for b in blocks))
+    for _, variable in nnx.to_flat_state(stacked):
+        variable.set_metadata("axes", ("layers", *variable.get_metadata()["axes"]))
+    return nnx.merge(graphdef, stacked)
 
 
 def causal_inputs(

@@ -49,6 +49,7 @@ class CausalLM(Protocol):
 
     cfg: ModelConfig
     dtype: Any  # compute dtype
+    attention: str  # model.attention: "naive" takes dense masks, the rest attention.Mask
 
     def hidden_states(
         self,
@@ -84,7 +85,7 @@ class Family:
     architectures: tuple[str, ...]  # config.json "architectures" values
     presets: Mapping[str, Callable[[], ModelConfig]]  # preset name -> config
     key_map: Callable[[ModelConfig], dict]  # our param path -> hf_keys.Entry
-    build: Callable[..., CausalLM]  # build(cfg, *, rngs, param_dtype, dtype, remat)
+    build: Callable[..., CausalLM]  # build(cfg, *, rngs, param_dtype, dtype, remat, attention)
 
     def describe(self) -> str:
         types, archs = "/".join(self.model_types), ", ".join(self.architectures)

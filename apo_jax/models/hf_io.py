@@ -81,7 +81,9 @@ def load_model(
     dtype=jnp.float32,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules = sharding_lib.TRAIN_RULES,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "naive",
+    scan_layers: bool = False,
     compute_dtype=None,
 ) -> Decoder:
     """Loads a HF checkpoint of any registered family (picked from config.json) with parameters
@@ -116,7 +118,13 @@ def load_model(
 
     abstract = nnx.eval_shape(
         lambda: fam.build(
-            cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat
+            cfg,
+            rngs=nnx.Rngs(0),
+            param_dtype=dtype,
+            dtype=compute_dtype or dtype,
+            remat=remat,
+            attention=attention,
+            scan_layers=scan_layers,
         )
     )
     graphdef, state = nnx.split(abstract)
@@ -128,7 +136,8 @@ def load_model(
     try:
         flat = nnx.to_flat_state(state)
         values = []
-        for path, variable in flat:
+
+        def read(path):
             entry = table[path]
             file = files[entry.hf_key]
             tensor = handles[file].get_tensor(entry.hf_key)  # memory-mapped view
@@ -144,7 +153,13 @@ def load_model(
                 raise ValueError(
                     f"{file}: tensor {entry.hf_key!r} holds {bad} non-finite value(s) (NaN/inf)"
                 )
-            value = np.ascontiguousarray(entry.to_jax(tensor)).astype(np_dtype, copy=False)
+            return np.ascontiguousarray(entry.to_jax(tensor)).astype(np_dtype, copy=False)
+
+        for path, variable in flat:
+            if _stacked(path, table):  # scan_layers: [L, ...] from the L per-layer tensors
+                value = np.stack([read(layer) for layer in _layer_paths(path, cfg)])
+            else:
+                value = read(path)
             if flat_shardings is not None:
                 value = jax.device_put(value, flat_shardings[path].get_value())
             else:
@@ -153,6 +168,16 @@ def load_model(
     finally:
         handles.clear()
     return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def _stacked(path: tuple, table: dict) -> bool:
+    """A model.scan_layers parameter: ("layers", ...) without a layer index, shape [L, ...]."""
+    return path[0] == "layers" and path not in table
+
+
+def _layer_paths(path: tuple, cfg) -> list[tuple]:
+    """The key map's per-layer paths of a stacked parameter, layer 0 first."""
+    return [("layers", i, *path[1:]) for i in range(cfg.num_layers)]
 
 
 def save_model(
@@ -169,6 +194,10 @@ def save_model(
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = np.asarray(jax.device_get(variable.get_value()))
         dtypes.add(value.dtype)
+        if _stacked(path, table):  # scan_layers: one HF tensor per layer slice
+            for i, layer in enumerate(_layer_paths(path, cfg)):
+                tensors[table[layer].hf_key] = np.ascontiguousarray(table[layer].to_hf(value[i]))
+            continue
         tensors[table[path].hf_key] = np.ascontiguousarray(table[path].to_hf(value))
 
     shards: list[dict[str, np.ndarray]] = [{}]

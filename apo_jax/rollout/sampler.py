@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import attention as attention_lib
 from apo_jax.rollout import kv_cache as kv_cache_lib
 from apo_jax.rollout import sampling as sampling_lib
 from apo_jax.rollout.sampling import SamplingParams
@@ -86,8 +87,8 @@ class Sampler:
     them: pass updated params every step without re-splitting the model.
 
     `graphdef` comes from `nnx.split(model)`; `params` (the matching state) is an argument of
-    every call. The cache dtype defaults to the model's compute dtype on CPU (float32 stays
-    exact) and bfloat16 on accelerators, where the cache is the memory that limits the batch.
+    every call. The cache dtype defaults to the model's compute dtype (`rollout.cache_dtype`
+    chooses: trainer/build.py resolves `auto` to bfloat16 on accelerators).
     With a `mesh`, the cache and the per-row state are constrained to the `rules` shardings
     (rows on the batch axes, kv heads on tensor); params keep the shardings they come with.
     """
@@ -200,10 +201,14 @@ class Sampler:
         self.traces["prefill"] += 1
         model = nnx.merge(self.graphdef, params)
         b, p = ids.shape
-        dtype = self.cache_dtype or _default_cache_dtype(model.dtype)
+        dtype = self.cache_dtype or model.dtype  # rollout.cache_dtype, resolved by the build
         # The prompt attends within its own P slots; the T decode slots are appended after.
         cache = kv_cache_lib.init(model.cfg, p - lengths, p, dtype)
         positions, mask = kv_cache_lib.step_inputs(cache, p)  # [B, P], [B, P, P]
+        if model.attention != "naive":
+            # The cache is exactly P slots here, so the prompt is "uncached"-shaped (T == S):
+            # described without an offset, the kernels (cuDNN / splash) can take it.
+            mask = attention_lib.Mask(cache.starts, jnp.full((b,), p, jnp.int32))
         hidden, layers = model.hidden_states(ids, positions, mask, cache.layers, cache.index)
         logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V] float32
         cache = kv_cache_lib.KVCache(tuple(layers), jnp.asarray(p, jnp.int32), cache.starts)
@@ -241,7 +246,10 @@ class Sampler:
             return (s.step < self.max_new_tokens) & ~jnp.all(s.done)
 
         def body(s: DecodeState) -> DecodeState:
-            _, mask = kv_cache_lib.step_inputs(s.cache, 1)  # [B, 1, S]
+            if model.attention == "naive":
+                _, mask = kv_cache_lib.step_inputs(s.cache, 1)  # [B, 1, S]
+            else:  # attends only to the filled slots (blockwise stops at index + 1)
+                mask = attention_lib.Mask.for_cache(s.cache.starts, s.cache.index, 1)
             at = s.cache.index - first_slot
             rope_cs = tuple(jax.lax.dynamic_slice_in_dim(x, at, 1, axis=1) for x in (cos, sin))
             hidden, layers = model.hidden_states(
@@ -309,14 +317,42 @@ class Sampler:
         return SamplingParams.make(**merged)
 
 
+def rollout_weights(params: nnx.State, mesh: Mesh | None, compute_dtype) -> nnx.State:
+    """The decode copy of the train parameters, without a second full copy where avoidable:
+    a parameter that ROLLOUT_RULES lay out as TRAIN_RULES do on `mesh` is the train array itself
+    (no copy); any other is gathered to its rollout layout, cast first to the compute dtype when
+    that is narrower. The cast is exact for the sampler: every matmul, norm and embedding lookup
+    casts its weight to the compute dtype anyway, so float32 parameters with bfloat16 compute
+    give a half-size copy and the same tokens."""
+    if mesh is None:
+        return params
+    train = sharding_lib.tree_shardings(params, mesh, sharding_lib.TRAIN_RULES)
+    rollout = sharding_lib.tree_shardings(params, mesh, sharding_lib.ROLLOUT_RULES)
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    narrow = jnp.dtype(compute_dtype)
+
+    def move(var, src, dst):
+        src, dst = src.get_value(), dst.get_value()
+        if src.is_equivalent_to(dst, var.get_value().ndim):
+            return var  # same layout: the train parameter serves
+        value = var.get_value()
+        if jnp.issubdtype(value.dtype, jnp.floating) and narrow.itemsize < value.dtype.itemsize:
+            value = _cast_to(value, narrow, src)
+        return var.replace(jax.device_put(value, dst))
+
+    return jax.tree.map(move, params, train, rollout, is_leaf=is_var)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _cast_to(x, dtype, sharding):
+    """x cast where it lies (its train shards), before any gather moves it."""
+    return jax.lax.with_sharding_constraint(x.astype(dtype), sharding)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _finish(s: DecodeState, max_new_tokens: int) -> SampleOutput:
     mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [B, T]
     return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.done)
-
-
-def _default_cache_dtype(compute_dtype):
-    return compute_dtype if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
 def _as_key(rng):

@@ -39,7 +39,9 @@ class ModelSettings:
     hf_dir: str  # Hugging Face model directory ("" = random init)
     param_dtype: Any  # jnp dtype of the learner's parameters
     dtype: Any  # jnp compute dtype
-    remat: bool
+    remat: str  # models/decoder.py REMAT_POLICIES name
+    attention: str  # models/attention.py IMPLS
+    scan_layers: bool  # stacked [L, ...] layers under lax.scan
     logprob_precision: str = "default"  # scoring: default | float32 (activations, matmuls)
 
 
@@ -55,6 +57,7 @@ class RolloutSettings:
     dynamic_sampling: bool
     max_refill_rounds: int
     overlong_buffer: int
+    cache_dtype: str  # auto | float32 | bfloat16 (`cache_dtype(plan)` resolves auto)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +129,9 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             hf_dir=m.hf_dir,
             param_dtype=jnp.dtype(m.param_dtype),
             dtype=jnp.dtype(m.dtype),
-            remat=m.remat,
+            remat=model_lib.check_remat(m.remat),
+            attention=m.attention,
+            scan_layers=m.scan_layers,
             logprob_precision=m.logprob_precision,
         ),
         task=task,
@@ -142,6 +147,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             dynamic_sampling=r.dynamic_sampling,
             max_refill_rounds=r.max_refill_rounds,
             overlong_buffer=r.overlong_buffer,
+            cache_dtype=r.cache_dtype,
         ),
         objective=objective,
         loss_params=loss_params,
@@ -246,15 +252,31 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.DecoderConfig:
     return cfg
 
 
+def _model_kwargs(m: ModelSettings) -> dict:
+    return dict(
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        remat=m.remat,
+        attention=m.attention,
+        scan_layers=m.scan_layers,
+    )
+
+
 def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
     """(graphdef, params) with every parameter created directly in its sharding on `mesh`."""
     m = p.model
     if m.hf_dir:
         loaded = hf_io.load_model(
-            m.hf_dir, dtype=m.param_dtype, compute_dtype=m.dtype, mesh=mesh, remat=m.remat
+            m.hf_dir,
+            dtype=m.param_dtype,
+            compute_dtype=m.dtype,
+            mesh=mesh,
+            remat=m.remat,
+            attention=m.attention,
+            scan_layers=m.scan_layers,
         )
         return nnx.split(loaded, nnx.Param)
-    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    kw = _model_kwargs(m)
     init = lambda: model_lib.init_model(cfg, p.seed, **kw)
     graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
     shardings = sharding_lib.tree_shardings(abstract, mesh)
@@ -265,7 +287,7 @@ def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
 def abstract_model(p: Plan, cfg: model_lib.DecoderConfig):
     """(graphdef, abstract params): shapes only, nothing allocated (restores, dry runs)."""
     m = p.model
-    kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    kw = _model_kwargs(m)
     return nnx.split(nnx.eval_shape(lambda: model_lib.init_model(cfg, p.seed, **kw)), nnx.Param)
 
 
@@ -311,5 +333,14 @@ def sampler(p: Plan, graphdef, task: tasks.Task, mesh) -> sampler_lib.Sampler:
         top_p=r.top_p,
         eos_ids=task.eos_ids,
         pad_id=task.pad_id,
+        cache_dtype=cache_dtype(p),
         mesh=mesh,
     )
+
+
+def cache_dtype(p: Plan):
+    """rollout.cache_dtype: `auto` is bfloat16 on accelerators (the KV cache is what limits the
+    rollout batch there) and the compute dtype on CPU (float32 stays exact)."""
+    if p.rollout.cache_dtype == "auto":
+        return p.model.dtype if jax.default_backend() == "cpu" else jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(p.rollout.cache_dtype)

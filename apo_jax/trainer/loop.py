@@ -19,6 +19,7 @@ from apo_jax import console
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import metrics as metrics_lib
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.tasks import math as data_lib
 from apo_jax.tasks import rewards as rewards_lib
 from apo_jax.trainer import build
@@ -122,7 +123,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sampler = build.sampler(p, graphdef, task, mesh)
     # Decode reads every weight each token: without FSDP gathering the rollout copy is laid out
     # by ROLLOUT_RULES (a reshard happens only when the two tables differ on this mesh).
-    to_rollout = lambda prm: sharding_lib.reshard(prm, mesh, sharding_lib.ROLLOUT_RULES)
+    # Parameters laid out alike are shared, not copied; others cast to the compute dtype first.
+    to_rollout = lambda prm: sampler_lib.rollout_weights(prm, mesh, p.model.dtype)
 
     # --- restore -----------------------------------------------------------------------------
     start, position = 0, 0
@@ -167,6 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batch, position, info = _refill(
                     p, task, sampler, rollout_params, batch, position, rng
                 )
+            del rollout_params  # the train step needs the memory (a reshard, if any)
             t_rollout = time.perf_counter() - t0
 
             # Host rows -> global arrays [mini, rows, ...], rows split over the data axes.

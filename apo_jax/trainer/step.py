@@ -23,6 +23,7 @@ from jaxtyping import Array, Float
 
 from apo_jax import objectives
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import attention as attention_lib
 from apo_jax.models import decoder as model_lib
 from apo_jax.objectives import common
 from apo_jax.objectives import schedule as schedule_lib
@@ -99,6 +100,8 @@ def _completion_logprobs(graphdef, params, batch, chunk, with_entropy, float32):
     ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)  # [B, L]
     valid = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
     positions, mask = model_lib.causal_inputs(ids, valid)  # [B, L], [B, L, L]
+    if model.attention != "naive":  # described, never a [B, L, L] array (models/attention.py)
+        mask = attention_lib.Mask.from_valid(valid)
     hidden, _ = model.hidden_states(ids, positions, mask)  # [B, L, D]
     tp, tc = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
     # The hidden state at position j predicts token j + 1.
@@ -180,6 +183,14 @@ class StepFns:
 
 
 _FORWARD_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+
+
+def _under_mesh(fn, mesh):
+    def traced(*args):
+        with model_lib.rows_split_over(mesh):
+            return fn(*args)
+
+    return traced
 
 
 def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> StepFns:
@@ -329,6 +340,8 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
 
     if mesh is None:
         return StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))
+    # Traced under the mesh: the model keeps activations split by rows (decoder.rows_sharded).
+    train_step, logprobs = _under_mesh(train_step, mesh), _under_mesh(logprobs, mesh)
     step = jax.jit(
         train_step,
         in_shardings=(state_shardings, rows_sharding),

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from apo_jax.models import attention, decoder
 from apo_jax.objectives.schedule import MODES, SCOPES
 from apo_jax.trainer import rollout_correction
 
@@ -53,7 +54,9 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "model.hf_dir": (str, None, "Hugging Face model directory"),
     "model.param_dtype": (str, None, "float32 | bfloat16"),
     "model.dtype": (str, None, "float32 | bfloat16"),
-    "model.remat": (bool, None, "recompute activations"),
+    "model.remat": (object, None, "none | block | a remat policy (checked below)"),
+    "model.scan_layers": (bool, None, "stack layers under lax.scan"),
+    "model.attention": (str, None, "auto | xla_blockwise | cudnn | splash | naive"),
     "model.logprob_precision": (str, None, "default | float32 (scoring in float32, highest)"),
     "rollout.prompts_per_step": (int, "[1, inf)", "prompts per rollout step"),
     "rollout.group_size": (int, "[2, inf)", "group-relative losses need >= 2 completions"),
@@ -62,6 +65,7 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "rollout.temperature": (float, "[0, inf)", "0 = greedy"),
     "rollout.top_k": (int, "[0, inf)", "0 = off"),
     "rollout.top_p": (float, "(0, 1]", "nucleus mass, 1 = off"),
+    "rollout.cache_dtype": (str, None, "auto | float32 | bfloat16"),
     "rollout.dynamic_sampling": (bool, None, "DAPO dynamic sampling"),
     "rollout.max_refill_rounds": (int, "[0, inf)", "extra rounds (only with dynamic_sampling)"),
     # < max_new_tokens is checked below: a buffer as long as the completion penalises them all.
@@ -198,6 +202,14 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         _fail("optim.decay", o.decay, "valid: constant, cosine")
     if c.mesh.data == 0:
         _fail("mesh.data", c.mesh.data, "must be >= 1, or -1 for the devices left over")
+    if not isinstance(c.model.remat, bool) and c.model.remat not in decoder.REMAT_POLICIES:
+        _fail(
+            "model.remat", c.model.remat, f"valid: {', '.join(decoder.REMAT_POLICIES)}, or a bool"
+        )
+    if c.model.attention not in attention.IMPLS:
+        _fail("model.attention", c.model.attention, f"valid: {', '.join(attention.IMPLS)}")
+    if c.rollout.cache_dtype not in ("auto", *_DTYPES):
+        _fail("rollout.cache_dtype", c.rollout.cache_dtype, f"valid: auto, {', '.join(_DTYPES)}")
     for key in ("param_dtype", "dtype"):
         if c.model[key] not in _DTYPES:
             _fail(f"model.{key}", c.model[key], f"valid: {', '.join(_DTYPES)}")
