@@ -4,7 +4,7 @@ Defaults follow the APO paper's setup (../shared/docs/APO_SPEC.md §3, §6): Qwe
 Level 3, G = 6, 48 prompts per step in 2 mini-batches, lengths 1024 / 1280, temperature 1,
 AdamW lr 1e-6, no KL, APO with the reward- and confidence-guarded alpha schedule.
 
-APO_JAX_DATA_DIR defaults to ../shared/data beside the checkout (see apo_jax/data.py).
+APO_JAX_DATA_DIR defaults to ../shared/data beside the checkout (see apo_jax/tasks/datasets.py).
 Usage: --config=configs/base.py[:debug]  (the `debug` arg shrinks everything for a CPU smoke run)
 """
 

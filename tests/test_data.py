@@ -1,5 +1,6 @@
 """Tests for prompt datasets, Qwen3 chat formatting, the checkpointable order and MathTask
-(data.py), on the real MATH / GSM8K files and Qwen3 tokenizer in ../shared/data."""
+(tasks/datasets.py, order.py, math.py), on the real MATH / GSM8K files and the Qwen3 tokenizer
+in ../shared/data."""
 
 import json
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from apo_jax import tasks
+from apo_jax.tasks import datasets, order
 from apo_jax.tasks import math as data
 
 IM_END, ENDOFTEXT = 151645, 151643
@@ -42,25 +44,25 @@ def _template_ids(tokenizer, messages, enable_thinking):
 
 def test_level_and_subject_filters(shared_data):
     math_dir = shared_data / "math"
-    assert len(data.load_math(math_dir / "math_train.jsonl", levels=3)) == 1592
-    assert len(data.load_math(math_dir / "math_test.jsonl", levels=[3])) == 1131
-    algebra = data.load_math(math_dir / "math_train.jsonl", levels=3, subjects="algebra")
+    assert len(datasets.load_math(math_dir / "math_train.jsonl", levels=3)) == 1592
+    assert len(datasets.load_math(math_dir / "math_test.jsonl", levels=[3])) == 1131
+    algebra = datasets.load_math(math_dir / "math_train.jsonl", levels=3, subjects="algebra")
     assert len(algebra) == 392 and {p.subject for p in algebra} == {"Algebra"}
-    both = data.load_math(
+    both = datasets.load_math(
         math_dir / "math_train.jsonl", levels=3, subjects=["Geometry", "Precalculus"]
     )
     assert len(both) == 129 + 168
-    everything = data.load_math(math_dir / "math_train.jsonl")
+    everything = datasets.load_math(math_dir / "math_train.jsonl")
     assert len(everything) == 7500 and sum(p.level is None for p in everything) == 2  # "Level ?"
     assert everything[0].uid.startswith("train/") and everything[0].answer
     with pytest.raises(ValueError, match="unknown subject.*Algebra"):
-        data.load_math(math_dir / "math_train.jsonl", subjects="Algebr")
+        datasets.load_math(math_dir / "math_train.jsonl", subjects="Algebr")
 
 
 def test_math500_and_gsm8k(shared_data):
-    m500 = data.load_math500(shared_data / "math" / "math500_test.jsonl", levels=3)
+    m500 = datasets.load_math500(shared_data / "math" / "math500_test.jsonl", levels=3)
     assert len(m500) == 105
-    gsm = data.load_gsm8k(shared_data / "gsm8k" / "test.jsonl")
+    gsm = datasets.load_gsm8k(shared_data / "gsm8k" / "test.jsonl")
     assert len(gsm) == 1319 and gsm[0].answer == "18"
     assert all(p.answer.lstrip("-").replace(".", "").isdigit() for p in gsm)  # no commas left
 
@@ -71,24 +73,24 @@ def test_malformed_rows_name_file_and_line(tmp_path):
     lines = [json.dumps(good), "", "{not json", json.dumps({"problem": "no answer"}), "[1, 2]"]
     path.write_text("\n".join([*lines, json.dumps(good)]) + "\n")
     with pytest.raises(ValueError, match=rf"{path}:3 .*not valid JSON"):
-        data.load_math(path)
-    loaded = data.load_math(path, skip_malformed=True)
+        datasets.load_math(path)
+    loaded = datasets.load_math(path, skip_malformed=True)
     assert len(loaded) == 2 and loaded.num_skipped == 3
     assert loaded[1].uid == "bad/6"  # no unique_id: file stem and line number
     path.write_text(json.dumps(good) + "\n" + json.dumps({"problem": "x"}) + "\n")
     with pytest.raises(ValueError, match=rf"{path}:2 .*missing field.*answer"):
-        data.load_math(path)
+        datasets.load_math(path)
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
     with pytest.raises(ValueError, match=rf"{gsm}:1 .*####"):
-        data.load_gsm8k(gsm)
+        datasets.load_gsm8k(gsm)
 
 
 def test_missing_files_say_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="MATH JSONL.*problem, answer.*Hendrycks MATH"):
-        data.load_math(tmp_path / "nope.jsonl")
+        datasets.load_math(tmp_path / "nope.jsonl")
     with pytest.raises(FileNotFoundError, match="GSM8K"):
-        data.load_gsm8k(tmp_path / "nope.jsonl")
+        datasets.load_gsm8k(tmp_path / "nope.jsonl")
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         data.load_tokenizer(tmp_path)
 
@@ -101,10 +103,10 @@ def test_parquet_needs_pyarrow_or_reads(tmp_path):
     except ImportError:
         path.write_bytes(b"PAR1")
         with pytest.raises(ImportError, match="pip install pyarrow"):
-            data.load_math(path)
+            datasets.load_math(path)
         return
     pq.write_table(pa.Table.from_pylist([{"problem": "1+1?", "answer": "2", "level": 1}]), path)
-    assert data.load_math(path)[0].answer == "2"
+    assert datasets.load_math(path)[0].answer == "2"
 
 
 # --- chat formatting -----------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def test_parquet_needs_pyarrow_or_reads(tmp_path):
 
 @pytest.mark.parametrize("enable_thinking", [True, False])
 def test_prompt_ids_match_apply_chat_template(shared_data, tokenizer, enable_thinking):
-    problems = data.load_math(shared_data / "math" / "math_test_level3.jsonl")[:20]
+    problems = datasets.load_math(shared_data / "math" / "math_test_level3.jsonl")[:20]
     questions = [p.question for p in problems]
     ids = data.format_prompts(tokenizer, questions, enable_thinking=enable_thinking)
     for q, got in zip(questions, ids, strict=True):
@@ -138,36 +140,36 @@ def test_left_truncation_keeps_the_tail(tokenizer):
 
 
 def test_epoch_order_is_a_deterministic_permutation():
-    a = data.epoch_order(50, seed=1, epoch=0)
+    a = order.epoch_order(50, seed=1, epoch=0)
     assert sorted(a.tolist()) == list(range(50))
-    np.testing.assert_array_equal(a, data.epoch_order(50, seed=1, epoch=0))
-    assert not np.array_equal(a, data.epoch_order(50, seed=1, epoch=1))
-    assert not np.array_equal(a, data.epoch_order(50, seed=2, epoch=0))
+    np.testing.assert_array_equal(a, order.epoch_order(50, seed=1, epoch=0))
+    assert not np.array_equal(a, order.epoch_order(50, seed=1, epoch=1))
+    assert not np.array_equal(a, order.epoch_order(50, seed=2, epoch=0))
     with pytest.raises(ValueError):
         a[0] = 3  # the cached order is read-only
 
 
 def test_global_batches_resume_and_cover_each_epoch_once():
     n, seed, bs = 10, 7, 4
-    one_call = data.global_batch_indices(n, seed, position=6, batch_size=8)  # crosses epoch 0->1
+    one_call = order.global_batch_indices(n, seed, position=6, batch_size=8)  # crosses epoch 0->1
     split = np.concatenate(
-        [data.global_batch_indices(n, seed, 6, 3), data.global_batch_indices(n, seed, 9, 5)]
+        [order.global_batch_indices(n, seed, 6, 3), order.global_batch_indices(n, seed, 9, 5)]
     )
     np.testing.assert_array_equal(one_call, split)
-    stream = np.concatenate([data.global_batch_indices(n, seed, p, bs) for p in range(0, 40, bs)])
+    stream = np.concatenate([order.global_batch_indices(n, seed, p, bs) for p in range(0, 40, bs)])
     for e in range(4):
         epoch = stream[e * n : (e + 1) * n]
         assert sorted(epoch.tolist()) == list(range(n))
-        np.testing.assert_array_equal(epoch, data.epoch_order(n, seed, e))
+        np.testing.assert_array_equal(epoch, order.epoch_order(n, seed, e))
 
 
 def test_process_slices_partition_the_batch():
-    batch = data.global_batch_indices(1592, seed=0, position=1590, batch_size=48)
-    parts = [data.process_slice(batch, i, 4) for i in range(4)]
+    batch = order.global_batch_indices(1592, seed=0, position=1590, batch_size=48)
+    parts = [order.process_slice(batch, i, 4) for i in range(4)]
     assert all(len(p) == 12 for p in parts)
     np.testing.assert_array_equal(np.concatenate(parts), batch)
     with pytest.raises(ValueError, match="evenly"):
-        data.process_slice(batch, 0, 5)
+        order.process_slice(batch, 0, 5)
 
 
 # --- MathTask ------------------------------------------------------------------------------------
@@ -205,10 +207,10 @@ def test_non_utf8_line_is_named_and_bom_is_accepted(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(good.encode() + b"\n" + good.replace("1+1", "caf\xe9").encode("latin-1"))
     with pytest.raises(ValueError, match=rf"{path}:2 .*not UTF-8"):
-        data.load_math(path)
+        datasets.load_math(path)
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n" + good.encode() + b"\n")
-    loaded = data.load_math(bom)
+    loaded = datasets.load_math(bom)
     assert [p.question for p in loaded] == ["1+1?", "1+1?"]
 
 

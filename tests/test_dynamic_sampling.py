@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from apo_jax.tasks import math as data_lib
+from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
 from apo_jax.tasks import toy
 from apo_jax.trainer import build, loop
@@ -105,7 +105,7 @@ def _expected_rounds(p, task, need_groups):
     """Rounds until enough mixed groups were seen, from the data order alone."""
     train, have, position = task.train_examples(), 0, 0
     for round_ in range(p.rollout.max_refill_rounds + 1):
-        order = data_lib.global_batch_indices(len(train), p.seed, position, 4)
+        order = order_lib.global_batch_indices(len(train), p.seed, position, 4)
         position += 4
         have += sum(_kind(train[i].prompt_ids) == 2 for i in order)
         if have >= need_groups:
@@ -120,7 +120,7 @@ def test_refill_loop_keeps_only_mixed_groups(max_refill_rounds):
     task = build.task(p)
     sampler = _ScriptedSampler(r.max_new_tokens)
     train = task.train_examples()
-    order = data_lib.global_batch_indices(len(train), p.seed, 0, 4)
+    order = order_lib.global_batch_indices(len(train), p.seed, 0, 4)
     rng = jax.random.key(0)
     batch = loop.rollout(r, task, sampler, None, [train[i] for i in order], np.arange(4), rng)
     groups = batch["rewards"].reshape(-1, g)

@@ -15,7 +15,7 @@ import numpy as np
 from apo_jax import tasks as tasks_lib
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import sharding as sharding_lib
-from apo_jax.tasks import math as data_lib
+from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
 from apo_jax.trainer import build
 from apo_jax.trainer import step as step_lib
@@ -80,7 +80,7 @@ def _generate(sampler, params, prompts, *, n, per_call, rng, **overrides):
     per_call += -per_call % procs  # every process takes the same number of prompts per call
     index, cols = [], []
     for lo in range(0, len(prompts), per_call):
-        mine = data_lib.process_slice(np.arange(lo, lo + per_call), me, procs)
+        mine = order_lib.process_slice(np.arange(lo, lo + per_call), me, procs)
         batch = [prompts[min(i, len(prompts) - 1)] for i in mine]
         # row_ids = global prompt index: a prompt's samples do not depend on the batching.
         out = sampler.sample(params, batch, n=n, rng=rng, row_ids=mine, **overrides)

@@ -20,7 +20,7 @@ from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import metrics as metrics_lib
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.rollout import sampler as sampler_lib
-from apo_jax.tasks import math as data_lib
+from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
 from apo_jax.trainer import build
 from apo_jax.trainer import evaluate as evaluate_lib
@@ -152,13 +152,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             rng = jax.random.fold_in(root_key, step)
             # Each process takes its share of every mini-batch, so mini-batch k holds the same
             # prompts whatever the number of processes.
-            order = data_lib.global_batch_indices(
+            order = order_lib.global_batch_indices(
                 len(train_set), p.seed, position, r.prompts_per_step
             )
             slots = np.arange(r.prompts_per_step).reshape(
                 mini, -1
             )  # [mini, P/mini] places in the global batch
-            mine = np.concatenate([data_lib.process_slice(s, me, procs) for s in slots])
+            mine = np.concatenate([order_lib.process_slice(s, me, procs) for s in slots])
             position += n
             rollout_params = to_rollout(state.params)
             batch = rollout(
@@ -292,12 +292,15 @@ def _refill(p: build.Plan, task, sampler, params, batch, position, rng):
     kept, dropped = [], []
     for round_ in range(r.max_refill_rounds + 1):
         if round_:
-            order = data_lib.global_batch_indices(
+            order = order_lib.global_batch_indices(
                 len(train_set), p.seed, position, r.prompts_per_step
             )
             slots = np.arange(r.prompts_per_step).reshape(mini, -1)
             mine = np.concatenate(
-                [data_lib.process_slice(s, jax.process_index(), jax.process_count()) for s in slots]
+                [
+                    order_lib.process_slice(s, jax.process_index(), jax.process_count())
+                    for s in slots
+                ]
             )
             position += n
             batch = rollout(
