@@ -142,3 +142,50 @@ def rope_theta(hf: dict, where: str) -> float:
             where, "rope_theta", "is missing (neither top-level nor in rope_parameters)"
         )
     return float(theta)
+
+
+def dense_config(cls, hf: dict, where: str, *, head_dim: int, max_positions: int, tied: bool):
+    """`cls(...)` from the config.json fields every dense decoder family shares (the family has
+    already checked what is specific to it); a value the dataclass refuses names the file.
+    `max_positions` and `tied` are transformers' defaults for this family when the key is absent.
+    """
+    heads = hf["num_attention_heads"]
+    try:
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rope_theta=rope_theta(hf, where),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", tied)),
+            max_position_embeddings=hf.get("max_position_embeddings", max_positions),
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def dense_hf(cfg, architecture: str, model_type: str) -> dict:
+    """The config.json fields every dense decoder family writes (the family adds its own)."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        # Old readers look at the top level, transformers 5.x at rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "use_sliding_window": False,
+    }

@@ -62,46 +62,15 @@ class Qwen2Config(DecoderConfig):
             if not isinstance(heads, int) or heads < 1 or hf["hidden_size"] % heads:
                 raise bad("num_attention_heads", f"is {heads!r}; must divide hidden_size")
             head_dim = hf["hidden_size"] // heads
-        theta = family.rope_theta(hf, where)
-        try:
-            return cls(
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_layers=hf["num_hidden_layers"],
-                num_heads=heads,
-                num_kv_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=head_dim,
-                rope_theta=theta,
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                # transformers' Qwen2Config default is untied
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            )
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        # transformers' Qwen2Config defaults: untied head, 32,768 positions
+        return family.dense_config(
+            cls, hf, where, head_dim=head_dim, max_positions=32768, tied=False
+        )
 
     def to_hf(self) -> dict:
         """The `config.json` dict that transformers' Qwen2ForCausalLM reads back exactly."""
-        return {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "use_sliding_window": False,
-            "max_window_layers": self.num_layers,
-        }
+        hf = family.dense_hf(self, "Qwen2ForCausalLM", "qwen2")
+        return {**hf, "max_window_layers": self.num_layers}
 
 
 def _qwen2p5(**kw) -> Qwen2Config:

@@ -107,46 +107,13 @@ class Qwen3Config(DecoderConfig):
             raise bad("attention_bias", "is true; Qwen3 has no attention biases")
         if hf.get("use_sliding_window", False):
             raise bad("use_sliding_window", "is true; sliding-window attention is not supported")
-        theta = family.rope_theta(hf, where)
-        try:
-            return cls(
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_layers=hf["num_hidden_layers"],
-                num_heads=hf["num_attention_heads"],
-                num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                head_dim=hf["head_dim"],
-                rope_theta=theta,
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                max_position_embeddings=hf.get("max_position_embeddings", 40960),
-            )
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        return family.dense_config(
+            cls, hf, where, head_dim=hf["head_dim"], max_positions=40960, tied=False
+        )
 
     def to_hf(self) -> dict:
         """The `config.json` dict that transformers' Qwen3ForCausalLM reads back exactly."""
-        return {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            # Old readers look at the top level, transformers 5.x at rope_parameters.
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "attention_bias": False,
-            "use_sliding_window": False,
-        }
+        return {**family.dense_hf(self, "Qwen3ForCausalLM", "qwen3"), "attention_bias": False}
 
 
 PRESETS = {
