@@ -52,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # KV cache dtype: auto (bfloat16 on GPU/TPU, the compute dtype on CPU) | float32 | bfloat16
     r.cache_dtype = "auto"
     r.overlong_buffer = 0  # DAPO overlong shaping buffer L_cache in tokens (0 = off)
+    # Rows (prompts x G) per sampler call, per process: the KV cache holds this many rows at a
+    # time (0 = all of a step's rows in one call). A multiple of G dividing each process's rows.
+    r.rows_per_chunk = 0
 
     # Losses are plug-ins (apo_jax/objectives/): each registered objective brings its block,
     # config.loss.<name>.*, with the family's canonical defaults (GSPO 3e-4 / 4e-4, DAPO 0.2 /
@@ -129,7 +132,9 @@ def apply_debug(c: ml_collections.ConfigDict) -> None:
     c.rollout.group_size = 2
     c.rollout.max_prompt_len = 64
     c.rollout.max_new_tokens = 8
+    c.rollout.rows_per_chunk = 0  # the memory settings of a large run do not fit these shapes
     c.optim.lr = 1e-3
+    c.optim.micro_batches = 1
     c.checkpoint.every_steps = 0
     c.logging.tensorboard = False
     c.logging.plots = False

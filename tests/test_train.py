@@ -82,6 +82,42 @@ def test_resume_is_exact(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_rollout_in_row_chunks_changes_nothing(tmp_path, monkeypatch):
+    """rollout.rows_per_chunk = 2 groups: the sampler sees 2 prompts per call instead of 4 and
+    the run's metrics are those of one call per step (per-row noise is keyed by row id): the
+    same tokens, rewards, losses and updates, bit for bit. Only the sampler's own log-probs
+    (rollout/logp_gap, their mean distance to the scorer's) may round differently, as XLA's
+    matmuls over 4 rows and over 8 rows need not sum in the same order."""
+    calls = []
+    sample = train.build.sampler_lib.Sampler.sample
+
+    def counting(self, params, prompts, **kw):
+        calls.append(len(prompts))
+        return sample(self, params, prompts, **kw)
+
+    monkeypatch.setattr(train.build.sampler_lib.Sampler, "sample", counting)
+    whole, chunked = tmp_path / "whole", tmp_path / "chunked"
+    c = _debug_toy(total_steps=2, **{"checkpoint.every_steps": 0})
+    g, n = c.rollout.group_size, c.rollout.prompts_per_step
+    assert n == 4, "the test needs a step of 4 prompts (2 chunks of 2)"
+    train.run(c, str(whole))
+    assert calls == [n, n]
+    calls.clear()
+    c.rollout.rows_per_chunk = 2 * g
+    train.run(c, str(chunked))
+    assert calls == [2, 2, 2, 2]
+    a, b = _comparable(_lines(whole)), _comparable(_lines(chunked))
+    gap = "rollout/logp_gap"
+    assert [{k: v for k, v in x.items() if k != gap} for x in a] == [
+        {k: v for k, v in x.items() if k != gap} for x in b
+    ]
+    # A log-prob z_y - logsumexp(z) rounds at the scale of logsumexp, ~log V for a random model.
+    vocab = train.build.task(train.build.plan(c)).vocab_size
+    atol = 8 * np.finfo(np.float32).eps * np.log(vocab)
+    for x, y in zip(a, b, strict=True):
+        assert abs(x[gap] - y[gap]) <= atol and max(x[gap], y[gap]) <= atol
+
+
 def test_incompatible_checkpoint_names_the_keys(tmp_path):
     train.run(_debug_toy(total_steps=2), str(tmp_path))
     with pytest.raises(ValueError, match=r"incompatible config.*loss\.apo\.beta_r: 0\.3 -> 0\.5"):
@@ -196,6 +232,9 @@ def test_reward_rises_on_the_embedded_task(tmp_path):
         ({"rollout.top_p": 1.5}, r"config\.rollout\.top_p=1\.5"),
         ({"rollout.top_k": -1}, r"config\.rollout\.top_k=-1"),
         ({"rollout.temperature": -0.5}, r"config\.rollout\.temperature=-0\.5"),
+        ({"rollout.rows_per_chunk": 3}, r"config\.rollout\.rows_per_chunk=3: must be a multiple"),
+        ({"rollout.rows_per_chunk": 6}, r"config\.rollout\.rows_per_chunk=6: .*divide the 8 rows"),
+        ({"rollout.rows_per_chunk": -2}, r"config\.rollout\.rows_per_chunk=-2"),
     ],
 )
 def test_bad_input_fails_fast_with_the_key(tmp_path, monkeypatch, overrides, match):

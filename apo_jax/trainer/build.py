@@ -58,6 +58,7 @@ class RolloutSettings:
     max_refill_rounds: int
     overlong_buffer: int
     cache_dtype: str  # auto | float32 | bfloat16 (`cache_dtype(plan)` resolves auto)
+    rows_per_chunk: int = 0  # rows per sampler call, per process (0 = all rows at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +149,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             max_refill_rounds=r.max_refill_rounds,
             overlong_buffer=r.overlong_buffer,
             cache_dtype=r.cache_dtype,
+            rows_per_chunk=r.rows_per_chunk,
         ),
         objective=objective,
         loss_params=loss_params,

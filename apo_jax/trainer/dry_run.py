@@ -3,7 +3,8 @@ the per-device memory XLA reports, without allocating a parameter or reading dat
 
 Phases of a step and what is resident in each (per device, bytes):
   rollout  train state (+ reference copy) + rollout weights that are not the train arrays
-           + prefill / decode: the KV cache and decode state plus the programs' temporaries
+           + prefill / decode: the KV cache and decode state plus the programs' temporaries,
+           for one sampler call (rollout.rows_per_chunk rows per process, or all of a step's)
   scoring  train state (+ reference) + the log-prob program's temporaries and output
   update   train state (+ reference; the state is donated and updated in place) + the batch
            + the train step's temporaries
@@ -126,7 +127,10 @@ def estimate(
         mesh=mesh,
     )
     sp = SamplingParams.make(r.temperature, r.top_k, r.top_p, ())
-    b = r.prompts_per_step  # prompts (the sampler repeats each G times after the prefill)
+    # Prompts per sampler call (the sampler repeats each G times after the prefill): a chunk
+    # of rollout.rows_per_chunk rows from each process (loop.rollout), else the whole step.
+    procs = jax.process_count()
+    b = r.rows_per_chunk // r.group_size * procs if r.rows_per_chunk else r.prompts_per_step
     # Host prompt arrays enter the sampler whole (a single-process run does not split them).
     row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.named(mesh))
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -207,6 +211,7 @@ def estimate(
         params=cfg.num_params,
         layers=cfg.num_layers,
         rows_per_update=rows,
+        rollout_rows=b * r.group_size,  # rows per sampler call, all processes
         micro_batches=o.micro_batches,
         attention=m.attention,
         remat=m.remat,

@@ -22,7 +22,7 @@ from apo_jax.infra import sharding as sharding_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
-from apo_jax.trainer import build
+from apo_jax.trainer import build, validate
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import step as step_lib
 
@@ -40,16 +40,26 @@ def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, 
     """G completions for each of this process's examples and their rewards: host arrays whose
     rows are this process's share of the global batch, group-major. `row_ids` (the examples'
     places in the global batch) key the per-row sampling noise, so a row's completion does not
-    depend on how the batch is split over processes."""
+    depend on how the batch is split over processes, nor on `r.rows_per_chunk` (the prompts go
+    to the sampler in chunks of rows_per_chunk / G, so its KV cache holds that many rows)."""
     g = r.group_size
     prompts = [e.prompt_ids for e in examples]
-    out = sampler.sample(params, prompts, n=g, rng=rng, row_ids=row_ids)
-    tokens, mask = (sharding_lib.local_rows(x) for x in (out.tokens, out.mask))
+    row_ids = np.asarray(row_ids)
+    # Every process has the same number of prompts (validate.check_rows_per_chunk), so every
+    # process makes the same number of (collective) sampler calls.
+    k = r.rows_per_chunk // g if r.rows_per_chunk else len(prompts)  # prompts per call
+    parts = []  # host rows of this process per call: the device buffers go before the next
+    for i in range(0, len(prompts), k):
+        part = sampler.sample(params, prompts[i : i + k], n=g, rng=rng, row_ids=row_ids[i : i + k])
+        parts.append(type(part)(*(sharding_lib.local_rows(x) for x in part)))
+    # Chunks in order: group-major, as one call over all prompts would give.
+    out = type(parts[0])(*(np.concatenate(xs) for xs in zip(*parts, strict=True)))
+    tokens, mask = out.tokens, out.mask
     completions = [tuple(t[m > 0]) for t, m in zip(tokens, mask, strict=True)]
     grouped = [e for e in examples for _ in range(g)]  # [P·G], group-major
     rewards, correct = task.score(grouped, completions)
     rewards = np.asarray(rewards, np.float32)
-    lengths = sharding_lib.local_rows(out.lengths)
+    lengths = out.lengths
     if r.overlong_buffer:  # DAPO's overlong shaping, in tokens (spec §4.3)
         rewards += rewards_lib.overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer)
     # The sampler's bucket, not max_prompt_len: no compute on padding beyond the bucket.
@@ -59,11 +69,11 @@ def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, 
         prompt_mask=np.repeat(prompt_mask, g, axis=0),
         completion_ids=tokens.astype(np.int32),
         completion_mask=mask.astype(np.float32),
-        sampler_logp=sharding_lib.local_rows(out.logp).astype(np.float32),
+        sampler_logp=out.logp.astype(np.float32),
         rewards=rewards,
         correct=np.asarray(correct, np.float32),  # verified answer, before any shaping
         lengths=lengths.astype(np.float32),
-        truncated=sharding_lib.local_rows(out.truncated).astype(np.float32),
+        truncated=out.truncated.astype(np.float32),
     )
 
 
@@ -107,6 +117,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"config.rollout.prompts_per_step={r.prompts_per_step}: each of the {mini} "
             f"mini-batches must split evenly over {procs} processes"
         )
+    if r.rows_per_chunk:
+        validate.check_rows_per_chunk(r.rows_per_chunk, r.group_size, r.prompts_per_step, procs)
 
     # --- model, optimizer, train state, jitted functions --------------------------------------
     graphdef, params = build.model(p, model_cfg, mesh)

@@ -70,6 +70,7 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "rollout.max_refill_rounds": (int, "[0, inf)", "extra rounds (only with dynamic_sampling)"),
     # < max_new_tokens is checked below: a buffer as long as the completion penalises them all.
     "rollout.overlong_buffer": (int, "[0, inf)", "tokens, 0 = off"),
+    "rollout.rows_per_chunk": (int, "[0, inf)", "rows per sampler call, 0 = all"),
     "loss.rollout_correction": (str, None, "none | tis_token | tis_sequence | mis_sequence"),
     "loss.rollout_correction_cap": (float, "(1, inf)", "importance-weight cap C"),
     "schedule.mode": (str, None, "legacy | ess | fixed"),
@@ -155,6 +156,21 @@ def check_block(prefix: str, params: Mapping[str, Any], defaults: Mapping[str, A
             check_value(f"{prefix}.{key}", value, str)
 
 
+def check_rows_per_chunk(rows_per_chunk: int, group_size: int, prompts: int, procs: int) -> None:
+    """rollout.rows_per_chunk (> 0) must hold whole groups and split each process's rows of a
+    step (prompts * group_size / procs) evenly: every process makes the same number of sampler
+    calls, which are collective in a multi-process run."""
+    mine = prompts * group_size // procs
+    where = f" on each of {procs} processes" if procs > 1 else ""
+    if rows_per_chunk % group_size or mine % rows_per_chunk:
+        _fail(
+            "rollout.rows_per_chunk",
+            rows_per_chunk,
+            f"must be a multiple of rollout.group_size={group_size} and divide the {mine} rows "
+            f"of a step{where} (rollout.prompts_per_step * rollout.group_size); 0 = all rows",
+        )
+
+
 def check_config(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError on the first key whose value cannot work."""
     for key, (kind, valid, why) in KEYS.items():
@@ -190,6 +206,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             f"must divide the {rows} rows of each update "
             "(rollout.prompts_per_step * rollout.group_size / optim.mini_batches)",
         )
+    if r.rows_per_chunk:
+        check_rows_per_chunk(r.rows_per_chunk, r.group_size, r.prompts_per_step, 1)
     if c.loss.rollout_correction not in rollout_correction.MODES:
         _fail(
             "loss.rollout_correction",
