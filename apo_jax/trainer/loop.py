@@ -36,6 +36,10 @@ def pad_left(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
     return ids, mask
 
 
+# What the loop keeps of a sampler call (rollout/sampler.py SampleOutput), as host arrays.
+_SAMPLE_FIELDS = ("tokens", "mask", "lengths", "logp", "truncated")
+
+
 def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, rng) -> dict:
     """G completions for each of this process's examples and their rewards: host arrays whose
     rows are this process's share of the global batch, group-major. `row_ids` (the examples'
@@ -51,15 +55,15 @@ def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, 
     parts = []  # host rows of this process per call: the device buffers go before the next
     for i in range(0, len(prompts), k):
         part = sampler.sample(params, prompts[i : i + k], n=g, rng=rng, row_ids=row_ids[i : i + k])
-        parts.append(type(part)(*(sharding_lib.local_rows(x) for x in part)))
+        parts.append({f: sharding_lib.local_rows(getattr(part, f)) for f in _SAMPLE_FIELDS})
     # Chunks in order: group-major, as one call over all prompts would give.
-    out = type(parts[0])(*(np.concatenate(xs) for xs in zip(*parts, strict=True)))
-    tokens, mask = out.tokens, out.mask
+    out = {f: np.concatenate([part[f] for part in parts]) for f in _SAMPLE_FIELDS}
+    tokens, mask = out["tokens"], out["mask"]
     completions = [tuple(t[m > 0]) for t, m in zip(tokens, mask, strict=True)]
     grouped = [e for e in examples for _ in range(g)]  # [P·G], group-major
     rewards, correct = task.score(grouped, completions)
     rewards = np.asarray(rewards, np.float32)
-    lengths = out.lengths
+    lengths = out["lengths"]
     if r.overlong_buffer:  # DAPO's overlong shaping, in tokens (spec §4.3)
         rewards += rewards_lib.overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer)
     # The sampler's bucket, not max_prompt_len: no compute on padding beyond the bucket.
@@ -69,11 +73,11 @@ def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, 
         prompt_mask=np.repeat(prompt_mask, g, axis=0),
         completion_ids=tokens.astype(np.int32),
         completion_mask=mask.astype(np.float32),
-        sampler_logp=out.logp.astype(np.float32),
+        sampler_logp=out["logp"].astype(np.float32),
         rewards=rewards,
         correct=np.asarray(correct, np.float32),  # verified answer, before any shaping
         lengths=lengths.astype(np.float32),
-        truncated=out.truncated.astype(np.float32),
+        truncated=out["truncated"].astype(np.float32),
     )
 
 
