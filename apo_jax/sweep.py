@@ -198,7 +198,8 @@ def plan(
                     raise SweepError(
                         f"arm {name!r}: {key}={value!r} parses as {_get(config, key)!r}"
                     )
-            flags_ += tracking.sweep_flags(config, workdir, name, seed)  # W&B group and tags
+            # W&B group and tags (when the config logs to W&B).
+            flags_ += tracking.sweep_flags(config, workdir, name, seed, [*base_overrides, *flags_])
             rundir = os.path.join(workdir, name, f"seed{seed}")
             if any(r.workdir == rundir for r in runs):
                 raise SweepError(f"arm {name!r}: seed {seed} given twice")

@@ -67,15 +67,18 @@ def tag(text: str) -> str:
     return text[: MAX_TAG - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def sweep_flags(config, sweep_dir: str, arm: str, seed: int) -> list[str]:
-    """The overrides `apo_jax.sweep` adds to one run when it logs to W&B: the group (the
-    sweep's directory name, unless the config names one) and one tag for the arm, one for the
-    seed, after any tags the config already has."""
+def sweep_flags(config, sweep_dir: str, arm: str, seed: int, overrides: Sequence[str]) -> list[str]:
+    """The overrides `apo_jax.sweep` adds to a run (`config`: the run's config, from the config
+    file and `overrides`) when it logs to W&B: the group (the sweep's directory name, unless the
+    config names one) and a tag for the arm and one for the seed, after the config's own tags.
+    A tuple field's flags (ml_collections) add to each other but replace the file's value, so
+    the file's tags are repeated only when no flag gave tags already."""
     lg = config.logging
     if not lg.wandb:
         return []
     group = lg.wandb_group or os.path.basename(os.path.abspath(sweep_dir))
-    tags = (*lg.wandb_tags, tag(arm), f"seed{seed}")
+    flagged = any(f.startswith("--config.logging.wandb_tags=") for f in overrides)
+    tags = (*(() if flagged else lg.wandb_tags), tag(arm), f"seed{seed}")
     return [f"--config.logging.wandb_group={group}", f"--config.logging.wandb_tags={tags!r}"]
 
 
