@@ -223,6 +223,22 @@ def test_stuck_backend_never_blocks_a_step(tmp_path, monkeypatch, caplog):
         release.set()
 
 
+def test_real_client_without_network_is_reported_once(tmp_path, monkeypatch, caplog):
+    """The real client, online, against a server that refuses connections: its start fails
+    (after WANDB_INIT_TIMEOUT), is reported once, and every metrics line is written."""
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: refused
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer = _write_lines(tmp_path, 3, tracking.WandbSettings(enabled=True, mode="online"))
+    writer.close()
+    assert len(metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))) == 3
+    reports = [r.getMessage() for r in caplog.records if "W&B logging" in r.getMessage()]
+    assert len(reports) == 1 and "wandb.init" in reports[0], reports
+
+
 def test_only_process_zero_starts_a_run(tmp_path, monkeypatch):
     fake = _FakeWandb("")
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -253,7 +269,7 @@ def test_offline_run_matches_metrics_and_resume_continues_its_id(tmp_path, wandb
     workdir = str(tmp_path / "run")
     kw = dict(wandb=True, wandb_mode="offline", wandb_project="apo_jax_tests")
     c = _config(**kw)
-    c.total_steps, c.checkpoint.every_steps = 2, 2
+    c.total_steps, c.checkpoint.every_steps, c.eval.num_prompts = 2, 2, 0
     loop.run(c, workdir)
     c = _config(**kw, plots=True)
     c.total_steps, c.eval.num_prompts, c.eval.every_steps = 4, 4, 0
@@ -302,7 +318,8 @@ def test_sweep_runs_share_a_group_with_arm_and_seed_tags(tmp_path, wandb_offline
     args = [
         "--config=configs/toy.py:debug", f"--workdir={workdir}", "--seeds=0,1", "--jobs=2",
         "--grid", "schedule.alpha=0.5,1.0", "--config.schedule.mode=fixed",
-        "--config.total_steps=1", "--config.mesh.data=1", "--config.logging.wandb=true",
+        "--config.total_steps=1", "--config.eval.num_prompts=0", "--config.mesh.data=1",
+        "--config.logging.wandb=true",
         "--config.logging.wandb_mode=offline",
     ]  # fmt: skip
     out = subprocess.run(
