@@ -252,8 +252,8 @@ def check_wandb(lg) -> None:
     if not isinstance(tags, list | tuple) or not all(
         isinstance(t, str) and 1 <= len(t) <= tracking.MAX_TAG for t in tags
     ):
-        _fail("logging.wandb_tags", tags, f"must be a tuple of strings of 1-{tracking.MAX_TAG} "
-              "characters")  # fmt: skip
+        why = f"must be a tuple of strings of 1-{tracking.MAX_TAG} characters"
+        _fail("logging.wandb_tags", tags, why)
     if lg.wandb and not lg.wandb_project:
         _fail("logging.wandb_project", lg.wandb_project, "must name a W&B project")
     if lg.wandb:
