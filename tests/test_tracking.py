@@ -255,7 +255,8 @@ def wandb_offline(monkeypatch, tmp_path):
     pytest.importorskip("wandb", reason="the wandb extra is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # not ~/.config
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # nothing under ~
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
