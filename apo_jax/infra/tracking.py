@@ -49,12 +49,13 @@ class WandbSettings:
 
 
 def check_installed() -> None:
-    """Raises ValueError with the install line when `wandb` cannot be imported."""
+    """Raises ValueError with the install line when `wandb` cannot be imported (at plan time,
+    before anything is built)."""
     try:
         import wandb  # noqa: F401
-    except ImportError as e:
+    except Exception as e:  # absent (ImportError) or broken (a dependency's version, ...)
         raise ValueError(
-            f"config.logging.wandb=True: the wandb package is not installed ({e}); "
+            f"config.logging.wandb=True: the wandb package cannot be imported ({e}); "
             f"install the extra with `{INSTALL}` or set config.logging.wandb=False"
         ) from None
 
