@@ -82,9 +82,9 @@ def test_stale_lock_of_a_killed_process_is_taken_over_with_a_line(tmp_path, monk
 def test_same_process_cannot_hold_a_workdir_twice(tmp_path):
     # fcntl locks belong to the process, so this case is checked apart from the kernel's lock.
     with workdir_lock.hold(tmp_path):
-        with pytest.raises(workdir_lock.WorkdirLocked, match="already in use by this process"):
-            with workdir_lock.hold(tmp_path):
-                pass
+        refused = pytest.raises(workdir_lock.WorkdirLocked, match="already in use by this process")
+        with refused, workdir_lock.hold(tmp_path):
+            pass
         # The refused attempt did not drop the lock held by the outer one.
         assert workdir_lock.holder(str(tmp_path))["pid"] == os.getpid()
     # Processes of one multi-process run hold one file each.
