@@ -284,6 +284,10 @@ def _metrics_complete(workdir: str, total_steps: int) -> bool:
 _OUTPUT_PREFIXES = ("logging.", "checkpoint.")
 
 
+def _longer(old, new) -> bool:
+    return isinstance(old, int) and isinstance(new, int) and new > old
+
+
 def check_existing(run: Run) -> None:
     """Raises SweepError if `run.workdir` holds a run made under other settings than `run`
     asks for: a finished run under any other key (a longer total_steps resumes it, where the
@@ -308,7 +312,7 @@ def check_existing(run: Run) -> None:
             for k in a.keys() | b.keys()
             if a.get(k) != b.get(k)
             and not k.startswith(_OUTPUT_PREFIXES)
-            and not (k == "total_steps" and b.get(k) > a.get(k))  # continues the run
+            and not (k == "total_steps" and _longer(a.get(k), b.get(k)))  # continues the run
         )
         if differ:
             shown = "; ".join(f"{k}={a.get(k)!r}, now {b.get(k)!r}" for k in differ[:5])
