@@ -286,9 +286,9 @@ def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = No
 
 
 def check_rows(p: build.Plan, model_cfg, rows: int, what: str) -> None:
-    """Fails before compiling if one sampler call of `rows` sequences cannot fit this device:
-    its KV cache and one step's logits alone ([rows, L, 2, S, kv, hd] in the cache dtype, and
-    [rows, V] float32) against the device's memory (host memory on CPU)."""
+    """Fails before compiling if one sampler call of `rows` (B) sequences cannot fit this
+    device: its KV cache and one step's logits alone (keys and values [B, L, 2, S, K, H] in the
+    cache dtype, logits [B, V] float32) against the device's memory (host memory on CPU)."""
     r = p.rollout
     length = r.max_prompt_len + r.max_new_tokens
     kv = 2 * model_cfg.num_layers * length * model_cfg.num_kv_heads * model_cfg.head_dim
