@@ -227,7 +227,12 @@ def config_root_on_path(argv) -> None:
 def load_config_json(path: str) -> ml_collections.ConfigDict:
     """A run's saved `config.json` as a ConfigDict (for evaluation and resumption checks)."""
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        try:
+            return ml_collections.ConfigDict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+            ) from None
 
 
 # --- builders -------------------------------------------------------------------------------------
