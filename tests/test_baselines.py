@@ -478,11 +478,13 @@ def test_each_objective_trains_one_debug_step(name, tmp_path):
 
 @pytest.mark.slow
 def test_clip_cov_cut_is_micro_batch_invariant_only_when_declared_coupled():
-    """With a band that makes most tokens eligible, the cut is the same for every micro-batch
-    count (one key per update, batch-wide statistics); declared per-token instead, micro-batches
-    would see other rows' log-probs replaced by π_old and cut other tokens."""
+    """With a band that takes every token the ratio clip leaves, the cut is the same for every
+    micro-batch count (one key per update, batch-wide statistics). Declared per-token instead,
+    each micro-batch would see the other rows' log-probs replaced by π_old (ratio 1, never
+    clipped, so eligible) and cut other tokens."""
     with jax.enable_x64(False):
         block = dict(clip_cov.DEFAULTS, clip_cov_lb=-1e3, clip_cov_ub=1e3, clip_cov_ratio=0.3)
+        block.update(clip_eps_low=0.2, clip_eps_high=0.2)
         batch = _batch(P, G)
         ref = _step("clip_cov", 1, P, G, batch, clip_cov=block)
         assert ref[0]["loss/clip_frac"] > 0.2
