@@ -1,4 +1,4 @@
-"""CISPO (MiniMax-M1, arXiv 2506.13585 §3.1; definition as verl's core_algos
+"""CISPO (MiniMax-M1, arXiv 2506.13585; definition as verl's core_algos
 `compute_policy_loss_cispo`): REINFORCE weighted by a clipped, stop-gradient importance ratio,
 so that no token's gradient is dropped, normalised over all tokens of the batch.
 
@@ -42,7 +42,7 @@ def cispo_loss(
     clip_eps_high: float = DEFAULTS["clip_eps_high"],
     scale_adv: bool = DEFAULTS["scale_adv"],
 ) -> LossOutput:
-    """CISPO (MiniMax-M1 eq. 4–5), minimised, with ρ_{i,t} = π_θ/π_old and GRPO advantages Â_i:
+    """CISPO (MiniMax-M1's J_CISPO), minimised, with ρ_{i,t} = π_θ/π_old and GRPO advantages Â_i:
 
         r̂_{i,t} = clip(ρ_{i,t}, 1 − ε_low, 1 + ε_high)
         L = −(1/Σ_i |o_i|) Σ_i Σ_t sg[r̂_{i,t}] · Â_i · log π_θ(y_{i,t})

@@ -1,5 +1,5 @@
 """Clip-Cov (Cui et al., "The Entropy Mechanism of Reinforcement Learning for Reasoning Language
-Models", arXiv 2505.22617 §4.2; definition as verl's core_algos `compute_policy_loss_clip_cov`):
+Models", arXiv 2505.22617; definition as verl's core_algos `compute_policy_loss_clip_cov`):
 the PPO clipped surrogate with the gradient of a few randomly chosen high-covariance tokens cut.
 Also the token covariance and the exact token counts that kl_cov shares.
 
@@ -42,7 +42,7 @@ def token_covariance(
     adv: Float[Array, "P G T"], logp: Float[Array, "P G T"], mask: Float[Array, "P G T"]
 ) -> Float[Array, "P G T"]:
     """Cov_{i,t} = (A_{i,t} − Ā)·(log π(y_{i,t}) − mean log π), means over the batch's valid
-    tokens (the paper's eq. 10 summand; verl centres both factors by masked token means).
+    tokens (the paper's per-token covariance; verl centres both factors by masked token means).
     Stop-gradient: it only chooses tokens."""
     logp = sg(logp)
     return (adv - masked_mean(adv, mask)) * (logp - masked_mean(logp, mask))
@@ -117,7 +117,7 @@ def clip_cov_loss(
     clip_cov_ub: float = DEFAULTS["clip_cov_ub"],
     scale_adv: bool = DEFAULTS["scale_adv"],
 ) -> LossOutput:
-    """Clip-Cov (arXiv 2505.22617 eq. 11; verl `compute_policy_loss_clip_cov`), minimised, with
+    """Clip-Cov (arXiv 2505.22617; verl `compute_policy_loss_clip_cov`), minimised, with
     ρ_{i,t} = π_θ/π_old, GRPO advantages Â_i on every token and N valid tokens:
 
         Cov_{i,t} = (Â_i − Ā)(log π_θ(y_{i,t}) − mean log π_θ)          (batch token means, sg)

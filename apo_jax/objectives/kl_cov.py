@@ -1,4 +1,4 @@
-"""KL-Cov (Cui et al., arXiv 2505.22617 §4.2; definition as verl's core_algos
+"""KL-Cov (Cui et al., arXiv 2505.22617; definition as verl's core_algos
 `compute_policy_loss_kl_cov`): the unclipped importance-weighted policy gradient with a
 |log-ratio| penalty on the top fraction of tokens by covariance.
 
@@ -42,7 +42,7 @@ def kl_cov_loss(
     ppo_kl_coef: float = DEFAULTS["ppo_kl_coef"],
     scale_adv: bool = DEFAULTS["scale_adv"],
 ) -> LossOutput:
-    """KL-Cov (arXiv 2505.22617 eq. 12; verl `compute_policy_loss_kl_cov`), minimised, with
+    """KL-Cov (arXiv 2505.22617; verl `compute_policy_loss_kl_cov`), minimised, with
     ρ_{i,t} = π_θ/π_old, GRPO advantages Â_i on every token and N valid tokens:
 
         Cov_{i,t} = (Â_i − Ā)(log π_θ(y_{i,t}) − mean log π_θ)   (batch token means, sg)

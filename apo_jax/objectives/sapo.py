@@ -41,7 +41,7 @@ def sapo_loss(
     tau_neg: float = DEFAULTS["tau_neg"],
     scale_adv: bool = DEFAULTS["scale_adv"],
 ) -> LossOutput:
-    """SAPO (arXiv 2511.20347 §3), minimised, with ρ_{i,t} = π_θ/π_old and GRPO advantages Â_i:
+    """SAPO (arXiv 2511.20347), minimised, with ρ_{i,t} = π_θ/π_old and GRPO advantages Â_i:
 
         f_τ(ρ) = (4/τ)·σ(τ(ρ − 1)),   τ_{i,t} = τ_pos if Â_i > 0 else τ_neg
         L = −(1/G) Σ_i (1/|o_i|) Σ_t f_{τ_{i,t}}(ρ_{i,t}) · Â_i          (seq-mean-token-mean)
