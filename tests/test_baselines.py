@@ -62,7 +62,7 @@ def _case(p=3, g=4, t=7, seed=0, spread=0.3, depth=3.0):
     rewards = (r.uniform(size=(p, g)) < 0.5).astype(np.float64)
     rewards[0, :2] = (1.0, 0.0)  # mixed
     if p >= 3:
-        rewards[2] = 0.0  # no correct answer: zero advantages, α-DPG's z_default
+        rewards[2] = 0.0  # no correct answer: zero advantages, α-DPG's Ẑ = 0 (z_default)
     return logp, logp_old, mask, rewards
 
 
@@ -363,7 +363,7 @@ def test_alpha_dpg_matches_naver_alpha_dpg(alpha, clip, baseline):
     rewards[3] = (1.0, 1.0, 0.0, 1.0)
     logp_ref[3, 0] += 5.0  # Σ_t log π_ref − log π_old ≫ 0: Ẑ capped at 1, the clip binds
     rewards[1] = (0.5, 1.0, 0.0, 1.0)  # a partial reward: p̃ ∝ π_ref·R
-    kw = dict(alpha=alpha, pseudo_reward_clip=clip, use_baseline=baseline, z_default=1e-4)
+    kw = dict(alpha=alpha, pseudo_reward_clip=clip, use_baseline=baseline)
     args = (logp, logp_old, mask, rewards)
     out, grad = _run("alpha_dpg", *args, logp_ref=logp_ref, max_len=9, **kw)
     ref_loss, ref_grad, extras = _ref(
@@ -441,7 +441,6 @@ def test_block_and_signature_defaults_agree(name):
         ("cispo", "clip_eps_low", -0.2),
         ("sapo", "tau_neg", 0.0),
         ("alpha_dpg", "alpha", 1.0),
-        ("alpha_dpg", "z_default", 0.0),
         ("tpo", "eta", 0.0),
     ],
 )
