@@ -59,7 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Losses are plug-ins (apo_jax/objectives/): each registered objective brings its block,
     # config.loss.<name>.*, with the family's canonical defaults (GSPO 3e-4 / 4e-4, DAPO 0.2 /
     # 0.28, ...) and their meanings in its module (e.g. objectives/gspo.py).
-    # loss.name: apo | fdiv | grpo | dapo | dr_grpo | gspo
+    # loss.name: apo | fdiv | grpo | dapo | dr_grpo | gspo | clip_cov | kl_cov | cispo | sapo |
+    # alpha_dpg | tpo
     c.loss = objectives.default_config("apo")
     # Sampler/trainer mismatch correction, any objective (apo_jax/trainer/rollout_correction.py).
     c.loss.rollout_correction = "none"  # none | tis_token | tis_sequence | mis_sequence
