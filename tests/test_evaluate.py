@@ -108,10 +108,10 @@ def test_metrics_aggregate_per_prompt_statistics():
     task, k, n_prompts = tasks_lib.ToyTask(), 4, 7
     examples = list(task.eval_examples()[:n_prompts])
     sampler = _ScriptedSampler(k)
-    metrics, records = evaluate_lib.evaluate(task, sampler, None, examples, k=k, prompts_per_call=3)
-    # 7 prompts in calls of 3: the last call is padded, every call has one shape.
-    assert {c[0] for c in sampler.calls if c[2] > 0} == {3}
-    assert [c[1] for c in sampler.calls] == [1] * 1 + [k] * 3  # greedy: one call of 12 rows
+    metrics, records = evaluate_lib.evaluate(task, sampler, None, examples, k=k, rows_per_call=12)
+    # 12 rows per call: 3 prompts x k samples (the last call padded, every call has one shape);
+    # greedy: one call of the 7 prompts (at most 12).
+    assert [(c[0], c[1]) for c in sampler.calls] == [(7, 1)] + [(3, k)] * 3
     c = np.array([sampler.plan(i, k)[0] for i in range(n_prompts)])
     m = np.array([sampler.plan(i, k)[1] for i in range(n_prompts)])
     assert [r["num_correct"] for r in records] == c.tolist()
