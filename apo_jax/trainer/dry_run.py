@@ -198,7 +198,7 @@ def estimate(
 
     platform = jax.devices()[0].platform
     budget_gib, fraction = budget(device_memory_gib, platform)
-    gib = lambda x: round(x / GIB, 4)
+    gib = lambda x: round(x / GIB, 6)  # KiB resolution: tiny configs' phases stay visible
     out = dict(
         peak_gib=gib(peak),
         state_gib=gib(state_bytes),
