@@ -51,6 +51,8 @@ def test_dry_run_prints_one_json_line_and_says_when_it_does_not_fit(tmp_path):
     # Rows split over the 4 devices: 2 per device in the evaluation's calls, 1 in the rollout's.
     assert report["eval_kv_cache_gib"] > 1.5 * report["kv_cache_gib"] > 0
     assert report["eval_gib"] > report["rollout_gib"] > 0
+    calls = report["eval_calls_gib"]
+    assert abs(report["eval_gib"] - report["rollout_weights_gib"] - max(calls.values())) <= 3e-6
     # The peak is the resident state plus the largest phase (each rounded to 1e-6 GiB).
     phases = ("rollout_gib", "train_step_gib", "scoring_gib", "eval_gib")
     phases = max(report[k] for k in phases)

@@ -8,8 +8,15 @@ Phases of a step and what is resident in each (per device, bytes):
   scoring  train state (+ reference) + the log-prob program's temporaries and output
   update   train state (+ reference; the state is donated and updated in place) + the batch
            + the train step's temporaries
+  eval     (with eval.num_prompts) train state (+ reference) + rollout weights + the larger of
+           the greedy and the sampled evaluation call (trainer/evaluate.py call_prompts: at most
+           eval.rows_per_chunk rows per process, by default the rollout's chunk)
 `peak_gib` is the largest. Sizes come from `compiled.memory_analysis()` of the SPMD-partitioned
-programs (one device's share) and from the shardings of the abstract state.
+programs (one device's share) and from the shardings of the abstract state. The sampler phases
+compile the run's own programs: `build.sampler`'s prefill / decode (`Sampler.prefill_program`,
+`decode_program`) on `sampler.rollout_weights` of the abstract state, at the longest prompt
+bucket. `fits` compares the peak with the budget (`budget`: on GPU, JAX's memory fraction of a
+memory size given by hand).
 With `XLA_FLAGS=--xla_force_host_platform_device_count=N` a laptop plans an N-device slice.
 """
 
@@ -95,9 +102,12 @@ def estimate(
     device_memory_gib: float | None = None,
     *,
     num_layers: int | None = None,
+    budget_platform: str | None = None,
 ) -> dict:
     """The dry-run report (see the module docstring) for `config` on the visible devices.
-    `num_layers` overrides the architecture's depth (benchmarks: compile time against depth)."""
+    `num_layers` overrides the architecture's depth (benchmarks: compile time against depth);
+    `budget_platform` is the platform `device_memory_gib` is memory of ("gpu": JAX's memory
+    fraction of it; default: the visible devices' platform)."""
     p = build.plan(config)
     r, o, m = p.rollout, p.optim, p.model
     mesh = build.mesh(p)
@@ -146,7 +156,7 @@ def estimate(
     rollout_bytes = weights_extra + roll["bytes"]
 
     # --- evaluation: the greedy and the sampled pass at their chunk shapes (trainer/evaluate.py)
-    eval_bytes, eval_cache, eval_rows = 0, 0, {}
+    eval_bytes, eval_cache, eval_rows, eval_passes = 0, 0, {}, {}
     if p.eval_prompts:
         k = r.group_size
         # As many prompts as the held-out set has, when the task is at hand.
@@ -159,6 +169,7 @@ def estimate(
         eval_bytes = weights_extra + max(greedy["bytes"], sampled["bytes"])
         eval_cache = max(greedy["cache"], sampled["cache"])
         eval_rows = dict(greedy=greedy["rows"], sampled=sampled["rows"])
+        eval_passes = dict(greedy=greedy["bytes"], sampled=sampled["bytes"])
     compile_s += sum(c["compile_s"] for c in calls.values())
 
     # --- scoring and update on one mini-batch ---------------------------------------------------
@@ -197,7 +208,7 @@ def estimate(
     peak = state_bytes + max(phases)
 
     platform = jax.devices()[0].platform
-    budget_gib, fraction = budget(device_memory_gib, platform)
+    budget_gib, fraction = budget(device_memory_gib, budget_platform or platform)
     gib = lambda x: round(x / GIB, 6)  # KiB resolution: tiny configs' phases stay visible
     out = dict(
         peak_gib=gib(peak),
@@ -206,6 +217,8 @@ def estimate(
         train_step_gib=gib(train_step_bytes),
         scoring_gib=gib(scoring_bytes),
         eval_gib=gib(eval_bytes),  # 0 without eval.num_prompts
+        # Each pass's call (besides the state and rollout weights): which one sets eval_gib.
+        eval_calls_gib={name: gib(x) for name, x in eval_passes.items()},
         kv_cache_gib=gib(cache_bytes),
         eval_kv_cache_gib=gib(eval_cache),
         rollout_weights_gib=gib(weights_extra),
