@@ -113,13 +113,20 @@ def apo_loss(
 def _loss(logp, b, ctx, **params) -> LossOutput:
     return apo_loss(
         logp,
-        b["old_logp"],
-        b["completion_mask"],
-        b["rewards"],
+        b.old_logp,
+        b.completion_mask,
+        b.rewards,
         alpha=ctx.alpha,
         tau=ctx.tau,
         **params,
     )
+
+
+def _inert(p) -> dict[str, str]:
+    out = simplex.inert_keys(p)
+    if not p["logit_reg_coef"]:
+        out["logit_reg_center"] = "the logit regulariser is off (logit_reg_coef = 0)"
+    return out
 
 
 def _check(p) -> None:
@@ -140,6 +147,7 @@ OBJECTIVE = registry.register(
         schedule=True,
         couples_rows=True,
         check=_check,
+        inert=_inert,
         doc="APO: α-divergence to the reward-tilted target on the anchored group simplex",
     )
 )

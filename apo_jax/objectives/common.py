@@ -30,6 +30,25 @@ class LossOutput(NamedTuple):
         return self.loss_sum / jnp.maximum(self.denom, 1.0)
 
 
+@jax.custom_vjp
+def scale_grad(x: Array, w: Array) -> Array:
+    """Identity in the forward pass; the cotangent of x is multiplied by w (no gradient to w).
+    Applied to token log-probs it weights each token's policy-gradient contribution by w (the
+    rollout correction, trainer/rollout_correction.py) without changing any value."""
+    return x
+
+
+def _scale_fwd(x, w):
+    return x, w
+
+
+def _scale_bwd(w, ct):
+    return ct * w.astype(ct.dtype), jnp.zeros_like(w)
+
+
+scale_grad.defvjp(_scale_fwd, _scale_bwd)
+
+
 def float_dtype(x) -> jnp.dtype:
     """float32 at least: bf16 log-probs are upcast, float64 (tests) is kept."""
     return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)

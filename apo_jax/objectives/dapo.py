@@ -55,9 +55,9 @@ def dapo_loss(
 def _loss(logp, b, ctx, **params) -> LossOutput:
     return dapo_loss(
         logp,
-        b["old_logp"],
-        b["completion_mask"],
-        b["rewards"],
+        b.old_logp,
+        b.completion_mask,
+        b.rewards,
         **params,
     )
 

@@ -26,6 +26,7 @@ from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import decoder as model_lib
 from apo_jax.models import hf_io
 from apo_jax.models import registry as models
+from apo_jax.objectives import entropy as entropy_lib
 from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.trainer import step as step_lib
@@ -100,6 +101,7 @@ class Plan:
     record: Mapping[str, Any]  # the config as plain data (config.json, checkpoint records)
     rollout_correction: str = "none"  # loss.rollout_correction (trainer/rollout_correction.py)
     rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap, C > 1
+    entropy: entropy_lib.EntropyConfig = entropy_lib.EntropyConfig()  # loss.entropy_*
 
     @property
     def updates_total(self) -> int:
@@ -198,6 +200,13 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
         record=c.to_dict(),
         rollout_correction=c.loss.rollout_correction,
         rollout_correction_cap=c.loss.rollout_correction_cap,
+        entropy=entropy_lib.EntropyConfig(
+            coef=c.loss.entropy_coef,
+            target=c.loss.entropy_target,
+            delta=c.loss.entropy_coef_delta,
+            coef_min=c.loss.entropy_coef_min,
+            coef_max=c.loss.entropy_coef_max,
+        ),
     )
 
 
@@ -321,6 +330,7 @@ def step_spec(p: Plan, vocab_size: int) -> step_lib.StepSpec:
         logprob_precision=p.model.logprob_precision,
         rollout_correction=p.rollout_correction,
         rollout_correction_cap=float(p.rollout_correction_cap),
+        entropy=p.entropy,
     )
 
 
