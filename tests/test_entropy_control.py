@@ -24,7 +24,7 @@ def x64():
         yield
 
 
-# --- the kernel's entropy --------------------------------------------------------------------------
+# --- the kernel's entropy ------------------------------------------------------------------------
 
 
 def _np_entropy(h, w):
@@ -75,9 +75,9 @@ def _update(c):
         ts.schedule_lib.init_schedule_state(spec.schedule),
         ent.init_entropy_state(spec.entropy),
     )
-    (loss_sum, (denom, new, metrics)), grads = jax.value_and_grad(
-        fn, argnums=(0, 1), has_aux=True
-    )(*device((LOGP, ENTROPY, BATCH)), states)
+    (loss_sum, (denom, new, metrics)), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+        *device((LOGP, ENTROPY, BATCH)), states
+    )
     return float(loss_sum / denom), [np.asarray(g) / float(denom) for g in grads], new, metrics
 
 

@@ -258,12 +258,14 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
     state keeps `state_shardings` (parameters and optimizer moments by their logical axes),
     batch rows are split over the data-parallel axes and metrics come back replicated.
 
-    The gradient of every objective is Σ_{i,t} (∂L/∂log π_θ(y_it)) ∇_θ log π_θ(y_it), so
+    The gradient of every objective is Σ_{i,t} (∂L/∂log π_θ(y_it)) ∇_θ log π_θ(y_it) (plus
+    Σ_{i,t} (∂L/∂H_it) ∇_θ H_it with the entropy bonus, H_it the token entropy), so
     micro-batches of any rows are exact:
       - micro_batches = 1: one fused forward/backward pass;
       - objectives that couple rows (or use the α/τ schedule), micro_batches > 1: one forward
         pass scores the whole update batch, the loss (and the schedule, once) gives the
-        cotangent ∂L/∂logp [B, T], and each micro-batch adds vjp(logp_fn)(its cotangent rows);
+        cotangents ∂L/∂logp (and ∂L/∂H) [B, T], and each micro-batch adds vjp(logp_fn)(its
+        cotangent rows);
       - per-token objectives, micro_batches > 1: each micro-batch differentiates the full-batch
         loss with its own rows' log-probs in place (other rows are constants; a row's gradient
         depends only on its own log-probs and on denominators from masks), then the value and
