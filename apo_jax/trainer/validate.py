@@ -6,8 +6,11 @@ blocks are checked by their own `check`, after `check_block` has checked their t
 their numbers are finite). Keys that some settings ignore are documented here, not refused:
 model.preset / model.vocab_size (ignored when model.hf_dir is set), schedule.* (used only by
 objectives with a schedule: apo, fdiv), rollout.max_refill_rounds (only with
-rollout.dynamic_sampling), eval.every_steps (only with eval.num_prompts > 0), loss.<other>.*
-and task.<other>.* (only the chosen block is read).
+rollout.dynamic_sampling), eval.every_steps (only with eval.num_prompts > 0),
+loss.rollout_correction_cap (only with a rollout correction), loss.entropy_coef_delta/_min/_max
+(only with loss.entropy_target > 0), loss.<other>.* and task.<other>.* (only the chosen block is
+read). Keys of the chosen objective's block that some of its settings ignore are declared by the
+objective (`Objective.inert`).
 """
 
 from __future__ import annotations
