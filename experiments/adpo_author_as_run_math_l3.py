@@ -4,11 +4,12 @@ In wk222/verlm the trainer precomputes `q_target` whenever the advantage estimat
 `adpo_policy_loss` tests for a precomputed target before its `alphapo` branch, so the
 α-divergence loss never runs: the APO yamls (α = 0.35 … 0.9, adaptive τ) train with the ADPO
 cross-entropy, i.e. APO at α = 1 (gradient p − q), τ fixed at 0.5, plus the 0.01 logit
-regulariser in its q-centred form coef·(logsumexp(u) − sg[Σ q u])² (the trainer's
-`use_q_center`, on by default and never turned off for this run). This config reproduces that
-objective next to `apo_math_l3.py` (the real APO), so a reproduction study can run both. Everything else is apo_math_l3.py's setup (G = 6, 48 prompts,
-2 mini-batches, lr 1e-6, lengths 1024 / 1280, good_accuracy), with the author's answer
-extraction fallbacks.
+regulariser in its q-centred form coef·(logsumexp(u) − sg[Σ q u])² (the actor config's
+`use_q_center`, True by default; the APO yaml's `use_q_center: False` sits under `algorithm:`,
+which the loss does not read, spec §1.7e). This config reproduces that objective next to
+`apo_math_l3.py` (the real APO), so a reproduction study can run both. Everything else is
+apo_math_l3.py's setup (G = 6, 48 prompts, 2 mini-batches, lr 1e-6, lengths 1024 / 1280,
+good_accuracy), with the author's answer extraction fallbacks.
 
 What still differs from the author's run:
 - The author's micro-batches of 6 sequences are filled by verl's batch (sequence-length)
