@@ -60,11 +60,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # config.loss.<name>.*, with the family's canonical defaults (GSPO 3e-4 / 4e-4, DAPO 0.2 /
     # 0.28, ...) and their meanings in its module (e.g. objectives/gspo.py).
     # loss.name: apo | fdiv | grpo | dapo | dr_grpo | gspo | clip_cov | kl_cov | cispo | sapo |
-    # alpha_dpg | tpo
+    # alpha_dpg | tpo (objectives.names(): all registered)
     c.loss = objectives.default_config("apo")
     # Sampler/trainer mismatch correction, any objective (apo_jax/trainer/rollout_correction.py).
-    c.loss.rollout_correction = "none"  # none | tis_token | tis_sequence | mis_sequence
+    # none | tis_token | tis_sequence | mis_sequence | reject_sequence
+    c.loss.rollout_correction = "none"
     c.loss.rollout_correction_cap = 2.0  # C > 1: TIS weight cap; MIS keeps ratios in [1/C, C]
+    # Entropy bonus, any objective (apo_jax/objectives/entropy.py): loss − c·(mean token entropy).
+    c.loss.entropy_coef = 0.0  # c (0 = off), or the adaptive mode's initial c
+    c.loss.entropy_target = 0.0  # > 0: adaptive c steered toward this entropy (Skywork-OR1)
+    c.loss.entropy_coef_delta = 1e-4  # adaptive: change of c per update
+    c.loss.entropy_coef_min = 0.0  # adaptive: lower clip of c
+    c.loss.entropy_coef_max = 5e-3  # adaptive: upper clip of c
 
     c.schedule = s = ml_collections.ConfigDict()
     # The alpha/tau schedule, used by objectives that declare schedule=True (apo, fdiv).

@@ -4,16 +4,19 @@ In wk222/verlm the trainer precomputes `q_target` whenever the advantage estimat
 `adpo_policy_loss` tests for a precomputed target before its `alphapo` branch, so the
 α-divergence loss never runs: the APO yamls (α = 0.35 … 0.9, adaptive τ) train with the ADPO
 cross-entropy, i.e. APO at α = 1 (gradient p − q), τ fixed at 0.5, plus the 0.01 logit
-regulariser. This config reproduces that objective next to `apo_math_l3.py` (the real APO), so a
-reproduction study can run both. Everything else is apo_math_l3.py's setup (G = 6, 48 prompts,
-2 mini-batches, lr 1e-6, lengths 1024 / 1280, good_accuracy), with the author's answer
-extraction fallbacks.
+regulariser in its q-centred form coef·(logsumexp(u) − sg[Σ q u])² (the actor config's
+`use_q_center`, True by default; the APO yaml's `use_q_center: False` sits under `algorithm:`,
+which the loss does not read, spec §1.7e). This config reproduces that objective next to
+`apo_math_l3.py` (the real APO), so a reproduction study can run both. Everything else is
+apo_math_l3.py's setup (G = 6, 48 prompts, 2 mini-batches, lr 1e-6, lengths 1024 / 1280,
+good_accuracy), with the author's answer extraction fallbacks.
 
 What still differs from the author's run:
 - The author's micro-batches of 6 sequences are filled by verl's batch (sequence-length)
   balancing with completions of several prompts, and the loss's softmax and logit regulariser
-  run over each micro-batch as it comes; here p = softmax(u) and logsumexp(u)² are per prompt
-  group of 6 (`loss.apo`), which is what the target q (built per prompt by uid) assumes.
+  run over each micro-batch as it comes; here p = softmax(u) and the regulariser's
+  (logsumexp(u) − Σ q u)² are per prompt group of 6 (`loss.apo`), which is what the target q
+  (built per prompt by uid) assumes.
 - The "on-policy fix" (§1.7b) is left off (`loss.apo.on_policy_fix`); set it to test it.
 - verl's vLLM rollout, FSDP2 on 4 GPUs and bf16 numerics are not reproduced bit for bit.
 
@@ -36,6 +39,8 @@ def get_config(arg=None):
     c.schedule.adaptive_tau = False
     c.schedule.tau0 = 0.5  # τ as run
     c.loss.apo.logit_reg_coef = 0.01  # the reference code's logit regulariser
+    # ... centred as the author's trainer ran it (use_q_center, its default): (lse(u) − Σ q u)²
+    c.loss.apo.logit_reg_center = "q"
     c.task.math.extraction = "author"  # the author's grader falls back to "answer is X" etc.
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22

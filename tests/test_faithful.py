@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from loss_testing import jitted_loss_and_grad
 
-from apo_jax.objectives import apo, common, dr_grpo, fdiv, grpo, simplex
+from apo_jax.objectives import apo, common, dapo, dr_grpo, fdiv, grpo, simplex
 from apo_jax.objectives import schedule as sched
 
 
@@ -93,11 +93,72 @@ def test_logit_regulariser_is_added_after_the_on_policy_fix(alpha, coef, fix):
         np.testing.assert_allclose(coef * _lse(u[2]) ** 2, 0.01 * math.log(6) ** 2, rtol=1e-12)
 
 
+def test_q_centred_logit_regulariser_matches_the_reference_form():
+    """`logit_reg_center="q"`: coef·(lse(u) − sg[Σ q u])² per group (the reference trainer's
+    use_q_center subtracts the detached Σ q u from u before its logsumexp), value and gradient
+    against float64 numpy; "none" is coef·lse(u)²; both coincide on-policy (u = 0)."""
+    r = np.random.default_rng(3)
+    p_n, g, t, tau, coef = 3, 6, 4, 0.5, 0.01
+    mask = (np.arange(t) < r.integers(1, t + 1, size=(p_n, g))[..., None]).astype(np.float64)
+    logp_old = -r.uniform(0.5, 3.0, size=(p_n, g, t))
+    logp = logp_old + 0.4 * r.normal(size=(p_n, g, t))
+    rewards = r.uniform(size=(p_n, g))
+    n = mask.sum(-1)
+    u = ((logp - logp_old) * mask).sum(-1) / n / tau  # no clamp binds (|d| < 5, |u| < 10)
+    p, q = _softmax(u), _softmax((rewards - rewards.mean(-1, keepdims=True)) / 0.3)
+    plain, g_plain = _grad(apo.apo_loss, logp, logp_old, mask, rewards, alpha=1.0, tau=tau)
+    for center, shift in (("none", 0.0), ("q", (q * u).sum(-1))):
+        static = (("logit_reg_coef", coef), ("logit_reg_center", center))
+        out, grad = _grad(apo.apo_loss, logp, logp_old, mask, rewards, static, alpha=1.0, tau=tau)
+        z = _lse(u) - shift  # [P]
+        gap = float(out.loss_sum - plain.loss_sum)
+        np.testing.assert_allclose(gap, coef * (z**2).sum(), rtol=1e-9)
+        d_u = 2 * coef * z[:, None] * p  # the centre is a constant: no q term in the gradient
+        np.testing.assert_allclose(grad, g_plain + (d_u / tau / n)[..., None] * mask, rtol=1e-9)
+    on = dict(alpha=1.0, tau=tau)
+    a, _ = _grad(apo.apo_loss, logp_old, logp_old, mask, rewards, static, **on)
+    b, _ = _grad(apo.apo_loss, logp_old, logp_old, mask, rewards, (("logit_reg_coef", coef),), **on)
+    np.testing.assert_allclose(float(a.loss_sum), float(b.loss_sum), rtol=1e-12)
+
+
+def _np_dual_clip_token_loss(logp, logp_old, mask, rewards, lo, hi, c):
+    """PPO token loss with the dual clip (A < 0: capped at −c·A), token-mean, float64."""
+    std = rewards.std(-1, ddof=1, keepdims=True)
+    adv = ((rewards - rewards.mean(-1, keepdims=True)) / (std + 1e-6))[..., None]
+    ratio = np.exp(logp - logp_old)
+    loss = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - lo, 1 + hi))
+    if c:
+        loss = np.where(adv < 0, np.minimum(loss, -adv * c), loss)
+    return (loss * mask).sum() / mask.sum()
+
+
+def test_dapo_forwards_dual_clip():
+    r = np.random.default_rng(4)
+    p_n, g, t = 2, 4, 5
+    mask = np.ones((p_n, g, t))
+    logp_old = -r.uniform(0.5, 3.0, size=(p_n, g, t))
+    logp = logp_old + r.normal(0.0, 1.5, size=(p_n, g, t))  # some ratios above the dual clip
+    rewards = np.asarray([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    values = {}
+    for c in (0.0, 3.0):
+        static = (("dual_clip", c),)
+        out, grad = _grad(dapo.dapo_loss, logp, logp_old, mask, rewards, static)
+        want = _np_dual_clip_token_loss(logp, logp_old, mask, rewards, 0.2, 0.28, c)
+        np.testing.assert_allclose(float(out.mean()), want, rtol=1e-10)
+        same = (("agg_mode", "token-mean"), ("clip_eps_low", 0.2), ("clip_eps_high", 0.28))
+        ref, ref_grad = _grad(grpo.grpo_loss, logp, logp_old, mask, rewards, (*same, *static))
+        np.testing.assert_allclose(float(out.mean()), float(ref.mean()), rtol=1e-12)
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-12, atol=1e-15)
+        values[c] = float(out.mean())
+    assert values[3.0] < values[0.0] - 0.1  # the cap binds on this batch
+
+
 # ------------------------------------------------ item 3: token-mean per micro-batch of N rows
 
 
 def _np_per_micro(tok_loss, mask, n_rows):
-    """verl: token-mean of each micro-batch of n_rows sequences, averaged over micro-batches."""
+    """verl: token-mean of each micro-batch of n_rows sequences, summed and divided by the
+    gradient-accumulation count ⌊rows / n_rows⌋ (loss_scale_factor = 1/gradient_accumulation)."""
     flat_l = tok_loss.reshape(-1, tok_loss.shape[-1])
     flat_m = mask.reshape(-1, mask.shape[-1])
     means = []
@@ -108,10 +169,10 @@ def _np_per_micro(tok_loss, mask, n_rows):
                 num += flat_l[row, t] * flat_m[row, t]
                 den += flat_m[row, t]
         means.append(num / max(den, 1.0))
-    return sum(means) / len(means)
+    return sum(means) / max(len(flat_l) // n_rows, 1)
 
 
-@pytest.mark.parametrize("p_n,g,n_rows", [(4, 6, 6), (4, 8, 6), (3, 4, 5), (2, 3, 1)])
+@pytest.mark.parametrize("p_n,g,n_rows", [(4, 6, 6), (4, 8, 6), (3, 4, 5), (2, 3, 1), (2, 2, 6)])
 def test_token_mean_per_micro_matches_a_loop(p_n, g, n_rows):
     r = np.random.default_rng(p_n * g + n_rows)
     lengths = r.integers(0, 9, size=(p_n, g))  # ragged, some empty
@@ -149,6 +210,14 @@ def test_grpo_per_micro_gradient_differs_from_mini_batch_token_mean():
     clipped = ((adv[..., None] > 0) & (ratio > 1.2)) | ((adv[..., None] < 0) & (ratio < 0.8))
     expect = -adv[..., None] * ratio * ~clipped * mask / mask.sum((1, 2), keepdims=True) / p_n
     np.testing.assert_allclose(g_pm / float(pm.denom), expect, rtol=1e-9, atol=1e-14)
+
+
+def test_per_micro_divisor_is_verls_gradient_accumulation_count():
+    """The grpo_author experiment: 64 prompts x G 8 over 2 mini-batches = 256 rows per update,
+    chunks of 6: 43 chunks (the last of 4 rows), divisor 256 // 6 = 42."""
+    mask = np.ones((32, 8, 3))
+    total, denom = common.aggregate(np.ones((32, 8, 3)), mask, "token-mean-per-micro", agg_rows=6)
+    assert float(denom) == 42.0 and float(total) == 43.0  # every chunk's token-mean is 1
 
 
 def test_agg_rows_is_checked():

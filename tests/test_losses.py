@@ -21,7 +21,14 @@ from numerics import assert_close_to_scale
 from apo_jax.objectives import apo, fdiv, simplex
 
 BETA_R = 0.3
-_STATIC = ("divergence", "logit_reg_coef", "on_policy_fix", "scale_rewards", "target")
+_STATIC = (
+    "divergence",
+    "logit_reg_center",
+    "logit_reg_coef",
+    "on_policy_fix",
+    "scale_rewards",
+    "target",
+)
 
 
 def _run(fn, logp, logp_old, mask, rewards, **kw):

@@ -130,7 +130,7 @@ def test_micro_batches_on_a_2x2x2_mesh(loss):
 
 def test_rollout_correction_under_micro_batches():
     batch = _batch(P, G)
-    for mode in ("tis_token", "mis_sequence"):
+    for mode in ("tis_token", "mis_sequence", "reject_sequence"):
         over = dict(rollout_correction=mode, rollout_correction_cap=1.5)
         ref = _step("apo", 1, P, G, batch, **over)
         _assert_same(ref, _step("apo", P * G, P, G, batch, **over))
@@ -221,17 +221,19 @@ def _np_correction(old, samp, mask, mode, cap):
         w = np.minimum(np.exp(delta), cap)
     elif mode == "tis_sequence":
         w = np.minimum(np.exp(seq), cap) * np.ones_like(delta)
-    elif mode == "mis_sequence":
+    elif mode in ("mis_sequence", "reject_sequence"):
         keep = (np.exp(seq) >= 1.0 / cap) & (np.exp(seq) <= cap)
         new_mask = mask * keep
-        w = keep * np.ones_like(delta)
+        # Seq-MIS weights the kept sequences by min(ρ, C); rejection alone leaves them at 1.
+        rho = np.minimum(np.exp(seq), cap) if mode == "mis_sequence" else 1.0
+        w = keep * rho * np.ones_like(delta)
         valid = mask.sum(-1) > 0
         frac = (~keep[:, 0] & valid).sum() / valid.sum()
     mean = (w * mask).sum() / mask.sum()
     return w, new_mask, mean, frac
 
 
-@pytest.mark.parametrize("mode", ["tis_token", "tis_sequence", "mis_sequence"])
+@pytest.mark.parametrize("mode", ["tis_token", "tis_sequence", "mis_sequence", "reject_sequence"])
 def test_correction_matches_numpy(mode):
     b = _batch(4, 2, seed=3)
     old, samp, mask = b["old_logp"], b["sampler_logp"], b["completion_mask"]
@@ -239,16 +241,19 @@ def test_correction_matches_numpy(mode):
     w, new_mask, metrics = rc.correction(old, samp, mask, mode, cap)
     w_np, mask_np, mean_np, frac_np = _np_correction(old, samp, mask, mode, cap)
     np.testing.assert_array_equal(np.asarray(new_mask), mask_np)
-    if mode == "mis_sequence":
-        assert w is None and 0 < frac_np < 1  # the data exercise both sides
+    if mode in ("mis_sequence", "reject_sequence"):
+        assert 0 < frac_np < 1  # the data exercise both sides
+    if mode == "reject_sequence":
+        assert w is None
     else:
         np.testing.assert_allclose(np.asarray(w) * mask, w_np * mask, rtol=1e-5)
-        assert (w_np * mask).max() == pytest.approx(cap) and (w_np * mask)[mask > 0].min() < 1
+        kept = (w_np * mask)[new_mask > 0]
+        assert kept.min() < 1 and (kept.max() == pytest.approx(cap) or mode == "mis_sequence")
     np.testing.assert_allclose(metrics["rollout/is_weight_mean"], mean_np, rtol=1e-5)
     np.testing.assert_allclose(metrics["rollout/masked_frac"], frac_np, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["tis_token", "tis_sequence", "mis_sequence"])
+@pytest.mark.parametrize("mode", rc.MODES[1:])
 def test_identical_log_probs_make_every_mode_the_identity(mode):
     b = _batch(4, 2, seed=3)
     w, new_mask, metrics = rc.correction(

@@ -1,11 +1,12 @@
 """Orbax checkpoints of everything a run needs to resume exactly.
 
-A checkpoint holds the train state pytree (params, optimizer state, step, RNG, alpha-schedule
-state) and a JSON record (data-order position, the config it was written under). Orbax writes
-each step into a temporary directory and renames it when complete, so a run killed mid-save
-(even by SIGKILL) leaves the previous complete checkpoint as the latest one. A complete step that
-was damaged afterwards (a truncated or deleted data file, a lost manifest, a garbled record) is
-moved aside to `checkpoints/damaged/` and the run resumes from the newest step that restores.
+A checkpoint holds the train state pytree (params, optimizer state, step, RNG, alpha-schedule and
+entropy-coefficient state) and a JSON record (data-order position, the config it was written
+under). Orbax writes each step into a temporary directory and renames it when complete, so a run
+killed mid-save (even by SIGKILL) leaves the previous complete checkpoint as the latest one. A
+complete step that was damaged afterwards (a truncated or deleted data file, a lost manifest, a
+garbled record) is moved aside to `checkpoints/damaged/` and the run resumes from the newest
+step that restores.
 """
 
 from __future__ import annotations

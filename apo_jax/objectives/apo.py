@@ -13,6 +13,7 @@ from apo_jax.objectives.common import LossOutput
 
 _ON_POLICY_TOL = 0.01  # §1.7b trigger threshold on mean|ℓ−ℓ_ref| and std(u)
 _ON_POLICY_ENT_COEF = 0.01  # §1.7b entropy bonus
+LOGIT_REG_CENTERS = ("none", "q")
 
 # config.loss.apo.* (the author's values, spec §1.6–1.7; α and τ come from config.schedule)
 DEFAULTS = dict(
@@ -22,6 +23,7 @@ DEFAULTS = dict(
     scale_rewards=False,  # divide group advantages by their std before q
     target="softmax",  # softmax (APO: softmax((r - mean r)/beta_r)) | linear (DMPO: q ∝ r - min r)
     logit_reg_coef=0.0,  # reference-code logit regulariser (0.01 to reproduce; §1.7a)
+    logit_reg_center="none",  # none: coef·lse(u)² | q: coef·(lse(u) − sg[Σ q u])² (use_q_center)
     on_policy_fix=False,  # reference-code "on-policy fix" (§1.7b)
 )
 
@@ -40,6 +42,7 @@ def apo_loss(
     scale_rewards: bool = DEFAULTS["scale_rewards"],
     target: str = DEFAULTS["target"],
     logit_reg_coef: float = DEFAULTS["logit_reg_coef"],
+    logit_reg_center: str = DEFAULTS["logit_reg_center"],
     on_policy_fix: bool = DEFAULTS["on_policy_fix"],
     eps: float = 1e-10,
 ) -> LossOutput:
@@ -54,13 +57,18 @@ def apo_loss(
     (`simplex.target_log_q`). The surrogate's value is not D_α: metrics["divergence"] is the
     closed form D_α(q‖p).
     Off-by-default extras from the reference code: `logit_reg_coef` adds coef·logsumexp_G(u)²
-    per prompt (§1.7a; the reference's micro-batch is one group, so the square is per group),
-    and `on_policy_fix` (§1.7b) replaces L_prompt by −Σ ŵ_i ℓ_i − 0.01·H(p) in groups where
-    mean|ℓ − ℓ_ref| < 0.01 and std(u) < 0.01; with both, the regulariser is added after the
-    fix (in every group, as the reference code does). Sampler/trainer mismatch correction (which
-    ratio, and why): trainer/rollout_correction.py.
+    per prompt (§1.7a; the reference's micro-batch is one group, so the square is per group);
+    `logit_reg_center="q"` centres it as the reference trainer's `use_q_center` (its default):
+    coef·(logsumexp_G(u) − sg[Σ_i q_i u_i])², the centre a stop-gradient constant, so the value
+    differs and the gradient is 2·coef·(lse − Σqu)·p instead of 2·coef·lse·p (equal on-policy,
+    where u = 0); and `on_policy_fix` (§1.7b) replaces L_prompt by −Σ ŵ_i ℓ_i − 0.01·H(p) in
+    groups where mean|ℓ − ℓ_ref| < 0.01 and std(u) < 0.01; with both, the regulariser is added
+    after the fix (in every group, as the reference code does). Sampler/trainer mismatch
+    correction (which ratio, and why): trainer/rollout_correction.py.
     """
     simplex.check_alpha_tau(alpha, tau)
+    if logit_reg_center not in LOGIT_REG_CENTERS:
+        raise ValueError(f"logit_reg_center must be one of {LOGIT_REG_CENTERS}")
     p_n = rewards.shape[0]
     dt = pg_lib.float_dtype(logp)
     alpha_c, tau_c = simplex.per_prompt(alpha, p_n, dt), simplex.per_prompt(tau, p_n, dt)  # [P, 1]
@@ -87,7 +95,10 @@ def apo_loss(
         per_prompt = jnp.where(fires, fix, per_prompt)
         extra["on_policy_fix_frac"] = pg_lib.masked_mean(fires.astype(dt), g.valid_prompt)
     if logit_reg_coef:  # after the fix, as the reference code: it applies to both branches
-        per_prompt = per_prompt + logit_reg_coef * jax.nn.logsumexp(g.u, -1) ** 2
+        lse = jax.nn.logsumexp(g.u, -1)  # [P]
+        if logit_reg_center == "q":
+            lse = lse - pg_lib.sg((jnp.exp(g.log_q) * g.u).sum(-1))
+        per_prompt = per_prompt + logit_reg_coef * lse**2
     div = simplex.alpha_divergence(g.log_q, g.log_p, alpha_c)  # [P]
     metrics = simplex.group_metrics(g, tau_c, logp, logp_old, mask, div)
     metrics["alpha"] = jnp.mean(alpha_c)
@@ -102,19 +113,30 @@ def apo_loss(
 def _loss(logp, b, ctx, **params) -> LossOutput:
     return apo_loss(
         logp,
-        b["old_logp"],
-        b["completion_mask"],
-        b["rewards"],
+        b.old_logp,
+        b.completion_mask,
+        b.rewards,
         alpha=ctx.alpha,
         tau=ctx.tau,
         **params,
     )
 
 
+def _inert(p) -> dict[str, str]:
+    out = simplex.inert_keys(p)
+    if not p["logit_reg_coef"]:
+        out["logit_reg_center"] = "the logit regulariser is off (logit_reg_coef = 0)"
+    return out
+
+
 def _check(p) -> None:
     simplex.check_params("apo", p)
     if p["logit_reg_coef"] < 0:
         registry.fail("apo.logit_reg_coef", p["logit_reg_coef"], "must be >= 0 (0 = off)")
+    if p["logit_reg_center"] not in LOGIT_REG_CENTERS:
+        registry.fail(
+            "apo.logit_reg_center", p["logit_reg_center"], f"valid: {', '.join(LOGIT_REG_CENTERS)}"
+        )
 
 
 OBJECTIVE = registry.register(
@@ -125,6 +147,7 @@ OBJECTIVE = registry.register(
         schedule=True,
         couples_rows=True,
         check=_check,
+        inert=_inert,
         doc="APO: α-divergence to the reward-tilted target on the anchored group simplex",
     )
 )

@@ -30,6 +30,25 @@ class LossOutput(NamedTuple):
         return self.loss_sum / jnp.maximum(self.denom, 1.0)
 
 
+@jax.custom_vjp
+def scale_grad(x: Array, w: Array) -> Array:
+    """Identity in the forward pass; the cotangent of x is multiplied by w (no gradient to w).
+    Applied to token log-probs it weights each token's policy-gradient contribution by w (the
+    rollout correction, trainer/rollout_correction.py) without changing any value."""
+    return x
+
+
+def _scale_fwd(x, w):
+    return x, w
+
+
+def _scale_bwd(w, ct):
+    return ct * w.astype(ct.dtype), jnp.zeros_like(w)
+
+
+scale_grad.defvjp(_scale_fwd, _scale_bwd)
+
+
 def float_dtype(x) -> jnp.dtype:
     """float32 at least: bf16 log-probs are upcast, float64 (tests) is kept."""
     return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
@@ -104,17 +123,20 @@ def aggregate(
     token-mean               Σ_{i,t} l / Σ_{i,t} 1                       (DAPO, verl default)
     seq-mean-token-mean      Σ_i (Σ_t l / |o_i|) / #seqs                 (GRPO paper, GSPO)
     seq-mean-token-sum-norm  Σ_i (Σ_t l / max_len) / #seqs               (Dr.GRPO)
-    token-mean-per-micro     Σ_c (Σ_{i∈c,t} l / Σ_{i∈c,t} 1) / #chunks   (the APO author's verl)
+    token-mean-per-micro     Σ_c (Σ_{i∈c,t} l / Σ_{i∈c,t} 1) / ⌊R/agg_rows⌋  (author's verl)
     Sequences without valid tokens are not counted.
 
     token-mean-per-micro is "token-mean" as verl computes it per micro-batch and then averages
-    the micro-batches (loss / gradient-accumulation steps): the rows, flattened group-major
+    the micro-batches: the R rows of the loss call (the whole update batch: the trainer always
+    evaluates the loss on all of it, whatever optim.micro_batches), flattened group-major
     (row = prompt·G + completion), are cut into consecutive chunks c of `agg_rows` sequences
-    (the last one shorter if `agg_rows` does not divide P·G) and each chunk is token-averaged
-    on its own, so a token's weight is 1/(tokens of its chunk), not 1/(tokens of the batch).
-    The chunks are those of each loss call (a trainer micro-batch), so choose micro-batches of
-    a multiple of `agg_rows` rows. verl's batch balancing reorders rows before the cut; here
-    they are cut in batch order. Every chunk counts in the denominator, as in verl."""
+    (the last one shorter if `agg_rows` does not divide R) and each chunk is token-averaged on
+    its own, so a token's weight is 1/(tokens of its chunk), not 1/(tokens of the batch). The
+    sum over chunks is divided by verl's gradient-accumulation count, ⌊R / agg_rows⌋
+    (mini-batch // micro-batch size; at least 1), not by the number of chunks: with a shorter
+    last chunk the mean over chunks is ⌈R/agg_rows⌉/⌊R/agg_rows⌋ times larger (256 rows in
+    chunks of 6: 43 chunks over 42). verl's batch balancing reorders rows before the cut; here
+    they are cut in batch order."""
     m = mask.astype(token_loss.dtype)
     tok_sum = (token_loss * m).sum(-1)  # [P, G]
     n_tok = m.sum(-1)  # [P, G]
@@ -131,7 +153,7 @@ def aggregate(
         per_row = jnp.pad(per_row, ((0, pad), (0, 0)))  # [chunks·agg_rows, 2]
         per_chunk = per_row.reshape(chunks, agg_rows, 2).sum(1)  # [chunks, 2]
         chunk_mean = per_chunk[:, 0] / jnp.maximum(per_chunk[:, 1], 1.0)  # [chunks]
-        return chunk_mean.sum(), jnp.asarray(chunks, m.dtype)
+        return chunk_mean.sum(), jnp.asarray(max(rows // agg_rows, 1), m.dtype)
     if agg_mode == "seq-mean-token-mean":
         return (tok_sum / jnp.maximum(n_tok, 1.0)).sum(), valid_seq.sum()
     if agg_mode == "seq-mean-token-sum-norm":

@@ -32,6 +32,9 @@ def dapo_loss(
 
         L = (1/Σ_i|o_i|) Σ_i Σ_t max(−Â_i ρ_{i,t}, −Â_i clip(ρ_{i,t}, 1−ε_low, 1+ε_high))
 
+    with the dual clip (`dual_clip` = c > 1, Â_i < 0 only) capping each token's loss at −c·Â_i,
+    as in GRPO (`common.clipped_surrogate`).
+
     Overlong shaping (`rollout.overlong_buffer`) goes into the reward and dynamic sampling
     (`rollout.dynamic_sampling`) is a rollout-loop filter: both are rollout keys, usable with any
     loss.
@@ -43,6 +46,7 @@ def dapo_loss(
         rewards,
         clip_eps_low=clip_eps_low,
         clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip,
         scale_adv=scale_adv,
         agg_mode="token-mean",
     )
@@ -51,9 +55,9 @@ def dapo_loss(
 def _loss(logp, b, ctx, **params) -> LossOutput:
     return dapo_loss(
         logp,
-        b["old_logp"],
-        b["completion_mask"],
-        b["rewards"],
+        b.old_logp,
+        b.completion_mask,
+        b.rewards,
         **params,
     )
 

@@ -43,9 +43,9 @@ def dr_grpo_loss(
 def _loss(logp, b, ctx, **params) -> LossOutput:
     return dr_grpo_loss(
         logp,
-        b["old_logp"],
-        b["completion_mask"],
-        b["rewards"],
+        b.old_logp,
+        b.completion_mask,
+        b.rewards,
         max_len=ctx.max_new_tokens,
         **params,
     )

@@ -113,9 +113,9 @@ def f_divergence_loss(
 def _loss(logp, b, ctx, **params) -> LossOutput:
     return f_divergence_loss(
         logp,
-        b["old_logp"],
-        b["completion_mask"],
-        b["rewards"],
+        b.old_logp,
+        b.completion_mask,
+        b.rewards,
         alpha=ctx.alpha,
         tau=ctx.tau,
         **params,
@@ -136,6 +136,7 @@ OBJECTIVE = registry.register(
         schedule=True,
         couples_rows=True,
         check=_check,
+        inert=simplex.inert_keys,
         doc="f-divergence (forward/reverse KL, JS, Hellinger, α) on the anchored group simplex",
     )
 )

@@ -19,6 +19,7 @@ from apo_jax.objectives.common import (
     kl_estimate,
     masked_mean,
     scalar_metrics,
+    scale_grad,
 )
 
 sg = jax.lax.stop_gradient
@@ -53,6 +54,7 @@ def grpo_loss(
     kl_coef: float = DEFAULTS["kl_coef"],
     logp_ref: Float[Array, "P G T"] | None = None,
     kl_type: str = DEFAULTS["kl_type"],
+    is_weight: Float[Array, "P G T"] | None = None,
 ) -> LossOutput:
     """GRPO (DeepSeekMath eq. 3; spec §4.1), minimised, with ρ_{i,t} = π_θ/π_old per token:
 
@@ -61,7 +63,9 @@ def grpo_loss(
     Â_i = (r_i − r̄)/(std + 1e-6) (or r_i − r̄ without `scale_adv`); `agg_mode` is one of
     AGG_MODES (the paper's is seq-mean-token-mean; "token-mean-per-micro" is the APO author's
     verl fork: token-mean within chunks of `agg_rows` sequences, averaged over chunks, see
-    `common.aggregate`); KL̂ is `kl_type` from `kl_estimate`.
+    `common.aggregate`); KL̂ is `kl_type` from `kl_estimate`. `is_weight` (the rollout
+    correction's token weights) scales the gradient of the clipped surrogate only, not of the
+    KL term, as verl applies its rollout IS weights to the policy loss alone.
     """
     if agg_mode not in AGG_MODES or kl_type not in KL_TYPES:
         raise ValueError(f"agg_mode must be in {AGG_MODES} and kl_type in {KL_TYPES}")
@@ -73,8 +77,9 @@ def grpo_loss(
     logp, m = logp.astype(dt), mask.astype(dt)
     logp_old = sg(logp_old.astype(dt))
     adv = group_advantages(rewards, scale_by_std=scale_adv)  # [P, G]
+    logp_pg = logp if is_weight is None else scale_grad(logp, sg(is_weight.astype(dt)))
     tok_loss, active = clipped_surrogate(
-        logp - logp_old, adv[..., None], clip_eps_low, clip_eps_high, dual_clip
+        logp_pg - logp_old, adv[..., None], clip_eps_low, clip_eps_high, dual_clip
     )  # [P, G, T]
     metrics = dict(
         clip_frac=masked_mean(active.astype(dt), m),
@@ -111,14 +116,24 @@ def _check(p) -> None:
         registry.fail("grpo.kl_coef", p["kl_coef"], "must be >= 0")
 
 
+def _inert(p) -> dict[str, str]:
+    out = {}
+    if not p["kl_coef"]:
+        out["kl_type"] = "the KL estimator is unused while kl_coef = 0"
+    if p["agg_mode"] != "token-mean-per-micro":
+        out["agg_rows"] = "only agg_mode = token-mean-per-micro cuts rows into chunks"
+    return out
+
+
 def _loss(logp, b, ctx, *, kl_coef, **params) -> LossOutput:
     return grpo_loss(
         logp,
-        b["old_logp"],
-        b["completion_mask"],
-        b["rewards"],
+        b.old_logp,
+        b.completion_mask,
+        b.rewards,
         kl_coef=kl_coef,
-        logp_ref=b["ref_logp"] if kl_coef else None,
+        logp_ref=b.ref_logp if kl_coef else None,
+        is_weight=b.is_weight,
         max_len=ctx.max_new_tokens,
         **params,
     )
@@ -131,6 +146,8 @@ OBJECTIVE = registry.register(
         defaults=DEFAULTS,
         reference=lambda p: p["kl_coef"] > 0,
         check=_check,
+        reads=("completion_mask", "old_logp", "rewards", "ref_logp", "is_weight"),
+        inert=_inert,
         doc="GRPO: clipped token ratios, group-normalised advantages, optional KL",
     )
 )

@@ -73,7 +73,7 @@ def gspo_loss(
 
 
 def _loss(logp, b, ctx, **params) -> LossOutput:
-    return gspo_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
+    return gspo_loss(logp, b.old_logp, b.completion_mask, b.rewards, **params)
 
 
 OBJECTIVE = registry.register(

@@ -2,9 +2,13 @@
 its config block `config.loss.<name>.*` with the family's canonical defaults, and what it needs
 from the trainer. The train step reads these declarations, never loss names.
 
-A loss sees token log-probs [P, G, T] of the current policy, the batch grouped by prompt
-(`completion_mask`, `old_logp`, `ref_logp` [P, G, T]; `rewards`, `correct` [P, G]) and a
-`Context` of trainer-provided values; its keyword arguments are exactly its config block.
+A loss sees token log-probs [P, G, T] of the current policy, the batch grouped by prompt (a
+`LossBatch`, objectives/batch.py: `completion_mask`, `old_logp`, `ref_logp`, `is_weight`
+[P, G, T]; `rewards`, `correct` [P, G]) and a `Context` of trainer-provided values; its keyword
+arguments are exactly its config block. It declares the LossBatch fields it reads (`reads`: the
+train step refuses to build when one is not sent) and the keys of its block that have no effect
+under given settings (`inert`: the perturbation test, tests/test_loss_keys.py, checks that every
+other key changes the loss, its gradient or a metric).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
+from apo_jax.objectives import batch as batch_lib
 from apo_jax.objectives.common import LossOutput
 
 
@@ -34,7 +39,7 @@ class Objective:
     """A loss family and what it needs from the trainer."""
 
     name: str
-    # (logp [P, G, T], batch {name: [P, G, ...]}, ctx, **config block) -> LossOutput
+    # (logp [P, G, T], LossBatch [P, G, ...], ctx, **config block) -> LossOutput
     loss: Callable[..., LossOutput]
     defaults: Mapping[str, Any]  # config.loss.<name>.*: the family's canonical values
     schedule: bool = False  # uses the α/τ schedule (ctx.alpha, ctx.tau)
@@ -46,6 +51,13 @@ class Objective:
     # Raises ValueError naming the key (`loss.<name>.<key>`) on a value the loss cannot use.
     check: Callable[[Mapping[str, Any]], None] = lambda params: None
     doc: str = ""  # one line for listings
+    # LossBatch fields the loss reads (objectives/batch.py); reading `is_weight` means the loss
+    # applies the rollout correction to its policy-gradient term itself (else the trainer
+    # weights the gradient of every token log-prob).
+    reads: tuple[str, ...] = ("completion_mask", "old_logp", "rewards")
+    # {key: why} for the keys of the block that cannot change the loss, its gradient or a metric
+    # under these settings (e.g. an estimator's type while its coefficient is 0).
+    inert: Callable[[Mapping[str, Any]], Mapping[str, str]] = lambda params: {}
 
 
 _REGISTRY: dict[str, Objective] = {}
@@ -55,6 +67,12 @@ def register(objective: Objective) -> Objective:
     """Adds an objective (a new loss module calls this once, or a test does)."""
     if objective.name in _REGISTRY and _REGISTRY[objective.name] is not objective:
         raise ValueError(f"an objective named {objective.name!r} is already registered")
+    unknown = [f for f in objective.reads if f not in batch_lib.FIELDS]
+    if unknown:
+        raise ValueError(
+            f"objective {objective.name!r} reads {unknown}, not LossBatch fields "
+            f"({', '.join(batch_lib.FIELDS)})"
+        )
     _REGISTRY[objective.name] = objective
     return objective
 

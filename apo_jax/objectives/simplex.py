@@ -150,6 +150,14 @@ def group_metrics(g: Group, tau, logp, logp_old, mask, divergence):
     )
 
 
+def inert_keys(p) -> dict[str, str]:
+    """Keys of an anchored-simplex block without effect under these settings."""
+    if p["target"] == "linear":
+        why = "the linear target is invariant to shifting and scaling rewards"
+        return {"beta_r": why, "scale_rewards": why}
+    return {}
+
+
 def check_params(name: str, p) -> None:
     """Range checks shared by the anchored-simplex objectives (`config.loss.<name>.*`)."""
     from apo_jax.objectives import registry

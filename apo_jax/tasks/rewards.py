@@ -318,7 +318,7 @@ class RewardPool:
         hard_timeout_s: float | None = None,  # default: timeout_s + HARD_GRACE_S
         start_timeout_s: float = 120.0,  # workers that start no check by then are broken
         # Not "fork": forking a process that runs JAX can deadlock. The fork server is a clean
-        # process that imports this module once, so (re)starting workers takes milliseconds.
+        # process that imports math_verify once, so (re)starting workers takes milliseconds.
         start_method: str = "forkserver",
     ):
         if num_workers < 0:
@@ -345,7 +345,8 @@ class RewardPool:
     def _start(self):
         if self._pool is None:
             if self._ctx.get_start_method() == "forkserver":  # no effect once a server runs
-                self._ctx.set_forkserver_preload(["apo_jax.rewards", "math_verify"])
+                # math_verify (sympy) is the slow import; workers import this module themselves.
+                self._ctx.set_forkserver_preload(["math_verify"])
             self._queue = self._ctx.SimpleQueue()
             self._pool = self._ctx.Pool(
                 self.num_workers, initializer=_init_worker, initargs=(self._queue,)

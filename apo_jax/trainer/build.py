@@ -27,6 +27,7 @@ from apo_jax.infra import tracking
 from apo_jax.models import decoder as model_lib
 from apo_jax.models import hf_io
 from apo_jax.models import registry as models
+from apo_jax.objectives import entropy as entropy_lib
 from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.trainer import step as step_lib
@@ -103,6 +104,7 @@ class Plan:
     rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap, C > 1
     eval_rows_per_chunk: int = 0  # eval.rows_per_chunk (trainer/evaluate.py rows_per_call)
     wandb: tracking.WandbSettings = tracking.WandbSettings()  # logging.wandb*
+    entropy: entropy_lib.EntropyConfig = entropy_lib.EntropyConfig()  # loss.entropy_*
 
     @property
     def updates_total(self) -> int:
@@ -209,6 +211,13 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             mode=c.logging.wandb_mode,
             group=c.logging.wandb_group,
             tags=tuple(c.logging.wandb_tags),
+        ),
+        entropy=entropy_lib.EntropyConfig(
+            coef=c.loss.entropy_coef,
+            target=c.loss.entropy_target,
+            delta=c.loss.entropy_coef_delta,
+            coef_min=c.loss.entropy_coef_min,
+            coef_max=c.loss.entropy_coef_max,
         ),
     )
 
@@ -338,6 +347,7 @@ def step_spec(p: Plan, vocab_size: int) -> step_lib.StepSpec:
         logprob_precision=p.model.logprob_precision,
         rollout_correction=p.rollout_correction,
         rollout_correction_cap=float(p.rollout_correction_cap),
+        entropy=p.entropy,
     )
 
 

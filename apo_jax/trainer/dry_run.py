@@ -122,7 +122,7 @@ def estimate(
     graphdef, params = build.abstract_model(p, cfg)
     tx, _ = build.optimizer(p)
     spec = build.step_spec(p, cfg.vocab_size)
-    init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule)
+    init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule, spec.entropy)
     state = jax.eval_shape(init_state, params)
     state_shardings = sharding_lib.tree_shardings(state, mesh)
     state = _abstract(state, state_shardings)
@@ -182,6 +182,7 @@ def estimate(
         "completion_mask": ((rows, tc), jnp.float32),
         "sampler_logp": ((rows, tc), jnp.float32),
         "rewards": ((rows,), jnp.float32),
+        "correct": ((rows,), jnp.float32),
         "old_logp": ((rows, tc), jnp.float32),
         "ref_logp": ((rows, tc), jnp.float32),
     }

@@ -20,6 +20,7 @@ from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import metrics as metrics_lib
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import workdir_lock
+from apo_jax.objectives import batch as batch_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
@@ -139,10 +140,12 @@ def _train(p: build.Plan, workdir: str) -> dict:
     graphdef, params = build.model(p, model_cfg, mesh)
     tx, lr_fn = build.optimizer(p)
     spec = build.step_spec(p, model_cfg.vocab_size)
+    # Every batch field the loss reads is sent (checked again when the step is traced).
+    batch_lib.check_reads(p.objective.name, p.objective.reads, (*_DEVICE_KEYS, *_SCORED_KEYS))
     # The frozen reference (only for objectives that ask for one) is a copy: the state is donated.
     use_ref = p.objective.reference(p.loss_params)
     ref_params = jax.tree.map(jnp.copy, params) if use_ref else None
-    init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule)
+    init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule, spec.entropy)
     state_shardings = sharding_lib.tree_shardings(jax.eval_shape(init_state, params), mesh)
     state = jax.jit(init_state, out_shardings=state_shardings)(params)
     del params
@@ -292,8 +295,10 @@ def check_workdir(workdir: str) -> None:
 
 
 # Host batch keys that go to the device; sampler_logp feeds the sampler/trainer gap metric and the
-# train step's rollout correction (loss.rollout_correction).
-_DEVICE_KEYS = (*step_lib.BATCH_KEYS, "sampler_logp")
+# train step's rollout correction (loss.rollout_correction); correct is the loss's
+# LossBatch.correct (objectives/batch.py).
+_DEVICE_KEYS = (*step_lib.BATCH_KEYS, *step_lib.OPTIONAL_KEYS)
+_SCORED_KEYS = ("old_logp", "ref_logp")  # added on the device before the updates
 
 
 def _to_global(local: np.ndarray, mini: int, mesh) -> jax.Array:

@@ -7,6 +7,10 @@ Batch layout (B = P·G rows, the G completions of a prompt in consecutive rows):
   old_logp, ref_logp              [B, Tc]  anchor / frozen-reference token log-probs (float32)
   rewards                         [B]      float32
   sampler_logp                    [B, Tc]  the sampler's token log-probs (optional, float32)
+  correct                         [B]      verified answers, 0/1 (optional, float32)
+The loss sees these rows grouped by prompt as a `LossBatch` (objectives/batch.py); an objective
+that reads an optional field (`Objective.reads`) makes it required: the step refuses to trace
+without it.
 """
 
 from __future__ import annotations
@@ -25,15 +29,18 @@ from apo_jax import objectives
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
 from apo_jax.models import decoder as model_lib
+from apo_jax.objectives import batch as batch_lib
 from apo_jax.objectives import common
+from apo_jax.objectives import entropy as entropy_lib
 from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.trainer import logprobs as logprobs_lib
 from apo_jax.trainer import rollout_correction as rc_lib
 
 Batch = dict[str, Array]
 # sampler_logp (the sampler's token log-probs [B, Tc]) is optional: the rollout correction and the
-# sampler/trainer gap metric read it.
+# sampler/trainer gap metric read it; correct [B] is optional unless the objective reads it.
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards")
+OPTIONAL_KEYS = ("sampler_logp", "correct")
 
 
 @flax.struct.dataclass
@@ -44,9 +51,12 @@ class TrainState:
     rng: Array  # uint32 raw key data (checkpoint-friendly)
     schedule: schedule_lib.ScheduleState  # alpha-schedule state (EMA / ESS smoothing)
     skipped: Array  # int32: updates skipped for a non-finite loss, gradient or update
+    entropy: entropy_lib.EntropyState  # entropy-bonus coefficient state (adaptive mode)
 
 
-def init_train_state(params: nnx.State, tx, seed: int, sched_cfg) -> TrainState:
+def init_train_state(
+    params: nnx.State, tx, seed: int, sched_cfg, entropy_cfg: entropy_lib.EntropyConfig = None
+) -> TrainState:
     return TrainState(
         params=params,
         opt_state=tx.init(params),
@@ -54,6 +64,7 @@ def init_train_state(params: nnx.State, tx, seed: int, sched_cfg) -> TrainState:
         rng=jax.random.key_data(jax.random.key(seed)),
         schedule=schedule_lib.init_schedule_state(sched_cfg),
         skipped=jnp.zeros((), jnp.int32),
+        entropy=entropy_lib.init_entropy_state(entropy_cfg or entropy_lib.EntropyConfig()),
     )
 
 
@@ -129,24 +140,73 @@ class StepSpec:
     logprob_precision: str = "default"  # model.logprob_precision: default | float32
     rollout_correction: str = "none"  # loss.rollout_correction (trainer/rollout_correction.py)
     rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap: C > 1
+    entropy: entropy_lib.EntropyConfig = entropy_lib.EntropyConfig()  # loss.entropy_*
 
 
 def make_loss_fn(spec: StepSpec) -> Callable:
-    """(logp [P,G,T], batch grouped [P,G,...], schedule state, PRNG key) -> (LossOutput, new
+    """(logp [P,G,T], LossBatch [P,G,...], schedule state, PRNG key) -> (LossOutput, new
     state, schedule metrics). Reads the objective's declarations, never its name."""
     obj, params = spec.objective, dict(spec.loss_params)
 
     def fn(logp, b, sched_state, key=None):
         extra, ctx = {}, objectives.Context(max_new_tokens=spec.max_new_tokens, key=key)
         if obj.schedule:
-            mask = b["completion_mask"]
+            mask = b.completion_mask
             ell = common.sequence_logp(jax.lax.stop_gradient(logp), mask)  # [P, G]
-            ell_ref = common.sequence_logp(b["old_logp"], mask)
+            ell_ref = common.sequence_logp(b.old_logp, mask)
             alpha, tau, sched_state, extra = schedule_lib.schedule(
-                spec.schedule, sched_state, ell, ell_ref, b["rewards"]
+                spec.schedule, sched_state, ell, ell_ref, b.rewards
             )
             ctx = ctx._replace(alpha=alpha, tau=tau)
         return obj.loss(logp, b, ctx, **params), sched_state, extra
+
+    return fn
+
+
+def make_update_loss(spec: StepSpec) -> Callable:
+    """Everything of one update after the model, as a pure function of token log-probs and
+    entropies [B, T] and the [B, ...] batch (with old_logp, ref_logp):
+
+        (logp, entropy, batch, (schedule state, entropy state), PRNG key)
+            -> (loss_sum, (denom, (schedule state, entropy state), metrics))
+
+    rollout correction (trainer/rollout_correction.py) -> LossBatch -> objective (+ α/τ
+    schedule) -> entropy bonus (objectives/entropy.py). The update's loss is loss_sum / denom;
+    denominators come from masks only, so gradients of loss_sum divided by denom are exact."""
+    obj, g, ent_cfg = spec.objective, spec.group_size, spec.entropy
+    loss_fn = make_loss_fn(spec)
+    weights_itself = "is_weight" in obj.reads  # applies the correction to its policy term
+
+    def fn(logp, entropy, batch, states, key=None):
+        sched_state, ent_state = states
+        w, loss_mask, rc_metrics = rc_lib.correction(
+            batch["old_logp"],
+            batch.get("sampler_logp"),
+            batch["completion_mask"],
+            spec.rollout_correction,
+            spec.rollout_correction_cap,
+        )
+        extra = {}
+        if weights_itself:
+            extra["is_weight"] = jnp.ones_like(logp) if w is None else w
+        elif w is not None:  # the gradient of every log-prob is the policy-gradient term
+            logp = rc_lib.scale_grad(logp, w)
+        lb = batch_lib.from_batch({**batch, "completion_mask": loss_mask}, g, **extra)
+        out, sched_state, extra_metrics = loss_fn(_group(logp, g), lb, sched_state, key)
+        metrics = {f"loss/{k}": v for k, v in out.metrics.items() if k not in ("alpha", "tau")}
+        metrics.update({f"schedule/{k}": v for k, v in extra_metrics.items()})
+        metrics.update(rc_metrics)
+        loss_sum = out.loss_sum
+        m = loss_mask.astype(jnp.float32)
+        h_mean = (entropy.astype(jnp.float32) * m).sum() / jnp.maximum(m.sum(), 1.0)
+        metrics["policy/entropy"] = jax.lax.stop_gradient(h_mean)
+        if ent_cfg.active:
+            coef = entropy_lib.applied_coef(ent_cfg, ent_state)
+            # − c·H̄ on the update's loss, written into its sum: loss_sum / denom − c·H̄.
+            loss_sum = loss_sum - coef * h_mean * jnp.maximum(out.denom, 1e-8)
+            ent_state = entropy_lib.update(ent_cfg, ent_state, jax.lax.stop_gradient(h_mean))
+            metrics["policy/entropy_coef"] = coef
+        return loss_sum, (out.denom, (sched_state, ent_state), metrics)
 
     return fn
 
@@ -198,22 +258,25 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
     state keeps `state_shardings` (parameters and optimizer moments by their logical axes),
     batch rows are split over the data-parallel axes and metrics come back replicated.
 
-    The gradient of every objective is Σ_{i,t} (∂L/∂log π_θ(y_it)) ∇_θ log π_θ(y_it), so
+    The gradient of every objective is Σ_{i,t} (∂L/∂log π_θ(y_it)) ∇_θ log π_θ(y_it) (plus
+    Σ_{i,t} (∂L/∂H_it) ∇_θ H_it with the entropy bonus, H_it the token entropy), so
     micro-batches of any rows are exact:
       - micro_batches = 1: one fused forward/backward pass;
       - objectives that couple rows (or use the α/τ schedule), micro_batches > 1: one forward
         pass scores the whole update batch, the loss (and the schedule, once) gives the
-        cotangent ∂L/∂logp [B, T], and each micro-batch adds vjp(logp_fn)(its cotangent rows);
+        cotangents ∂L/∂logp (and ∂L/∂H) [B, T], and each micro-batch adds vjp(logp_fn)(its
+        cotangent rows);
       - per-token objectives, micro_batches > 1: each micro-batch differentiates the full-batch
         loss with its own rows' log-probs in place (other rows are constants; a row's gradient
         depends only on its own log-probs and on denominators from masks), then the value and
         metrics are evaluated once on the whole batch's log-probs.
     Loss values, metrics, denominators and schedule statistics are those of the whole batch, so
     nothing depends on the micro-batch count."""
-    g, micro, chunk = spec.group_size, spec.micro_batches, spec.logprob_chunk
+    micro, chunk = spec.micro_batches, spec.logprob_chunk
     precision = spec.logprob_precision
-    loss_fn = make_loss_fn(spec)
+    update_loss = make_update_loss(spec)
     obj = spec.objective
+    with_ent = spec.entropy.active  # the bonus needs the entropy's gradient
     via_cotangent = obj.couples_rows or obj.schedule
     data_parallel = 1
     if mesh is not None:
@@ -227,16 +290,6 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
             graphdef, params, b, chunk=chunk, with_entropy=with_entropy, precision=precision
         )
 
-    def batch_loss(logp, lb, sched_state, w, key):
-        """Whole-batch loss of token log-probs [B, T]: (loss_sum, (denom, state, metrics))."""
-        if w is not None:  # truncated IS: scales each token's gradient, not the value
-            logp = rc_lib.scale_grad(logp, w)
-        grouped = {k: _group(v, g) for k, v in lb.items()}
-        out, sched_state, extra = loss_fn(_group(logp, g), grouped, sched_state, key)
-        metrics = {f"loss/{k}": v for k, v in out.metrics.items() if k not in ("alpha", "tau")}
-        metrics.update({f"schedule/{k}": v for k, v in extra.items()})
-        return out.loss_sum, (out.denom, sched_state, metrics)
-
     def split(tree):
         out = jax.tree.map(lambda x: _split(x, micro), tree)
         if mesh is not None:  # keep each micro-batch's rows spread over the data axes
@@ -246,16 +299,10 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
     def train_step(state: TrainState, batch: Batch):
         b = batch["rewards"].shape[0]
         check_micro_batches(b, micro, data_parallel)  # at trace time, before compiling
+        batch_lib.check_reads(obj.name, obj.reads, batch.keys())
         fwd = {k: batch[k] for k in _FORWARD_KEYS}
-        w, loss_mask, rc_metrics = rc_lib.correction(
-            batch["old_logp"],
-            batch.get("sampler_logp"),
-            batch["completion_mask"],
-            spec.rollout_correction,
-            spec.rollout_correction_cap,
-        )
         lb = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")}
-        lb["completion_mask"] = loss_mask
+        states = (state.schedule, state.entropy)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         # The loss's own stream (split off the rollout's, which folds the root key with the
         # rollout step), one key per update: every micro-batch of an update sees the same key.
@@ -267,24 +314,28 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
 
             def fused(params):
                 logp, entropy = logp_fn(params, fwd, with_entropy=True)
-                ls, aux = batch_loss(logp, lb, state.schedule, w, loss_key)
-                return ls, (aux, entropy)
+                return update_loss(logp, entropy, lb, states, loss_key)
 
-            (loss_sum, ((denom, sched, metrics), entropy)), grads = jax.value_and_grad(
-                fused, has_aux=True
-            )(state.params)
+            (loss_sum, (denom, states, metrics)), grads = jax.value_and_grad(fused, has_aux=True)(
+                state.params
+            )
         elif via_cotangent:
             logp, entropy = logp_fn(state.params, fwd, with_entropy=True)  # [B, T], no backward
-            (loss_sum, (denom, sched, metrics)), ct = jax.value_and_grad(batch_loss, has_aux=True)(
-                logp, lb, state.schedule, w, loss_key
-            )  # ct = ∂loss_sum/∂logp [B, T]
+            (loss_sum, (denom, states, metrics)), cts = jax.value_and_grad(
+                update_loss, argnums=(0, 1), has_aux=True
+            )(logp, entropy, lb, states, loss_key)  # ∂loss_sum/∂logp, ∂loss_sum/∂entropy [B, T]
 
             def accumulate(grads, xs):
-                mb, ct_mb = xs
-                _, vjp = jax.vjp(lambda p: logp_fn(p, mb), state.params)
-                return jax.tree.map(jnp.add, grads, vjp(ct_mb)[0]), None
+                mb, ct_mb, ct_ent_mb = xs
+                if with_ent:
+                    _, vjp = jax.vjp(lambda p: logp_fn(p, mb, with_entropy=True), state.params)
+                    gr = vjp((ct_mb, ct_ent_mb))[0]
+                else:
+                    _, vjp = jax.vjp(lambda p: logp_fn(p, mb), state.params)
+                    gr = vjp(ct_mb)[0]
+                return jax.tree.map(jnp.add, grads, gr), None
 
-            grads, _ = jax.lax.scan(accumulate, zeros, (split(fwd), split(ct)))
+            grads, _ = jax.lax.scan(accumulate, zeros, (split(fwd), split(cts[0]), split(cts[1])))
         else:
             filler = split(batch["old_logp"])  # [micro, B/micro, T]: other rows' constants
 
@@ -295,7 +346,8 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
                     logp_mb, ent_mb = logp_fn(params, mb, with_entropy=True)  # [B/micro, T]
                     here = (jnp.arange(micro) == k)[:, None, None]
                     filled = _unsplit(jnp.where(here, logp_mb[None], filler))  # [B, T]
-                    ls, _ = batch_loss(filled, lb, state.schedule, w, loss_key)
+                    filled_ent = _unsplit(jnp.where(here, ent_mb[None], 0.0))
+                    ls, _ = update_loss(filled, filled_ent, lb, states, loss_key)
                     return ls, (logp_mb, ent_mb)
 
                 (_, out), gr = jax.value_and_grad(micro_loss, has_aux=True)(state.params)
@@ -305,7 +357,8 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
                 accumulate, zeros, (jnp.arange(micro), split(fwd))
             )
             logp, entropy = _unsplit(logp), _unsplit(entropy)
-            loss_sum, (denom, sched, metrics) = batch_loss(logp, lb, state.schedule, w, loss_key)
+            loss_sum, (denom, states, metrics) = update_loss(logp, entropy, lb, states, loss_key)
+        sched, ent_state = states
 
         # The loss is sum/denominator over the whole batch; denominators do not depend on the
         # parameters, so dividing the summed gradients once is exact.
@@ -324,15 +377,13 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
             schedule=keep(sched, state.schedule),
+            entropy=keep(ent_state, state.entropy),
             step=state.step + ok.astype(jnp.int32),
             skipped=state.skipped + (~ok).astype(jnp.int32),
         )
-        m = loss_mask.astype(jnp.float32)
         out = dict(metrics)
-        out.update(rc_metrics)
         out.update(
             {
-                "policy/entropy": (entropy * m).sum() / jnp.maximum(m.sum(), 1.0),
                 "loss/value": loss,
                 "optim/grad_norm": grad_norm,
                 "optim/skipped": new_state.skipped.astype(jnp.float32),

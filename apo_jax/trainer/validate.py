@@ -7,7 +7,10 @@ their numbers are finite). Keys that some settings ignore are documented here, n
 model.preset / model.vocab_size (ignored when model.hf_dir is set), schedule.* (used only by
 objectives with a schedule: apo, fdiv), rollout.max_refill_rounds (only with
 rollout.dynamic_sampling), eval.every_steps and eval.rows_per_chunk (only with
-eval.num_prompts > 0), loss.<other>.* and task.<other>.* (only the chosen block is read).
+eval.num_prompts > 0), loss.rollout_correction_cap (only with a rollout correction),
+loss.entropy_coef_delta/_min/_max (only with loss.entropy_target > 0), loss.<other>.* and
+task.<other>.* (only the chosen block is read). Keys of the chosen objective's block that some of
+its settings ignore are declared by the objective (`Objective.inert`).
 """
 
 from __future__ import annotations
@@ -72,8 +75,13 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     # < max_new_tokens is checked below: a buffer as long as the completion penalises them all.
     "rollout.overlong_buffer": (int, "[0, inf)", "tokens, 0 = off"),
     "rollout.rows_per_chunk": (int, "[0, inf)", "rows per sampler call, 0 = all"),
-    "loss.rollout_correction": (str, None, "none | tis_token | tis_sequence | mis_sequence"),
+    "loss.rollout_correction": (str, None, ", ".join(rollout_correction.MODES)),
     "loss.rollout_correction_cap": (float, "(1, inf)", "importance-weight cap C"),
+    "loss.entropy_coef": (float, "[0, inf)", "entropy bonus coefficient (0 = off)"),
+    "loss.entropy_target": (float, "[0, inf)", "target mean token entropy, > 0 = adaptive"),
+    "loss.entropy_coef_delta": (float, "(0, inf)", "adaptive: step of the coefficient"),
+    "loss.entropy_coef_min": (float, "[0, inf)", "adaptive: lower clip of the coefficient"),
+    "loss.entropy_coef_max": (float, "[0, inf)", "adaptive: upper clip of the coefficient"),
     "schedule.mode": (str, None, "legacy | ess | fixed"),
     "schedule.scope": (str, None, "group | batch"),
     "schedule.alpha": (float, "(0, 1]", "alpha must lie in (0, 1] (1 = forward KL)"),
@@ -221,6 +229,12 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             "loss.rollout_correction",
             c.loss.rollout_correction,
             f"valid: {', '.join(rollout_correction.MODES)}",
+        )
+    if c.loss.entropy_coef_min > c.loss.entropy_coef_max:
+        _fail(
+            "loss.entropy_coef_min",
+            c.loss.entropy_coef_min,
+            f"must be <= loss.entropy_coef_max={c.loss.entropy_coef_max}",
         )
     if not c.loss.rollout_correction_cap > 1.0:
         _fail("loss.rollout_correction_cap", c.loss.rollout_correction_cap, "must be > 1")
