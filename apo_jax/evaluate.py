@@ -18,6 +18,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from apo_jax import config_file
 from apo_jax.trainer import build
 
 
@@ -41,9 +42,7 @@ def _define_config_flag(argv) -> None:
         config_flags.DEFINE_config_dict("config", build.load_config_json(path), lock_config=True)
     else:
         build.config_root_on_path(argv)
-        config_flags.DEFINE_config_file(
-            "config", None, "Python config file (get_config(arg) -> ConfigDict).", lock_config=True
-        )
+        config_file.define_flag("config")
 
 
 _define_config_flag(sys.argv)

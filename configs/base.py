@@ -11,12 +11,19 @@ Usage: --config=configs/base.py[:debug]  (the `debug` arg shrinks everything for
 import ml_collections
 
 from apo_jax import objectives, tasks
+from apo_jax.config_file import ConfigArgError, config_args  # noqa: F401 (for other files)
+
+ARGS = ("debug",)  # the config arguments this file accepts (`FILE:debug`); others are errors
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = config_args(arg, ARGS, __file__)
     c = ml_collections.ConfigDict()
     c.seed = 0  # one seed for init, data order, rollout sampling
     c.total_steps = 66  # rollout steps (each: sample a batch, then optim.mini_batches updates)
+    # A value that differs from its default in a loss or task block that loss.name / task.name
+    # does not select is an error (it would be ignored); True keeps such values, unused.
+    c.allow_unused_keys = False
 
     c.model = m = ml_collections.ConfigDict()
     m.preset = "qwen3_1p7b"  # preset of any family (models/registry.py), random init
@@ -108,7 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ck.keep = 3  # keep the last N checkpoints
 
     c.eval = e = ml_collections.ConfigDict()
-    e.every_steps = 0  # held-out evaluation every N steps (0 = only at the end if num_prompts)
+    e.every_steps = 0  # held-out evaluation every N steps and at the last step (0 = at the end)
     e.num_prompts = 0  # held-out prompts per evaluation (0 = no evaluation)
 
     c.logging = lg = ml_collections.ConfigDict()
@@ -116,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lg.plots = True  # write PNG plots under workdir/plots at the end
     lg.progress = True  # tqdm progress bar
 
-    if arg and "debug" in arg.split(","):
+    if "debug" in args:
         apply_debug(c)
     return c
 

@@ -26,7 +26,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 # Keys that may change between a run and its resumption; every other key must match.
-RESUMABLE_PREFIXES = ("total_steps", "checkpoint.", "logging.", "eval.", "mesh.")
+RESUMABLE_PREFIXES = (
+    "total_steps", "checkpoint.", "logging.", "eval.", "mesh.", "allow_unused_keys"
+)  # fmt: skip
 DAMAGED = "damaged"  # subdirectory of checkpoints/ holding steps that failed to restore
 
 
@@ -190,13 +192,16 @@ def flatten_config(config: Mapping, prefix: str = "") -> dict:
     return flat
 
 
-def check_compatible(saved: Mapping, current: Mapping, where: str) -> None:
-    """Raises ValueError listing every config key that differs in a way resuming cannot honour."""
+def check_compatible(
+    saved: Mapping, current: Mapping, where: str, ignore: tuple[str, ...] = ()
+) -> None:
+    """Raises ValueError listing every config key that differs in a way resuming cannot honour.
+    Keys under an `ignore` prefix (the blocks the run does not read) may differ."""
     a, b = flatten_config(saved), flatten_config(current)
     differ = sorted(
         k
         for k in a.keys() | b.keys()
-        if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_PREFIXES)
+        if a.get(k) != b.get(k) and not k.startswith((*RESUMABLE_PREFIXES, *ignore))
     )
     if differ:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:10])

@@ -99,7 +99,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     saved = ckpt.latest_record()  # (step, record) of the newest readable step, or None
     if saved is not None:
-        checkpoint_lib.check_compatible(saved[1]["config"], p.record, workdir)
+        # The blocks of unselected losses and tasks are not read: they may change.
+        unused = validate.unused_blocks(p.record)
+        checkpoint_lib.check_compatible(saved[1]["config"], p.record, workdir, ignore=unused)
     task = build.task(p)
     train_set = task.train_examples()
     if not len(train_set):
@@ -165,6 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with checkpoint_lib.StopSignal() as stop:
         for step in range(start + 1, p.total_steps + 1):
             t0 = time.perf_counter()
+            last = step == p.total_steps
             rng = jax.random.fold_in(root_key, step)
             # Each process takes its share of every mini-batch, so mini-batch k holds the same
             # prompts whatever the number of processes.
@@ -226,7 +229,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     **info,
                 }
             )
-            if p.eval_prompts and p.eval_every and step % p.eval_every == 0:
+            # Every eval.every_steps steps and at the last step (also when every_steps does
+            # not divide total_steps, or exceeds it): a run always ends with an evaluation.
+            if p.eval_prompts and p.eval_every and (step % p.eval_every == 0 or last):
                 line.update(evaluate(p, task, sampler, to_rollout(state.params)))
             line = writer.write(step, line)
             progress.update(1)
