@@ -550,3 +550,24 @@ def test_aggregate_names_a_missing_directory_and_unknown_metrics(tmp_path, capsy
     assert "--metrics: 'reward/meen' not logged by any finished run; logged: reward/mean" in err
     assert _snapshot(tmp_path) == saved  # no summary with an empty column
     assert sweep.main(["--aggregate", str(tmp_path), "--metrics=reward/mean"]) == 0
+
+
+@pytest.mark.slow
+def test_late_evaluation_runs_at_the_end_and_a_lost_metrics_file_is_reported(tmp_path, caplog):
+    """eval.every_steps > total_steps still evaluates the last step (it used to never evaluate);
+    resuming after metrics.jsonl was deleted says so, and the file starts at the next step."""
+    from apo_jax.infra import metrics as metrics_lib
+
+    c = lambda steps: _toy(
+        **{"total_steps": steps, "eval.every_steps": 5, "eval.num_prompts": 2}
+    )  # 2 prompts: the smallest evaluation
+    train.run(c(2), str(tmp_path))
+    lines = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [x["step"] for x in lines] == [1, 2]
+    assert "eval/accuracy" in lines[1] and not any(k.startswith("eval/") for k in lines[0])
+    (tmp_path / "metrics.jsonl").unlink()
+    with caplog.at_level("WARNING"):
+        train.run(c(3), str(tmp_path))
+    assert "metrics.jsonl: missing; resuming at step 2, so the file lacks steps 1..2" in caplog.text
+    lines = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [x["step"] for x in lines] == [3] and "eval/accuracy" in lines[0]

@@ -192,7 +192,14 @@ def check_rows_per_chunk(rows_per_chunk: int, group_size: int, prompts: int, pro
 def check_config(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError on the first key whose value cannot work."""
     for key, (kind, valid, why) in KEYS.items():
-        check_value(key, _get(c, key), kind, valid, why)
+        try:
+            value = _get(c, key)
+        except (KeyError, AttributeError):
+            raise ValueError(
+                f"config.{key}: missing (every key of configs/base.py must be set; a config.json "
+                "written by an older version may lack newer keys)"
+            ) from None
+        check_value(key, value, kind, valid, why)
     if c.schedule.mode not in MODES:
         _fail("schedule.mode", c.schedule.mode, f"valid: {', '.join(MODES)}")
     if c.schedule.scope not in SCOPES:
