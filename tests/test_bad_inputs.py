@@ -292,6 +292,11 @@ ISSUE24_CONFIG_CASES = [
         r"^config\.total_steps=1073741825: total_steps \* optim\."
         r"mini_batches = 2147483650 .*int32",
     ),
+    (
+        {"schedule.ess_candidates": 2**30},
+        r"^config\.schedule\.ess_candidates=1073741824: .*"
+        r"\[candidates, prompts, G\] array",
+    ),
     ({"schedule.ess_warmup_calls": 2**31}, r"^config\.schedule\.ess_warmup_calls=2147483648"),
     (
         {"rollout.prompts_per_step": 10**12},

@@ -237,6 +237,14 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             f"{tokens * 4 / 2**30:.0f} GiB): lower rollout.prompts_per_step, "
             "rollout.group_size or the lengths",
         )
+    grid = c.schedule.ess_candidates * r.prompts_per_step * r.group_size
+    if grid > INT32_MAX:
+        _fail(
+            "schedule.ess_candidates",
+            c.schedule.ess_candidates,
+            f"the ESS rule scores every candidate alpha on every completion: a [candidates, "
+            f"prompts, G] array of {grid} > 2**31 - 1 elements per update",
+        )
     if r.overlong_buffer >= r.max_new_tokens:
         _fail(
             "rollout.overlong_buffer",
