@@ -19,7 +19,7 @@ ARGS = ("debug",)  # the config arguments this file accepts (`FILE:debug`); othe
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_args(arg, ARGS, __file__)
     c = ml_collections.ConfigDict()
-    c.seed = 0  # one seed for init, data order, rollout sampling
+    c.seed = 0  # one seed for init, data order, rollout sampling (0 .. 2**63 - 1)
     c.total_steps = 66  # rollout steps (each: sample a batch, then optim.mini_batches updates)
     # A value that differs from its default in a loss or task block that loss.name / task.name
     # does not select is an error (it would be ignored); True keeps such values, unused.
@@ -51,8 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.group_size = 6  # G: completions per prompt
     r.max_prompt_len = 1024  # tokens; longer prompts are left-truncated
     r.max_new_tokens = 1280  # tokens per completion
-    r.temperature = 1.0  # sampling temperature (0 = greedy)
-    r.top_k = 0  # 0 = off
+    r.temperature = 1.0  # sampling temperature, > 0 (greedy would make a group identical)
+    r.top_k = 0  # 0 = off; at most the vocabulary size
     r.top_p = 1.0  # nucleus mass, 1 = off
     r.dynamic_sampling = False  # DAPO: drop groups with all-equal rewards and refill
     r.max_refill_rounds = 10  # dynamic sampling: at most this many extra generation rounds
