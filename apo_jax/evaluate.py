@@ -5,8 +5,10 @@ configured exactly like training (the same config files, keys and defaults):
         [--config.task.math.eval_set=math500] [--k 8] [--num_prompts N] [--out results.json]
     python -m apo_jax.evaluate --workdir=RUN [--step S] [--config.KEY=VALUE ...]
 
-With `--workdir` the weights come from the run's checkpoint and, unless `--config` is given, the
-configuration from the run's saved config.json (overrides still apply to it).
+With `--workdir` the weights come from the run's checkpoint (the newest that restores, past a
+damaged one, unless `--step`; nothing in the run directory is changed) and, unless `--config`
+is given, the configuration from that checkpoint's own config record (overrides still apply to
+it); the run's config.json, which anyone may edit, is only compared with it.
 """
 
 import json
@@ -15,7 +17,8 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+import ml_collections
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from apo_jax import config_file
@@ -31,15 +34,71 @@ def _flag_value(argv, name: str) -> str | None:
     return None
 
 
+def _verbosity(argv) -> int:
+    """absl's --verbosity / -v before flags are parsed (the config is read before that)."""
+    value = _flag_value(argv, "verbosity") or _flag_value(argv, "v")
+    try:
+        return int(value) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+def run_config(run: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config a training run used, from its checkpoint's own record (of `step`, else the
+    newest whose record reads). The run's config.json is only compared with it: a difference
+    or a file that is not JSON is reported, naming the file."""
+    from apo_jax.infra import checkpoint as checkpoint_lib
+
+    if not os.path.isdir(run):
+        raise FileNotFoundError(f"--workdir={run}: no such directory")
+    ckpt = checkpoint_lib.Checkpointer(run, every_steps=0, keep=1, read_only=True)
+    try:
+        found = ckpt.latest_record(step)
+    finally:
+        ckpt.close()
+    if found is None:
+        raise FileNotFoundError(
+            f"--workdir={run}: no checkpoint under {os.path.join(run, 'checkpoints')} "
+            "(is it a training workdir, and did it save a step?)"
+        )
+    step, record = found
+    config = record["config"]
+    path = os.path.join(run, "config.json")
+    try:
+        saved = build.load_config_json(path).to_dict() if os.path.exists(path) else None
+    except ValueError as e:
+        logging.warning("%s; using the config record of checkpoint step %d", e, step)
+        saved = None
+    if saved is not None:
+        a, b = (checkpoint_lib.flatten_config(x) for x in (config, saved))
+        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if differ:
+            logging.warning(
+                "%s differs from the config record of checkpoint step %d in %s; using the "
+                "checkpoint's (give --config.KEY=VALUE to change an evaluation setting)",
+                path,
+                step,
+                ", ".join(
+                    f"{k} ({a.get(k)!r} there, {b.get(k)!r} in config.json)" for k in differ[:5]
+                ),
+            )
+    return ml_collections.ConfigDict(config)
+
+
 def _define_config_flag(argv) -> None:
-    """`--config=FILE` as in training; with only `--workdir`, the run's config.json (so that
-    `--config.KEY=VALUE` overrides apply to what the run used)."""
+    """`--config=FILE` as in training; with only `--workdir`, the config the run used (its
+    checkpoint's record, so that `--config.KEY=VALUE` overrides apply to what the run used)."""
     run = _flag_value(argv, "workdir")
     if run and _flag_value(argv, "config") is None:
-        path = os.path.join(run, "config.json")
-        if not os.path.isfile(path):
-            sys.exit(f"--workdir={run}: no config.json (is it a training workdir?)")
-        config_flags.DEFINE_config_dict("config", build.load_config_json(path), lock_config=True)
+        from apo_jax import console
+
+        console.quiet_libraries(_verbosity(argv))  # Orbax reads the record below
+        step = _flag_value(argv, "step")
+        try:
+            config = run_config(run, int(step) if step and step.isdigit() else None)
+        except (FileNotFoundError, RuntimeError, ValueError) as e:
+            sys.exit(f"apo_jax.evaluate: error: {e}")
+        config_flags.DEFINE_config_dict("config", config, lock_config=True)
     else:
         build.config_root_on_path(argv)
         config_file.define_flag("config")
@@ -60,6 +119,14 @@ _OUT = flags.DEFINE_string("out", "results.json", "Where the JSON results go.")
 
 def main(argv) -> None:
     del argv
+    from apo_jax import console
+
+    console.quiet_libraries(flags.FLAGS.verbosity)  # training's quiet console (no Orbax INFO)
+    if flags.FLAGS["config"].value is None:
+        raise app.UsageError(
+            "nothing to evaluate: give --config=FILE[:ARG] (with --config.model.hf_dir=DIR for a "
+            "Hugging Face model) or --workdir=RUN (a training run's checkpoint)"
+        )
     run(
         flags.FLAGS["config"].value,
         workdir=_WORKDIR.value,
@@ -106,6 +173,11 @@ def run(
     ):
         if value is not None and value < low:
             raise ValueError(f"--{flag}={value}: must be >= {low}")
+    if config.logging.get(
+        "wandb"
+    ):  # results go to `out` only: W&B (an optional extra) is not needed
+        config = config.copy_and_resolve_references()
+        config.logging.wandb = False
     p = build.plan(config)
     task = build.task(p)
     # The prompts and the model's shape are checked before any weights are loaded.
@@ -114,18 +186,20 @@ def run(
     if not examples:
         raise ValueError(f"config.task.name={p.task.name!r}: the task's held-out set is empty")
     model_cfg = build.model_config(p, task.vocab_size)
+    k = k or p.rollout.group_size
+    per_call = prompts_per_call or p.rollout.prompts_per_step
+    rows = min(per_call, len(examples)) * k
+    evaluate_lib.check_rows(p, model_cfg, rows, f"--k={k} × --prompts_per_call={per_call}")
     source: dict = {}
     if workdir:
         workdir = os.path.abspath(workdir)
-        graphdef, params, step = evaluate_lib.restore_params(p, model_cfg, workdir, step)
+        graphdef, params, step = _restore(p, model_cfg, workdir, step)
         source = {"workdir": workdir, "step": step}
     else:
         mesh = build.mesh(p)
         graphdef, params = build.model(p, model_cfg, mesh)
         source = {"model": p.model.hf_dir or f"random init ({p.model.preset}, seed {p.seed})"}
     sampler = build.sampler(p, graphdef, task, mesh=None)
-    k = k or p.rollout.group_size
-    per_call = prompts_per_call or p.rollout.prompts_per_step
     metrics, records = evaluate_lib.evaluate(
         task, sampler, params, examples, k=k, prompts_per_call=per_call, seed=p.seed
     )
@@ -146,6 +220,36 @@ def run(
             json.dump(result, f, indent=1, default=str)
         print(json.dumps(metrics, indent=1), f"\nwrote {out}")
     return result
+
+
+def _restore(p, model_cfg, workdir: str, step: int | None):
+    """evaluate_lib.restore_params; if no step restores under this config, the error names the
+    keys where the config differs from the checkpoint's own record (a tree-structure mismatch
+    otherwise reads as damage)."""
+    from apo_jax.infra import checkpoint as checkpoint_lib
+    from apo_jax.trainer import evaluate as evaluate_lib
+
+    try:
+        return evaluate_lib.restore_params(p, model_cfg, workdir, step)
+    except RuntimeError as e:
+        try:
+            record = run_config(workdir, step).to_dict()
+        except (OSError, RuntimeError, ValueError):
+            raise e from None
+        a, b = checkpoint_lib.flatten_config(record), checkpoint_lib.flatten_config(p.record)
+        differ = sorted(
+            k
+            for k in a.keys() | b.keys()
+            if a.get(k) != b.get(k) and not k.startswith(checkpoint_lib.RESUMABLE_PREFIXES)
+        )
+        if not differ:
+            raise
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:10])
+        raise RuntimeError(
+            f"{e} The evaluation config differs from the checkpoint's config record in "
+            f"{shown}: evaluate with --workdir alone (the run's own config), or give the run's "
+            "values."
+        ) from None
 
 
 def cli():

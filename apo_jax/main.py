@@ -21,6 +21,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host with cluster auto-detection (TPU pods, SLURM)."
 )
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s",
+    None,
+    "Multi-host: seconds without a heartbeat before jax.distributed declares a process dead "
+    "(default: JAX's, 100). The survivors of a killed process abort after about this long.",
+    lower_bound=1,
+)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run",
     False,
@@ -38,13 +45,17 @@ def main(argv):
     import jax
 
     from apo_jax import console
-    from apo_jax.infra import distributed
+    from apo_jax.infra import distributed, workdir_lock
     from apo_jax.trainer import loop
 
     console.quiet_libraries(flags.FLAGS.verbosity)
 
     distributed.initialize(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        auto=_DISTRIBUTED.value,
+        heartbeat_timeout_s=_HEARTBEAT.value,
     )
     logging.info(
         "JAX %s: %d process(es), %d device(s): %s",
@@ -59,7 +70,10 @@ def main(argv):
         print(json.dumps(dry_run.estimate(_CONFIG.value, _DEVICE_MEMORY_GIB.value)), flush=True)
         return
     workdir = os.path.abspath(_WORKDIR.value)
-    last = loop.run(_CONFIG.value, workdir)
+    try:
+        last = loop.run(_CONFIG.value, workdir)
+    except workdir_lock.WorkdirLocked as e:  # not a crash: say who holds it, no traceback
+        sys.exit(f"apo_jax: error: {e}")
     console.summary(last, workdir)
 
 

@@ -10,25 +10,40 @@ subprocess), so a killed run resumes from its checkpoint and a finished one is s
 sweep starts again. Arms are the cartesian product of the grids, or the override dicts of an
 experiment file's `get_sweep(arg)` (big_vision style). Every override is checked against the
 config file, with ml_collections' own flag parsing, before any run starts.
+
+A run that already exists is checked against its own record (its config.json) before anything
+runs: a finished run is skipped only if the sweep asks for the settings it was made with, and
+an unfinished one is resumed only under the rules of a resumption; otherwise the sweep stops,
+naming the run and the key. Each trainer runs in its own process group and is told to stop
+(SIGTERM: it saves and exits) when the sweep ends for any reason, kill -9 included (Linux:
+PR_SET_PDEATHSIG); the sweep directory and every run directory are locked against a second sweep
+or trainer (apo_jax/infra/workdir_lock.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import hashlib
 import itertools
 import json
 import os
 import queue
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from absl import flags
 
 from apo_jax import config_file
+from apo_jax.infra import checkpoint as checkpoint_lib
+from apo_jax.infra import tracking, workdir_lock
 from apo_jax.trainer import build, validate
 
 DONE_MARKER = "sweep_done.json"  # written into a run's workdir after the trainer exits with 0
@@ -46,6 +61,19 @@ class Run:
     overrides: tuple[str, ...]  # "--config.KEY=VALUE" flags for this arm, seed included
     workdir: str  # DIR/<arm>/seed<k>
     total_steps: int  # from the fully overridden config: what "finished" means
+    config_hash: str = ""  # of the fully overridden config (`config_hash`)
+    # The fully overridden config as the trainer records it (config.json): compared with an
+    # existing run's record before anything runs. Not written to sweep.json.
+    record: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "record"}
+
+
+def config_hash(record) -> str:
+    """A short hash of a config record (as config.json holds it): equal configs, equal hash."""
+    text = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --- config loading, exactly as apo_jax.main does it -------------------------------------------
@@ -185,7 +213,8 @@ def plan(
             try:
                 config = load_config(config_arg, [*base_overrides, *flags_])
                 # Every key's range, as training will check it (no I/O, nothing built).
-                build.plan(config)
+                # The record as config.json will hold it (JSON types: tuples become lists).
+                record = json.loads(build.plan(config).to_json())
             except Exception as e:
                 raise SweepError(f"arm {name!r}, seed {seed}: {e}") from e
             for key, value in arm.items():
@@ -211,10 +240,15 @@ def plan(
                     + ", ".join(f"{k} = {_get(config, k)!r}" for k in keys)
                 )
             parsed[same] = name
+            # W&B group and tags (when the config logs to W&B).
+            flags_ += tracking.sweep_flags(config, workdir, name, seed, [*base_overrides, *flags_])
             rundir = os.path.join(workdir, name, f"seed{seed}")
             if any(r.workdir == rundir for r in runs):
                 raise SweepError(f"arm {name!r}: seed {seed} given twice")
-            runs.append(Run(name, seed, (*base_overrides, *flags_), rundir, config.total_steps))
+            overrides = (*base_overrides, *flags_)
+            runs.append(
+                Run(name, seed, overrides, rundir, config.total_steps, config_hash(record), record)
+            )
     return runs
 
 
@@ -237,22 +271,76 @@ def is_finished(run: Run) -> bool:
         with open(marker) as f:
             if json.load(f).get("total_steps") == run.total_steps:
                 return True
-    path = os.path.join(run.workdir, "metrics.jsonl")
+    return _metrics_complete(run.workdir, run.total_steps)
+
+
+def _metrics_complete(workdir: str, total_steps: int) -> bool:
+    """metrics.jsonl ends with the line of step `total_steps`, with its final evaluation."""
+    path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return False
     with open(path) as f:
         lines = [json.loads(x) for x in f if x.strip()]
-    if not lines or lines[-1]["step"] != run.total_steps:
+    if not lines or lines[-1]["step"] != total_steps:
         return False
     # An end-only evaluation writes a second line for the final step after the training line.
     try:
-        with open(os.path.join(run.workdir, "config.json")) as f:
+        with open(os.path.join(workdir, "config.json")) as f:
             ev = json.load(f).get("eval", {})
     except (OSError, ValueError):
         return True
     # The last step is always evaluated when num_prompts > 0 (trainer/loop.py).
     final_eval = ev.get("num_prompts", 0)
     return not final_eval or any(k.startswith("eval/") for k in lines[-1])
+
+
+# Keys that change what a run writes, not what it computes: a finished run made under other
+# values of these is still the run asked for.
+_OUTPUT_PREFIXES = ("logging.", "checkpoint.")
+
+
+def _longer(old, new) -> bool:
+    return isinstance(old, int) and isinstance(new, int) and new > old
+
+
+def check_existing(run: Run) -> None:
+    """Raises SweepError if `run.workdir` holds a run made under other settings than `run`
+    asks for: a finished run under any other key (a longer total_steps resumes it, where the
+    lr schedule allows), an unfinished one where resuming would refuse (checkpoint.py rules).
+    Compared with the run's own record, its config.json (written by every trainer start)."""
+    path = os.path.join(run.workdir, "config.json")
+    if not os.path.exists(path):
+        return  # never started (or killed before writing anything)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SweepError(f"{path}: cannot read the run's config record ({e})") from None
+    total = saved.get("total_steps")
+    done = os.path.exists(os.path.join(run.workdir, DONE_MARKER)) or _metrics_complete(
+        run.workdir, total
+    )
+    if done:
+        a, b = checkpoint_lib.flatten_config(saved), checkpoint_lib.flatten_config(run.record)
+        differ = sorted(
+            k
+            for k in a.keys() | b.keys()
+            if a.get(k) != b.get(k)
+            and not k.startswith(_OUTPUT_PREFIXES)
+            and not (k == "total_steps" and _longer(a.get(k), b.get(k)))  # continues the run
+        )
+        if differ:
+            shown = "; ".join(f"{k}={a.get(k)!r}, now {b.get(k)!r}" for k in differ[:5])
+            more = f" (and {len(differ) - 5} more keys)" if len(differ) > 5 else ""
+            raise SweepError(
+                f"{run.workdir} is a finished run made with other settings than this sweep "
+                f"gives it: {shown}{more}. A finished run is not rerun nor relabelled: give the "
+                "original values, or use another --workdir."
+            )
+    try:
+        checkpoint_lib.check_compatible(saved, run.record, run.workdir)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -282,26 +370,104 @@ def _env(slot: dict) -> dict:
     return env
 
 
+# Trainers running now (for the signal handler); `_stopping` is set once the sweep is told to stop.
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+_stopping = threading.Event()
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _death_signal():
+    """libc's prctl, resolved here in the parent (a child between fork and exec should not load
+    libraries), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _child_setup(cores, prctl, parent: int):
+    """Runs in the trainer's process between fork and exec: its CPU cores, and SIGTERM when the
+    sweep dies (kill -9 included). PR_SET_PDEATHSIG fires when the *thread* that forked the
+    child ends; that thread waits for the child, so only the sweep's death ends it first."""
+
+    def setup():
+        if cores:
+            os.sched_setaffinity(0, cores)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != parent:  # the sweep died before the line above
+                os._exit(1)
+
+    return setup
+
+
+def _wait_for_lock(run: Run) -> None:
+    """Waits while a trainer on this host still holds the run's workdir (the trainer of a
+    killed sweep, saving and ending after its SIGTERM). A holder elsewhere is left to the new
+    trainer's refusal, which names it."""
+    said = False
+    while not _stopping.is_set() and (rec := workdir_lock.holder(run.workdir)) is not None:
+        if rec.get("host") != socket.gethostname():
+            return
+        if not said:
+            print(f"[sweep] waiting: {run.workdir} is in use by {workdir_lock.describe(rec)}",
+                  flush=True)  # fmt: skip
+            said = True
+        time.sleep(0.5)
+
+
 def _run_one(config_arg: str, run: Run, slot: dict) -> int:
     os.makedirs(run.workdir, exist_ok=True)
-    cores = slot.get("cores")
-    preexec = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    setup = _child_setup(slot.get("cores"), _death_signal(), os.getpid())
     with open(os.path.join(run.workdir, "sweep.log"), "a") as log:
         log.write(f"$ {shlex.join(command(config_arg, run))}\n")
         log.flush()
-        rc = subprocess.call(
-            command(config_arg, run),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_env(slot),
-            preexec_fn=preexec,
-        )
-    if rc == 0:
+        with _children_lock:
+            if _stopping.is_set():
+                return -signal.SIGTERM
+            # Its own process group: the sweep's signals reach it only through the sweep, which
+            # stops it by its group (the trainer and its reward workers).
+            child = subprocess.Popen(
+                command(config_arg, run),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_env(slot),
+                preexec_fn=setup,
+                start_new_session=True,
+            )
+            _children.add(child)
+        try:
+            rc = child.wait()
+        finally:
+            with _children_lock:
+                _children.discard(child)
+    # A trainer stopped by a signal saves and exits with 0 before its last step: not done.
+    if rc == 0 and _metrics_complete(run.workdir, run.total_steps):
         with open(os.path.join(run.workdir, DONE_MARKER), "w") as f:
             # The core / GPU count is part of what reproduces a run (see README, determinism).
             json.dump({"total_steps": run.total_steps, "seed": run.seed, "arm": run.arm,
+                       "config_hash": run.config_hash, "overrides": list(run.overrides),
                        **{k: len(v) for k, v in slot.items()}}, f)  # fmt: skip
     return rc
+
+
+def _stop_children(signum, frame) -> None:
+    """The sweep's SIGTERM / SIGINT handler: no new run starts; running trainers get SIGTERM
+    (they save and exit), a second signal kills them."""
+    again = _stopping.is_set()
+    _stopping.set()
+    with _children_lock:
+        for child in _children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL if again else signal.SIGTERM)
+    what = "killed them" if again else "they save, then exit"
+    # os.write: print() from a handler can re-enter a write the main thread is in.
+    os.write(2, f"[sweep] signal {signum}: stopping the running trainers ({what})\n".encode())
 
 
 def execute(config_arg: str, runs: list[Run], jobs: int, gpus: list[str] | None) -> list[Run]:
@@ -324,6 +490,13 @@ def execute(config_arg: str, runs: list[Run], jobs: int, gpus: list[str] | None)
     def work(run: Run) -> None:
         slot = free.get()
         try:
+            _wait_for_lock(run)
+            if _stopping.is_set():
+                return
+            if is_finished(run):  # finished by the trainer it waited for
+                with lock:
+                    print(f"[sweep] skip (finished): {run.workdir}", flush=True)
+                return
             with lock:
                 print(f"[sweep] start: {run.workdir} {slot}", flush=True)
             rc = _run_one(config_arg, run, slot)
@@ -372,10 +545,13 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         try:
-            sweep_summary.write_summary(args.aggregate, baseline=args.baseline, metrics=metrics)
+            rows = sweep_summary.write_summary(
+                args.aggregate, baseline=args.baseline, metrics=metrics
+            )
         except ValueError as e:  # an unknown metric or baseline arm, named
             print(f"sweep: error: {e}", file=sys.stderr)
             return 2
+        tracking.log_sweep_summary(args.aggregate, rows)  # if the runs logged to W&B
         return 0
     if not args.config or not args.workdir:
         p.error("--config and --workdir are required (or --aggregate DIR)")
@@ -396,14 +572,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cd {cwd} && {shlex.join(command(args.config, run))}")
         return 0
     os.makedirs(args.workdir, exist_ok=True)
+    try:
+        with workdir_lock.hold(args.workdir):  # one sweep per directory
+            for run in runs:  # every existing run against its record, before anything runs
+                check_existing(run)
+            return _run_sweep(args, runs, metrics)
+    except (SweepError, workdir_lock.WorkdirLocked) as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_sweep(args, runs: list[Run], metrics) -> int:
+    from apo_jax import sweep_summary
+
+    _stopping.clear()
     arms = list(dict.fromkeys(r.arm for r in runs))
     with open(os.path.join(args.workdir, PLAN_FILE), "w") as f:
-        json.dump({"config": args.config, "arms": arms, "runs": [r.__dict__ for r in runs]}, f,
+        json.dump({"config": args.config, "arms": arms, "runs": [r.to_json() for r in runs]}, f,
                   indent=1)  # fmt: skip
-    failed = execute(args.config, runs, args.jobs, _gpus(args.gpus))
+    previous = {sig: signal.signal(sig, _stop_children) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        failed = execute(args.config, runs, args.jobs, _gpus(args.gpus))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if _stopping.is_set():
+        print("[sweep] stopped by a signal: start it again to resume", file=sys.stderr)
+        return 130
     for run in failed:
         print(f"[sweep] FAILED: {run.workdir} (see {run.workdir}/sweep.log)", file=sys.stderr)
-    sweep_summary.write_summary(args.workdir, baseline=args.baseline, metrics=metrics)
+    rows = sweep_summary.write_summary(args.workdir, baseline=args.baseline, metrics=metrics)
+    tracking.log_sweep_summary(args.workdir, rows)  # if the runs logged to W&B
     return 1 if failed else 0
 
 

@@ -66,7 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Losses are plug-ins (apo_jax/objectives/): each registered objective brings its block,
     # config.loss.<name>.*, with the family's canonical defaults (GSPO 3e-4 / 4e-4, DAPO 0.2 /
     # 0.28, ...) and their meanings in its module (e.g. objectives/gspo.py).
-    # loss.name: apo | fdiv | grpo | dapo | dr_grpo | gspo
+    # loss.name: apo | fdiv | grpo | dapo | dr_grpo | gspo | clip_cov | kl_cov | cispo | sapo |
+    # alpha_dpg | tpo
     c.loss = objectives.default_config("apo")
     # Sampler/trainer mismatch correction, any objective (apo_jax/trainer/rollout_correction.py).
     c.loss.rollout_correction = "none"  # none | tis_token | tis_sequence | mis_sequence
@@ -122,6 +123,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lg.tensorboard = True  # write TensorBoard events under workdir/tensorboard
     lg.plots = True  # write PNG plots under workdir/plots at the end
     lg.progress = True  # tqdm progress bar
+    # Weights & Biases (README "Tracking"; needs the extra: pip install -e ".[wandb]").
+    lg.wandb = False  # one W&B run per workdir; a resumed run continues it
+    lg.wandb_project = "apo_jax"
+    lg.wandb_entity = ""  # team or user ("" = the API key's default entity)
+    lg.wandb_mode = "online"  # online | offline (written under workdir/wandb, `wandb sync` later)
+    lg.wandb_group = ""  # run group ("" = none; apo_jax.sweep sets the sweep's name)
+    lg.wandb_tags = ()  # run tags, each 1-64 characters (apo_jax.sweep adds arm and seed)
 
     if "debug" in args:
         apply_debug(c)

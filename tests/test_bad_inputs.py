@@ -253,6 +253,147 @@ def test_empty_eval_set_with_evaluation_fails_before_the_model(tmp_path, no_comp
             evaluate_cli.run(_toy(), out=str(tmp_path / "r.json"))
 
 
+# --- issue 24, groups 1, 2, 3, 6, 8: workdir lock, sweep reruns, resume horizons, the evaluation
+# CLI's bounds, the distributed heartbeat ------------------------------------------------------
+
+
+def _finished_config(**overrides):
+    """The config the `finished` run was made with, plus `overrides`."""
+    return _toy(**{"eval.num_prompts": 0, "eval.every_steps": 0, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        # 3: a checkpoint beyond total_steps (the run is past where it would end)
+        ({"total_steps": 1}, r"config\.total_steps=1: .* checkpoint at step 2, beyond it"),
+        # 3: a schedule change is not a resumable change, whatever total_steps says
+        ({"total_steps": 4, "optim.decay": "cosine"}, r"incompatible config.*optim\.decay"),
+        ({"optim.warmup_steps": 2}, r"incompatible config.*optim\.warmup_steps: 0 -> 2"),
+    ],
+    ids=lambda x: str(x)[:60],
+)
+def test_resume_beyond_or_across_a_schedule_fails_first(finished, no_compile, overrides, match):
+    workdir, saved = finished
+    with pytest.raises(ValueError, match=match):
+        train.run(_finished_config(**overrides), str(workdir))
+    assert _snapshot(workdir) == saved
+
+
+def test_cosine_horizon_change_is_refused_naming_both_totals():
+    from apo_jax.infra import checkpoint as checkpoint_lib
+
+    saved = {"total_steps": 4, "optim": {"decay": "cosine", "lr": 1e-3}}
+    longer = {"total_steps": 8, "optim": {"decay": "cosine", "lr": 1e-3}}
+    with pytest.raises(ValueError, match=r"total_steps=4 and optim\.decay='cosine'.*=8 would"):
+        checkpoint_lib.check_resume(2, saved, longer, "W")
+    constant = lambda n: {"total_steps": n, "optim": {"decay": "constant", "lr": 1e-3}}
+    checkpoint_lib.check_resume(2, constant(4), constant(8), "W")  # no horizon: may grow
+
+
+def test_finished_run_started_again_trains_nothing(finished, no_compile, capsys):
+    workdir, saved = finished
+    last = train.run(_finished_config(), str(workdir))
+    assert last["step"] == 2 and "loss/value" in last  # the run's last line, for the summary
+    assert "already at step 2 = total_steps; nothing to train" in capsys.readouterr().out
+    assert _snapshot(workdir) == saved
+
+
+def test_locked_workdir_refused_naming_the_holder(finished, no_compile):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from apo_jax.infra import workdir_lock
+
+    workdir, saved = finished
+    script = "import sys, time\nfrom apo_jax.infra import workdir_lock\n"
+    script += "with workdir_lock.hold(sys.argv[1]):\n    print('held', flush=True)\n"
+    script += "    time.sleep(600)\n"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", script, str(workdir)], cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        held = _snapshot(workdir)
+        match = rf"in use by PID {holder.pid} on host {socket.gethostname()}"
+        with pytest.raises(workdir_lock.WorkdirLocked, match=match):
+            train.run(_finished_config(), str(workdir))
+        assert _snapshot(workdir) == held  # the holder's record included
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lock.hold(str(workdir)):  # take over the killed holder's record, end cleanly
+        pass
+    assert _snapshot(workdir) == saved
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"optim.lr": 0.01}, r"finished run made with other settings.*optim\.lr=.*, now 0\.01"),
+        ({"total_steps": 1}, r"total_steps=2, now 1"),
+        ({"eval.num_prompts": 4}, r"eval\.num_prompts=0, now 4"),  # its results would lie
+        ({"loss.apo.beta_r": 0.5}, r"loss\.apo\.beta_r=0\.3, now 0\.5"),
+        ({"total_steps": 3, "optim.decay": "cosine"}, r"optim\.decay='constant', now 'cosine'"),
+        ({"total_steps": 3}, None),  # continues the run (a constant lr has no horizon)
+        ({"logging.progress": True, "checkpoint.keep": 5}, None),  # outputs, not results
+    ],
+    ids=lambda x: str(x)[:60],
+)
+def test_sweep_rerun_of_a_finished_run_checks_its_record(finished, overrides, match):
+    from apo_jax import sweep
+
+    workdir, saved = finished
+    c = _finished_config(**overrides)
+    record = json.loads(build.plan(c).to_json())
+    run = sweep.Run("arm", 0, (), str(workdir), c.total_steps, sweep.config_hash(record), record)
+    if match is None:
+        sweep.check_existing(run)
+    else:
+        with pytest.raises(sweep.SweepError, match=match):
+            sweep.check_existing(run)
+    assert _snapshot(workdir) == saved
+
+
+@pytest.mark.parametrize("k", [10**9, 2**40])
+def test_evaluation_k_beyond_memory_fails_first(finished, math_files, no_compile, k):
+    workdir, saved = finished
+    match = rf"--k={k} × --prompts_per_call=\d+: one sampler call of \d+ rows needs at least"
+    with pytest.raises(ValueError, match=match):
+        evaluate_cli.run(_toy(), workdir=str(workdir), k=k, out=str(math_files / "r.json"))
+    assert _snapshot(workdir) == saved
+
+
+def test_heartbeat_timeout_reaches_jax_and_is_bounded(monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import jax
+
+    from apo_jax.infra import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    distributed.initialize("localhost:1234", 2, 0, heartbeat_timeout_s=7)
+    distributed.initialize("localhost:1234", 2, 0)
+    assert calls == [
+        (("localhost:1234", 2, 0), {"heartbeat_timeout_seconds": 7}),
+        (("localhost:1234", 2, 0), {}),  # JAX's own default
+    ]
+    root = pathlib.Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-m", "apo_jax.main", "--config=configs/toy.py:debug"]
+    argv += [f"--workdir={tmp_path / 'run'}", "--heartbeat_timeout_s=0"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "heartbeat_timeout_s" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # --- issue 24, groups 4, 5, 7: ignored settings, data that cannot train, late or bare errors ---
 
 I32, I64 = 2**31 - 1, 2**63 - 1
@@ -320,7 +461,11 @@ def test_unused_blocks_may_change_on_resume_but_used_keys_may_not(finished, no_c
     the grpo block of an apo run passes the resume check (and gets as far as building the
     model, which no_compile refuses); a new value in the apo block is refused, named."""
     workdir, saved = finished
-    c = _toy(**{"allow_unused_keys": True, "loss.grpo.kl_coef": 0.04, "task.math.level": 2})
+    # total_steps=3: a continuation (the finished run, at its total_steps, would train nothing)
+    c = _toy(
+        **{"total_steps": 3, "allow_unused_keys": True, "loss.grpo.kl_coef": 0.04,
+           "task.math.level": 2}
+    )  # fmt: skip
     with pytest.raises(AssertionError, match="before any model is built"):
         train.run(c, str(workdir))
     with pytest.raises(ValueError, match=r"incompatible config .*loss\.apo\.beta_r"):

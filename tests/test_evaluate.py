@@ -4,7 +4,10 @@ sampler, the standalone CLI (HF directory and training workdir) and a tiny MATH 
 import itertools
 import json
 import math
+import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import types
@@ -22,6 +25,7 @@ from apo_jax.trainer import build
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import loop as train
 from configs import base
+from configs import toy as toy_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -202,3 +206,104 @@ def test_eval_tasks_use_the_chat_template_and_stop_ids(name, size, shared_data):
     assert len(task.eval_examples()) == size
     assert task.eos_ids == (151645, 151643)  # <|im_end|>, <|endoftext|>
     assert task.decode(task.eval_examples()[0].prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+# --- the CLI on a training workdir: training's restore path, read-only -------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A finished tiny toy run with checkpoints at steps 1 and 2 (no in-run evaluation)."""
+    c = toy_config.get_config("debug")
+    c.mesh.data, c.total_steps, c.checkpoint.every_steps = 1, 2, 1
+    c.eval.num_prompts = c.eval.every_steps = 0
+    workdir = tmp_path_factory.mktemp("toy_run")
+    train.run(c, str(workdir))
+    return workdir
+
+
+def _tree(root: pathlib.Path) -> dict:
+    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+
+def _edit_config_json(workdir: pathlib.Path, key: str, value) -> None:
+    path = workdir / "config.json"
+    saved = json.loads(path.read_text())
+    group, leaf = key.split(".")
+    saved[group][leaf] = value
+    path.write_text(json.dumps(saved))
+
+
+@pytest.mark.slow
+def test_cli_falls_back_past_a_damaged_step_and_trusts_the_checkpoint_record(toy_run, tmp_path):
+    """The newest step's data truncated and config.json edited so that it no longer describes
+    the weights (another parameter tree): the CLI evaluates step 1 under the checkpoint's own
+    config record, says why on one line each, changes nothing in the run, and prints no Orbax
+    INFO chatter; its numbers are those of step 1 evaluated directly."""
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    data = sorted((run / "checkpoints" / "2" / "state").glob("ocdbt.process_*/d/*"),
+                  key=lambda f: f.stat().st_size)  # fmt: skip
+    data[-1].write_bytes(data[-1].read_bytes()[:10])
+    scan = json.loads((run / "config.json").read_text())["model"]["scan_layers"]
+    _edit_config_json(run, "model.scan_layers", not scan)
+    before = _tree(run)
+    out = tmp_path / "eval.json"
+    argv = [sys.executable, "-m", "apo_jax.evaluate", f"--workdir={run}", "--num_prompts=4"]
+    argv += ["--k=2", f"--out={out}"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["source"]["step"] == 1
+    assert result["config"]["model"]["scan_layers"] == scan  # the record, not config.json
+    err = proc.stderr
+    assert "checkpoint step 2" in err and "does not restore" in err
+    assert "config.json differs from the config record" in err and "model.scan_layers" in err
+    assert "Traceback" not in err
+    assert not [x for x in err.splitlines() if re.match(r"I\d{4} ", x)]  # absl INFO lines
+    assert _tree(run) == before  # nothing moved aside, nothing deleted
+    direct = evaluate_cli.run(
+        evaluate_cli.run_config(str(toy_run), 1),
+        workdir=str(toy_run),
+        step=1,
+        num_prompts=4,
+        k=2,
+        out=str(tmp_path / "direct.json"),
+    )
+    assert direct["source"]["step"] == 1
+    for key, value in direct["metrics"].items():
+        assert result["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_config_json_that_is_not_json_is_named_and_the_record_used(toy_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    (run / "config.json").write_text('{"seed": 0,\n "model": ')
+    with pytest.raises(ValueError, match=rf"{run}/config\.json: not valid JSON \(line 2"):
+        build.load_config_json(str(run / "config.json"))
+    config = evaluate_cli.run_config(str(run))
+    assert config.total_steps == 2 and config.model.preset == "tiny"
+    assert f"{run}/config.json: not valid JSON" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 \(steps: 2, 1\)"):
+        evaluate_cli.run_config(str(run), 7)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        evaluate_cli.run_config(str(tmp_path / "missing"))
+
+
+def test_a_config_that_does_not_match_the_checkpoint_names_the_keys(toy_run, tmp_path):
+    before = _tree(toy_run)
+    c = evaluate_cli.run_config(str(toy_run))
+    c.model.scan_layers = not c.model.scan_layers
+    out = str(tmp_path / "r.json")
+    with pytest.raises(RuntimeError, match=r"no checkpoint restores.*model\.scan_layers: "):
+        evaluate_cli.run(c, workdir=str(toy_run), num_prompts=4, k=2, out=out)
+    assert _tree(toy_run) == before  # evaluation moves no step aside
+
+
+def test_cli_without_flags_is_a_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "apo_jax.evaluate"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "nothing to evaluate: give --config=FILE" in proc.stderr
+    assert "Traceback" not in proc.stderr

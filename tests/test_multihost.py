@@ -71,3 +71,47 @@ def test_two_processes_match_one_process(tmp_path):
                 continue
             np.testing.assert_allclose(y[key], x[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert (tmp_path / "multi" / "checkpoints" / "3").is_dir()  # written once, collectively
+
+
+@pytest.mark.slow
+def test_survivor_of_a_killed_process_ends_after_the_heartbeat_timeout(tmp_path):
+    """Process 1 killed: process 0's next collective fails, and on exit it waits in JAX's
+    shutdown barrier until the coordination service declares process 1 dead, after
+    --heartbeat_timeout_s (JAX's default is 100 s; here 5 s, so it ends well within the 90 s
+    this test waits)."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _cmd(
+                tmp_path,
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--heartbeat_timeout_s=5",
+                "--config.total_steps=1000",
+            ),
+            cwd=ROOT,
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        seen = []
+        for line in procs[0].stdout:  # process 0 prints the banner once both are connected
+            seen.append(line)
+            if line.startswith("steps:"):
+                break
+        assert any(x.startswith("steps:") for x in seen), "".join(seen)[-3000:]
+        procs[1].kill()
+        procs[1].wait()
+        out = "".join(seen) + procs[0].communicate(timeout=90)[0]
+        assert procs[0].returncode != 0
+        assert "heartbeat" in out, out[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

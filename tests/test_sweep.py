@@ -189,6 +189,69 @@ def test_summary_matches_direct_statistics(finished_sweep):
     assert (workdir / "summary.csv").read_text() == before
 
 
+@pytest.mark.slow
+def test_rerun_with_other_settings_is_refused_naming_the_key(finished_sweep, capsys):
+    """The finished sweep again with one more override: refused before anything runs, naming
+    the key and its two values; sweep.json, the summary and every run stay as they were."""
+    workdir, runs, _ = finished_sweep
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    args = _sweep_cmd(workdir, "--config.optim.lr=0.01")[3:]
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr=0.001, now 0.01" in err and "finished run" in err
+    assert any(str(rundir) in err for rundir in runs.values())
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+    # Each run's record of what it was made with: its overrides and config hash.
+    planned = {r.workdir: r for r in sweep.plan(CONFIG, str(workdir), GRID[1:], SEEDS, BASE)}
+    for rundir in runs.values():
+        marker = rundir / sweep.DONE_MARKER
+        if marker.exists():
+            done = json.loads(marker.read_text())
+            assert done["config_hash"] == planned[str(rundir)].config_hash
+            assert tuple(done["overrides"]) == planned[str(rundir)].overrides
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter, or None once it is gone (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if state in "ZX" else state
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killed_sweep_leaves_no_trainer_behind(tmp_path):
+    """kill -9 of the sweep process alone (not its group): its trainer, in a process group of
+    its own, is ended with it."""
+    from apo_jax.infra import workdir_lock
+
+    cmd = [sys.executable, "-m", "apo_jax.sweep", f"--config={CONFIG}", f"--workdir={tmp_path}",
+           "--seeds=0", "--config.total_steps=1000", "--config.mesh.data=1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    rundir = tmp_path / "base" / "seed0"
+    deadline, holder = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        holder = workdir_lock.holder(str(rundir)) if rundir.exists() else None
+        if holder:  # the trainer is up: it holds its run's workdir
+            break
+        time.sleep(0.05)
+    assert holder and holder["pid"] != proc.pid, "the sweep never started its trainer"
+    trainer = holder["pid"]
+    assert os.getpgid(trainer) == trainer != os.getpgid(proc.pid)  # its own process group
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 300
+    while _state(trainer) is not None and time.time() < deadline:
+        time.sleep(0.1)
+    alive = _state(trainer)
+    if alive is not None:
+        os.kill(trainer, signal.SIGKILL)
+    assert alive is None, f"trainer {trainer} outlived its sweep"
+
+
 # --- bad input: rejected before any run -----------------------------------------------------
 
 

@@ -86,6 +86,38 @@ def test_resume_is_exact(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_cosine_resume_keeps_the_lr_schedule_and_refuses_a_new_horizon(tmp_path, monkeypatch):
+    """A cosine run stopped (SIGTERM) and resumed logs the uninterrupted run's lr at every step
+    (no jump at the resumed step); resuming it under another total_steps is refused, since the
+    schedule's horizon is total_steps × mini_batches updates."""
+    cosine = lambda **kw: _debug_toy(**{"total_steps": 3, "optim.decay": "cosine", **kw})
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.run(cosine(), str(straight))
+    write = train.metrics_lib.MetricsWriter.write
+
+    def stop_after_step_1(self, step, metrics):
+        if step == 1:  # what a preemption does: the loop saves this step and exits
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write(self, step, metrics)
+
+    with monkeypatch.context() as m:
+        m.setattr(train.metrics_lib.MetricsWriter, "write", stop_after_step_1)
+        assert train.run(cosine(), str(split))["step"] == 1
+    before = _files(split)
+    with pytest.raises(ValueError, match=r"total_steps=3 and optim\.decay='cosine'.*total_steps=6"):
+        train.run(cosine(total_steps=6), str(split))
+    assert _files(split) == before
+    train.run(cosine(), str(split))
+    a, b = _lines(straight), _lines(split)
+    assert [x["step"] for x in b] == [1, 2, 3]
+    assert [x["optim/lr"] for x in a] == [x["optim/lr"] for x in b]
+    # The cosine over 6 updates: step s logs the lr of its last update, 2s - 1 (optax's formula).
+    lr = _debug_toy().optim.lr
+    want = [lr * 0.5 * (1 + np.cos(np.pi * (2 * s - 1) / 6)) for s in (1, 2, 3)]
+    np.testing.assert_allclose([x["optim/lr"] for x in b], want, rtol=1e-6)
+    assert _comparable(a) == _comparable(b)
+
+
 def test_rollout_in_row_chunks_changes_nothing(tmp_path, monkeypatch):
     """rollout.rows_per_chunk = 2 groups: the sampler sees 2 prompts per call instead of 4 and
     the run's metrics are those of one call per step (per-row noise is keyed by row id): the

@@ -25,26 +25,38 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-# Keys that may change between a run and its resumption; every other key must match.
+# Keys that may change between a run and its resumption; every other key must match. Changing
+# total_steps keeps every schedule continuous only where no schedule reads it: see
+# `check_compatible` (HORIZON_DECAYS).
 RESUMABLE_PREFIXES = (
     "total_steps", "checkpoint.", "logging.", "eval.", "mesh.", "allow_unused_keys"
 )  # fmt: skip
+# optim.decay values whose lr schedule spans total_steps × optim.mini_batches updates: under
+# another total_steps the lr at the resumed step would jump (a cosine at 4 of 4 steps is near 0,
+# at 4 of 8 steps near its peak), so resuming them needs the original total_steps.
+HORIZON_DECAYS = ("cosine",)
 DAMAGED = "damaged"  # subdirectory of checkpoints/ holding steps that failed to restore
 
 
 class Checkpointer:
-    """Saves every `every_steps` steps (and on demand), keeps the last `keep`."""
+    """Saves every `every_steps` steps (and on demand), keeps the last `keep`.
 
-    def __init__(self, workdir: str, *, every_steps: int, keep: int):
+    `read_only` (evaluation): changes nothing in the workdir, which a training run may be
+    writing at the same time: Orbax's temporary directories are left alone, and a step that
+    does not restore is skipped (logged), not moved aside."""
+
+    def __init__(self, workdir: str, *, every_steps: int, keep: int, read_only: bool = False):
         self.every_steps = every_steps
         self.workdir = workdir
+        self.read_only = read_only
         self.directory = directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        _remove_partial_saves(directory)
+        if not read_only:
+            _remove_partial_saves(directory)
         self.manager = ocp.CheckpointManager(
             directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
-                create=True,
+                create=not read_only,
                 # Synchronous: the step is on disk before training moves on, so a crash right
                 # after never loses work that was reported as saved.
                 enable_async_checkpointing=False,
@@ -87,33 +99,47 @@ class Checkpointer:
         )
         return out.state, out.record
 
-    def latest_record(self) -> tuple[int, dict] | None:
+    def latest_record(self, step: int | None = None) -> tuple[int, dict] | None:
         """(step, record) of the newest step whose JSON record reads; steps whose record does
         not are moved aside. None if the workdir holds no checkpoint. For checks that must run
-        before the model is built (the state itself is checked by `restore_latest`)."""
-        return self._newest(lambda step: (step, self.read_record(step)))
+        before the model is built (the state itself is checked by `restore_latest`). `step`:
+        that step only."""
+        return self._newest(lambda s: (s, self.read_record(s)), step)
 
-    def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+    def restore_latest(self, abstract_state, step: int | None = None):
         """(step, state, record) of the newest step that restores completely, or None if the
         workdir holds no checkpoint. A step that fails to restore is logged with the reason and
         moved to `checkpoints/damaged/` (never deleted); if no step restores, raises one
-        RuntimeError naming the workdir and every step tried."""
-        return self._newest(lambda step: (step, *self.restore(step, abstract_state)))
+        RuntimeError naming the workdir and every step tried. `step`: that step only."""
+        return self._newest(lambda s: (s, *self.restore(s, abstract_state)), step)
 
-    def _newest(self, load):
+    def _newest(self, load, only: int | None = None):
         tried = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if only is not None:
+            if only not in steps:
+                raise FileNotFoundError(
+                    f"{self.workdir}: no checkpoint of step {only} (steps: "
+                    f"{', '.join(map(str, steps)) or 'none'})"
+                )
+            steps = [only]
+        for step in steps:
             with _quiet_leftovers():
                 try:
                     out = load(step)
                     int(out[-1]["position"])  # a record without a data position cannot resume
                     return out
                 except Exception as e:  # noqa: BLE001 (any failure means this step is unusable)
-                    # Orbax/TensorStore messages run to dozens of lines (the whole spec): keep
-                    # the first line up to the spec dump.
-                    first = (str(e).strip().splitlines() or [""])[0].split(" See full Tensor")[0]
-                    reason = f"{type(e).__name__}: {first[:300]}"
+                    reason = short_reason(e)
             tried.append(f"{step} ({reason})")
+            if self.read_only:
+                logging.warning(
+                    "checkpoint step %d in %s does not restore (%s); trying the previous step",
+                    step,
+                    self.workdir,
+                    reason,
+                )
+                continue
             aside = self._set_aside(step)
             logging.warning(
                 "checkpoint step %d in %s does not restore (%s); moved it to %s and "
@@ -124,10 +150,14 @@ class Checkpointer:
                 aside,
             )
         if tried:
+            kept = (
+                ""
+                if self.read_only
+                else f" The damaged steps are kept in {os.path.join(self.directory, DAMAGED)}; "
+                "use a fresh --workdir to start over."
+            )
             raise RuntimeError(
-                f"{self.workdir}: no checkpoint restores; tried step(s) {'; '.join(tried)}. "
-                f"The damaged steps are kept in {os.path.join(self.directory, DAMAGED)}; use a "
-                "fresh --workdir to start over."
+                f"{self.workdir}: no checkpoint restores; tried step(s) {'; '.join(tried)}.{kept}"
             )
         return None
 
@@ -149,6 +179,13 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def short_reason(e: BaseException) -> str:
+    """One line for a failed restore: Orbax/TensorStore messages run to dozens of lines (the
+    whole spec), so the first line up to the spec dump."""
+    first = (str(e).strip().splitlines() or [""])[0].split(" See full Tensor")[0]
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 @contextlib.contextmanager
@@ -195,8 +232,10 @@ def flatten_config(config: Mapping, prefix: str = "") -> dict:
 def check_compatible(
     saved: Mapping, current: Mapping, where: str, ignore: tuple[str, ...] = ()
 ) -> None:
-    """Raises ValueError listing every config key that differs in a way resuming cannot honour.
-    Keys under an `ignore` prefix (the blocks the run does not read) may differ."""
+    """Raises ValueError listing every config key that differs in a way resuming cannot honour:
+    any key outside RESUMABLE_PREFIXES and `ignore` (prefixes of the blocks the run does not
+    read, which may differ), and total_steps when the lr schedule's horizon is total_steps
+    (HORIZON_DECAYS)."""
     a, b = flatten_config(saved), flatten_config(current)
     differ = sorted(
         k
@@ -208,6 +247,31 @@ def check_compatible(
         raise ValueError(
             f"{where} holds a checkpoint from an incompatible config ({len(differ)} keys differ: "
             f"{details}). Use a fresh --workdir, or pass the original values."
+        )
+    decay = a.get("optim.decay")
+    if a.get("total_steps") != b.get("total_steps") and decay in HORIZON_DECAYS:
+        raise ValueError(
+            f"{where} holds a checkpoint of a run with total_steps={a.get('total_steps')} and "
+            f"optim.decay={decay!r}: its lr schedule spans total_steps × optim.mini_batches "
+            f"updates, so resuming with total_steps={b.get('total_steps')} would make the lr "
+            "jump at the resumed step. Resume with the original total_steps, or start a fresh "
+            "--workdir (a constant lr, optim.decay='constant', may change total_steps)."
+        )
+
+
+def check_resume(
+    step: int, saved: Mapping, current: Mapping, where: str, ignore: tuple[str, ...] = ()
+) -> None:
+    """`check_compatible`, and a checkpoint at `step` beyond the current total_steps is an
+    error (the run is past where it would end). A step equal to total_steps is a finished run:
+    the caller says so and trains nothing."""
+    check_compatible(saved, current, where, ignore)
+    total = current["total_steps"]
+    if step > total:
+        raise ValueError(
+            f"config.total_steps={total}: {where} holds a checkpoint at step {step}, beyond it "
+            f"(the run was made with total_steps={saved.get('total_steps')}). Give "
+            f"total_steps >= {step} to continue it, or a fresh --workdir."
         )
 
 

@@ -24,6 +24,9 @@ class Context(NamedTuple):
     alpha: Any = None  # [P] α from the schedule (objectives with `schedule=True`)
     tau: Any = None  # [P] anchoring temperature τ from the schedule
     max_new_tokens: int | None = None  # the rollout's fixed generation length
+    # A PRNG key, fresh for each update (the same for every micro-batch of one update), for
+    # objectives that pick tokens at random (clip_cov).
+    key: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

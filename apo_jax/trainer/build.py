@@ -23,6 +23,7 @@ from flax import nnx
 
 from apo_jax import objectives, tasks
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.infra import tracking
 from apo_jax.models import decoder as model_lib
 from apo_jax.models import hf_io
 from apo_jax.models import registry as models
@@ -100,6 +101,7 @@ class Plan:
     record: Mapping[str, Any]  # the config as plain data (config.json, checkpoint records)
     rollout_correction: str = "none"  # loss.rollout_correction (trainer/rollout_correction.py)
     rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap, C > 1
+    wandb: tracking.WandbSettings = tracking.WandbSettings()  # logging.wandb*
 
     @property
     def updates_total(self) -> int:
@@ -202,6 +204,14 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
         record=c.to_dict(),
         rollout_correction=c.loss.rollout_correction,
         rollout_correction_cap=c.loss.rollout_correction_cap,
+        wandb=tracking.WandbSettings(
+            enabled=c.logging.wandb,
+            project=c.logging.wandb_project,
+            entity=c.logging.wandb_entity,
+            mode=c.logging.wandb_mode,
+            group=c.logging.wandb_group,
+            tags=tuple(c.logging.wandb_tags),
+        ),
     )
 
 
@@ -221,7 +231,12 @@ def config_root_on_path(argv) -> None:
 def load_config_json(path: str) -> ml_collections.ConfigDict:
     """A run's saved `config.json` as a ConfigDict (for evaluation and resumption checks)."""
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        try:
+            return ml_collections.ConfigDict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+            ) from None
 
 
 # --- builders -------------------------------------------------------------------------------------

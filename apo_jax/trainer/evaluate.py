@@ -7,6 +7,7 @@ A completion is correct when its reward is >= 1 (MATH: verified final answer; to
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -257,19 +258,50 @@ def in_training(p: build.Plan, task, sampler, params) -> dict:
 
 
 def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = None):
-    """(graphdef, params, step) from a training workdir's Orbax checkpoint (the latest unless
-    `step`), on the default device. Orbax restores the whole train state (it needs the full
-    tree); everything but the parameters is then dropped."""
-    ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=0, keep=max(p.checkpoint_keep, 1))
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    """(graphdef, params, step) from a training workdir's Orbax checkpoint, on the default
+    device: training's restore path (the newest step that restores, past damaged ones, unless
+    `step`), read-only (nothing in the workdir is moved or deleted: a run may be writing it).
+    Orbax restores the whole train state (it needs the full tree); everything but the
+    parameters is then dropped."""
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, every_steps=0, keep=max(p.checkpoint_keep, 1), read_only=True
+    )
+    try:
+        graphdef, abstract = build.abstract_model(p, model_cfg)
+        tx, _ = build.optimizer(p)
+        sched = build.step_spec(p, model_cfg.vocab_size).schedule
+        init = lambda prm: step_lib.init_train_state(prm, tx, p.seed, sched)
+        state = jax.eval_shape(init, abstract)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state
+        )
+        restored = ckpt.restore_latest(state, step)
+    finally:
+        ckpt.close()
+    if restored is None:
         raise FileNotFoundError(f"{workdir}: no complete checkpoint under checkpoints/")
-    graphdef, abstract = build.abstract_model(p, model_cfg)
-    tx, _ = build.optimizer(p)
-    sched = build.step_spec(p, model_cfg.vocab_size).schedule
-    state = jax.eval_shape(lambda prm: step_lib.init_train_state(prm, tx, p.seed, sched), abstract)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
-    state, _ = ckpt.restore(step, state)
-    ckpt.close()
+    step, state, _ = restored
     return graphdef, state.params, step
+
+
+def check_rows(p: build.Plan, model_cfg, rows: int, what: str) -> None:
+    """Fails before compiling if one sampler call of `rows` (B) sequences cannot fit this
+    device: its KV cache and one step's logits alone (keys and values [B, L, 2, S, K, H] in the
+    cache dtype, logits [B, V] float32) against the device's memory (host memory on CPU)."""
+    r = p.rollout
+    length = r.max_prompt_len + r.max_new_tokens
+    kv = 2 * model_cfg.num_layers * length * model_cfg.num_kv_heads * model_cfg.head_dim
+    per_row = kv * build.cache_dtype(p).itemsize + 4 * model_cfg.vocab_size
+    need = rows * per_row
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    have = (stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf(
+        "SC_PHYS_PAGES"
+    )
+    if need > have:
+        raise ValueError(
+            f"{what}: one sampler call of {rows} rows needs at least {need / 2**30:.1f} GiB "
+            f"(KV cache and logits), more than this {dev.platform} device's "
+            f"{have / 2**30:.1f} GiB"
+        )

@@ -19,6 +19,7 @@ from apo_jax import console
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import metrics as metrics_lib
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.infra import workdir_lock
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
@@ -91,6 +92,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics line. Every process of a multi-host run calls this with the same config."""
     p = build.plan(config)  # validates every key before anything is built
     check_workdir(workdir)
+    # One run per workdir, before anything in it is touched (a second run is refused here,
+    # naming the holder's PID and host).
+    with workdir_lock.hold(workdir, jax.process_index()):
+        return _train(p, workdir)
+
+
+def _train(p: build.Plan, workdir: str) -> dict:
     r, o = p.rollout, p.optim
     n = r.prompts_per_step  # P
     mesh = build.mesh(p)
@@ -101,7 +109,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if saved is not None:
         # The blocks of unselected losses and tasks are not read: they may change.
         unused = validate.unused_blocks(p.record)
-        checkpoint_lib.check_compatible(saved[1]["config"], p.record, workdir, ignore=unused)
+        checkpoint_lib.check_resume(saved[0], saved[1]["config"], p.record, workdir, unused)
+        if saved[0] == p.total_steps:  # a finished run started again: nothing to train
+            ckpt.close()
+            return _already_done(workdir, saved[0])
     task = build.task(p)
     train_set = task.train_examples()
     if not len(train_set):
@@ -157,7 +168,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("resumed from step %d (data position %d)", start, position)
     console.banner(p, model_cfg, state.params, mesh, workdir, start)
     metrics_lib.write_config(workdir, p.to_json())
-    writer = metrics_lib.MetricsWriter(workdir, tensorboard=p.tensorboard, resume_step=start)
+    writer = metrics_lib.MetricsWriter(
+        workdir, tensorboard=p.tensorboard, resume_step=start, wandb=p.wandb, config=p.record
+    )
     progress = _progress(p, start)
     root_key = jax.random.wrap_key_data(jnp.asarray(jax.device_get(state.rng)))  # not donated
 
@@ -250,11 +263,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if p.eval_prompts and not stopping and not p.eval_every:
         final = evaluate(p, task, sampler, to_rollout(state.params))
         line = writer.write(p.total_steps, {**line, **final})
-    writer.close()
     ckpt.close()
-    if p.plots:
-        metrics_lib.write_plots(workdir)
+    plots = metrics_lib.write_plots(workdir) if p.plots else []
+    writer.close(plots=plots, summary=line)  # after the plots: W&B logs them
     return line
+
+
+def _already_done(workdir: str, step: int) -> dict:
+    """A run started again at its last step: nothing is trained, evaluated or written; the
+    last metrics line is returned for the summary."""
+    if jax.process_index() == 0:
+        print(f"{workdir}: already at step {step} = total_steps; nothing to train", flush=True)
+    path = os.path.join(workdir, "metrics.jsonl")
+    lines = metrics_lib.read_metrics(path, allow_torn_end=True) if os.path.exists(path) else []
+    last = lines[-1] if lines and lines[-1].get("step") == step else {}
+    return {**last, "step": step}
 
 
 def check_workdir(workdir: str) -> None:

@@ -132,12 +132,12 @@ class StepSpec:
 
 
 def make_loss_fn(spec: StepSpec) -> Callable:
-    """(logp [P,G,T], batch grouped [P,G,...], schedule state) -> (LossOutput, new state,
-    schedule metrics). Reads the objective's declarations, never its name."""
+    """(logp [P,G,T], batch grouped [P,G,...], schedule state, PRNG key) -> (LossOutput, new
+    state, schedule metrics). Reads the objective's declarations, never its name."""
     obj, params = spec.objective, dict(spec.loss_params)
 
-    def fn(logp, b, sched_state):
-        extra, ctx = {}, objectives.Context(max_new_tokens=spec.max_new_tokens)
+    def fn(logp, b, sched_state, key=None):
+        extra, ctx = {}, objectives.Context(max_new_tokens=spec.max_new_tokens, key=key)
         if obj.schedule:
             mask = b["completion_mask"]
             ell = common.sequence_logp(jax.lax.stop_gradient(logp), mask)  # [P, G]
@@ -227,12 +227,12 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
             graphdef, params, b, chunk=chunk, with_entropy=with_entropy, precision=precision
         )
 
-    def batch_loss(logp, lb, sched_state, w):
+    def batch_loss(logp, lb, sched_state, w, key):
         """Whole-batch loss of token log-probs [B, T]: (loss_sum, (denom, state, metrics))."""
         if w is not None:  # truncated IS: scales each token's gradient, not the value
             logp = rc_lib.scale_grad(logp, w)
         grouped = {k: _group(v, g) for k, v in lb.items()}
-        out, sched_state, extra = loss_fn(_group(logp, g), grouped, sched_state)
+        out, sched_state, extra = loss_fn(_group(logp, g), grouped, sched_state, key)
         metrics = {f"loss/{k}": v for k, v in out.metrics.items() if k not in ("alpha", "tau")}
         metrics.update({f"schedule/{k}": v for k, v in extra.items()})
         return out.loss_sum, (out.denom, sched_state, metrics)
@@ -257,12 +257,17 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
         lb = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")}
         lb["completion_mask"] = loss_mask
         zeros = jax.tree.map(jnp.zeros_like, state.params)
+        # The loss's own stream (split off the rollout's, which folds the root key with the
+        # rollout step), one key per update: every micro-batch of an update sees the same key.
+        loss_key = jax.random.fold_in(
+            jax.random.split(jax.random.wrap_key_data(state.rng))[1], state.step
+        )
 
         if micro == 1:
 
             def fused(params):
                 logp, entropy = logp_fn(params, fwd, with_entropy=True)
-                ls, aux = batch_loss(logp, lb, state.schedule, w)
+                ls, aux = batch_loss(logp, lb, state.schedule, w, loss_key)
                 return ls, (aux, entropy)
 
             (loss_sum, ((denom, sched, metrics), entropy)), grads = jax.value_and_grad(
@@ -271,7 +276,7 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
         elif via_cotangent:
             logp, entropy = logp_fn(state.params, fwd, with_entropy=True)  # [B, T], no backward
             (loss_sum, (denom, sched, metrics)), ct = jax.value_and_grad(batch_loss, has_aux=True)(
-                logp, lb, state.schedule, w
+                logp, lb, state.schedule, w, loss_key
             )  # ct = ∂loss_sum/∂logp [B, T]
 
             def accumulate(grads, xs):
@@ -290,7 +295,7 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
                     logp_mb, ent_mb = logp_fn(params, mb, with_entropy=True)  # [B/micro, T]
                     here = (jnp.arange(micro) == k)[:, None, None]
                     filled = _unsplit(jnp.where(here, logp_mb[None], filler))  # [B, T]
-                    ls, _ = batch_loss(filled, lb, state.schedule, w)
+                    ls, _ = batch_loss(filled, lb, state.schedule, w, loss_key)
                     return ls, (logp_mb, ent_mb)
 
                 (_, out), gr = jax.value_and_grad(micro_loss, has_aux=True)(state.params)
@@ -300,7 +305,7 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
                 accumulate, zeros, (jnp.arange(micro), split(fwd))
             )
             logp, entropy = _unsplit(logp), _unsplit(entropy)
-            loss_sum, (denom, sched, metrics) = batch_loss(logp, lb, state.schedule, w)
+            loss_sum, (denom, sched, metrics) = batch_loss(logp, lb, state.schedule, w, loss_key)
 
         # The loss is sum/denominator over the whole batch; denominators do not depend on the
         # parameters, so dividing the summed gradients once is exact.
