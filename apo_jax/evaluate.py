@@ -21,6 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from apo_jax import config_file
 from apo_jax.trainer import build
 
 
@@ -100,9 +101,7 @@ def _define_config_flag(argv) -> None:
         config_flags.DEFINE_config_dict("config", config, lock_config=True)
     else:
         build.config_root_on_path(argv)
-        config_flags.DEFINE_config_file(
-            "config", None, "Python config file (get_config(arg) -> ConfigDict).", lock_config=True
-        )
+        config_file.define_flag("config")
 
 
 _define_config_flag(sys.argv)

@@ -6,14 +6,12 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from apo_jax import config_file
 from apo_jax.trainer.build import config_root_on_path
 
 config_root_on_path(sys.argv)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Python config file (get_config(arg) -> ConfigDict).", lock_config=True
-)
+_CONFIG = config_file.define_flag("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, plots, checkpoints.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed)."

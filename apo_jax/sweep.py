@@ -37,15 +37,14 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 
 from absl import flags
-from ml_collections import config_flags
 
+from apo_jax import config_file
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import tracking, workdir_lock
-from apo_jax.trainer import build
+from apo_jax.trainer import build, validate
 
 DONE_MARKER = "sweep_done.json"  # written into a run's workdir after the trainer exits with 0
 PLAN_FILE = "sweep.json"  # DIR/sweep.json: arm order and overrides, read by the aggregation
@@ -87,13 +86,9 @@ def load_config(config_arg: str, overrides: list[str] | tuple[str, ...] = ()):
     build.config_root_on_path([f"--config={config_arg}"])
     argv = ["apo_jax.main", f"--config={config_arg}", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
-    )
-    with warnings.catch_warnings():  # config_flags loads the file with the deprecated load_module
-        warnings.simplefilter("ignore", DeprecationWarning)
-        fv(argv)
-        return fv.config
+    config_file.define_flag("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return fv.config
 
 
 def _key_error(config, key: str) -> str | None:
@@ -138,6 +133,8 @@ def parse_grid(specs: list[str]) -> list[dict[str, str]]:
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not vals:
             raise SweepError(f"--grid {spec!r}: empty grid for key {key!r} (no values)")
+        if twice := sorted({v for v in vals if vals.count(v) > 1}):
+            raise SweepError(f"--grid {key}: value(s) {', '.join(twice)} given twice")
         if key in (k for k, _ in axes):
             raise SweepError(f"--grid: key {key!r} given twice")
         if key == "seed":
@@ -195,7 +192,7 @@ def plan(
     if not seeds:
         raise SweepError("--seeds: no seeds")
 
-    runs, names = [], {}
+    runs, names, parsed = [], {}, {}
     for arm in arms:
         arm = dict(arm)
         arm_seeds = [arm.pop("seed")] if "seed" in arm else seeds
@@ -226,6 +223,23 @@ def plan(
                     raise SweepError(
                         f"arm {name!r}: {key}={value!r} parses as {_get(config, key)!r}"
                     )
+                # An arm that sets a block its loss / task does not read differs in nothing.
+                if unused := [u for u in validate.unused_blocks(config) if key.startswith(u)]:
+                    group = unused[0].split(".")[0]
+                    raise SweepError(
+                        f"arm {name!r}: {key} is not read with config.{group}.name="
+                        f"{config[group].name!r}: arms over it would be the same run"
+                    )
+            # Two arms that parse to the same settings (e.g. --grid optim.lr=1e-3,0.001).
+            same = tuple((k, repr(_get(config, k))) for k in sorted(arm)), seed
+            if same in parsed and parsed[same] != name:
+                other = names[parsed[same]]
+                keys = [k for k in sorted(arm) if str(arm[k]) != str(other.get(k))]
+                raise SweepError(
+                    f"arms {parsed[same]!r} and {name!r} are the same settings: "
+                    + ", ".join(f"{k} = {_get(config, k)!r}" for k in keys)
+                )
+            parsed[same] = name
             # W&B group and tags (when the config logs to W&B).
             flags_ += tracking.sweep_flags(config, workdir, name, seed, [*base_overrides, *flags_])
             rundir = os.path.join(workdir, name, f"seed{seed}")
@@ -275,9 +289,8 @@ def _metrics_complete(workdir: str, total_steps: int) -> bool:
             ev = json.load(f).get("eval", {})
     except (OSError, ValueError):
         return True
-    final_eval = ev.get("num_prompts", 0) and (
-        not ev.get("every_steps") or total_steps % ev["every_steps"] == 0
-    )
+    # The last step is always evaluated when num_prompts > 0 (trainer/loop.py).
+    final_eval = ev.get("num_prompts", 0)
     return not final_eval or any(k.startswith("eval/") for k in lines[-1])
 
 
@@ -527,7 +540,17 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = args.metrics.split(",") if args.metrics else None
     if args.aggregate:
-        rows = sweep_summary.write_summary(args.aggregate, baseline=args.baseline, metrics=metrics)
+        if not os.path.isdir(args.aggregate):
+            print(f"sweep: error: --aggregate {args.aggregate}: no such directory",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            rows = sweep_summary.write_summary(
+                args.aggregate, baseline=args.baseline, metrics=metrics
+            )
+        except ValueError as e:  # an unknown metric or baseline arm, named
+            print(f"sweep: error: {e}", file=sys.stderr)
+            return 2
         tracking.log_sweep_summary(args.aggregate, rows)  # if the runs logged to W&B
         return 0
     if not args.config or not args.workdir:

@@ -136,7 +136,15 @@ def resolve_metrics(runs: dict, metrics: list[str] | None) -> list[str]:
     ks = [int(m.group(1)) for k in keys if (m := re.fullmatch(r"eval/pass@(\d+)", k))]
     k = max(ks, default=1)
     wanted = [m.format(k=k) for m in (metrics or DEFAULT_METRICS)]
-    return [m for m in wanted if m in keys] if metrics is None else wanted
+    if metrics is None:
+        return [m for m in wanted if m in keys]
+    if runs and (unknown := [m for m in wanted if m not in keys]):
+        known = sorted(keys - {"step"})
+        raise ValueError(
+            f"--metrics: {', '.join(map(repr, unknown))} not logged by any finished run; "
+            f"logged: {', '.join(known)}"
+        )
+    return wanted
 
 
 def summarise(runs: dict, metrics: list[str], baseline: str | None) -> list[dict]:

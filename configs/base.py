@@ -11,12 +11,19 @@ Usage: --config=configs/base.py[:debug]  (the `debug` arg shrinks everything for
 import ml_collections
 
 from apo_jax import objectives, tasks
+from apo_jax.config_file import ConfigArgError, config_args  # noqa: F401 (for other files)
+
+ARGS = ("debug",)  # the config arguments this file accepts (`FILE:debug`); others are errors
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = config_args(arg, ARGS, __file__)
     c = ml_collections.ConfigDict()
-    c.seed = 0  # one seed for init, data order, rollout sampling
+    c.seed = 0  # one seed for init, data order, rollout sampling (0 .. 2**63 - 1)
     c.total_steps = 66  # rollout steps (each: sample a batch, then optim.mini_batches updates)
+    # A value that differs from its default in a loss or task block that loss.name / task.name
+    # does not select is an error (it would be ignored); True keeps such values, unused.
+    c.allow_unused_keys = False
 
     c.model = m = ml_collections.ConfigDict()
     m.preset = "qwen3_1p7b"  # preset of any family (models/registry.py), random init
@@ -44,8 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.group_size = 6  # G: completions per prompt
     r.max_prompt_len = 1024  # tokens; longer prompts are left-truncated
     r.max_new_tokens = 1280  # tokens per completion
-    r.temperature = 1.0  # sampling temperature (0 = greedy)
-    r.top_k = 0  # 0 = off
+    r.temperature = 1.0  # sampling temperature, > 0 (greedy would make a group identical)
+    r.top_k = 0  # 0 = off; at most the vocabulary size
     r.top_p = 1.0  # nucleus mass, 1 = off
     r.dynamic_sampling = False  # DAPO: drop groups with all-equal rewards and refill
     r.max_refill_rounds = 10  # dynamic sampling: at most this many extra generation rounds
@@ -116,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ck.keep = 3  # keep the last N checkpoints
 
     c.eval = e = ml_collections.ConfigDict()
-    e.every_steps = 0  # held-out evaluation every N steps (0 = only at the end if num_prompts)
+    e.every_steps = 0  # held-out evaluation every N steps and at the last step (0 = at the end)
     e.num_prompts = 0  # held-out prompts per evaluation (0 = no evaluation)
     e.rows_per_chunk = 0  # rows per evaluation sampler call, per process (0 = the rollout's)
 
@@ -132,7 +139,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lg.wandb_group = ""  # run group ("" = none; apo_jax.sweep sets the sweep's name)
     lg.wandb_tags = ()  # run tags, each 1-64 characters (apo_jax.sweep adds arm and seed)
 
-    if arg and "debug" in arg.split(","):
+    if "debug" in args:
         apply_debug(c)
     return c
 

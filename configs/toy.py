@@ -3,6 +3,8 @@ Qwen3 on CPU, a few minutes on 2 cores. No downloads."""
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -22,6 +24,6 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 50
     c.eval.num_prompts = 64
     c.eval.every_steps = 50
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

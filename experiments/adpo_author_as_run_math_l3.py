@@ -26,6 +26,8 @@ What still differs from the author's run:
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -44,6 +46,6 @@ def get_config(arg=None):
     c.task.math.extraction = "author"  # the author's grader falls back to "answer is X" etc.
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

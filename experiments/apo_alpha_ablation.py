@@ -14,16 +14,27 @@ from configs import base
 ALPHAS = (0.35, 0.5, 0.9, 1.0)  # the ablation grid; other values in (0, 1] also work
 
 
+# Config arguments this file accepts, comma-separated; any other is an error.
+ARGS = ("debug", "scheduled", "<alpha in (0, 1]>")
+
+
 def parse_alpha(arg: str | None) -> float | None:
-    """The fixed alpha in a comma-separated config arg; None means the schedule."""
+    """The fixed alpha in a comma-separated config arg; None means the schedule. Any other
+    argument is an error naming it."""
+    alphas = []
     for token in (arg or "").split(","):
         token = token.strip()
         if token and token not in ("debug", "scheduled"):
-            alpha = float(token)
-            if not 0.0 < alpha <= 1.0:
-                raise ValueError(f"alpha must lie in (0, 1] (1 = forward KL), got {token!r}")
-            return alpha
-    return None
+            try:
+                alphas.append(float(token))
+            except ValueError:
+                alphas.append(None)
+            if alphas[-1] is None or not 0.0 < alphas[-1] <= 1.0 or len(alphas) > 1:
+                raise base.ConfigArgError(
+                    f"{__file__}: config argument {token!r} (in {arg!r}): accepted: "
+                    f"{', '.join(ARGS)}, one alpha at most (1 = forward KL)"
+                )
+    return alphas[0] if alphas else None
 
 
 def get_config(arg=None):
@@ -34,6 +45,6 @@ def get_config(arg=None):
         c.schedule.alpha = alpha
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
-    if arg and "debug" in arg.split(","):
+    if "debug" in [t.strip() for t in (arg or "").split(",")]:
         base.apply_debug(c)
     return c

@@ -9,6 +9,8 @@ file only adds a held-out evaluation on MATH Level-3 test.
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -20,6 +22,6 @@ def get_config(arg=None):
     c.rollout.rows_per_chunk = 48
     c.eval.num_prompts = 256  # held-out L3 test prompts: greedy + G samples each
     c.eval.every_steps = 22  # 66 steps = 2 epochs of the 1,592 L3 problems: evals at 22/44/66
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

@@ -9,6 +9,8 @@ G, batch, lengths, lr and evaluation as apo_math_l3.py.
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -21,6 +23,6 @@ def get_config(arg=None):
     c.loss.cispo.clip_eps_high = 0.2
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

@@ -10,6 +10,8 @@ recipe also filters all-correct / all-wrong groups: add --config.rollout.dynamic
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -23,6 +25,6 @@ def get_config(arg=None):
     c.loss.clip_cov.clip_cov_lb, c.loss.clip_cov.clip_cov_ub = 1.0, 5.0
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

@@ -10,6 +10,8 @@ APO's budget, reported as rollout/refill_rounds) and overlong shaping with a 256
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -25,7 +27,7 @@ def get_config(arg=None):
     c.rollout.overlong_buffer = 256
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
         c.rollout.max_refill_rounds = 1  # a random tiny model is rarely right at all
         c.rollout.overlong_buffer = c.rollout.max_new_tokens // 2  # must fit the debug length

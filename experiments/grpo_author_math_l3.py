@@ -12,6 +12,8 @@ an update make 42 chunks of 6 and one of 4, cut in batch order (verl balances le
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -28,6 +30,6 @@ def get_config(arg=None):
     c.total_steps = 50  # 2 epochs of 1,592 problems at 64 per step
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 25
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

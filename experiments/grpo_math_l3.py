@@ -9,6 +9,8 @@ No KL (the paper's setup; DeepSeekMath itself used beta = 0.04: add --config.los
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -22,6 +24,6 @@ def get_config(arg=None):
     c.loss.grpo.scale_adv = True
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

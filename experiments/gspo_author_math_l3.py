@@ -8,6 +8,8 @@ APO's budget (G = 6, 48 prompts per step in 2 mini-batches of 24, lr 1e-6, 2 epo
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -21,6 +23,6 @@ def get_config(arg=None):
     c.loss.gspo.scale_adv = True
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

@@ -10,6 +10,8 @@ Level 3: GRPO advantages, token-mean, no ratio clip, β·|log π_θ − log π_o
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -22,6 +24,6 @@ def get_config(arg=None):
     c.loss.kl_cov.ppo_kl_coef = 1.0
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

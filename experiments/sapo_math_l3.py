@@ -9,6 +9,8 @@ batch, lengths, lr and evaluation as apo_math_l3.py.
 
 from configs import base
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
 
 def get_config(arg=None):
     c = base.get_config()
@@ -20,6 +22,6 @@ def get_config(arg=None):
     c.loss.sapo.tau_pos, c.loss.sapo.tau_neg = 1.0, 1.05
     c.eval.num_prompts = 256  # as apo_math_l3.py
     c.eval.every_steps = 22
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c

@@ -16,6 +16,9 @@ from configs import base, toy
 ALPHAS = (0.35, 0.5, 0.9, 1.0)  # the fixed-alpha arms
 
 
+ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
+
+
 def get_config(arg=None):
     c = toy.get_config()
     c.total_steps = 300
@@ -23,7 +26,7 @@ def get_config(arg=None):
     c.eval.every_steps = 25
     c.checkpoint.every_steps = 50  # a killed run resumes from its last multiple of 50
     c.logging.tensorboard = c.logging.plots = c.logging.progress = False
-    if arg and "debug" in arg.split(","):
+    if "debug" in base.config_args(arg, ARGS, __file__):
         base.apply_debug(c)
     return c
 

@@ -13,9 +13,11 @@ Args are comma-separated: `mean`, `debug`, `mean,debug`.
 
 from configs import base
 
+ARGS = ("mean", "debug")  # config arguments this file accepts (comma-separated)
+
 
 def get_config(arg=None):
-    args = (arg or "").split(",")
+    args = base.config_args(arg, ARGS, __file__)
     c = base.get_config()
     # Memory (issue 16, benchmarks/README.md): 6 micro-batches per update and the rollout in
     # chunks of 8 prompts x G 6 fit 4 x 24 GB and 8 x 16 GB; the results do not change.

@@ -392,3 +392,332 @@ def test_heartbeat_timeout_reaches_jax_and_is_bounded(monkeypatch, tmp_path):
     proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "heartbeat_timeout_s" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- issue 24, groups 4, 5, 7: ignored settings, data that cannot train, late or bare errors ---
+
+I32, I64 = 2**31 - 1, 2**63 - 1
+# (overrides of toy.py:debug, regex), run as CONFIG_CASES: both CLIs, before anything is built.
+ISSUE24_CONFIG_CASES = [
+    # 4: a non-default value in a block that loss.name / task.name does not select
+    (
+        {"loss.grpo.kl_coef": 0.04},
+        r"^config\.loss\.grpo\.kl_coef=0\.04: config\.loss\.name='apo'"
+        r" does not read config\.loss\.grpo\.\* .*allow_unused_keys=True",
+    ),
+    ({"loss.gspo.scale_adv": False}, r"^config\.loss\.gspo\.scale_adv=False: .*loss\.name='apo'"),
+    (
+        {"task.toy_sorted.prompt_len": 4},
+        r"^config\.task\.toy_sorted\.prompt_len=4: config\.task"
+        r"\.name='toy' does not read",
+    ),
+    ({"task.math.reward": "correct"}, r"^config\.task\.math\.reward='correct': .*task\.name='toy'"),
+    # ... range-checked like a selected block, also when unused values are allowed
+    ({"loss.grpo.agg_mode": "mean"}, r"^config\.loss\.grpo\.agg_mode='mean'"),
+    ({"loss.fdiv.clip_log_ratio": 0.0}, r"^config\.loss\.fdiv\.clip_log_ratio=0\.0"),
+    ({"allow_unused_keys": True, "task.math.level": 9}, r"^config\.task\.math\.level=9"),
+    ({"allow_unused_keys": True, "loss.dapo.clip_eps_low": NAN}, r"config\.loss\.dapo\.clip_eps"),
+    ({"allow_unused_keys": 1}, r"^config\.allow_unused_keys=1: must be a bool"),
+    # 4: greedy training makes every group identical (zero advantage, zero gradient)
+    ({"rollout.temperature": 0.0}, r"^config\.rollout\.temperature=0\.0: greedy sampling"),
+    ({"rollout.temperature": 0}, r"^config\.rollout\.temperature=0(\.0)?: .*advantage"),
+    # 7: upper bounds a dtype or memory imposes
+    (
+        {"optim.warmup_steps": 10**12},
+        rf"^config\.optim\.warmup_steps=1000000000000: must lie in "
+        rf"\[0, {I32}\]",
+    ),
+    ({"total_steps": 2**31}, rf"^config\.total_steps=2147483648: must lie in \[1, {I32}\]"),
+    (
+        {"total_steps": 2**30 + 1},
+        r"^config\.total_steps=1073741825: total_steps \* optim\."
+        r"mini_batches = 2147483650 .*int32",
+    ),
+    (
+        {"schedule.ess_candidates": 2**30},
+        r"^config\.schedule\.ess_candidates=1073741824: .*"
+        r"\[candidates, prompts, G\] array",
+    ),
+    ({"schedule.ess_warmup_calls": 2**31}, r"^config\.schedule\.ess_warmup_calls=2147483648"),
+    (
+        {"rollout.prompts_per_step": 10**12},
+        r"^config\.rollout\.prompts_per_step=1000000000000: "
+        r"a step's token batch .* > 2\*\*31 - 1 elements",
+    ),
+    ({"rollout.group_size": 10**9}, r"^config\.rollout\.prompts_per_step=4: .*group_size"),
+    ({"seed": 2**63}, rf"^config\.seed=9223372036854775808: must lie in \[0, {I64}\]"),
+    ({"seed": 2**64 + 1}, r"^config\.seed=18446744073709551617: must lie in"),
+    ({"model.remat": "sometimes"}, r"^config\.model\.remat='sometimes': valid: .*True / False"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", ISSUE24_CONFIG_CASES, ids=lambda x: str(x)[:60])
+def test_issue24_bad_config_fails_first_and_changes_nothing(finished, no_compile, overrides, match):
+    test_bad_config_fails_first_and_changes_nothing(finished, no_compile, overrides, match)
+
+
+def test_unused_blocks_may_change_on_resume_but_used_keys_may_not(finished, no_compile):
+    """A resumed run compares only the blocks it reads: with allow_unused_keys, a new value in
+    the grpo block of an apo run passes the resume check (and gets as far as building the
+    model, which no_compile refuses); a new value in the apo block is refused, named."""
+    workdir, saved = finished
+    # total_steps=3: a continuation (the finished run, at its total_steps, would train nothing)
+    c = _toy(
+        **{"total_steps": 3, "allow_unused_keys": True, "loss.grpo.kl_coef": 0.04,
+           "task.math.level": 2}
+    )  # fmt: skip
+    with pytest.raises(AssertionError, match="before any model is built"):
+        train.run(c, str(workdir))
+    with pytest.raises(ValueError, match=r"incompatible config .*loss\.apo\.beta_r"):
+        train.run(_toy(**{"loss.apo.beta_r": 2.0}), str(workdir))
+    assert _snapshot(workdir) == saved
+
+
+def test_remat_booleans_pass_on_the_command_line():
+    from apo_jax import sweep
+
+    for text, policy in (("True", "block"), ("false", "none"), ("dots_saveable", "dots_saveable")):
+        c = sweep.load_config("configs/toy.py:debug", [f"--config.model.remat={text}"])
+        assert build.plan(c).model.remat == policy
+
+
+def _config_file(tmp_path, body: str) -> str:
+    path = tmp_path / "configs" / "mine.py"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(body)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (
+            "configs/toy.py:debgu",
+            r"configs/toy\.py: unknown config argument\(s\) 'debgu' "
+            r"\(in 'debgu'\); accepted: debug",
+        ),
+        ("configs/base.py:debug,smal", r"configs/base\.py: unknown .* 'smal'"),
+        ("experiments/apo_math_l3.py:dbg", r"apo_math_l3\.py: unknown config argument\(s\) 'dbg'"),
+        (
+            "experiments/apo_alpha_ablation.py:0.5,debgu",
+            r"apo_alpha_ablation\.py: config argument "
+            r"'debgu' .*accepted: debug, scheduled",
+        ),
+        ("experiments/apo_alpha_ablation.py:1.5", r"'1\.5' .*alpha"),
+        (
+            "{tmp}/configs/mine.py",
+            r"mine\.py: get_config\(\) returned dict, not an ml_collections"
+            r"\.ConfigDict \(wrap it",
+        ),
+        (
+            "{tmp}/configs/mine.py:none",
+            r"mine\.py: get_config\('none'\) returned NoneType, .*"
+            r"return",
+        ),
+        ("{tmp}/configs", r"configs: is a directory, not a file"),
+        ("{tmp}/configs/absent.py", r"absent\.py: no such file"),
+    ],
+    ids=lambda x: str(x)[:50],
+)
+def test_config_file_arguments_and_results_are_checked(tmp_path, spec, match):
+    """Every CLI loads --config through apo_jax.config_file (sweep.load_config is that path
+    on a private FlagValues): a one-line error naming the file."""
+    from apo_jax import sweep
+
+    _config_file(tmp_path, "def get_config(arg=None):\n    return None if arg else {'seed': 0}\n")
+    with pytest.raises(Exception, match=match) as err:
+        sweep.load_config(spec.format(tmp=tmp_path))
+    assert "Traceback" not in str(err.value)
+
+
+TOKENIZER_CASES = [
+    (b"", r"tokenizer\.json: not valid JSON"),
+    (b'{"version": "1.0", "model": {"vocab": {"a": 0', r"tokenizer\.json: not valid JSON"),
+    (b"\x00\x01 binary", r"tokenizer\.json: not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("content, match", TOKENIZER_CASES, ids=["empty", "truncated", "binary"])
+def test_damaged_tokenizer_names_the_file_and_key(math_files, tmp_path, no_compile, content, match):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text("{}")
+    (tok / "tokenizer.json").write_bytes(content)
+    c = _math(math_files, **{"task.math.tokenizer": str(tok)})
+    with pytest.raises(ValueError, match=r"^config\.task\.math\.tokenizer: .*" + match):
+        train.run(c, str(tmp_path / "run"))
+    (tok / "tokenizer.json").write_text("{}")  # JSON, but no tokenizer: still named
+    (tok / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
+        evaluate_cli.run(c, out=str(tmp_path / "r.json"))
+
+
+def _rows(path: pathlib.Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD = dict(problem="What is 1 + 1?", answer="2", level="Level 3")
+# (rows of a MATH file, regex): data that cannot train, named by file:line before the model.
+DATA_CASES = [
+    (
+        [GOOD, {**GOOD, "answer": 2}],
+        r"data\.jsonl:2 \(line 2\): .*'answer' must be a JSON string,"
+        r" got int 2",
+    ),
+    ([{**GOOD, "answer": ["2", "3"]}], r"data\.jsonl:1 .*'answer' must be a JSON string, got list"),
+    ([GOOD, GOOD, {**GOOD, "problem": {"text": "x"}}], r"data\.jsonl:3 .*'problem' .* got dict"),
+    ([{**GOOD, "problem": 7.5}], r"data\.jsonl:1 .*'problem' must be a JSON string, got float"),
+    ([{**GOOD, "answer": True}], r"'answer' must be a JSON string, got bool true"),
+    (
+        [{**GOOD, "answer": ""}] * 3,
+        r"data\.jsonl has no problems of level 3 .*3 record\(s\) "
+        r"skipped \(malformed, or an empty problem or answer",
+    ),
+    ([{**GOOD, "problem": "  \n"}] * 2, r"data\.jsonl has no problems .*2 record\(s\) skipped"),
+]
+
+
+@pytest.mark.parametrize("rows, match", DATA_CASES, ids=lambda x: str(x)[:50])
+def test_data_that_cannot_train_fails_with_file_and_line(
+    math_files, tmp_path, no_compile, rows, match
+):
+    data = _rows(tmp_path / "data.jsonl", rows)
+    c = _math(math_files, **{"task.math.data_path": data})
+    with pytest.raises(ValueError, match=r"^config\.task\.math\.data_path: .*" + match):
+        train.run(c, str(tmp_path / "run"))
+    c = _math(math_files, **{"task.math.eval_path": data})  # the held-out file: same rules
+    with pytest.raises(ValueError, match=r"^config\.task\.math\.eval_path: .*" + match):
+        evaluate_cli.run(c, out=str(tmp_path / "r.json"))
+
+
+def test_some_empty_answers_are_skipped_with_a_warning(tmp_path, caplog):
+    from apo_jax.tasks import datasets
+
+    rows = [GOOD, {**GOOD, "answer": " "}, GOOD, {**GOOD, "problem": ""}]
+    problems = datasets.load_math(_rows(tmp_path / "data.jsonl", rows))
+    assert len(problems) == 2 and problems.num_skipped == 2
+    assert "data.jsonl:2: skipped 2 record(s) with an empty field" in caplog.text
+
+
+def test_directory_as_data_path_is_named(math_files, no_compile, tmp_path):
+    c = _math(math_files, **{"task.math.data_path": str(math_files)})
+    with pytest.raises(IsADirectoryError, match=r"^config\.task\.math\.data_path: .*is a dir"):
+        train.run(c, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            {"rollout.top_k": 14},
+            r"^config\.rollout\.top_k=14: exceeds the model's vocabulary "
+            r"\(13 tokens\)",
+        ),
+        (
+            {"rollout.max_prompt_len": 3},
+            r"^config\.rollout\.max_prompt_len=3: shorter than the "
+            r"toy task's prompts .* = 4 tokens",
+        ),
+        (
+            {
+                "task.name": "toy_sorted",
+                "task.toy_sorted.prompt_len": 5,
+                "rollout.max_prompt_len": 5,
+            },
+            r"max_prompt_len=5: shorter than the toy_sorted",
+        ),
+    ],
+    ids=lambda x: str(x)[:40],
+)
+def test_task_dependent_bounds_fail_before_the_model(no_compile, tmp_path, overrides, match):
+    """top_k against the vocabulary, max_prompt_len against the toy prompts: known once the
+    task is built, still before the model (a fresh workdir: no resume check first)."""
+    c = _toy(**overrides)
+    with pytest.raises(ValueError, match=match):
+        train.run(c, str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=match):
+        evaluate_cli.run(c, out=str(tmp_path / "r.json"))
+    assert not (tmp_path / "r.json").exists()
+
+
+def _sweep_args(tmp_path, *extra):
+    return ["--config=configs/toy.py:debug", f"--workdir={tmp_path / 'w'}", "--seeds=0", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--grid", "optim.lr=1e-3,3e-3,1e-3"], "--grid optim.lr: value(s) 1e-3 given twice"),
+        (
+            ["--grid", "optim.lr=1e-3,0.001"],
+            "arms 'optim.lr=1e-3' and 'optim.lr=0.001' are the same settings: optim.lr = 0.001",
+        ),
+        (
+            ["--grid", "loss.grpo.kl_coef=0.0,0.04"],
+            "arm 'loss.grpo.kl_coef=0.0': loss.grpo."
+            "kl_coef is not read with config.loss.name='apo'",
+        ),
+        (
+            ["--config.allow_unused_keys=True", "--grid", "task.math.level=2,3"],
+            "task.math.level is not read with config.task.name='toy'",
+        ),
+        (["--config.loss.grpo.kl_coef=0.04"], "config.loss.grpo.kl_coef=0.04: config.loss.name="),
+        (["--config.rollout.temperature=0"], "config.rollout.temperature=0.0: greedy sampling"),
+    ],
+    ids=lambda x: str(x)[:40],
+)
+def test_sweep_refuses_arms_that_differ_in_nothing(tmp_path, capsys, extra, needle):
+    from apo_jax import sweep
+
+    assert sweep.main(_sweep_args(tmp_path, *extra)) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_sweep_with_a_mistyped_config_argument_fails_first(tmp_path, capsys):
+    from apo_jax import sweep
+
+    args = _sweep_args(tmp_path, "--grid", "optim.lr=1e-3,3e-3")
+    args[0] = "--config=configs/toy.py:debgu"
+    assert sweep.main(args) == 2
+    assert "unknown config argument(s) 'debgu'" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_aggregate_names_a_missing_directory_and_unknown_metrics(tmp_path, capsys):
+    from apo_jax import sweep
+
+    assert sweep.main(["--aggregate", str(tmp_path / "nowhere")]) == 2
+    assert f"--aggregate {tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
+    run = tmp_path / "arm" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"total_steps": 2}))
+    _rows(run / "metrics.jsonl", [{"step": s, "reward/mean": 0.5} for s in (1, 2)])
+    saved = _snapshot(tmp_path)
+    assert sweep.main(["--aggregate", str(tmp_path), "--metrics=reward/meen,reward/mean"]) == 2
+    err = capsys.readouterr().err
+    assert "--metrics: 'reward/meen' not logged by any finished run; logged: reward/mean" in err
+    assert _snapshot(tmp_path) == saved  # no summary with an empty column
+    assert sweep.main(["--aggregate", str(tmp_path), "--metrics=reward/mean"]) == 0
+
+
+@pytest.mark.slow
+def test_late_evaluation_runs_at_the_end_and_a_lost_metrics_file_is_reported(tmp_path, caplog):
+    """eval.every_steps > total_steps still evaluates the last step (it used to never evaluate);
+    resuming after metrics.jsonl was deleted says so, and the file starts at the next step."""
+    from apo_jax.infra import metrics as metrics_lib
+
+    c = lambda steps: _toy(
+        **{"total_steps": steps, "eval.every_steps": 5, "eval.num_prompts": 2}
+    )  # 2 prompts: the smallest evaluation
+    train.run(c(2), str(tmp_path))
+    lines = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [x["step"] for x in lines] == [1, 2]
+    assert "eval/accuracy" in lines[1] and not any(k.startswith("eval/") for k in lines[0])
+    (tmp_path / "metrics.jsonl").unlink()
+    with caplog.at_level("WARNING"):
+        train.run(c(3), str(tmp_path))
+    assert "metrics.jsonl: missing; resuming at step 2, so the file lacks steps 1..2" in caplog.text
+    lines = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [x["step"] for x in lines] == [3] and "eval/accuracy" in lines[0]

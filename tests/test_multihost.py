@@ -23,7 +23,8 @@ def _free_port() -> int:
 def _cmd(workdir, *extra):
     return [sys.executable, "-m", "apo_jax.main", "--config=configs/toy.py:debug",
             f"--workdir={workdir}", "--config.total_steps=3", "--config.mesh.data=-1",
-            "--config.logging.progress=False", *extra]  # fmt: skip
+            "--config.logging.progress=False", "--config.eval.num_prompts=0",  # training only
+            *extra]  # fmt: skip
 
 
 def _env(devices: int):

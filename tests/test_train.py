@@ -38,6 +38,9 @@ def _debug_toy(**overrides):
     c.mesh.data = 1  # tests run with 8 fake devices; the loop itself is single-device here
     c.total_steps = 4
     c.checkpoint.every_steps = 2
+    # No held-out evaluation (it would run at the last step): these tests are about training
+    # and resuming; evaluation is tested in test_evaluate.py.
+    c.eval.num_prompts = 0
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")
@@ -60,6 +63,7 @@ def _comparable(lines):
 def test_every_config_builds_and_runs_one_step(path, tmp_path, shared_data):
     c = _load(path).get_config("debug")
     c.mesh.data, c.total_steps = 1, 1
+    c.eval.num_prompts = 0  # the last step would evaluate: tested in test_evaluate.py
     last = train.run(c, str(tmp_path))
     assert last["step"] == 1 and np.isfinite(last["loss/value"])
     assert "reward/mean" in _lines(tmp_path)[0]

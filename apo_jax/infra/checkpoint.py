@@ -29,7 +29,9 @@ from jax.experimental import multihost_utils
 # Keys that may change between a run and its resumption; every other key must match. Changing
 # total_steps keeps every schedule continuous only where no schedule reads it: see
 # `check_compatible` (HORIZON_DECAYS).
-RESUMABLE_PREFIXES = ("total_steps", "checkpoint.", "logging.", "eval.", "mesh.")
+RESUMABLE_PREFIXES = (
+    "total_steps", "checkpoint.", "logging.", "eval.", "mesh.", "allow_unused_keys"
+)  # fmt: skip
 # optim.decay values whose lr schedule spans total_steps × optim.mini_batches updates: under
 # another total_steps the lr at the resumed step would jump (a cosine at 4 of 4 steps is near 0,
 # at 4 of 8 steps near its peak), so resuming them needs the original total_steps.
@@ -228,15 +230,18 @@ def flatten_config(config: Mapping, prefix: str = "") -> dict:
     return flat
 
 
-def check_compatible(saved: Mapping, current: Mapping, where: str) -> None:
+def check_compatible(
+    saved: Mapping, current: Mapping, where: str, ignore: tuple[str, ...] = ()
+) -> None:
     """Raises ValueError listing every config key that differs in a way resuming cannot honour:
-    any key outside RESUMABLE_PREFIXES, and total_steps when the lr schedule's horizon is
-    total_steps (HORIZON_DECAYS)."""
+    any key outside RESUMABLE_PREFIXES and `ignore` (prefixes of the blocks the run does not
+    read, which may differ), and total_steps when the lr schedule's horizon is total_steps
+    (HORIZON_DECAYS)."""
     a, b = flatten_config(saved), flatten_config(current)
     differ = sorted(
         k
         for k in a.keys() | b.keys()
-        if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_PREFIXES)
+        if a.get(k) != b.get(k) and not k.startswith((*RESUMABLE_PREFIXES, *ignore))
     )
     if differ:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:10])
@@ -255,11 +260,13 @@ def check_compatible(saved: Mapping, current: Mapping, where: str) -> None:
         )
 
 
-def check_resume(step: int, saved: Mapping, current: Mapping, where: str) -> None:
+def check_resume(
+    step: int, saved: Mapping, current: Mapping, where: str, ignore: tuple[str, ...] = ()
+) -> None:
     """`check_compatible`, and a checkpoint at `step` beyond the current total_steps is an
     error (the run is past where it would end). A step equal to total_steps is a finished run:
     the caller says so and trains nothing."""
-    check_compatible(saved, current, where)
+    check_compatible(saved, current, where, ignore)
     total = current["total_steps"]
     if step > total:
         raise ValueError(

@@ -51,6 +51,7 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         # Steps after the checkpoint we resume from are re-run: drop their old lines so the
         # file reads exactly like an uninterrupted run.
+        kept = []
         if os.path.exists(self.path):
             kept = [
                 line
@@ -60,6 +61,16 @@ class MetricsWriter:
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(json.dumps(line) + "\n" for line in kept)
             os.replace(self.path + ".tmp", self.path)
+        have = max((line["step"] for line in kept), default=0)
+        if have < resume_step:  # deleted or cut short while the checkpoints were kept
+            logging.warning(
+                "%s: %s; resuming at step %d, so the file lacks steps %d..%d",
+                self.path,
+                f"holds steps up to {have} only" if have else "missing",
+                resume_step,
+                have + 1,
+                resume_step,
+            )
         if tensorboard:
             from tensorboardX import SummaryWriter
 

@@ -87,10 +87,16 @@ def rows_sharded(x: Array) -> Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes)))
 
 
+_REMAT_BOOLS = {"true": "block", "false": "none"}  # as text: `--config.model.remat=True`
+
+
 def check_remat(remat: bool | str) -> str:
-    """`model.remat` as a policy name; True / False (older configs) mean "block" / "none"."""
+    """`model.remat` as a policy name; True / False (older configs) mean "block" / "none", also
+    as the text a command line gives (the key holds a string, so the flag parses as one)."""
     if isinstance(remat, bool):
         return "block" if remat else "none"
+    if isinstance(remat, str) and remat.lower() in _REMAT_BOOLS:
+        return _REMAT_BOOLS[remat.lower()]
     if remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
     return remat

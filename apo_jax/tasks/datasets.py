@@ -65,9 +65,14 @@ def read_records(
     help_text: str = "pass the path of an existing JSONL or Parquet file",
 ) -> tuple[list[tuple[int, dict]], int]:
     """(line or row number, record) pairs of a .jsonl/.json-lines or .parquet file, and how many
-    malformed records were skipped. A record is malformed if it is not a JSON object or lacks
-    a `required` field; that raises ValueError naming file and line unless `skip_malformed`."""
+    records were skipped. A record is malformed if it is not a JSON object, lacks a `required`
+    field, or holds something other than a string there (a number or a list would be trained
+    on as its Python text); that raises ValueError naming file and line unless
+    `skip_malformed`. A record whose `required` text is empty or blank (nothing to ask, or no
+    answer to reward) is skipped with a warning naming the first such line."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not a data file; {help_text}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; {help_text}")
     if path.suffix == ".parquet":
@@ -83,7 +88,7 @@ def read_records(
     else:
         raw = _jsonl_lines(path)
         where = "line"
-    records, skipped = [], 0
+    records, skipped, empty = [], 0, []
     for lineno, rec in raw:
         if isinstance(rec, Exception):
             problem = f"not valid JSON ({rec})"
@@ -91,7 +96,17 @@ def read_records(
             problem = f"expected a JSON object, got {type(rec).__name__}"
         else:
             missing = [k for k in required if rec.get(k) is None]
+            wrong = [k for k in required if k not in missing and not isinstance(rec[k], str)]
             problem = f"missing field(s) {missing}" if missing else ""
+            if wrong and not problem:
+                problem = ", ".join(
+                    f"field {k!r} must be a JSON string, got {type(rec[k]).__name__} "
+                    f"{_clip(rec[k])}"
+                    for k in wrong
+                )
+            if not problem and (blank := [k for k in required if not rec[k].strip()]):
+                empty.append((lineno, blank))
+                continue
         if problem:
             if not skip_malformed:
                 raise ValueError(
@@ -103,7 +118,18 @@ def read_records(
         records.append((lineno, rec))
     if skipped:
         logger.warning(f"{path}: skipped {skipped} malformed record(s)")
-    return records, skipped
+    if empty:
+        (first, fields), *_ = empty
+        logger.warning(
+            f"{path}:{first}: skipped {len(empty)} record(s) with an empty field "
+            f"({' and '.join(fields)} at {where} {first}, the first of them)"
+        )
+    return records, skipped + len(empty)
+
+
+def _clip(value, n: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
@@ -202,5 +228,13 @@ def load_gsm8k(
             skipped += 1
             continue
         final = solution.rsplit("####", 1)[1].strip().replace(",", "")
+        if not final:
+            if not skip_malformed:
+                raise ValueError(
+                    f"{path}:{lineno} (line {lineno}): malformed record: nothing after the "
+                    "answer's '####'; fix it or pass skip_malformed=True"
+                )
+            skipped += 1
+            continue
         problems.append(Problem(f"gsm8k/{path.stem}/{lineno}", str(rec["question"]), final))
     return ProblemSet(problems, path, skipped)

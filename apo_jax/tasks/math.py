@@ -57,9 +57,24 @@ def load_tokenizer(path: str | os.PathLike | None = None):
             f"{path}: no tokenizer.json (nor the slow-tokenizer files vocab.json + merges.txt "
             f"or tokenizer.model); tokenizer_config.json alone is not a tokenizer; {help_text}"
         )
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a damaged file, named
+        if (path / name).is_file():
+            try:
+                with open(path / name, "rb") as f:
+                    json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(
+                    f"{path / name}: not valid JSON ({e}); the file is damaged or truncated: "
+                    f"copy it again; {help_text}"
+                ) from None
     from transformers import AutoTokenizer  # lazy: slow import
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (transformers and tokenizers raise many types)
+        raise ValueError(
+            f"{path}: the tokenizer does not load ({type(e).__name__}: {e}); {help_text}"
+        ) from None
     check_tokenizer(tokenizer, str(path))
     return tokenizer
 
@@ -290,29 +305,42 @@ DEFAULTS = dict(
 )
 
 
+def _named(key: str, load, *args, **kwargs):
+    """`load(*args, **kwargs)`, its errors (a file's, with file:line) prefixed by the config key
+    that gave the path."""
+    try:
+        return load(*args, **kwargs)
+    except (OSError, ValueError) as e:
+        try:
+            err = type(e)(f"config.{key}: {e}")
+        except TypeError:  # an exception type with more arguments than a message
+            err = ValueError(f"config.{key}: {e}")
+        raise err from None
+
+
 def _build(p, ctx: registry.TaskContext) -> MathTask:
     levels = (p["level"],) if p["level"] else None
-    train = load_math(p["data_path"] or None, split="train", levels=levels)
+    train = _named("task.math.data_path", load_math, p["data_path"] or None, levels=levels)
     eval_path = p["eval_path"] or None
     if p["eval_set"] == "math":
-        held_out = load_math(eval_path, split="test", levels=levels)
+        held_out = _named("task.math.eval_path", load_math, eval_path, split="test", levels=levels)
     elif p["eval_set"] == "math500":
-        held_out = load_math500(eval_path)
+        held_out = _named("task.math.eval_path", load_math500, eval_path)
     else:
-        held_out = load_gsm8k(eval_path)
+        held_out = _named("task.math.eval_path", load_gsm8k, eval_path)
     _require_problems(train, "data_path", p["level"])
     _require_problems(held_out, "eval_path", p["level"] if p["eval_set"] == "math" else 0)
-    tokenizer = p["tokenizer"] or None
+    tokenizer, key = p["tokenizer"] or None, "task.math.tokenizer"
     if (
         tokenizer is None
         and ctx.model_dir
         and os.path.isfile(os.path.join(ctx.model_dir, "tokenizer.json"))
     ):
-        tokenizer = ctx.model_dir
+        tokenizer, key = ctx.model_dir, "model.hf_dir"
     return MathTask(
         train.problems,
         held_out.problems,
-        load_tokenizer(tokenizer),
+        _named(key, load_tokenizer, tokenizer),
         reward_name=p["reward"],
         max_prompt_len=ctx.max_prompt_len,
         enable_thinking=p["enable_thinking"],
@@ -326,7 +354,10 @@ def _require_problems(problems: ProblemSet, key: str, level: int) -> None:
     if not len(problems):
         kept = f" of level {level} (config.task.math.level={level})" if level else ""
         skipped = (
-            f"; {problems.num_skipped} malformed record(s) skipped" if problems.num_skipped else ""
+            f"; {problems.num_skipped} record(s) skipped (malformed, or an empty problem or "
+            "answer: see the warnings)"
+            if problems.num_skipped
+            else ""
         )
         raise ValueError(
             f"config.task.math.{key}: {problems.source} has no problems{kept}{skipped}"

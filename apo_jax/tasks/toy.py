@@ -200,6 +200,15 @@ DEFAULTS = dict(
 
 def _builder(ordered: bool):
     def build(p, ctx: registry.TaskContext) -> ToyTask:
+        # A prompt is prompt_len values and "=": left truncation would drop values the answer
+        # must list, so no completion could be right.
+        if ctx.max_prompt_len < p["prompt_len"] + 1:
+            raise ValueError(
+                f"config.rollout.max_prompt_len={ctx.max_prompt_len}: shorter than the "
+                f"{'toy_sorted' if ordered else 'toy'} task's prompts (task.<name>.prompt_len + 1 "
+                f"= {p['prompt_len'] + 1} tokens); truncated prompts lose values the answer "
+                "must copy"
+            )
         return ToyTask(ordered=ordered, seed=ctx.seed, **p)
 
     return build

@@ -125,6 +125,10 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     task_params = dict(c.task[task.name])
     validate.check_block(f"task.{task.name}", task_params, task.defaults)
     task.check(task_params)
+    # The other blocks: range-checked too, and refused if set (they would be ignored).
+    blocks = {f"loss.{n}": objectives.get(n) for n in objectives.names()}
+    blocks.update({f"task.{n}": tasks.get(n) for n in tasks.names()})
+    validate.check_unused_blocks(c, {k: (b.defaults, b.check) for k, b in blocks.items()})
     m, r, o, s = c.model, c.rollout, c.optim, c.schedule
     return Plan(
         seed=c.seed,
@@ -276,6 +280,7 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.DecoderConfig:
             vocab = task_vocab if m.vocab_size == -1 else m.vocab_size
             cfg = dataclasses.replace(cfg, vocab_size=vocab)
     validate.check_vocab(cfg.vocab_size, task_vocab)
+    validate.check_top_k(p.rollout.top_k, cfg.vocab_size)
     validate.check_lengths(p.rollout.max_prompt_len, p.rollout.max_new_tokens, cfg)
     return cfg
 

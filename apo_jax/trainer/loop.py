@@ -108,7 +108,9 @@ def _train(p: build.Plan, workdir: str) -> dict:
     )
     saved = ckpt.latest_record()  # (step, record) of the newest readable step, or None
     if saved is not None:
-        checkpoint_lib.check_resume(saved[0], saved[1]["config"], p.record, workdir)
+        # The blocks of unselected losses and tasks are not read: they may change.
+        unused = validate.unused_blocks(p.record)
+        checkpoint_lib.check_resume(saved[0], saved[1]["config"], p.record, workdir, unused)
         if saved[0] == p.total_steps:  # a finished run started again: nothing to train
             ckpt.close()
             return _already_done(workdir, saved[0])
@@ -181,6 +183,7 @@ def _train(p: build.Plan, workdir: str) -> dict:
     with checkpoint_lib.StopSignal() as stop:
         for step in range(start + 1, p.total_steps + 1):
             t0 = time.perf_counter()
+            last = step == p.total_steps
             rng = jax.random.fold_in(root_key, step)
             # Each process takes its share of every mini-batch, so mini-batch k holds the same
             # prompts whatever the number of processes.
@@ -245,7 +248,9 @@ def _train(p: build.Plan, workdir: str) -> dict:
             # The step's device batch is done with: the evaluation holds only the train state,
             # the rollout weights and its sampler calls (what --dry_run counts as eval_gib).
             del arrays, minis, mb
-            if p.eval_prompts and p.eval_every and step % p.eval_every == 0:
+            # Every eval.every_steps steps and at the last step (also when every_steps does
+            # not divide total_steps, or exceeds it): a run always ends with an evaluation.
+            if p.eval_prompts and p.eval_every and (step % p.eval_every == 0 or last):
                 line.update(evaluate(p, task, sampler, to_rollout(state.params)))
             line = writer.write(step, line)
             progress.update(1)

@@ -3,14 +3,20 @@ training, the evaluation CLI and the dry run all go through): every error names 
 
 `KEYS` states the type and valid range of every key of configs/base.py (objective and task
 blocks are checked by their own `check`, after `check_block` has checked their types and that
-their numbers are finite). Keys that some settings ignore are documented here, not refused:
-model.preset / model.vocab_size (ignored when model.hf_dir is set), schedule.* (used only by
-objectives with a schedule: apo, fdiv), rollout.max_refill_rounds (only with
-rollout.dynamic_sampling), eval.every_steps and eval.rows_per_chunk (only with
-eval.num_prompts > 0), loss.rollout_correction_cap (only with a rollout correction),
-loss.entropy_coef_delta/_min/_max (only with loss.entropy_target > 0), loss.<other>.* and
-task.<other>.* (only the chosen block is read). Keys of the chosen objective's block that some of
-its settings ignore are declared by the objective (`Objective.inert`).
+their numbers are finite). Upper bounds are those a dtype or memory imposes: step counters and
+schedule boundaries are int32 on device, seeds int64, a step's token batch is indexed in int32.
+
+The blocks of the objectives and tasks that are not selected (loss.<other>.*, task.<other>.*)
+are checked like the selected one, and a value that differs from its default there is an error
+(`check_unused_blocks`): it would be silently ignored. `allow_unused_keys=True` keeps such
+values (e.g. a base config shared by several loss arms). Other keys that some settings ignore
+are documented here, not refused: model.preset / model.vocab_size (ignored when model.hf_dir is
+set), schedule.* (used only by objectives with a schedule: apo, fdiv),
+rollout.max_refill_rounds (only with rollout.dynamic_sampling), eval.every_steps and
+eval.rows_per_chunk (only with eval.num_prompts > 0), loss.rollout_correction_cap (only with a
+rollout correction), loss.entropy_coef_delta/_min/_max (only with loss.entropy_target > 0). Keys
+of the chosen objective's block that some of its settings ignore are declared by the objective
+(`Objective.inert`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from apo_jax.trainer import rollout_correction
 _DTYPES = ("float32", "bfloat16")
 _INF = math.inf
 _PRECISIONS = ("default", "float32")
+INT32_MAX = 2**31 - 1  # device step counters (optimizer count, TrainState.step) are int32
+INT64_MAX = 2**63 - 1  # seeds: jax.random.key and the toy task's hash take an int64
 
 
 def _fail(key: str, value, why: str):
@@ -39,8 +47,8 @@ class Range:
     """A closed/open interval written as in maths, e.g. Range("(0, 1]"), Range("[1, inf)")."""
 
     def __init__(self, text: str):
-        lo, hi = text[1:-1].split(",")
-        self.text, self.lo, self.hi = text, float(lo), float(hi)
+        lo, hi = (_number(x.strip()) for x in text[1:-1].split(","))
+        self.text, self.lo, self.hi = text, lo, hi
         self.lo_open, self.hi_open = text[0] == "(", text[-1] == ")"
 
     def __contains__(self, x) -> bool:
@@ -49,16 +57,25 @@ class Range:
         return above and below
 
 
+def _number(text: str) -> int | float:
+    """An int bound stays an int: 2**63 - 1 as a float would round up to 2**63."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 # key -> (type, valid range or None, meaning). Floats must also be finite (no nan/inf).
 KEYS: dict[str, tuple[type, str | None, str]] = {
-    "seed": (int, "[0, inf)", "seeds numpy and JAX generators, which need a non-negative int"),
-    "total_steps": (int, "[1, inf)", "rollout steps"),
+    "seed": (int, f"[0, {INT64_MAX}]", "seeds numpy and JAX generators: a non-negative int64"),
+    "total_steps": (int, f"[1, {INT32_MAX}]", "rollout steps (device step counters are int32)"),
+    "allow_unused_keys": (bool, None, "keep non-default values in unselected loss/task blocks"),
     "model.preset": (str, None, "random-init preset (ignored when model.hf_dir is set)"),
     "model.vocab_size": (int, "[-1, inf)", "0 = the preset's, -1 = the task's (random init)"),
     "model.hf_dir": (str, None, "Hugging Face model directory"),
     "model.param_dtype": (str, None, "float32 | bfloat16"),
     "model.dtype": (str, None, "float32 | bfloat16"),
-    "model.remat": (object, None, "none | block | a remat policy (checked below)"),
+    "model.remat": (object, None, "none | block | a remat policy | True | False (below)"),
     "model.scan_layers": (bool, None, "stack layers under lax.scan"),
     "model.attention": (str, None, "auto | xla_blockwise | cudnn | splash | naive"),
     "model.logprob_precision": (str, None, "default | float32 (scoring in float32, highest)"),
@@ -66,7 +83,8 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "rollout.group_size": (int, "[2, inf)", "group-relative losses need >= 2 completions"),
     "rollout.max_prompt_len": (int, "[1, inf)", "tokens"),
     "rollout.max_new_tokens": (int, "[1, inf)", "tokens"),
-    "rollout.temperature": (float, "[0, inf)", "0 = greedy"),
+    # 0 (greedy) is refused below: every completion of a group would be the same.
+    "rollout.temperature": (float, "[0, inf)", "sampling temperature"),
     "rollout.top_k": (int, "[0, inf)", "0 = off"),
     "rollout.top_p": (float, "(0, 1]", "nucleus mass, 1 = off"),
     "rollout.cache_dtype": (str, None, "auto | float32 | bfloat16"),
@@ -97,11 +115,11 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "schedule.ema_momentum": (float, "[0, 1)", "EMA momentum (1 would freeze alpha)"),
     "schedule.ess_target_frac": (float, "(0, 1]", "target ESS as a fraction of G"),
     "schedule.ess_candidates": (int, "[2, inf)", "alpha grid size (both ends at least)"),
-    "schedule.ess_warmup_calls": (int, "[0, inf)", "updates at alpha_max first"),
+    "schedule.ess_warmup_calls": (int, f"[0, {INT32_MAX}]", "updates at alpha_max (int32)"),
     "schedule.ess_momentum": (float, "[0, 1)", "momentum (1 would freeze alpha)"),
     "schedule.ess_max_step": (float, "(0, 1]", "largest change of alpha per update"),
     "optim.lr": (float, "(0, inf)", "peak learning rate"),
-    "optim.warmup_steps": (int, "[0, inf)", "optimizer updates"),
+    "optim.warmup_steps": (int, f"[0, {INT32_MAX}]", "optimizer updates (int32 on device)"),
     "optim.decay": (str, None, "constant | cosine"),
     "optim.b1": (float, "[0, 1)", "Adam moment decay (1 never forgets)"),
     "optim.b2": (float, "[0, 1)", "Adam moment decay (1 never forgets; bias correction / 0)"),
@@ -190,7 +208,14 @@ def check_rows_per_chunk(rows_per_chunk: int, group_size: int, prompts: int, pro
 def check_config(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError on the first key whose value cannot work."""
     for key, (kind, valid, why) in KEYS.items():
-        check_value(key, _get(c, key), kind, valid, why)
+        try:
+            value = _get(c, key)
+        except (KeyError, AttributeError):
+            raise ValueError(
+                f"config.{key}: missing (every key of configs/base.py must be set; a config.json "
+                "written by an older version may lack newer keys)"
+            ) from None
+        check_value(key, value, kind, valid, why)
     if c.schedule.mode not in MODES:
         _fail("schedule.mode", c.schedule.mode, f"valid: {', '.join(MODES)}")
     if c.schedule.scope not in SCOPES:
@@ -201,6 +226,41 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         _fail("schedule.tau_min", c.schedule.tau_min, "need tau_min <= tau_max")
 
     r, o = c.rollout, c.optim
+    if r.temperature == 0:
+        _fail(
+            "rollout.temperature",
+            r.temperature,
+            "greedy sampling makes the G completions of a group identical: every objective "
+            "here compares completions within a group, so the advantage and the gradient would "
+            "be 0 at every step; use a temperature > 0 (held-out evaluation is greedy anyway)",
+        )
+    if c.total_steps * o.mini_batches > INT32_MAX:
+        _fail(
+            "total_steps",
+            c.total_steps,
+            f"total_steps * optim.mini_batches = {c.total_steps * o.mini_batches} optimizer "
+            f"updates: the device step counter is int32 (at most {INT32_MAX})",
+        )
+    tokens = r.prompts_per_step * r.group_size * (r.max_prompt_len + r.max_new_tokens)
+    if tokens > INT32_MAX:
+        _fail(
+            "rollout.prompts_per_step",
+            r.prompts_per_step,
+            f"a step's token batch [prompts_per_step * group_size = "
+            f"{r.prompts_per_step * r.group_size} rows, max_prompt_len + max_new_tokens = "
+            f"{r.max_prompt_len + r.max_new_tokens}] has {tokens} > 2**31 - 1 elements (its "
+            "arrays are indexed in int32, and each int32 copy alone would take "
+            f"{tokens * 4 / 2**30:.0f} GiB): lower rollout.prompts_per_step, "
+            "rollout.group_size or the lengths",
+        )
+    grid = c.schedule.ess_candidates * r.prompts_per_step * r.group_size
+    if grid > INT32_MAX:
+        _fail(
+            "schedule.ess_candidates",
+            c.schedule.ess_candidates,
+            f"the ESS rule scores every candidate alpha on every completion: a [candidates, "
+            f"prompts, G] array of {grid} > 2**31 - 1 elements per update",
+        )
     if r.overlong_buffer >= r.max_new_tokens:
         _fail(
             "rollout.overlong_buffer",
@@ -242,9 +302,13 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         _fail("optim.decay", o.decay, "valid: constant, cosine")
     if c.mesh.data == 0:
         _fail("mesh.data", c.mesh.data, "must be >= 1, or -1 for the devices left over")
-    if not isinstance(c.model.remat, bool) and c.model.remat not in decoder.REMAT_POLICIES:
+    try:
+        decoder.check_remat(c.model.remat)
+    except ValueError:
         _fail(
-            "model.remat", c.model.remat, f"valid: {', '.join(decoder.REMAT_POLICIES)}, or a bool"
+            "model.remat",
+            c.model.remat,
+            f"valid: {', '.join(decoder.REMAT_POLICIES)}, or True / False (= block / none)",
         )
     if c.model.attention not in attention.IMPLS:
         _fail("model.attention", c.model.attention, f"valid: {', '.join(attention.IMPLS)}")
@@ -292,3 +356,54 @@ def check_vocab(model_vocab: int, task_vocab: int, key: str = "model.preset") ->
             f"config.{key}: the model's vocabulary ({model_vocab}) is smaller than "
             f"the task's ({task_vocab})"
         )
+
+
+def check_top_k(top_k: int, vocab_size: int) -> None:
+    """rollout.top_k keeps the k most likely tokens: more than the vocabulary has is an error
+    (lax.top_k cannot take more elements than the axis holds)."""
+    if top_k > vocab_size:
+        _fail(
+            "rollout.top_k",
+            top_k,
+            f"exceeds the model's vocabulary ({vocab_size} tokens); 0 = off",
+        )
+
+
+def unused_blocks(c) -> tuple[str, ...]:
+    """Prefixes ("loss.grpo.", "task.math.", ...) of the objective and task blocks that the
+    selected `loss.name` / `task.name` do not read. Works on a ConfigDict or its plain record."""
+    out = []
+    for group in ("loss", "task"):
+        node = c[group]
+        out += [
+            f"{group}.{name}."
+            for name, block in node.items()
+            if name != node["name"] and isinstance(block, Mapping | ml_collections.ConfigDict)
+        ]
+    return tuple(out)
+
+
+def check_unused_blocks(c, registered: dict[str, tuple[Mapping, Any]]) -> None:
+    """The blocks of unselected objectives and tasks: `registered` maps "loss.<name>" /
+    "task.<name>" to (defaults, check). Each is type- and range-checked like a selected block;
+    a value that differs from its default is an error (it would be ignored without a word)
+    unless `allow_unused_keys` is set."""
+    for prefix, (defaults, check) in registered.items():
+        group, name = prefix.split(".")
+        if name == c[group].name or name not in c[group]:  # registered after the config was made
+            continue
+        params = dict(c[group][name])
+        check_block(prefix, params, defaults)
+        check(params)
+        if c.allow_unused_keys:
+            continue
+        for key, default in defaults.items():
+            if params[key] != default:  # types are checked: 0 == 0.0 is the same setting
+                _fail(
+                    f"{prefix}.{key}",
+                    params[key],
+                    f"config.{group}.name={c[group].name!r} does not read config.{prefix}.* "
+                    f"(the default here is {default!r}, and this value would be ignored); set "
+                    f"config.{group}.name={name!r} to use it, or config.allow_unused_keys=True "
+                    "to keep it unused",
+                )
