@@ -1,9 +1,10 @@
 """α-DPG (naver/alpha-dpg, ICLR 2026) with APO's budget on MATH Level 3: REINFORCE on the
 sequence pseudo-reward (p̃/(Ẑ·π_old))^(1−α) − 1 toward π_ref filtered by correctness, α = 0.25,
 clipped at 10, leave-one-out baseline, token sums over the fixed length (the reference recipe's).
-The filter is the 0/1 `correct` reward (task.math.reward), as the reference's verifier; the shaped
-`good_accuracy` reward would put wrong answers in the target. Keeps a frozen copy of the initial
-policy (one more model in memory). Model, data, G, batch, lengths, lr and evaluation as
+The filter is correctness (the loss reads LossBatch.correct), as the reference's verifier, so
+the run keeps the shaped `good_accuracy` reward of the other runs for its logs: the loss does
+not read it (a filter on it would put wrong answers in the target). Keeps a frozen copy of the
+initial policy (one more model in memory). Model, data, G, batch, lengths, lr and evaluation as
 apo_math_l3.py.
 
     python -m apo_jax.main --config=experiments/alpha_dpg_math_l3.py \\
@@ -21,7 +22,6 @@ def get_config(arg=None):
     # chunks of 8 prompts x G 6 fit 4 x 24 GB and 8 x 16 GB; the results do not change.
     c.optim.micro_batches = 6
     c.rollout.rows_per_chunk = 48
-    c.task.math.reward = "correct"  # p(x) ∝ π_ref(x)·1[x correct]
     c.loss.name = "alpha_dpg"
     c.loss.alpha_dpg.alpha = 0.25  # examples/lean/alpha-dpg.sh
     c.loss.alpha_dpg.pseudo_reward_clip = 10.0

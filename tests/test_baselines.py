@@ -18,6 +18,7 @@ from test_micro_batches import G, P, _assert_same, _batch, _step
 
 from apo_jax import objectives
 from apo_jax.objectives import alpha_dpg, cispo, clip_cov, kl_cov, sapo, tpo
+from apo_jax.objectives import batch as batch_lib
 from apo_jax.trainer import build
 from apo_jax.trainer import loop as train
 from configs import base, toy
@@ -384,6 +385,31 @@ def test_alpha_dpg_matches_naver_alpha_dpg(alpha, clip, baseline):
     else:
         assert pr.max() > 10.0  # the case above really needs the clip
     np.testing.assert_allclose(out.metrics["pseudo_reward"], pr.mean(), rtol=1e-6)  # float32
+
+
+def test_alpha_dpg_filters_on_correctness_not_on_the_shaped_reward():
+    """The objective's filter is LossBatch.correct: a shaped reward (wrong answers above 0, a
+    penalty on right ones) leaves it as with R = 1[correct], where reading the reward would
+    put wrong answers in the target."""
+    logp, logp_old, mask, correct = _case(p=4, seed=1)
+    r = np.random.default_rng(3)
+    logp_ref = logp_old + 0.2 * r.normal(size=logp.shape)
+    shaped = correct - 0.3 + 0.2 * r.uniform(size=correct.shape)  # wrong ones in (−0.3, −0.1)
+    shaped[correct == 0] += 0.4  # ... now in (0.1, 0.3): inside a filter on the reward
+    obj = objectives.get("alpha_dpg")
+    assert "correct" in obj.reads and "ref_logp" in obj.reads
+    lb = batch_lib.LossBatch(
+        **{k: jnp.asarray(v) for k, v in dict(completion_mask=mask, old_logp=logp_old,
+                                              rewards=shaped, ref_logp=logp_ref,
+                                              correct=correct).items()}
+    )  # fmt: skip
+    got = obj.loss(jnp.asarray(logp), lb, objectives.Context(max_new_tokens=9), **obj.defaults)
+    kw = dict(logp_ref=logp_ref, max_len=9, **obj.defaults)
+    want, _ = _run("alpha_dpg", logp, logp_old, mask, correct, **dict(kw))
+    other, _ = _run("alpha_dpg", logp, logp_old, mask, shaped, **dict(kw))
+    np.testing.assert_allclose(got.loss_sum, want.loss_sum, rtol=1e-12)
+    np.testing.assert_allclose(got.metrics["pseudo_reward"], want.metrics["pseudo_reward"])
+    assert abs(float(other.loss_sum) - float(want.loss_sum)) > 1e-3 * abs(float(want.loss_sum))
 
 
 def test_alpha_dpg_needs_the_reference_model():

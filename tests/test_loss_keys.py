@@ -35,7 +35,9 @@ def _x64():
 def _batch(seed=0):
     """Group 0 on-policy (APO's on-policy fix fires there), groups 1-2 far off-policy (clips of
     every width, and the dual clip, bind somewhere), ragged lengths, continuous rewards and one
-    binary group, a sampler that differs."""
+    binary group, a sampler that differs; a token of group 2's worst row in Clip-Cov's
+    covariance band (1, 5) beyond 2.5, unclipped; a correct row the reference model makes far
+    likelier (α-DPG's pseudo-reward reaches its clip of 10)."""
     r = np.random.default_rng(seed)
     b = P * G
     lengths = r.integers(1, T + 1, size=b)
@@ -43,14 +45,16 @@ def _batch(seed=0):
     mask = (np.arange(T) < lengths[:, None]).astype(np.float64)
     old = -r.uniform(0.5, 3.0, size=(b, T))
     # Per-sequence log-ratio offsets; both signs of the advantage meet both ends of the ratio.
-    offsets = np.asarray([0.0] * G + [-7.0, 5.0, -1.0, 3.0, 7.0, -5.0, 1.0, -3.0])
+    offsets = np.asarray([0.0] * G + [-7.0, 5.0, -1.0, 3.0, -3.0, 5.0, 1.0, -5.0])
     logp = old + offsets[:, None] + 0.5 * r.normal(size=(b, T)) * (offsets[:, None] != 0)
     rewards = r.uniform(size=b)
     rewards[G : 2 * G] = [1.0, 0.0, 0.0, 1.0]  # a binary group
+    ref = old + 0.3 * r.normal(size=(b, T))
+    ref[G, 0] += 5.0
     batch = dict(
         completion_mask=mask,
         old_logp=old,
-        ref_logp=old + 0.3 * r.normal(size=(b, T)),
+        ref_logp=ref,
         sampler_logp=old + 0.3 * r.normal(size=(b, T)),
         rewards=rewards,
         correct=(rewards > 0.5).astype(np.float64),
@@ -89,9 +93,10 @@ def _evaluate(c):
         step_lib.schedule_lib.init_schedule_state(spec.schedule),
         step_lib.entropy_lib.init_entropy_state(spec.entropy),
     )
+    # One fixed key for every setting: objectives that draw tokens (clip_cov) draw the same ones.
     (loss_sum, (denom, new_states, metrics)), grads = jax.value_and_grad(
         fn, argnums=(0, 1), has_aux=True
-    )(*device((LOGP, ENTROPY, BATCH)), states)
+    )(*device((LOGP, ENTROPY, BATCH)), states, jax.random.key(0))
     assert loss_sum.dtype == jnp.float64
     out = {"loss": loss_sum / jnp.maximum(denom, 1e-8), "grad_logp": grads[0]}
     out["grad_entropy"] = grads[1]
@@ -130,8 +135,9 @@ def _choices(obj, params, key):
     raise AssertionError(f"loss.{obj.name}.{key}: any string is accepted (must be checked)")
 
 
-def _perturbations(name, params, key):
-    """Valid other values of `key` (all of them for strings; else the first valid candidate)."""
+def _perturbations(name, params, key, every=False):
+    """Valid other values of `key`: all of them for strings; else the first valid candidate (with
+    `every`, all valid candidates in order)."""
     obj, v = objectives.get(name), params[key]
     if isinstance(v, bool):
         cands = [not v]
@@ -141,11 +147,14 @@ def _perturbations(name, params, key):
         cands = [2 * v, v + 1, v - 1, 1]
     else:
         cands = [2 * v, v / 2, v + 1.0, v + 3.0, 0.5, 0.1, 1e-3]
-    for x in cands:
+    out = []
+    for x in dict.fromkeys(cands):
         if x != v and _valid(_config(name, **{f"{name}.{k}": y for k, y in params.items()}
                                      | {f"{name}.{key}": x})):  # fmt: skip
-            return [x]
-    return []
+            out.append(x)
+            if not every:
+                break
+    return out
 
 
 def _run(name, params):
@@ -169,19 +178,24 @@ def test_every_key_of_every_objective_changes_the_update(name):
         return cache[key]
 
     for key in defaults:
-        where = next((b for b in bases if key not in obj.inert(b)), None)
+        # A key inert at its default value (a lower clip of 1 is none) is tried from its others.
+        own = [{**defaults, key: x} for x in _perturbations(name, defaults, key, every=True)]
+        where = next((b for b in bases + own if key not in obj.inert(b)), None)
         assert where is not None, (
-            f"loss.{name}.{key} is declared inert under the defaults and under every setting "
-            "one other key away: nothing could show it working"
+            f"loss.{name}.{key} is declared inert under the defaults, under every setting "
+            "one other key away and at every other value of its own: nothing could show it working"
         )
-        alternatives = _perturbations(name, where, key)
+        alternatives = _perturbations(name, where, key, every=True)
         assert alternatives, f"loss.{name}.{key}: no valid other value to try"
-        for x in alternatives:
-            changed = _difference(run(where), run({**where, key: x}))
+        # A string: each other value must change the update. A number: some valid other value
+        # (a fraction of the tokens moves a count only in steps of 1/N on this small batch).
+        tries = [[x] for x in alternatives] if isinstance(where[key], str) else [alternatives]
+        for xs in tries:
+            changed = any(_difference(run(where), run({**where, key: x})) for x in xs)
             assert changed, (
-                f"loss.{name}.{key}: {where[key]!r} -> {x!r} changes neither the loss, its "
-                f"gradient, a metric nor the state (settings: {where}). If that is right under "
-                "these settings, declare it in the objective's `inert` with the reason."
+                f"loss.{name}.{key}: {where[key]!r} -> any of {xs!r} changes neither the loss, "
+                f"its gradient, a metric nor the state (settings: {where}). If that is right "
+                "under these settings, declare it in the objective's `inert` with the reason."
             )
 
 
@@ -193,7 +207,10 @@ def test_keys_declared_inert_change_nothing(name):
     assert all(k in defaults and why for k, why in inert.items()), inert
     ref = _run(name, defaults) if inert else None
     for key in inert:
-        for x in _perturbations(name, defaults, key):
+        # Every other value under which the key stays inert (a lower clip of 1 or 2 is none).
+        for x in _perturbations(name, defaults, key, every=True):
+            if key not in obj.inert({**defaults, key: x}):
+                continue
             assert not _difference(ref, _run(name, {**defaults, key: x})), (name, key, x)
 
 

@@ -41,7 +41,7 @@ def _batch(p, g, seed=0, tp=5, tc=6):
     pmask = np.ones((b, tp), np.int32)
     pmask[2, :2] = 0  # a left-padded prompt
     old = -4.0 + 0.3 * rng.randn(b, tc)
-    return dict(
+    batch = dict(
         prompt_ids=rng.randint(0, CFG.vocab_size, (b, tp)).astype(np.int32),
         prompt_mask=pmask,
         completion_ids=rng.randint(0, CFG.vocab_size, (b, tc)).astype(np.int32),
@@ -51,6 +51,8 @@ def _batch(p, g, seed=0, tp=5, tc=6):
         ref_logp=(old + 0.1 * rng.randn(b, tc)).astype(np.float32),
         sampler_logp=(old + 0.2 * rng.randn(b, tc)).astype(np.float32),
     )
+    batch["correct"] = batch["rewards"].copy()  # binary rewards: the verified answers (α-DPG)
+    return batch
 
 
 def _step(loss, micro, p, g, batch, mesh=None, **over):

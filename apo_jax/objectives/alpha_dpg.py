@@ -2,7 +2,9 @@
 Shaping Diversity", ICLR 2026; definition as naver/alpha-dpg's `compute_fcdpg_advantage` and
 `compute_policy_loss_fcdpg`, its Lean recipe examples/lean/alpha-dpg.sh for the defaults):
 REINFORCE on a sequence-level pseudo-reward −f′(π/p) that fits the policy to the filtered
-reference p(x) ∝ π_ref(x)·R(x) under the Amari α-divergence.
+reference p(x) ∝ π_ref(x)·R(x) under the Amari α-divergence. As the reference's verifier, the
+objective filters on correctness (R = LossBatch.correct, before any reward shaping), so it works
+with any `task.*.reward`.
 
 Token arrays are [P, G, T], rewards [P, G].
 """
@@ -79,7 +81,7 @@ def alpha_dpg_loss(
 ) -> LossOutput:
     """α-DPG (naver/alpha-dpg `compute_fcdpg_advantage`, α member; `compute_policy_loss_fcdpg`,
     seq-mean-token-sum-norm), minimised. With sequence log-probs log π(y) = Σ_t log π(y_t) and
-    the rewards R_i >= 0 as the filter (binary: R = 1[correct]):
+    `rewards` R_i >= 0 as the filter (the objective passes R = 1[correct]):
 
         p̃_i = π_ref(y_i)·R_i,   Ẑ = min((1/G) Σ_j p̃_j/π_old(y_j), 1)
         t_i = π_old(y_i) / (p̃_i/Ẑ)                                      (∞ where R_i = 0)
@@ -138,7 +140,7 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
         logp,
         b["old_logp"],
         b["completion_mask"],
-        b["rewards"],
+        b["correct"],  # the filter: verified answers, whatever the reward's shaping
         logp_ref=b["ref_logp"],
         max_len=ctx.max_new_tokens,
         **params,
@@ -150,8 +152,9 @@ OBJECTIVE = registry.register(
         name="alpha_dpg",
         loss=_loss,
         defaults=DEFAULTS,
-        reference=lambda p: True,  # the target is the reference model filtered by the reward
+        reference=lambda p: True,  # the target is the reference model filtered by correctness
         check=_check,
-        doc="α-DPG: REINFORCE on the α-divergence pseudo-reward to π_ref filtered by the reward",
+        reads=("completion_mask", "old_logp", "ref_logp", "correct"),
+        doc="α-DPG: REINFORCE on the α-divergence pseudo-reward to π_ref filtered by correctness",
     )
 )

@@ -72,6 +72,12 @@ def _check(p) -> None:
             registry.fail(f"cispo.{key}", p[key], "must be >= 0")
 
 
+def _inert(p) -> dict[str, str]:
+    if p["clip_eps_low"] >= 1.0:
+        return {"clip_eps_low": "a lower bound 1 − ε_low <= 0 never binds: the ratio is > 0"}
+    return {}
+
+
 def _loss(logp, b, ctx, **params) -> LossOutput:
     return cispo_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
 
@@ -82,6 +88,7 @@ OBJECTIVE = registry.register(
         loss=_loss,
         defaults=DEFAULTS,
         check=_check,
+        inert=_inert,
         doc="CISPO: REINFORCE with clipped stop-gradient IS weights, token-mean",
     )
 )

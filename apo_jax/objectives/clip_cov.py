@@ -175,6 +175,12 @@ def _check(p) -> None:
         registry.fail("clip_cov.clip_cov_lb", p["clip_cov_lb"], "must be < clip_cov_ub")
 
 
+def _inert(p) -> dict[str, str]:
+    if p["clip_eps_low"] >= 1.0:
+        return {"clip_eps_low": "a lower clip 1 − ε_low <= 0 never binds: the ratio is > 0"}
+    return {}
+
+
 def _loss(logp, b, ctx, **params) -> LossOutput:
     if ctx.key is None:
         raise ValueError("clip_cov draws tokens at random: the trainer must pass Context.key")
@@ -191,6 +197,7 @@ OBJECTIVE = registry.register(
         # The cut tokens depend on batch-wide covariance means and a batch-wide draw.
         couples_rows=True,
         check=_check,
+        inert=_inert,
         doc="Clip-Cov: PPO clip, gradient cut on random high-covariance tokens",
     )
 )
