@@ -38,6 +38,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
+from apo_jax.models import lora as lora_lib
 from apo_jax.models.family import KVLayer, RopeTables
 
 # Finite (not -inf) so that a fully masked row (left padding) gives a uniform softmax, not NaN.
@@ -219,10 +220,19 @@ def apply_rope(x: Float[Array, "B T N H"], tables: RopeTables) -> Array:
 
 class Attention(nnx.Module):
     def __init__(
-        self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype, attention: str = "naive"
+        self,
+        cfg: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        attention: str = "naive",
+        lora: lora_lib.LoRAConfig | None = None,
+        lora_rngs: nnx.Rngs | None = None,
     ):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg, self.dtype = cfg, dtype
+        self.lora_scale = lora.scale if lora else 0.0
         self.attention = attention_lib.check_impl(attention)  # model.attention
         self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -235,6 +245,8 @@ class Attention(nnx.Module):
             self.q_bias = nnx.Param(jnp.zeros((n, h), param_dtype), axes=("heads", "head_dim"))
             self.k_bias = nnx.Param(jnp.zeros((k, h), param_dtype), axes=("kv_heads", "head_dim"))
             self.v_bias = nnx.Param(jnp.zeros((k, h), param_dtype), axes=("kv_heads", "head_dim"))
+        if lora:  # model.lora: adapters beside the targeted projections (models/lora.py)
+            lora_lib.add_adapters(self, lora, "attn", lora_rngs)
 
     def __call__(
         self,
@@ -248,6 +260,10 @@ class Attention(nnx.Module):
         q = _dot("BTD,DNH->BTNH", x, self.q_proj[...], dt)  # [B, T, N, H]
         k = _dot("BTD,DKH->BTKH", x, self.k_proj[...], dt)  # [B, T, K, H]
         v = _dot("BTD,DKH->BTKH", x, self.v_proj[...], dt)  # [B, T, K, H]
+        if self.lora_scale:
+            q, k, v = (
+                _plus_lora(self, p, x, y) for p, y in (("q_proj", q), ("k_proj", k), ("v_proj", v))
+            )
         if cfg.qkv_bias:  # added in the compute dtype, like torch's Linear(bias=True)
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -272,7 +288,8 @@ class Attention(nnx.Module):
         nh = cfg.num_heads * cfg.head_dim
         out = out.reshape(b, t, nh)  # [B, T, N*H]
         w_o = self.o_proj[...].reshape(nh, -1)  # [N*H, D]
-        return _dot("BTE,ED->BTD", out, w_o, dt), (k, v)
+        y = _dot("BTE,ED->BTD", out, w_o, dt)  # [B, T, D]
+        return _plus_lora(self, "o_proj", out, y) if self.lora_scale else y, (k, v)
 
     def _attend(self, q, k, v, mask, kv_eq: str):
         """models/attention.py's implementations, for a described mask (`model.attention`)."""
@@ -305,33 +322,63 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        lora: lora_lib.LoRAConfig | None = None,
+        lora_rngs: nnx.Rngs | None = None,
+    ):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.dtype = dtype
+        self.lora_scale = lora.scale if lora else 0.0
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+        if lora:
+            lora_lib.add_adapters(self, lora, "mlp", lora_rngs)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         gate = _dot("BTD,DF->BTF", x, self.gate_proj[...], self.dtype)  # [B, T, F]
         up = _dot("BTD,DF->BTF", x, self.up_proj[...], self.dtype)  # [B, T, F]
-        return _dot("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...], self.dtype)
+        if self.lora_scale:
+            gate = _plus_lora(self, "gate_proj", x, gate)
+            up = _plus_lora(self, "up_proj", x, up)
+        hidden = jax.nn.silu(gate) * up  # [B, T, F]
+        y = _dot("BTF,FD->BTD", hidden, self.down_proj[...], self.dtype)
+        return _plus_lora(self, "down_proj", hidden, y) if self.lora_scale else y
+
+
+def _plus_lora(module: nnx.Module, proj: str, x: Array, y: Array) -> Array:
+    """y plus the adapter's delta of projection `proj` on input x [B, T, I], if it has one."""
+    d = lora_lib.delta(module, proj, x, module.lora_scale, module.dtype)
+    return y if d is None else y + d
 
 
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(
-        self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype, attention: str = "naive"
+        self,
+        cfg: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        attention: str = "naive",
+        lora: lora_lib.LoRAConfig | None = None,
+        lora_rngs: nnx.Rngs | None = None,
     ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype)
-        self.attn = Attention(
-            cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, attention=attention
-        )
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, lora=lora, lora_rngs=lora_rngs)
+        self.attn = Attention(cfg, attention=attention, **kw)
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype
         )
-        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.mlp = MLP(cfg, **kw)
 
     def __call__(self, x, rope_cs, mask, kv=None, cache_index=None):
         h, kv = self.attn(self.input_layernorm(x), rope_cs, mask, kv, cache_index)
@@ -353,6 +400,7 @@ class Decoder(nnx.Module):
         remat: bool | str = False,
         attention: str = "naive",
         scan_layers: bool = False,
+        lora: lora_lib.LoRAConfig | None = None,
     ):
         self.cfg, self.dtype = cfg, dtype
         self.remat = check_remat(remat)  # model.remat: a REMAT_POLICIES name
@@ -361,6 +409,8 @@ class Decoder(nnx.Module):
         v, d = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, attention=attention)
+        if lora:  # model.lora: the adapters draw from their own stream (the base's init is kept)
+            kw.update(lora=lora, lora_rngs=nnx.Rngs(lora=lora.seed))
         blocks = [Block(cfg, **kw) for _ in range(cfg.num_layers)]
         # model.scan_layers: one Block whose parameters carry a leading [L] axis ("layers"),
         # run under lax.scan when uncached, so compile time does not grow with depth.
