@@ -294,7 +294,7 @@ def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
     Under LoRA the params hold the base (loaded or initialised as without LoRA, in
     model.lora.base_dtype) and the adapters (fresh, or read from model.lora.peft_dir):
     `trainable` splits them."""
-    graphdef, params = _base_model(p, cfg, mesh)
+    graphdef, params = base_model(p, cfg, mesh)
     if not p.model.lora:
         return graphdef, params
     init = lambda: model_lib.init_model(cfg, p.seed, **_model_kwargs(p.model))
@@ -332,7 +332,9 @@ def check_base(p: Plan, record: Mapping, workdir: str) -> None:
         )
 
 
-def _base_model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
+def base_model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
+    """(graphdef, params) of the model without adapters (under LoRA: the frozen base, in
+    model.lora.base_dtype)."""
     m = p.model
     if m.hf_dir:
         loaded = hf_io.load_model(

@@ -15,6 +15,7 @@ import numpy as np
 from apo_jax import tasks as tasks_lib
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import lora as lora_lib
 from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
 from apo_jax.trainer import build
@@ -265,11 +266,18 @@ def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = No
     if step is None:
         raise FileNotFoundError(f"{workdir}: no complete checkpoint under checkpoints/")
     graphdef, abstract = build.abstract_model(p, model_cfg)
+    if p.model.lora:  # the checkpoint holds the adapters; the base comes from model.hf_dir
+        abstract = build.trainable(p, abstract)[0]
     tx, _ = build.optimizer(p)
     sched = build.step_spec(p, model_cfg.vocab_size).schedule
     state = jax.eval_shape(lambda prm: step_lib.init_train_state(prm, tx, p.seed, sched), abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
-    state, _ = ckpt.restore(step, state)
+    state, record = ckpt.restore(step, state)
     ckpt.close()
-    return graphdef, state.params, step
+    if not p.model.lora:
+        return graphdef, state.params, step
+    build.check_base(p, record, workdir)
+    mesh = sharding_lib.make_mesh(1, 1, 1)  # the default device, as the restored adapters
+    base = build.base_model(p, model_cfg, mesh)[1]
+    return graphdef, lora_lib.join(base, state.params), step
