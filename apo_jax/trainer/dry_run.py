@@ -8,6 +8,9 @@ Phases of a step and what is resident in each (per device, bytes):
   scoring  train state (+ reference) + the log-prob program's temporaries and output
   update   train state (+ reference; the state is donated and updated in place) + the batch
            + the train step's temporaries
+Under LoRA (model.lora.rank > 0) the train state holds the adapters and their moments, the
+reference is zero adapters, and the frozen base (model.lora.base_dtype) is resident once
+(`lora_base_gib`, counted in `state_gib`; `trained_params` counts the adapters).
 `peak_gib` is the largest. Sizes come from `compiled.memory_analysis()` of the SPMD-partitioned
 programs (one device's share) and from the shardings of the abstract state.
 With `XLA_FLAGS=--xla_force_host_platform_device_count=N` a laptop plans an N-device slice.
@@ -26,6 +29,7 @@ import ml_collections
 from flax import nnx
 
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import lora as lora_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.rollout.sampling import SamplingParams
 from apo_jax.trainer import build
@@ -104,6 +108,8 @@ def estimate(
     rows = r.prompts_per_step * r.group_size // o.mini_batches  # sequences per update
     sharding_lib.check_mesh_fits(mesh.devices.shape, cfg, rows // o.micro_batches)
     graphdef, params = build.abstract_model(p, cfg)
+    # LoRA: the state holds the adapters; the frozen base is resident once beside it.
+    params, frozen = build.trainable(p, params)
     tx, _ = build.optimizer(p)
     spec = build.step_spec(p, cfg.vocab_size)
     init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule)
@@ -111,11 +117,20 @@ def estimate(
     state_shardings = sharding_lib.tree_shardings(state, mesh)
     state = _abstract(state, state_shardings)
     ref = p.objective.reference(p.loss_params)
+    # The reference is a copy of the trained parameters (under LoRA: zero adapters, the base).
     state_bytes = _device_bytes(state) + (_device_bytes(state.params) if ref else 0)
+    base_bytes = 0
+    if frozen is not None:
+        frozen = _abstract(frozen, sharding_lib.tree_shardings(frozen, mesh))
+        base_bytes = _device_bytes(frozen)
+        state_bytes += base_bytes
     compile_s = 0.0
 
     # --- rollout: prefill + decode at the config's rows and lengths ----------------------------
-    weights, weights_extra = _rollout_weights(state.params, mesh, m.dtype)
+    if frozen is None:
+        weights, weights_extra = _rollout_weights(state.params, mesh, m.dtype)
+    else:  # LoRA: the sampler reads the base and adapters in their training layout (no copy)
+        weights, weights_extra = lora_lib.join(frozen, state.params), 0
     smp = sampler_lib.Sampler(
         graphdef,
         max_prompt_len=r.max_prompt_len,
@@ -174,7 +189,7 @@ def estimate(
         for k, (shape, dtype) in shapes.items()
     }
     batch_bytes = _device_bytes(batch)
-    fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings)
+    fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings, frozen=frozen)
     t = time.perf_counter()
     score = fns.logprobs.lower(state.params, batch).compile()
     t_score = time.perf_counter()
@@ -209,6 +224,8 @@ def estimate(
         platform=jax.devices()[0].platform,
         mesh=dict(mesh.shape),
         params=cfg.num_params,
+        trained_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+        lora_base_gib=gib(base_bytes),
         layers=cfg.num_layers,
         rows_per_update=rows,
         rollout_rows=b * r.group_size,  # rows per sampler call, all processes

@@ -150,9 +150,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # by ROLLOUT_RULES (a reshard happens only when the two tables differ on this mesh).
     # Parameters laid out alike are shared, not copied; others cast to the compute dtype first.
     to_rollout = lambda prm: sampler_lib.rollout_weights(prm, mesh, p.model.dtype)
-    if frozen is not None:  # LoRA: the base's rollout copy is made once, joined to new adapters
-        rollout_base, to_adapters = to_rollout(frozen), to_rollout
-        to_rollout = lambda prm: lora_lib.join(rollout_base, to_adapters(prm))
+    if frozen is not None:  # LoRA: the sampler reads the base where it lies (stored once)
+        to_rollout = lambda prm: lora_lib.join(frozen, prm)
 
     # --- restore -----------------------------------------------------------------------------
     start, position = 0, 0
