@@ -38,7 +38,10 @@ def _perturbed(adapters, seed=1, scale=0.05):
     """Adapters with B != 0 too (a trained-looking adapter)."""
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    noisy = [
+        x + scale * jax.random.normal(k, x.shape, x.dtype)
+        for x, k in zip(leaves, keys, strict=True)
+    ]
     return jax.tree.unflatten(tree, noisy)
 
 
