@@ -354,7 +354,7 @@ class MLP(nnx.Module):
 
 def _plus_lora(module: nnx.Module, proj: str, x: Array, y: Array) -> Array:
     """y plus the adapter's delta of projection `proj` on input x [B, T, I], if it has one."""
-    d = lora_lib.delta(module, proj, x, module.lora_scale, module.dtype)
+    d = lora_lib.delta(module, proj, x, module.lora_scale, module.dtype, rows_sharded)
     return y if d is None else y + d
 
 

@@ -99,9 +99,15 @@ def add_adapters(module: nnx.Module, lora: LoRAConfig, name: str, rngs: nnx.Rngs
         )
 
 
-def delta(module: nnx.Module, proj: str, x: Array, scale: float, dtype) -> Array | None:
+def delta(
+    module: nnx.Module, proj: str, x: Array, scale: float, dtype, constrain=lambda y: y
+) -> Array | None:
     """(alpha / r) · B(A x) for projection `proj` of `module`, x [B, T, I] (input dims
-    flattened), as [B, T, *O] in the compute dtype; None when `proj` has no adapter."""
+    flattened), as [B, T, *O] in the compute dtype; None when `proj` has no adapter.
+
+    `constrain` keeps A x and the delta split by rows (decoder.rows_sharded): A and B are split
+    like their base, and without it the SPMD partitioner may contract A's split input dim by
+    moving the activations instead, with a whole-batch [B, T, O] delta on every device."""
     a = getattr(module, f"{proj}_lora_a", None)
     if a is None:
         return None
@@ -111,9 +117,9 @@ def delta(module: nnx.Module, proj: str, x: Array, scale: float, dtype) -> Array
     a2 = a.reshape(-1, rank).astype(dtype)  # [I, R]
     b2 = b.reshape(rank, -1).astype(dtype)  # [R, O]
     xa = jnp.einsum("BTI,IR->BTR", x.astype(dtype), a2, preferred_element_type=jnp.float32)
-    xa = (xa * scale).astype(dtype)  # [B, T, R]
+    xa = constrain((xa * scale).astype(dtype))  # [B, T, R]
     out = jnp.einsum("BTR,RO->BTO", xa, b2, preferred_element_type=jnp.float32)
-    return out.astype(dtype).reshape(*x.shape[:2], *b.shape[1:])  # [B, T, *O]
+    return constrain(out.astype(dtype)).reshape(*x.shape[:2], *b.shape[1:])  # [B, T, *O]
 
 
 # --- the two halves of a LoRA model's parameters --------------------------------------------
