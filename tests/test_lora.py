@@ -276,18 +276,19 @@ def test_a_different_base_refuses_to_resume(tmp_path):
 
 # --- PEFT and merged exports against transformers + peft ----------------------------------------
 
-torch = pytest.importorskip("torch", reason="torch is needed for parity with transformers")
-transformers = pytest.importorskip("transformers")
-
 
 def _hf_logits(model, ids):
+    import torch
+
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids))).logits.numpy()
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_merged_and_peft_exports_load_in_transformers_and_peft(hf_tiny, tmp_path, scan_layers):
-    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft", reason="peft (the `lora` extra) loads the adapter dir")
     path, hf_base = hf_tiny()
     cfg = hf_io.load_model(path).cfg
     lora = lora_lib.LoRAConfig(rank=4, alpha=16.0, targets=("q", "v", "o", "down"), seed=1)
