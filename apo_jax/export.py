@@ -49,20 +49,20 @@ def export(workdir: str, out: str, fmt: str = "merged", step: int | None = None)
     return step
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run to export (its checkpoint).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_FORMAT = flags.DEFINE_enum("format", "merged", FORMATS, "merged HF weights or a PEFT adapter.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.mark_flags_as_required(["workdir", "out"])
-
-
-def main(argv) -> None:
-    del argv
-    step = export(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value)
-    print(f"exported step {step} of {_WORKDIR.value} ({_FORMAT.value}) to {_OUT.value}")
-
-
 def cli():
+    # Flags are defined here, not at import: the module's `export` is also a library function
+    # (tests import it beside the evaluation CLI, which defines --workdir too).
+    workdir = flags.DEFINE_string("workdir", None, "The training run to export (its checkpoint).")
+    out = flags.DEFINE_string("out", None, "Output directory.")
+    fmt = flags.DEFINE_enum("format", "merged", FORMATS, "merged HF weights or a PEFT adapter.")
+    step = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.mark_flags_as_required(["workdir", "out"])
+
+    def main(argv) -> None:
+        del argv
+        done = export(workdir.value, out.value, fmt.value, step.value)
+        print(f"exported step {done} of {workdir.value} ({fmt.value}) to {out.value}")
+
     app.run(main, argv=sys.argv)
 
 

@@ -12,6 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
+from apo_jax import evaluate as evaluate_cli
+from apo_jax import export
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import hf_io, peft_io
@@ -19,6 +21,7 @@ from apo_jax.models import lora as lora_lib
 from apo_jax.models import qwen3 as model_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.trainer import build
+from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import loop as train
 from apo_jax.trainer import step as ts
 from configs import base, toy
@@ -265,6 +268,32 @@ def test_lora_run_resumes_exactly_and_checkpoints_hold_adapters_only(tmp_path):
     # The reference is the base: KL 0 exactly before the first update, > 0 once adapters moved.
     kl = [x["loss/kl_ref"] for x in _lines(split)]
     assert kl[0] == 0.0 and kl[-1] > 0.0, kl
+
+    # The evaluation CLI and the exports read the run (adapters from the checkpoint + the base).
+    res = evaluate_cli.run(_toy(), workdir=str(split), k=2, num_prompts=4, out=str(tmp_path / "e"))
+    assert res["source"]["step"] == 4 and res["metrics"]
+    assert export.export(str(split), str(tmp_path / "merged"), "merged") == 4
+    assert export.export(str(split), str(tmp_path / "peft"), "peft") == 4
+    p = build.plan(_toy())
+    cfg = build.model_config(p, build.task(p).vocab_size)
+    graphdef, params, _ = evaluate_lib.restore_params(p, cfg, str(split))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 7)), jnp.int32)
+    ours = nnx.merge(graphdef, params)(ids)
+    merged = hf_io.load_model(tmp_path / "merged")(ids)
+    # float32 logits of W x + s·B(A x) vs (W + s·A B) x: a few eps of the terms (|logit| < 10).
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(ours), atol=1e-5)
+    # A PEFT directory is a starting point: model.lora.peft_dir gives the trained adapters.
+    _, started = build.model(
+        build.plan(_toy(**{"model.lora.peft_dir": str(tmp_path / "peft")})),
+        cfg,
+        sharding_lib.make_mesh(1, 1, 1),
+    )
+    for a, b in zip(
+        jax.tree.leaves(lora_lib.split(params)[0]),
+        jax.tree.leaves(lora_lib.split(started)[0]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_different_base_refuses_to_resume(tmp_path):
