@@ -257,13 +257,9 @@ class Attention(nnx.Module):
         cache_index: Int[Array, ""] | None = None,
     ) -> tuple[Array, KVLayer]:
         cfg, dt = self.cfg, self.dtype
-        q = _dot("BTD,DNH->BTNH", x, self.q_proj[...], dt)  # [B, T, N, H]
-        k = _dot("BTD,DKH->BTKH", x, self.k_proj[...], dt)  # [B, T, K, H]
-        v = _dot("BTD,DKH->BTKH", x, self.v_proj[...], dt)  # [B, T, K, H]
-        if self.lora_scale:
-            q, k, v = (
-                _plus_lora(self, p, x, y) for p, y in (("q_proj", q), ("k_proj", k), ("v_proj", v))
-            )
+        q = _project(self, "q_proj", "BTD,DNH->BTNH", x)  # [B, T, N, H]
+        k = _project(self, "k_proj", "BTD,DKH->BTKH", x)  # [B, T, K, H]
+        v = _project(self, "v_proj", "BTD,DKH->BTKH", x)  # [B, T, K, H]
         if cfg.qkv_bias:  # added in the compute dtype, like torch's Linear(bias=True)
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -287,9 +283,8 @@ class Attention(nnx.Module):
         # transposed the whole o_proj weight on every call (a copy per layer per decode step).
         nh = cfg.num_heads * cfg.head_dim
         out = out.reshape(b, t, nh)  # [B, T, N*H]
-        w_o = self.o_proj[...].reshape(nh, -1)  # [N*H, D]
-        y = _dot("BTE,ED->BTD", out, w_o, dt)  # [B, T, D]
-        return _plus_lora(self, "o_proj", out, y) if self.lora_scale else y, (k, v)
+        flat = lambda w: w.reshape(nh, -1)  # [N*H, D]
+        return _project(self, "o_proj", "BTE,ED->BTD", out, flat), (k, v)
 
     def _attend(self, q, k, v, mask, kv_eq: str):
         """models/attention.py's implementations, for a described mask (`model.attention`)."""
@@ -342,19 +337,20 @@ class MLP(nnx.Module):
             lora_lib.add_adapters(self, lora, "mlp", lora_rngs)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        gate = _dot("BTD,DF->BTF", x, self.gate_proj[...], self.dtype)  # [B, T, F]
-        up = _dot("BTD,DF->BTF", x, self.up_proj[...], self.dtype)  # [B, T, F]
-        if self.lora_scale:
-            gate = _plus_lora(self, "gate_proj", x, gate)
-            up = _plus_lora(self, "up_proj", x, up)
-        hidden = jax.nn.silu(gate) * up  # [B, T, F]
-        y = _dot("BTF,FD->BTD", hidden, self.down_proj[...], self.dtype)
-        return _plus_lora(self, "down_proj", hidden, y) if self.lora_scale else y
+        gate = _project(self, "gate_proj", "BTD,DF->BTF", x)  # [B, T, F]
+        up = _project(self, "up_proj", "BTD,DF->BTF", x)  # [B, T, F]
+        return _project(self, "down_proj", "BTF,FD->BTD", jax.nn.silu(gate) * up)
 
 
-def _plus_lora(module: nnx.Module, proj: str, x: Array, y: Array) -> Array:
-    """y plus the adapter's delta of projection `proj` on input x [B, T, I], if it has one."""
-    d = lora_lib.delta(module, proj, x, module.lora_scale, module.dtype, rows_sharded)
+def _project(module: nnx.Module, proj: str, eq: str, x: Array, view=lambda w: w) -> Array:
+    """x [B, T, I] through projection `proj` of `module` (its weight seen through `view`), with
+    the projection's LoRA adapter if it has one (models/lora.py): folded into the weight for
+    calls with many tokens, added as s·B(A x) for decode steps."""
+    dt, scale = module.dtype, module.lora_scale
+    if scale and lora_lib.merge_pays(module, proj, x.shape[0] * x.shape[1]):
+        return _dot(eq, x, view(lora_lib.merged_weight(module, proj, scale, dt)), dt)
+    y = _dot(eq, x, view(getattr(module, proj)[...]), dt)
+    d = lora_lib.delta(module, proj, x, scale, dt, rows_sharded) if scale else None
     return y if d is None else y + d
 
 

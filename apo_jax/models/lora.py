@@ -122,6 +122,30 @@ def delta(
     return constrain(out.astype(dtype)).reshape(*x.shape[:2], *b.shape[1:])  # [B, T, *O]
 
 
+def merge_pays(module: nnx.Module, proj: str, tokens: int) -> bool:
+    """Whether this call should fold the adapter into the weight (W + s·A B, one weight-sized
+    temporary) rather than add s·B(A x) to the output (activation-sized temporaries: the
+    delta and its float32 accumulator, [B, T, O] each): when the call has at least as many
+    tokens as the projection has inputs, as in training, scoring and prefill. Decode steps
+    (a few tokens) take the delta, which reads the small A and B instead of writing a weight."""
+    a = getattr(module, f"{proj}_lora_a", None)
+    return a is not None and tokens >= math.prod(a.get_value().shape[:-1])
+
+
+def merged_weight(module: nnx.Module, proj: str, scale: float, dtype) -> Array:
+    """W + (alpha / r) · A B in the compute dtype, summed in float32 (B = 0 gives W exactly)."""
+    w = getattr(module, proj)[...]
+    a, b = getattr(module, f"{proj}_lora_a")[...], getattr(module, f"{proj}_lora_b")[...]
+    rank = b.shape[0]
+    ab = jnp.einsum(
+        "IR,RO->IO",
+        a.reshape(-1, rank).astype(dtype),
+        b.reshape(rank, -1).astype(dtype),
+        preferred_element_type=jnp.float32,
+    )  # [I, O]
+    return (w.astype(jnp.float32) + scale * ab.reshape(w.shape)).astype(dtype)
+
+
 # --- the two halves of a LoRA model's parameters --------------------------------------------
 
 
