@@ -229,7 +229,8 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=
         depends only on its own log-probs and on denominators from masks), then the value and
         metrics are evaluated once on the whole batch's log-probs.
     Loss values, metrics, denominators and schedule statistics are those of the whole batch, so
-    nothing depends on the micro-batch count."""
+    nothing depends on the micro-batch count. Forward-only passes (the scorer, the cotangent
+    path's first pass) also run one micro-batch at a time: activations / micro_batches."""
     g, micro, chunk = spec.group_size, spec.micro_batches, spec.logprob_chunk
     precision = spec.logprob_precision
     loss_fn = make_loss_fn(spec)
@@ -294,7 +295,8 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=
                 fused, has_aux=True
             )(state.params)
         elif via_cotangent:
-            logp, entropy = logp_fn(state.params, fwd, with_entropy=True)  # [B, T], no backward
+            # [B, T], no backward; one micro-batch at a time (forward activations / micro)
+            logp, entropy = by_micro_batch(logp_fn, state.params, fwd, with_entropy=True)
             (loss_sum, (denom, sched, metrics)), ct = jax.value_and_grad(batch_loss, has_aux=True)(
                 logp, lb, state.schedule, w
             )  # ct = ∂loss_sum/∂logp [B, T]
@@ -360,8 +362,16 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=
         )
         return new_state, out
 
+    def by_micro_batch(logp_fn, params, b, with_entropy=False):
+        """logp_fn over the rows of b one micro-batch at a time (rows are independent), so a
+        forward-only pass holds one micro-batch's activations, as the backward passes do."""
+        if micro == 1 or b["completion_ids"].shape[0] % micro:  # (a scorer batch of any rows)
+            return logp_fn(params, b, with_entropy)
+        out = jax.lax.map(lambda mb: logp_fn(params, mb, with_entropy), split(b))
+        return jax.tree.map(_unsplit, out)
+
     def logprobs(params, batch, base=None):
-        return logp_with(base)(params, batch)
+        return by_micro_batch(logp_with(base), params, batch)
 
     if mesh is None:
         fns = StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))
