@@ -38,6 +38,16 @@ def _count(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+def _size(plan, model_cfg, params) -> str:
+    if plan.model.lora:  # the state holds the adapters alone
+        lora = plan.model.lora
+        return (
+            f"{model_cfg.num_params / 1e6:.2f}M parameters frozen, LoRA rank {lora.rank} on "
+            f"{','.join(lora.targets)}: {_count(params) / 1e6:.2f}M trained"
+        )
+    return f"{_count(params) / 1e6:.2f}M parameters"
+
+
 def banner(plan, model_cfg, params, mesh, workdir: str, start: int) -> None:
     """Start banner: model and size, devices and mesh, loss, workdir, resumed-from step
     (`plan` is the run's trainer.build.Plan)."""
@@ -47,7 +57,7 @@ def banner(plan, model_cfg, params, mesh, workdir: str, start: int) -> None:
     dev = jax.devices()[0]
     lines = [
         f"apo_jax: model {plan.model.hf_dir or plan.model.preset} "
-        f"({_count(params) / 1e6:.2f}M parameters, {model_cfg.num_layers} layers), "
+        f"({_size(plan, model_cfg, params)}, {model_cfg.num_layers} layers), "
         f"loss {plan.objective.name}, task {plan.task.name}",
         f"devices: {jax.device_count()} × {dev.platform} ({dev.device_kind}) on "
         f"{jax.process_count()} process(es); mesh {axes}",

@@ -7,6 +7,8 @@ laptop plans a pod slice. Cases (targets from issue 16):
   paper_4dev   experiments/apo_math_l3.py, 4 devices, fsdp 4      peak_gib <= 24 (4 x RTX 4090)
   paper_8dev   same, 8 devices, fsdp 8                            peak_gib <= 16 (TPU v5e-8)
   qwen3_8b     same shapes, --config.model.preset=qwen3_8b, 8 dev peak_gib <= 80 (8 x H100)
+  lora_8b_8dev    qwen3_8b, model.lora.rank=16 (all projections), 8 dev   peak_gib <= 16 (v5e-8)
+  lora_1p7b_4dev  the paper config, model.lora.rank=16, micro_batches 12, 4 dev  peak_gib <= 8
   depth_2/28   the paper config's train step compiled at 2 and 28 layers: ratio <= 2
 
   nice -n 19 python benchmarks/scale.py [--cases paper_4dev,...] [--set KEY=VALUE ...]
@@ -32,6 +34,19 @@ CASES = {
         {"mesh.data": 1, "mesh.fsdp": 8, "model.preset": "qwen3_8b"},
         80.0,
         "8 x H100 (80 GB)",
+    ),
+    # LoRA rank 16 on every projection, bf16 frozen base (issue 23's targets).
+    "lora_8b_8dev": (
+        8,
+        {"mesh.data": 1, "mesh.fsdp": 8, "model.preset": "qwen3_8b", "model.lora.rank": 16},
+        16.0,
+        "TPU v5e-8 (16 GB HBM per chip)",
+    ),
+    "lora_1p7b_4dev": (
+        4,
+        {"mesh.data": 1, "mesh.fsdp": 4, "model.lora.rank": 16, "optim.micro_batches": 12},
+        8.0,
+        "4 devices of 8 GB",
     ),
 }
 DEPTHS = (2, 28)  # train-step compile time at these depths (paper config, 4 devices)

@@ -41,6 +41,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # effective); the rollout loops over layer slices. False: per-layer weights, a Python loop.
     m.scan_layers = True
     m.logprob_precision = "default"  # scoring (anchor, reference, train step): default | float32
+    # LoRA (apo_jax/models/lora.py): train adapters B·A beside the chosen projections, the base
+    # frozen (stored once in base_dtype, shared by scoring, the KL reference and the sampler).
+    m.lora = lo = ml_collections.ConfigDict()
+    lo.rank = 0  # R: 0 = off (full fine-tune)
+    lo.alpha = 32.0  # the delta is (alpha / R) · B A x
+    lo.targets = "q,k,v,o,gate,up,down"  # comma-separated subset of the decoder's projections
+    lo.base_dtype = "bfloat16"  # frozen base weights: bfloat16 | float32 (adapters: param_dtype)
+    lo.peft_dir = ""  # start from this PEFT adapter directory ("" = fresh adapters, B = 0)
 
     # Tasks are plug-ins (apo_jax/tasks/): each registered task brings its block of keys,
     # config.task.<name>.*, with defaults and meanings in its module (e.g. tasks/math.py).

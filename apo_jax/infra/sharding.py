@@ -30,6 +30,7 @@ TRAIN_RULES: Rules = {
     "seq": None,
     "cache_seq": None,
     "layers": None,  # the stacked [L, ...] axis of model.scan_layers: each device holds all layers
+    "lora_rank": None,  # LoRA's R (models/lora.py): small; the adapters split as their base does
 }
 
 # Decode reads every weight once per token: gathering FSDP shards each step would dominate, so

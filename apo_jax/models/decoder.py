@@ -38,6 +38,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
+from apo_jax.models import lora as lora_lib
 from apo_jax.models.family import KVLayer, RopeTables
 
 # Finite (not -inf) so that a fully masked row (left padding) gives a uniform softmax, not NaN.
@@ -225,10 +226,19 @@ def apply_rope(x: Float[Array, "B T N H"], tables: RopeTables) -> Array:
 
 class Attention(nnx.Module):
     def __init__(
-        self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype, attention: str = "naive"
+        self,
+        cfg: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        attention: str = "naive",
+        lora: lora_lib.LoRAConfig | None = None,
+        lora_rngs: nnx.Rngs | None = None,
     ):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg, self.dtype = cfg, dtype
+        self.lora_scale = lora.scale if lora else 0.0
         self.attention = attention_lib.check_impl(attention)  # model.attention
         self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -241,6 +251,8 @@ class Attention(nnx.Module):
             self.q_bias = nnx.Param(jnp.zeros((n, h), param_dtype), axes=("heads", "head_dim"))
             self.k_bias = nnx.Param(jnp.zeros((k, h), param_dtype), axes=("kv_heads", "head_dim"))
             self.v_bias = nnx.Param(jnp.zeros((k, h), param_dtype), axes=("kv_heads", "head_dim"))
+        if lora:  # model.lora: adapters beside the targeted projections (models/lora.py)
+            lora_lib.add_adapters(self, lora, "attn", lora_rngs)
 
     def __call__(
         self,
@@ -251,9 +263,9 @@ class Attention(nnx.Module):
         cache_index: Int[Array, ""] | None = None,
     ) -> tuple[Array, KVLayer]:
         cfg, dt = self.cfg, self.dtype
-        q = _dot("BTD,DNH->BTNH", x, self.q_proj[...], dt)  # [B, T, N, H]
-        k = _dot("BTD,DKH->BTKH", x, self.k_proj[...], dt)  # [B, T, K, H]
-        v = _dot("BTD,DKH->BTKH", x, self.v_proj[...], dt)  # [B, T, K, H]
+        q = _project(self, "q_proj", "BTD,DNH->BTNH", x)  # [B, T, N, H]
+        k = _project(self, "k_proj", "BTD,DKH->BTKH", x)  # [B, T, K, H]
+        v = _project(self, "v_proj", "BTD,DKH->BTKH", x)  # [B, T, K, H]
         if cfg.qkv_bias:  # added in the compute dtype, like torch's Linear(bias=True)
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -277,8 +289,8 @@ class Attention(nnx.Module):
         # transposed the whole o_proj weight on every call (a copy per layer per decode step).
         nh = cfg.num_heads * cfg.head_dim
         out = out.reshape(b, t, nh)  # [B, T, N*H]
-        w_o = self.o_proj[...].reshape(nh, -1)  # [N*H, D]
-        return _dot("BTE,ED->BTD", out, w_o, dt), (k, v)
+        flat = lambda w: w.reshape(nh, -1)  # [N*H, D]
+        return _project(self, "o_proj", "BTE,ED->BTD", out, flat), (k, v)
 
     def _attend(self, q, k, v, mask, kv_eq: str):
         """models/attention.py's implementations, for a described mask (`model.attention`)."""
@@ -311,33 +323,64 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        lora: lora_lib.LoRAConfig | None = None,
+        lora_rngs: nnx.Rngs | None = None,
+    ):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.dtype = dtype
+        self.lora_scale = lora.scale if lora else 0.0
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+        if lora:
+            lora_lib.add_adapters(self, lora, "mlp", lora_rngs)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        gate = _dot("BTD,DF->BTF", x, self.gate_proj[...], self.dtype)  # [B, T, F]
-        up = _dot("BTD,DF->BTF", x, self.up_proj[...], self.dtype)  # [B, T, F]
-        return _dot("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...], self.dtype)
+        gate = _project(self, "gate_proj", "BTD,DF->BTF", x)  # [B, T, F]
+        up = _project(self, "up_proj", "BTD,DF->BTF", x)  # [B, T, F]
+        return _project(self, "down_proj", "BTF,FD->BTD", jax.nn.silu(gate) * up)
+
+
+def _project(module: nnx.Module, proj: str, eq: str, x: Array, view=lambda w: w) -> Array:
+    """x [B, T, I] through projection `proj` of `module` (its weight seen through `view`), with
+    the projection's LoRA adapter if it has one (models/lora.py): folded into the weight for
+    calls with many tokens, added as s·B(A x) for decode steps."""
+    dt, scale = module.dtype, module.lora_scale
+    if scale and lora_lib.merge_pays(module, proj, x.shape[0] * x.shape[1]):
+        return _dot(eq, x, view(lora_lib.merged_weight(module, proj, scale, dt)), dt)
+    y = _dot(eq, x, view(getattr(module, proj)[...]), dt)
+    d = lora_lib.delta(module, proj, x, scale, dt, rows_sharded) if scale else None
+    return y if d is None else y + d
 
 
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(
-        self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype, dtype, attention: str = "naive"
+        self,
+        cfg: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        attention: str = "naive",
+        lora: lora_lib.LoRAConfig | None = None,
+        lora_rngs: nnx.Rngs | None = None,
     ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype)
-        self.attn = Attention(
-            cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, attention=attention
-        )
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, lora=lora, lora_rngs=lora_rngs)
+        self.attn = Attention(cfg, attention=attention, **kw)
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, "norm", param_dtype
         )
-        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.mlp = MLP(cfg, **kw)
 
     def __call__(self, x, rope_cs, mask, kv=None, cache_index=None):
         h, kv = self.attn(self.input_layernorm(x), rope_cs, mask, kv, cache_index)
@@ -359,6 +402,7 @@ class Decoder(nnx.Module):
         remat: bool | str = False,
         attention: str = "naive",
         scan_layers: bool = False,
+        lora: lora_lib.LoRAConfig | None = None,
     ):
         self.cfg, self.dtype = cfg, dtype
         self.remat = check_remat(remat)  # model.remat: a REMAT_POLICIES name
@@ -367,6 +411,8 @@ class Decoder(nnx.Module):
         v, d = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, attention=attention)
+        if lora:  # model.lora: the adapters draw from their own stream (the base's init is kept)
+            kw.update(lora=lora, lora_rngs=nnx.Rngs(lora=lora.seed))
         blocks = [Block(cfg, **kw) for _ in range(cfg.num_layers)]
         # model.scan_layers: one Block whose parameters carry a leading [L] axis ("layers"),
         # run under lax.scan when uncached, so compile time does not grow with depth.

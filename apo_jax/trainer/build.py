@@ -25,7 +25,8 @@ from apo_jax import objectives, tasks
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import tracking
 from apo_jax.models import decoder as model_lib
-from apo_jax.models import hf_io
+from apo_jax.models import hf_io, peft_io
+from apo_jax.models import lora as lora_lib
 from apo_jax.models import registry as models
 from apo_jax.objectives import entropy as entropy_lib
 from apo_jax.objectives import schedule as schedule_lib
@@ -45,6 +46,9 @@ class ModelSettings:
     attention: str  # models/attention.py IMPLS
     scan_layers: bool  # stacked [L, ...] layers under lax.scan
     logprob_precision: str = "default"  # scoring: default | float32 (activations, matmuls)
+    lora: lora_lib.LoRAConfig | None = None  # model.lora.* (None: rank 0, full fine-tune)
+    base_dtype: Any = None  # model.lora.base_dtype: the frozen base's dtype under LoRA
+    peft_dir: str = ""  # model.lora.peft_dir: PEFT adapters to start from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +147,9 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             attention=m.attention,
             scan_layers=m.scan_layers,
             logprob_precision=m.logprob_precision,
+            lora=lora_config(m, c.seed),
+            base_dtype=jnp.dtype(m.lora.base_dtype),
+            peft_dir=m.lora.peft_dir,
         ),
         task=task,
         task_params=task_params,
@@ -226,6 +233,19 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     )
 
 
+def lora_config(m: ml_collections.ConfigDict, seed: int) -> lora_lib.LoRAConfig | None:
+    """config.model.lora as a LoRAConfig (adapters in model.param_dtype), None when rank is 0."""
+    if not m.lora.rank:
+        return None
+    return lora_lib.LoRAConfig(
+        rank=m.lora.rank,
+        alpha=float(m.lora.alpha),
+        targets=lora_lib.parse_targets(m.lora.targets),
+        param_dtype=jnp.dtype(m.param_dtype),
+        seed=seed,
+    )
+
+
 def config_root_on_path(argv) -> None:
     """Config files import their base as `from configs import base`: put the directory holding
     `configs/` (the parent of the config file's folder) on sys.path, wherever we run from."""
@@ -285,23 +305,72 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.DecoderConfig:
     return cfg
 
 
-def _model_kwargs(m: ModelSettings) -> dict:
-    return dict(
-        param_dtype=m.param_dtype,
+def _model_kwargs(m: ModelSettings, lora: bool = True) -> dict:
+    """Decoder kwargs; under LoRA the base weights are in model.lora.base_dtype (`lora=False`:
+    the base alone, as a plain model)."""
+    kw = dict(
+        param_dtype=m.base_dtype if m.lora else m.param_dtype,
         dtype=m.dtype,
         remat=m.remat,
         attention=m.attention,
         scan_layers=m.scan_layers,
     )
+    if m.lora and lora:
+        kw["lora"] = m.lora
+    return kw
 
 
 def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
-    """(graphdef, params) with every parameter created directly in its sharding on `mesh`."""
+    """(graphdef, params) with every parameter created directly in its sharding on `mesh`.
+    Under LoRA the params hold the base (loaded or initialised as without LoRA, in
+    model.lora.base_dtype) and the adapters (fresh, or read from model.lora.peft_dir):
+    `trainable` splits them."""
+    graphdef, params = base_model(p, cfg, mesh)
+    if not p.model.lora:
+        return graphdef, params
+    init = lambda: model_lib.init_model(cfg, p.seed, **_model_kwargs(p.model))
+    graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
+    adapters = lora_lib.split(abstract)[0]
+    shardings = sharding_lib.tree_shardings(adapters, mesh)
+    # Only the adapters leave the program: XLA drops the base's initialisation.
+    make = lambda: lora_lib.split(nnx.split(init(), nnx.Param)[1])[0]
+    adapters = jax.jit(make, out_shardings=shardings)()
+    if p.model.peft_dir:
+        adapters = peft_io.load_adapters(p.model.peft_dir, adapters, p.model.lora)
+    return graphdef, lora_lib.join(params, adapters)
+
+
+def trainable(p: Plan, params):
+    """(trained, frozen): (adapters, base) under LoRA, else (params, None)."""
+    return lora_lib.split(params) if p.model.lora else (params, None)
+
+
+def base_record(p: Plan) -> dict:
+    """What a LoRA checkpoint records of its base (it holds the adapters alone): the identity of
+    model.hf_dir's files (models/peft_io.fingerprint). Empty for a full fine-tune."""
+    if not p.model.lora:
+        return {}
+    return {"lora_base": peft_io.fingerprint(p.model.hf_dir)}
+
+
+def check_base(p: Plan, record: Mapping, workdir: str) -> None:
+    """Resuming a LoRA run: model.hf_dir must hold the base the adapters were trained on."""
+    if "lora_base" in record and record["lora_base"] != base_record(p).get("lora_base"):
+        raise ValueError(
+            f"{workdir} holds LoRA adapters trained on a different base than "
+            f"config.model.hf_dir={p.model.hf_dir!r} now holds (config.json or weight files "
+            f"changed: saved {record['lora_base']}, now {base_record(p).get('lora_base')})"
+        )
+
+
+def base_model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
+    """(graphdef, params) of the model without adapters (under LoRA: the frozen base, in
+    model.lora.base_dtype)."""
     m = p.model
     if m.hf_dir:
         loaded = hf_io.load_model(
             m.hf_dir,
-            dtype=m.param_dtype,
+            dtype=m.base_dtype if m.lora else m.param_dtype,
             compute_dtype=m.dtype,
             mesh=mesh,
             remat=m.remat,
@@ -309,7 +378,7 @@ def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
             scan_layers=m.scan_layers,
         )
         return nnx.split(loaded, nnx.Param)
-    kw = _model_kwargs(m)
+    kw = _model_kwargs(m, lora=False)
     init = lambda: model_lib.init_model(cfg, p.seed, **kw)
     graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
     shardings = sharding_lib.tree_shardings(abstract, mesh)

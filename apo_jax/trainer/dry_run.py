@@ -11,6 +11,9 @@ Phases of a step and what is resident in each (per device, bytes):
   eval     (with eval.num_prompts) train state (+ reference) + rollout weights + the larger of
            the greedy and the sampled evaluation call (trainer/evaluate.py call_prompts: at most
            eval.rows_per_chunk rows per process, by default the rollout's chunk)
+Under LoRA (model.lora.rank > 0) the train state holds the adapters and their moments, the
+reference is zero adapters, and the frozen base (model.lora.base_dtype) is resident once
+(`lora_base_gib`, counted in `state_gib`; `trained_params` counts the adapters).
 `peak_gib` is the largest. Sizes come from `compiled.memory_analysis()` of the SPMD-partitioned
 programs (one device's share) and from the shardings of the abstract state. The sampler phases
 compile the run's own programs: `build.sampler`'s prefill / decode (`Sampler.prefill_program`,
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import lora as lora_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.trainer import build
 from apo_jax.trainer import evaluate as evaluate_lib
@@ -120,6 +124,8 @@ def estimate(
     rows = r.prompts_per_step * r.group_size // o.mini_batches  # sequences per update
     sharding_lib.check_mesh_fits(mesh.devices.shape, cfg, rows // o.micro_batches)
     graphdef, params = build.abstract_model(p, cfg)
+    # LoRA: the state holds the adapters; the frozen base is resident once beside it.
+    params, frozen = build.trainable(p, params)
     tx, _ = build.optimizer(p)
     spec = build.step_spec(p, cfg.vocab_size)
     init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule, spec.entropy)
@@ -127,7 +133,13 @@ def estimate(
     state_shardings = sharding_lib.tree_shardings(state, mesh)
     state = _abstract(state, state_shardings)
     ref = p.objective.reference(p.loss_params)
+    # The reference is a copy of the trained parameters (under LoRA: zero adapters, the base).
     state_bytes = _device_bytes(state) + (_device_bytes(state.params) if ref else 0)
+    base_bytes = 0
+    if frozen is not None:
+        frozen = _abstract(frozen, sharding_lib.tree_shardings(frozen, mesh))
+        base_bytes = _device_bytes(frozen)
+        state_bytes += base_bytes
     compile_s = 0.0
 
     # --- rollout: prefill + decode at the config's rows and lengths ----------------------------
@@ -135,11 +147,14 @@ def estimate(
     # abstract arguments. Without the task (a preset's vocabulary) its stop ids are unknown:
     # the programs then differ from the run's only in the constants of the stop test.
     smp = build.sampler(p, graphdef, task, mesh)
-    weights = sampler_lib.rollout_weights(state.params, mesh, m.dtype)
-    shared = {id(x) for x in jax.tree.leaves(state.params)}
-    weights_extra = sum(
-        _device_bytes(x) for x in jax.tree.leaves(weights) if id(x) not in shared
-    )  # the gathered copies; parameters laid out alike are the train arrays themselves
+    if frozen is None:
+        weights = sampler_lib.rollout_weights(state.params, mesh, m.dtype)
+        shared = {id(x) for x in jax.tree.leaves(state.params)}
+        weights_extra = sum(
+            _device_bytes(x) for x in jax.tree.leaves(weights) if id(x) not in shared
+        )  # the gathered copies; parameters laid out alike are the train arrays themselves
+    else:  # LoRA: the sampler reads the base and adapters in their training layout (no copy)
+        weights, weights_extra = lora_lib.join(frozen, state.params), 0
     calls: dict = {}  # (prompts, n, sampling) -> _sampler_call: one compile per program
 
     def call(b, n, sp):
@@ -191,7 +206,7 @@ def estimate(
         for k, (shape, dtype) in shapes.items()
     }
     batch_bytes = _device_bytes(batch)
-    fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings)
+    fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings, frozen=frozen)
     t = time.perf_counter()
     score = fns.logprobs.lower(state.params, batch).compile()
     t_score = time.perf_counter()
@@ -229,6 +244,8 @@ def estimate(
         platform=platform,
         mesh=dict(mesh.shape),
         params=cfg.num_params,
+        trained_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+        lora_base_gib=gib(base_bytes),
         layers=cfg.num_layers,
         rows_per_update=rows,
         rollout_rows=b * r.group_size,  # rows per sampler call, all processes

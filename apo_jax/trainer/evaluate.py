@@ -16,6 +16,7 @@ import numpy as np
 from apo_jax import tasks as tasks_lib
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import lora as lora_lib
 from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
 from apo_jax.trainer import build
@@ -297,6 +298,8 @@ def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = No
     )
     try:
         graphdef, abstract = build.abstract_model(p, model_cfg)
+        if p.model.lora:  # the checkpoint holds the adapters; the base comes from model.hf_dir
+            abstract = build.trainable(p, abstract)[0]
         tx, _ = build.optimizer(p)
         sched = build.step_spec(p, model_cfg.vocab_size).schedule
         init = lambda prm: step_lib.init_train_state(prm, tx, p.seed, sched)
@@ -310,8 +313,13 @@ def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = No
         ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"{workdir}: no complete checkpoint under checkpoints/")
-    step, state, _ = restored
-    return graphdef, state.params, step
+    step, state, record = restored
+    if not p.model.lora:
+        return graphdef, state.params, step
+    build.check_base(p, record, workdir)
+    mesh = sharding_lib.make_mesh(1, 1, 1)  # the default device, as the restored adapters
+    base = build.base_model(p, model_cfg, mesh)[1]
+    return graphdef, lora_lib.join(base, state.params), step
 
 
 def check_rows(p: build.Plan, model_cfg, rows: int, what: str) -> None:

@@ -20,6 +20,7 @@ from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import metrics as metrics_lib
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import workdir_lock
+from apo_jax.models import lora as lora_lib
 from apo_jax.objectives import batch as batch_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.tasks import order as order_lib
@@ -111,6 +112,7 @@ def _train(p: build.Plan, workdir: str) -> dict:
         # The blocks of unselected losses and tasks are not read: they may change.
         unused = validate.unused_blocks(p.record)
         checkpoint_lib.check_resume(saved[0], saved[1]["config"], p.record, workdir, unused)
+        build.check_base(p, saved[1], workdir)
         if saved[0] == p.total_steps:  # a finished run started again: nothing to train
             ckpt.close()
             return _already_done(workdir, saved[0])
@@ -140,23 +142,32 @@ def _train(p: build.Plan, workdir: str) -> dict:
 
     # --- model, optimizer, train state, jitted functions --------------------------------------
     graphdef, params = build.model(p, model_cfg, mesh)
+    # LoRA: the state trains the adapters; the frozen base is stored once and passed alongside.
+    params, frozen = build.trainable(p, params)
     tx, lr_fn = build.optimizer(p)
     spec = build.step_spec(p, model_cfg.vocab_size)
     # Every batch field the loss reads is sent (checked again when the step is traced).
     batch_lib.check_reads(p.objective.name, p.objective.reads, (*_DEVICE_KEYS, *_SCORED_KEYS))
     # The frozen reference (only for objectives that ask for one) is a copy: the state is donated.
+    # Under LoRA it is the base itself, scored with switched-off (zero) adapters: no second copy.
     use_ref = p.objective.reference(p.loss_params)
-    ref_params = jax.tree.map(jnp.copy, params) if use_ref else None
+    ref_params = None
+    if use_ref and frozen is not None:
+        ref_params = lora_lib.switched_off(params)
+    elif use_ref:
+        ref_params = jax.tree.map(jnp.copy, params)
     init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule, spec.entropy)
     state_shardings = sharding_lib.tree_shardings(jax.eval_shape(init_state, params), mesh)
     state = jax.jit(init_state, out_shardings=state_shardings)(params)
     del params
-    fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings)
+    fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings, frozen=frozen)
     sampler = build.sampler(p, graphdef, task, mesh)
     # Decode reads every weight each token: without FSDP gathering the rollout copy is laid out
     # by ROLLOUT_RULES (a reshard happens only when the two tables differ on this mesh).
     # Parameters laid out alike are shared, not copied; others cast to the compute dtype first.
     to_rollout = lambda prm: sampler_lib.rollout_weights(prm, mesh, p.model.dtype)
+    if frozen is not None:  # LoRA: the sampler reads the base where it lies (stored once)
+        to_rollout = lambda prm: lora_lib.join(frozen, prm)
 
     # --- restore -----------------------------------------------------------------------------
     start, position = 0, 0
@@ -261,7 +272,8 @@ def _train(p: build.Plan, workdir: str) -> dict:
             # A signal may reach only some processes; saving is collective, so all must agree.
             stopping = bool(_all_rows(np.asarray([stop.received is not None])).any())
             if ckpt.should_save(step) or step == p.total_steps or stopping:
-                ckpt.save(step, state, {"position": position, "config": p.record})
+                record = {"position": position, "config": p.record, **build.base_record(p)}
+                ckpt.save(step, state, record)
             if stopping:
                 logging.warning("signal %s: saved step %d, stopping", stop.received, step)
                 break

@@ -29,6 +29,7 @@ from apo_jax import objectives
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
 from apo_jax.models import decoder as model_lib
+from apo_jax.models import lora as lora_lib
 from apo_jax.objectives import batch as batch_lib
 from apo_jax.objectives import common
 from apo_jax.objectives import entropy as entropy_lib
@@ -242,6 +243,21 @@ class StepFns:
     logprobs: Callable  # (params, Batch) -> [B, Tc] float32
 
 
+@dataclasses.dataclass(frozen=True)
+class WithBase:
+    """A jitted fn(*args, base), called (and lowered) as fn(*args): the frozen LoRA base is an
+    argument of every call, never a constant of the program, and never donated."""
+
+    fn: Callable
+    base: object
+
+    def __call__(self, *args):
+        return self.fn(*args, self.base)
+
+    def lower(self, *args):
+        return self.fn.lower(*args, self.base)
+
+
 _FORWARD_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 
 
@@ -253,10 +269,14 @@ def _under_mesh(fn, mesh):
     return traced
 
 
-def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> StepFns:
+def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=None) -> StepFns:
     """Jits the update and the log-prob scorer for this model and config. With a mesh, the
     state keeps `state_shardings` (parameters and optimizer moments by their logical axes),
     batch rows are split over the data-parallel axes and metrics come back replicated.
+
+    LoRA (`frozen` = the base's parameter state): the state's params are the adapters alone, so
+    gradients, the optimizer moments and the update touch nothing else; each call joins them
+    with the base, an extra (undonated) argument in its training layout.
 
     The gradient of every objective is Σ_{i,t} (∂L/∂log π_θ(y_it)) ∇_θ log π_θ(y_it) (plus
     Σ_{i,t} (∂L/∂H_it) ∇_θ H_it with the entropy bonus, H_it the token entropy), so
@@ -271,7 +291,8 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
         depends only on its own log-probs and on denominators from masks), then the value and
         metrics are evaluated once on the whole batch's log-probs.
     Loss values, metrics, denominators and schedule statistics are those of the whole batch, so
-    nothing depends on the micro-batch count."""
+    nothing depends on the micro-batch count. Forward-only passes (the scorer, the cotangent
+    path's first pass) also run one micro-batch at a time: activations / micro_batches."""
     micro, chunk = spec.micro_batches, spec.logprob_chunk
     precision = spec.logprob_precision
     update_loss = make_update_loss(spec)
@@ -285,10 +306,14 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
         replicated = sharding_lib.named(mesh)
         data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
 
-    def logp_fn(params, b, with_entropy=False):
-        return completion_logprobs(
-            graphdef, params, b, chunk=chunk, with_entropy=with_entropy, precision=precision
-        )
+    def logp_with(base):
+        def logp_fn(params, b, with_entropy=False):
+            full = params if base is None else lora_lib.join(base, params)
+            return completion_logprobs(
+                graphdef, full, b, chunk=chunk, with_entropy=with_entropy, precision=precision
+            )
+
+        return logp_fn
 
     def split(tree):
         out = jax.tree.map(lambda x: _split(x, micro), tree)
@@ -296,7 +321,8 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
             out = jax.lax.with_sharding_constraint(out, micro_sharding)
         return out
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, base=None):
+        logp_fn = logp_with(base)
         b = batch["rewards"].shape[0]
         check_micro_batches(b, micro, data_parallel)  # at trace time, before compiling
         batch_lib.check_reads(obj.name, obj.reads, batch.keys())
@@ -320,7 +346,8 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
                 state.params
             )
         elif via_cotangent:
-            logp, entropy = logp_fn(state.params, fwd, with_entropy=True)  # [B, T], no backward
+            # [B, T], no backward; one micro-batch at a time (forward activations / micro)
+            logp, entropy = by_micro_batch(logp_fn, state.params, fwd, with_entropy=True)
             (loss_sum, (denom, states, metrics)), cts = jax.value_and_grad(
                 update_loss, argnums=(0, 1), has_aux=True
             )(logp, entropy, lb, states, loss_key)  # ∂loss_sum/∂logp, ∂loss_sum/∂entropy [B, T]
@@ -391,24 +418,36 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None) -> Step
         )
         return new_state, out
 
-    def logprobs(params, batch):
-        return logp_fn(params, batch)
+    def by_micro_batch(logp_fn, params, b, with_entropy=False):
+        """logp_fn over the rows of b one micro-batch at a time (rows are independent), so a
+        forward-only pass holds one micro-batch's activations, as the backward passes do."""
+        if micro == 1 or b["completion_ids"].shape[0] % micro:  # (a scorer batch of any rows)
+            return logp_fn(params, b, with_entropy)
+        out = jax.lax.map(lambda mb: logp_fn(params, mb, with_entropy), split(b))
+        return jax.tree.map(_unsplit, out)
+
+    def logprobs(params, batch, base=None):
+        return by_micro_batch(logp_with(base), params, batch)
 
     if mesh is None:
-        return StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))
-    # Traced under the mesh: the model keeps activations split by rows (decoder.rows_sharded).
-    train_step, logprobs = _under_mesh(train_step, mesh), _under_mesh(logprobs, mesh)
-    step = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, rows_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
-    return StepFns(
-        step,
-        jax.jit(
+        fns = StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))
+    else:
+        # Traced under the mesh: the model keeps activations split by rows
+        # (decoder.rows_sharded).
+        train_step, logprobs = _under_mesh(train_step, mesh), _under_mesh(logprobs, mesh)
+        base = () if frozen is None else (sharding_lib.tree_shardings(frozen, mesh),)
+        step = jax.jit(
+            train_step,
+            in_shardings=(state_shardings, rows_sharding, *base),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+        score = jax.jit(
             logprobs,
-            in_shardings=(state_shardings.params, rows_sharding),
+            in_shardings=(state_shardings.params, rows_sharding, *base),
             out_shardings=rows_sharding,
-        ),
-    )
+        )
+        fns = StepFns(step, score)
+    if frozen is None:
+        return fns
+    return StepFns(WithBase(fns.train_step, frozen), WithBase(fns.logprobs, frozen))

@@ -22,13 +22,14 @@ of the chosen objective's block that some of its settings ignore are declared by
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 from apo_jax.infra import tracking
-from apo_jax.models import attention, decoder
+from apo_jax.models import attention, decoder, lora
 from apo_jax.objectives.schedule import MODES, SCOPES
 from apo_jax.trainer import rollout_correction
 
@@ -79,6 +80,11 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "model.scan_layers": (bool, None, "stack layers under lax.scan"),
     "model.attention": (str, None, "auto | xla_blockwise | cudnn | splash | naive"),
     "model.logprob_precision": (str, None, "default | float32 (scoring in float32, highest)"),
+    "model.lora.rank": (int, "[0, inf)", "LoRA rank R, 0 = off"),
+    "model.lora.alpha": (float, "(0, inf)", "LoRA scale numerator: delta = alpha / R · B A x"),
+    "model.lora.targets": (str, None, "comma-separated subset of q, k, v, o, gate, up, down"),
+    "model.lora.base_dtype": (str, None, "bfloat16 | float32"),
+    "model.lora.peft_dir": (str, None, "PEFT adapter directory to start from"),
     "rollout.prompts_per_step": (int, "[1, inf)", "prompts per rollout step"),
     "rollout.group_size": (int, "[2, inf)", "group-relative losses need >= 2 completions"),
     "rollout.max_prompt_len": (int, "[1, inf)", "tokens"),
@@ -320,6 +326,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     if c.model.logprob_precision not in _PRECISIONS:
         _fail("model.logprob_precision", c.model.logprob_precision, "valid: default, float32")
     check_wandb(c.logging)
+    check_lora(c.model.lora)
 
 
 def check_wandb(lg) -> None:
@@ -337,6 +344,18 @@ def check_wandb(lg) -> None:
         _fail("logging.wandb_project", lg.wandb_project, "must name a W&B project")
     if lg.wandb:
         tracking.check_installed()
+
+
+def check_lora(lo) -> None:
+    """model.lora.*: the targets parse, the base dtype is one we store, an adapter to import
+    exists (its contents are checked against these keys when it is read)."""
+    lora.parse_targets(lo.targets)
+    if lo.base_dtype not in lora.BASE_DTYPES:
+        _fail("model.lora.base_dtype", lo.base_dtype, f"valid: {', '.join(lora.BASE_DTYPES)}")
+    if lo.peft_dir and not lo.rank:
+        _fail("model.lora.peft_dir", lo.peft_dir, "needs model.lora.rank > 0 (LoRA on)")
+    if lo.peft_dir and not os.path.isfile(os.path.join(lo.peft_dir, "adapter_config.json")):
+        _fail("model.lora.peft_dir", lo.peft_dir, "no adapter_config.json there (a PEFT dir)")
 
 
 def check_lengths(max_prompt_len: int, max_new_tokens: int, model_cfg) -> None:
