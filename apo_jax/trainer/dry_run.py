@@ -10,7 +10,10 @@ Phases of a step and what is resident in each (per device, bytes):
            + the train step's temporaries
 `peak_gib` is the largest. Sizes come from `compiled.memory_analysis()` of the SPMD-partitioned
 programs (one device's share) and from the shardings of the abstract state.
-With `XLA_FLAGS=--xla_force_host_platform_device_count=N` a laptop plans an N-device slice.
+With `XLA_FLAGS=--xla_force_host_platform_device_count=N` a laptop plans an N-device slice
+(XLA:CPU's numbers); `target="tpu-v5e-8"` (infra/targets.py) compiles every program with the TPU
+compiler for that slice instead, on any host with libtpu installed. A program the TPU compiler
+rejects for memory is reported by the compiler's own line in `over_hbm` and `fits` is false.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import ml_collections
 from flax import nnx
 
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.infra import targets
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.rollout.sampling import SamplingParams
 from apo_jax.trainer import build
@@ -55,10 +59,23 @@ def _abstract(tree, shardings):
     )
 
 
-def _compile(fn, *args, **jit_kw):
+def _compile(fn, *args, phase: str, over_hbm: dict, **jit_kw):
     t = time.perf_counter()
-    compiled = jax.jit(fn, **jit_kw).lower(*args).compile()
+    compiled = _compiled(jax.jit(fn, **jit_kw).lower(*args), phase, over_hbm)
     return compiled, time.perf_counter() - t
+
+
+def _compiled(lowered, phase: str, over_hbm: dict):
+    """The compiled program, or None when the compiler refused it for memory (its one-line
+    verdict goes to over_hbm[phase]); any other error propagates."""
+    try:
+        return lowered.compile()
+    except Exception as e:  # XlaRuntimeError; its message is all there is to tell them apart
+        line = targets.over_hbm_line(e)
+        if line is None:
+            raise
+        over_hbm[phase] = line
+        return None
 
 
 def _rollout_weights(params, mesh, compute_dtype):
@@ -90,12 +107,40 @@ def estimate(
     device_memory_gib: float | None = None,
     *,
     num_layers: int | None = None,
+    target: str = "cpu",
 ) -> dict:
-    """The dry-run report (see the module docstring) for `config` on the visible devices.
+    """The dry-run report (see the module docstring) for `config` on the visible devices, or
+    on the devices of `target` (infra/targets.py: `tpu-v5e-8`, ...) with its compiler.
     `num_layers` overrides the architecture's depth (benchmarks: compile time against depth)."""
+    targets.check(target)
     p = build.plan(config)
+    target_devices = targets.devices(target)
+    data, fsdp, tensor = p.mesh
+    mesh = sharding_lib.make_mesh(data, fsdp, tensor, devices=target_devices)
+    out = _estimate(p, mesh, num_layers)
+    if device_memory_gib is None:
+        if target != "cpu":
+            device_memory_gib = targets.TARGETS[target].hbm_gib
+        else:
+            stats = jax.devices()[0].memory_stats() or {}
+            if stats.get("bytes_limit"):
+                device_memory_gib = stats["bytes_limit"] / GIB
+    out.update(
+        target=target,
+        compiler=targets.compiler(target, target_devices),
+        devices=mesh.devices.size,
+        platform=mesh.devices.flat[0].platform,
+        mesh=dict(mesh.shape),
+        device_memory_gib=None if device_memory_gib is None else round(device_memory_gib, 3),
+    )
+    if device_memory_gib is not None:
+        peak = out["peak_gib"]
+        out["fits"] = peak is not None and peak <= device_memory_gib
+    return out
+
+
+def _estimate(p: build.Plan, mesh, num_layers: int | None) -> dict:
     r, o, m = p.rollout, p.optim, p.model
-    mesh = build.mesh(p)
     # The task only when the model's vocabulary is the task's (its tokenizer gives the size).
     task_vocab = build.task(p).vocab_size if m.vocab_size == -1 or m.hf_dir else 0
     cfg = build.model_config(p, task_vocab)
@@ -113,6 +158,7 @@ def estimate(
     ref = p.objective.reference(p.loss_params)
     state_bytes = _device_bytes(state) + (_device_bytes(state.params) if ref else 0)
     compile_s = 0.0
+    over_hbm: dict[str, str] = {}  # phase -> the TPU compiler's out-of-memory line
 
     # --- rollout: prefill + decode at the config's rows and lengths ----------------------------
     weights, weights_extra = _rollout_weights(state.params, mesh, m.dtype)
@@ -142,19 +188,27 @@ def estimate(
         row((b,), jnp.int32),
     )
     prefill_fn = functools.partial(smp._prefill, n=r.group_size, sp=sp)
-    prefill, s = _compile(prefill_fn, *args)
+    prefill, s = _compile(prefill_fn, *args, phase="prefill", over_hbm=over_hbm)
     compile_s += s
-    decode_state = _abstract(jax.eval_shape(prefill_fn, *args), prefill.output_shardings)
-    decode, s = _compile(
-        functools.partial(smp._decode, sp=sp), weights, decode_state, donate_argnums=1
-    )
-    compile_s += s
-    pre, dec = prefill.memory_analysis(), decode.memory_analysis()
-    cache_bytes = _device_bytes(decode_state)
-    rollout_bytes = weights_extra + max(
-        pre.output_size_in_bytes + pre.temp_size_in_bytes,
-        cache_bytes + dec.temp_size_in_bytes,
-    )
+    decode = cache_bytes = rollout_bytes = None
+    if prefill:  # the decode program's input layouts are the prefill's output layouts
+        decode_state = _abstract(jax.eval_shape(prefill_fn, *args), prefill.output_shardings)
+        cache_bytes = _device_bytes(decode_state)
+        decode, s = _compile(
+            functools.partial(smp._decode, sp=sp),
+            weights,
+            decode_state,
+            phase="decode",
+            over_hbm=over_hbm,
+            donate_argnums=1,
+        )
+        compile_s += s
+    if prefill and decode:
+        pre, dec = prefill.memory_analysis(), decode.memory_analysis()
+        rollout_bytes = weights_extra + max(
+            pre.output_size_in_bytes + pre.temp_size_in_bytes,
+            cache_bytes + dec.temp_size_in_bytes,
+        )
 
     # --- scoring and update on one mini-batch ---------------------------------------------------
     batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -176,26 +230,29 @@ def estimate(
     batch_bytes = _device_bytes(batch)
     fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings)
     t = time.perf_counter()
-    score = fns.logprobs.lower(state.params, batch).compile()
+    score = _compiled(fns.logprobs.lower(state.params, batch), "scoring", over_hbm)
     t_score = time.perf_counter()
-    train = fns.train_step.lower(state, batch).compile()
+    train = _compiled(fns.train_step.lower(state, batch), "train_step", over_hbm)
     train_compile_s = time.perf_counter() - t_score
     compile_s += time.perf_counter() - t
-    sc, tr = score.memory_analysis(), train.memory_analysis()
-    scoring_bytes = batch_bytes + sc.temp_size_in_bytes + sc.output_size_in_bytes
-    # The state is donated: its outputs alias its arguments. What else the step holds: the
-    # batch, the temporaries (activations, gradients, optimizer scratch) and the metrics.
-    train_step_bytes = (
-        batch_bytes + tr.temp_size_in_bytes + tr.output_size_in_bytes - tr.alias_size_in_bytes
-    )
-    peak = state_bytes + max(rollout_bytes, scoring_bytes, train_step_bytes)
+    scoring_bytes = train_step_bytes = None
+    if score:
+        sc = score.memory_analysis()
+        scoring_bytes = batch_bytes + sc.temp_size_in_bytes + sc.output_size_in_bytes
+    if train:
+        tr = train.memory_analysis()
+        # The state is donated: its outputs alias its arguments. What else the step holds: the
+        # batch, the temporaries (activations, gradients, optimizer scratch) and the metrics.
+        train_step_bytes = (
+            batch_bytes + tr.temp_size_in_bytes + tr.output_size_in_bytes - tr.alias_size_in_bytes
+        )
+    phases = (rollout_bytes, scoring_bytes, train_step_bytes)
+    # A phase the compiler refused has no size: no peak, and `fits` is false.
+    peak = None if None in phases else state_bytes + max(phases)
 
-    if device_memory_gib is None:
-        stats = jax.devices()[0].memory_stats() or {}
-        if stats.get("bytes_limit"):
-            device_memory_gib = stats["bytes_limit"] / GIB
-    gib = lambda x: round(x / GIB, 4)
-    out = dict(
+    gib = lambda x: None if x is None else round(x / GIB, 4)
+    return dict(
+        over_hbm=over_hbm,
         peak_gib=gib(peak),
         state_gib=gib(state_bytes),
         rollout_gib=gib(rollout_bytes),
@@ -205,9 +262,6 @@ def estimate(
         rollout_weights_gib=gib(weights_extra),
         compile_s=round(compile_s, 1),
         train_step_compile_s=round(train_compile_s, 1),
-        devices=mesh.devices.size,
-        platform=jax.devices()[0].platform,
-        mesh=dict(mesh.shape),
         params=cfg.num_params,
         layers=cfg.num_layers,
         rows_per_update=rows,
@@ -217,8 +271,4 @@ def estimate(
         remat=m.remat,
         scan_layers=m.scan_layers,
         cache_dtype=str(jnp.dtype(build.cache_dtype(p))),
-        device_memory_gib=None if device_memory_gib is None else round(device_memory_gib, 3),
     )
-    if device_memory_gib is not None:
-        out["fits"] = bool(peak <= device_memory_gib * GIB)
-    return out
