@@ -49,8 +49,11 @@ TARGETS: dict[str, Target] = {
 NAMES = ("cpu", *TARGETS)
 
 # libtpu on a host without TPU chips: skip the GCE metadata server (it would wait for it) and
-# name a single local worker, so that initialisation is quiet and takes seconds, offline.
+# name a single local worker, so that initialisation is quiet and takes seconds, offline; and
+# let several processes load it (by default the first holds /tmp/libtpu_lockfile and the others
+# fail to start it: pytest workers, two dry runs).
 OFFLINE_ENV = {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
     "TPU_SKIP_MDS_QUERY": "1",
     "TPU_ACCELERATOR_TYPE": "v5litepod-4",
     "TPU_WORKER_ID": "0",
@@ -63,7 +66,7 @@ def check(name: str) -> None:
     compile)."""
     if name not in NAMES:
         raise ValueError(f"--target={name!r}: valid targets are {', '.join(NAMES)}")
-    if name != "cpu" and importlib.util.find_spec("libtpu") is None:
+    if name != "cpu" and not has_libtpu():
         raise ValueError(
             f"--target={name} compiles with the TPU compiler, which comes with libtpu: "
             f"install it with `{INSTALL}` (the `tpu` extra, pinned to this jax)"
@@ -74,9 +77,19 @@ def prepare(name: str) -> None:
     """Sets the offline libtpu environment for a TPU target on a host with no TPU chips; call
     before JAX initialises its backends (the TPU plugin reads it then)."""
     check(name)
-    if name != "cpu" and not _has_tpu_chips():
+    if name != "cpu":
+        prepare_offline()
+
+
+def prepare_offline() -> None:
+    """OFFLINE_ENV (as defaults) when libtpu is installed on a host without TPU chips."""
+    if has_libtpu() and not _has_tpu_chips():
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
+
+
+def has_libtpu() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
 
 
 def _has_tpu_chips() -> bool:
