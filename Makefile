@@ -15,9 +15,17 @@ $(BIN)/python:
 # torch (tests only: parity with transformers) goes first and pinned, so that a machine whose pip
 # sees a local CPU wheel of that version takes it instead of resolving a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The `tpu` extra (libtpu, ~0.7 GB installed) where its wheels exist, Linux x86-64: then
+# tests/test_tpu_compile.py compiles the programs for a TPU slice; elsewhere those tests skip.
+# `make test TEST_EXTRAS=test` leaves it out.
+ifeq ($(shell uname -sm),Linux x86_64)
+TEST_EXTRAS ?= test,tpu
+else
+TEST_EXTRAS ?= test
+endif
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[$(TEST_EXTRAS)]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: $(STAMP)
