@@ -54,7 +54,10 @@ _NUM_PROMPTS = flags.DEFINE_integer(
     "num_prompts", None, "Seeded subset of the held-out set (default: eval.num_prompts; 0 = all)."
 )
 _PER_CALL = flags.DEFINE_integer(
-    "prompts_per_call", None, "Prompts per sampler call (default: rollout.prompts_per_step)."
+    "prompts_per_call",
+    None,
+    "Prompts per sampled call, i.e. k x this many rows per sampler call (default: "
+    "eval.rows_per_chunk rows, else rollout.rows_per_chunk, else a step's rows).",
 )
 _OUT = flags.DEFINE_string("out", "results.json", "Where the JSON results go.")
 
@@ -126,9 +129,10 @@ def run(
         source = {"model": p.model.hf_dir or f"random init ({p.model.preset}, seed {p.seed})"}
     sampler = build.sampler(p, graphdef, task, mesh=None)
     k = k or p.rollout.group_size
-    per_call = prompts_per_call or p.rollout.prompts_per_step
+    # Bounded calls: the KV cache holds this many rows at a time (the results do not change).
+    rows = k * prompts_per_call if prompts_per_call else evaluate_lib.rows_per_call(p)
     metrics, records = evaluate_lib.evaluate(
-        task, sampler, params, examples, k=k, prompts_per_call=per_call, seed=p.seed
+        task, sampler, params, examples, k=k, rows_per_call=rows, seed=p.seed
     )
     if hasattr(task, "close"):
         task.close()  # stops the reward worker processes
@@ -137,6 +141,7 @@ def run(
         task=p.task.name,
         source=source,
         k=k,
+        rows_per_call=rows,
         num_prompts=len(examples),
         seconds=time.perf_counter() - t0,
         config=p.record,

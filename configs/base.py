@@ -110,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = e = ml_collections.ConfigDict()
     e.every_steps = 0  # held-out evaluation every N steps (0 = only at the end if num_prompts)
     e.num_prompts = 0  # held-out prompts per evaluation (0 = no evaluation)
+    e.rows_per_chunk = 0  # rows per evaluation sampler call, per process (0 = the rollout's)
 
     c.logging = lg = ml_collections.ConfigDict()
     lg.tensorboard = True  # write TensorBoard events under workdir/tensorboard

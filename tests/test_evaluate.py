@@ -17,11 +17,12 @@ import apo_jax
 from apo_jax import evaluate as evaluate_cli
 from apo_jax import tasks as tasks_lib
 from apo_jax.models import qwen3 as model_lib
+from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.tasks import toy as toy_task
 from apo_jax.trainer import build
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import loop as train
-from configs import base
+from configs import base, toy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,10 +109,10 @@ def test_metrics_aggregate_per_prompt_statistics():
     task, k, n_prompts = tasks_lib.ToyTask(), 4, 7
     examples = list(task.eval_examples()[:n_prompts])
     sampler = _ScriptedSampler(k)
-    metrics, records = evaluate_lib.evaluate(task, sampler, None, examples, k=k, prompts_per_call=3)
-    # 7 prompts in calls of 3: the last call is padded, every call has one shape.
-    assert {c[0] for c in sampler.calls if c[2] > 0} == {3}
-    assert [c[1] for c in sampler.calls] == [1] * 1 + [k] * 3  # greedy: one call of 12 rows
+    metrics, records = evaluate_lib.evaluate(task, sampler, None, examples, k=k, rows_per_call=12)
+    # 12 rows per call: 3 prompts x k samples (the last call padded, every call has one shape);
+    # greedy: one call of the 7 prompts (at most 12).
+    assert [(c[0], c[1]) for c in sampler.calls] == [(7, 1)] + [(3, k)] * 3
     c = np.array([sampler.plan(i, k)[0] for i in range(n_prompts)])
     m = np.array([sampler.plan(i, k)[1] for i in range(n_prompts)])
     assert [r["num_correct"] for r in records] == c.tolist()
@@ -130,6 +131,97 @@ def test_metrics_aggregate_per_prompt_statistics():
     assert metrics["eval/entropy"] == pytest.approx(0.5)
     assert metrics["eval/len_mean"] == pytest.approx(4.0)
     assert metrics["eval/truncated_frac"] == 0.0
+
+
+# --- bounded sampler calls (eval.rows_per_chunk) ------------------------------------------------
+
+
+def test_rows_per_call_defaults_to_the_rollouts_chunk():
+    c = toy.get_config()  # 16 prompts x G 8 per step
+    rows = lambda: evaluate_lib.rows_per_call(build.plan(c))
+    assert rows() == 16 * 8  # a step's rows: the calls the evaluation always made
+    assert evaluate_lib.rows_per_call(build.plan(c), procs=2) == 16 * 8 // 2  # per process
+    c.rollout.rows_per_chunk = 32
+    assert rows() == 32
+    c.eval.rows_per_chunk = 12
+    assert rows() == 12
+    # (greedy, sampled) prompts per call: rows prompts, rows // k prompts of k rows (at least
+    # one), never more than the prompts evaluated, rounded up to the processes.
+    assert evaluate_lib.call_prompts(12, 8, 64) == (12, 1)
+    assert evaluate_lib.call_prompts(12, 4, 64, procs=2) == (24, 6)
+    assert evaluate_lib.call_prompts(12, 4, 5, procs=2) == (6, 6)
+    c.eval.rows_per_chunk = -1
+    with pytest.raises(ValueError, match=r"config\.eval\.rows_per_chunk=-1"):
+        build.plan(c)
+
+
+def test_evaluation_in_row_chunks_changes_nothing():
+    """The loop's evaluation path (plan, mesh, model, sampler, rollout weights) on a tiny random
+    model, once with every pass in one call and once with eval.rows_per_chunk = 4 (greedy: 4
+    prompts per call; sampled: 1 prompt x k = 4): every call is bounded, the tokens of each
+    (prompt, sample) are the same (per-row noise is keyed by prompt index), and so are greedy
+    accuracy, avg@k, pass@k and every per-prompt count. Only the sampler's log-probs (entropy)
+    may round differently, as XLA's matmuls over other row counts need not sum in one order."""
+    c = toy.get_config("debug")
+    c.mesh.data, c.rollout.group_size, c.eval.num_prompts = 1, 4, 6
+    k = c.rollout.group_size
+    p = build.plan(c)
+    task = build.task(p)
+    cfg = build.model_config(p, task.vocab_size)
+    mesh = build.mesh(p)
+    graphdef, params = build.model(p, cfg, mesh)
+    weights = sampler_lib.rollout_weights(params, mesh, p.model.dtype)
+    examples = evaluate_lib.eval_subset(task, p.eval_prompts, p.seed)
+    sampler = build.sampler(p, graphdef, task, mesh)
+    real, rows, tokens = sampler.sample, [], {}
+
+    def recording(params, prompts, *, n, rng, row_ids, **kw):
+        out = real(params, prompts, n=n, rng=rng, row_ids=row_ids, **kw)
+        rows.append(len(prompts) * n)
+        toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        for i, row in enumerate(row_ids):
+            for j in range(n):
+                if row < len(examples):  # not a padding prompt
+                    r = i * n + j
+                    tokens[kw["temperature"], int(row), j] = toks[r, : lengths[r]].tolist()
+        return out
+
+    sampler.sample = recording
+    whole = evaluate_lib.evaluate(
+        task, sampler, weights, examples, k=k, rows_per_call=evaluate_lib.rows_per_call(p)
+    )
+    whole_rows, whole_tokens = list(rows), dict(tokens)
+    rows.clear(), tokens.clear()
+    c.eval.rows_per_chunk = 4
+    chunked = evaluate_lib.evaluate(
+        task,
+        sampler,
+        weights,
+        examples,
+        k=k,
+        rows_per_call=evaluate_lib.rows_per_call(build.plan(c)),
+    )
+    # One greedy call of the 6 prompts and 2 sampled calls of 4 prompts x k (16 rows: a step's);
+    # then at most 4 rows per call.
+    assert whole_rows == [6, 16, 16]
+    assert rows == [4, 4] + [4] * 6
+    assert tokens == whole_tokens and len(tokens) == 6 * (1 + k)
+    (m_whole, r_whole), (m_chunk, r_chunk) = whole, chunked
+    nll = [r["nll_sum"] for r in r_whole]
+    for a, b in zip(r_whole, r_chunk, strict=True):
+        assert {f: v for f, v in a.items() if f != "nll_sum"} == {
+            f: v for f, v in b.items() if f != "nll_sum"
+        }
+    assert {key: v for key, v in m_whole.items() if key != "eval/entropy"} == {
+        key: v for key, v in m_chunk.items() if key != "eval/entropy"
+    }
+    # A log-prob z_y - logsumexp(z) rounds at the scale of logsumexp, ~log V for a random model;
+    # a prompt's nll_sum adds one per sampled token.
+    per_token = 8 * np.finfo(np.float32).eps * np.log(task.vocab_size)
+    for a, b in zip(r_whole, r_chunk, strict=True):
+        assert abs(a["nll_sum"] - b["nll_sum"]) <= per_token * a["tokens"]
+    assert m_whole["eval/entropy"] == pytest.approx(m_chunk["eval/entropy"], abs=per_token)
+    assert min(nll) > 0
 
 
 # --- the standalone CLI and the training loop ---------------------------------------------------

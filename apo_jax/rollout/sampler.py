@@ -140,7 +140,7 @@ class Sampler:
         """n completions for each prompt (list of token-id lists); rows i*n .. i*n+n-1 belong to
         prompt i. `rng` is a seed or a PRNG key; `row_ids` (default 0..len-1) name each prompt
         for the per-row randomness. `overrides`: temperature, top_k, top_p, eos_ids."""
-        sp = self._params_for(**overrides)
+        sp = self.sampling_for(**overrides)
         if self._cfg is None:  # merging outside jit wraps the arrays in modules, no copies
             self._cfg = nnx.merge(self.graphdef, params).cfg
         cfg = self._cfg
@@ -185,17 +185,26 @@ class Sampler:
     # --- the two jitted programs -------------------------------------------------------------
     def prefill(self, params, ids, lengths, rng, row_ids, *, n: int, sampling: SamplingParams):
         """Runs the prompts [B, P] once, repeats the cache n times, samples the first token."""
-        key = (n, sampling)
-        if key not in self._prefills:
-            self._prefills[key] = jax.jit(functools.partial(self._prefill, n=n, sp=sampling))
-        return self._prefills[key](params, ids, lengths, rng, row_ids)
+        return self.prefill_program(n, sampling)(params, ids, lengths, rng, row_ids)
 
     def decode(self, params, state: DecodeState, *, sampling: SamplingParams) -> DecodeState:
         """The decode loop; consumes (donates) `state`, whose buffers the result reuses."""
+        return self.decode_program(sampling)(params, state)
+
+    def prefill_program(self, n: int, sampling: SamplingParams):
+        """The jitted prefill `prefill` runs for (n, sampling): the dry run lowers this very
+        function on abstract arguments (trainer/dry_run.py)."""
+        key = (n, sampling)
+        if key not in self._prefills:
+            self._prefills[key] = jax.jit(functools.partial(self._prefill, n=n, sp=sampling))
+        return self._prefills[key]
+
+    def decode_program(self, sampling: SamplingParams):
+        """The jitted decode loop `decode` runs for `sampling` (state donated)."""
         if sampling not in self._decodes:  # the state already holds B * n rows: n is not a key
             fn = functools.partial(self._decode, sp=sampling)
             self._decodes[sampling] = jax.jit(fn, donate_argnums=1)
-        return self._decodes[sampling](params, state)
+        return self._decodes[sampling]
 
     def _prefill(self, params, ids, lengths, rng, row_ids, *, n: int, sp: SamplingParams):
         # A kernel (splash) on the prompt runs under shard_map over the sampler's mesh.
@@ -312,7 +321,8 @@ class Sampler:
             for a in arrays
         )
 
-    def _params_for(self, **overrides) -> SamplingParams:
+    def sampling_for(self, **overrides) -> SamplingParams:
+        """The sampling parameters a `sample(..., **overrides)` call uses."""
         unknown = set(overrides) - {"temperature", "top_k", "top_p", "eos_ids"}
         if unknown:
             raise TypeError(f"unknown sampling overrides {sorted(unknown)}")
@@ -328,7 +338,8 @@ def rollout_weights(params: nnx.State, mesh: Mesh | None, compute_dtype) -> nnx.
     (no copy); any other is gathered to its rollout layout, cast first to the compute dtype when
     that is narrower. The cast is exact for the sampler: every matmul, norm and embedding lookup
     casts its weight to the compute dtype anyway, so float32 parameters with bfloat16 compute
-    give a half-size copy and the same tokens."""
+    give a half-size copy and the same tokens. Abstract parameters (ShapeDtypeStruct leaves
+    with shardings) give the abstract copy: what `--dry_run` counts and compiles with."""
     if mesh is None:
         return params
     train = sharding_lib.tree_shardings(params, mesh, sharding_lib.TRAIN_RULES)
@@ -338,11 +349,16 @@ def rollout_weights(params: nnx.State, mesh: Mesh | None, compute_dtype) -> nnx.
 
     def move(var, src, dst):
         src, dst = src.get_value(), dst.get_value()
-        if src.is_equivalent_to(dst, var.get_value().ndim):
-            return var  # same layout: the train parameter serves
         value = var.get_value()
-        if jnp.issubdtype(value.dtype, jnp.floating) and narrow.itemsize < value.dtype.itemsize:
-            value = _cast_to(value, narrow, src)
+        if src.is_equivalent_to(dst, len(value.shape)):
+            return var  # same layout: the train parameter serves
+        dtype = jnp.dtype(value.dtype)
+        if jnp.issubdtype(dtype, jnp.floating) and narrow.itemsize < dtype.itemsize:
+            dtype = narrow
+        if isinstance(value, jax.ShapeDtypeStruct):  # abstract (the dry run): the copy's shape
+            return var.replace(jax.ShapeDtypeStruct(value.shape, dtype, sharding=dst))
+        if dtype != value.dtype:
+            value = _cast_to(value, dtype, src)
         return var.replace(jax.device_put(value, dst))
 
     return jax.tree.map(move, params, train, rollout, is_leaf=is_var)

@@ -100,6 +100,7 @@ class Plan:
     record: Mapping[str, Any]  # the config as plain data (config.json, checkpoint records)
     rollout_correction: str = "none"  # loss.rollout_correction (trainer/rollout_correction.py)
     rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap, C > 1
+    eval_rows_per_chunk: int = 0  # eval.rows_per_chunk (trainer/evaluate.py rows_per_call)
 
     @property
     def updates_total(self) -> int:
@@ -198,6 +199,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
         record=c.to_dict(),
         rollout_correction=c.loss.rollout_correction,
         rollout_correction_cap=c.loss.rollout_correction_cap,
+        eval_rows_per_chunk=c.eval.rows_per_chunk,
     )
 
 
@@ -324,7 +326,9 @@ def step_spec(p: Plan, vocab_size: int) -> step_lib.StepSpec:
     )
 
 
-def sampler(p: Plan, graphdef, task: tasks.Task, mesh) -> sampler_lib.Sampler:
+def sampler(p: Plan, graphdef, task: tasks.Task | None, mesh) -> sampler_lib.Sampler:
+    """The run's sampler (the loop, the evaluations and --dry_run); task None (the dry run of a
+    preset without its task) leaves the stop ids empty and pads with 0."""
     r = p.rollout
     return sampler_lib.Sampler(
         graphdef,
@@ -333,8 +337,8 @@ def sampler(p: Plan, graphdef, task: tasks.Task, mesh) -> sampler_lib.Sampler:
         temperature=r.temperature,
         top_k=r.top_k,
         top_p=r.top_p,
-        eos_ids=task.eos_ids,
-        pad_id=task.pad_id,
+        eos_ids=task.eos_ids if task is not None else (),
+        pad_id=task.pad_id if task is not None else 0,
         cache_dtype=cache_dtype(p),
         mesh=mesh,
     )

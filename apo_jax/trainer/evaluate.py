@@ -70,14 +70,36 @@ def pass_ks(k: int) -> list[int]:
 
 # --- sampling ------------------------------------------------------------------------------------
 
+# The two passes' sampling overrides (the sampler's own eos ids stay).
+GREEDY = dict(temperature=0.0)
+SAMPLED = dict(temperature=1.0, top_k=0, top_p=1.0)
+
+
+def rows_per_call(p: build.Plan, procs: int = 1) -> int:
+    """Rows per evaluation sampler call, per process: `eval.rows_per_chunk`, else the rollout's
+    `rollout.rows_per_chunk`, else a step's rows (prompts_per_step × G over the processes). The
+    KV cache and decode state hold this many rows at a time, as in the rollout."""
+    r = p.rollout
+    return (
+        p.eval_rows_per_chunk or r.rows_per_chunk or -(-r.prompts_per_step * r.group_size // procs)
+    )
+
+
+def call_prompts(rows: int, k: int, num_prompts: int, procs: int = 1) -> tuple[int, int]:
+    """(greedy, sampled) prompts per sampler call, all processes together, for `rows` rows per
+    call per process: the greedy pass takes `rows` prompts (one row each), the sampled pass
+    rows // k prompts of k rows (at least one prompt); never more than the `num_prompts`
+    evaluated, rounded up to a multiple of the processes (each takes the same number)."""
+    fit = lambda n: min(n, num_prompts + -num_prompts % procs)
+    return fit(rows * procs), fit(max(1, rows // k) * procs)
+
 
 def _generate(sampler, params, prompts, *, n, per_call, rng, **overrides):
-    """This process's share of n completions per prompt, in calls of `per_call` prompts (the last
-    call padded with repeats so every call has one shape and compiles once). Returns the global
+    """This process's share of n completions per prompt, in calls of `per_call` prompts (a
+    multiple of the processes: each takes the same number; the last call padded with repeats so
+    every call has one shape and compiles once). Returns the global
     prompt index of each local row and host arrays tokens, logp, mask, truncated [rows, ...]."""
     procs, me = jax.process_count(), jax.process_index()
-    per_call = min(per_call, len(prompts))
-    per_call += -per_call % procs  # every process takes the same number of prompts per call
     index, cols = [], []
     for lo in range(0, len(prompts), per_call):
         mine = order_lib.process_slice(np.arange(lo, lo + per_call), me, procs)
@@ -122,12 +144,16 @@ def evaluate(
     examples: Sequence[tasks_lib.Example],
     *,
     k: int,
-    prompts_per_call: int,
+    rows_per_call: int,
     seed: int = 0,
 ) -> tuple[dict, list[dict]]:
     """(metrics, per-prompt records) for `examples`: one greedy completion and k samples at
     temperature 1 (top-k / top-p off) per prompt, from the same `seed` every call so that
     successive evaluations of a run share their sampling noise.
+
+    The sampler sees at most `rows_per_call` rows per process per call (`call_prompts`; at least
+    one prompt's k samples). Samples are keyed by prompt index, so the results do not depend on
+    it (only the sampler's log-probs may round differently with the batch shape).
 
     Per-token entropy: the sampler's `logp` is log π(y_t | x, y_<t) under the untempered policy,
     and at T = 1 the tokens are drawn from π itself, so −log π(y_t | ·) is an unbiased estimate
@@ -136,15 +162,20 @@ def evaluate(
     """
     if k < 1:
         raise ValueError(f"k (samples per prompt) must be >= 1, got {k}")
+    if rows_per_call < 1:
+        raise ValueError(f"rows_per_call must be >= 1, got {rows_per_call}")
     examples = list(examples)
+    greedy_prompts, sampled_prompts = call_prompts(
+        rows_per_call, k, len(examples), jax.process_count()
+    )
     prompts = [e.prompt_ids for e in examples]
     rng = jax.random.key(seed)
     stop = (*task.eos_ids, task.pad_id)
     local: dict[int, dict] = {}
 
-    # Greedy: rows = prompts, in calls of k·prompts_per_call rows (the sampled calls' size).
+    # Greedy: rows = prompts.
     idx, tokens, _, mask, _ = _generate(
-        sampler, params, prompts, n=1, per_call=k * prompts_per_call, rng=rng, temperature=0.0
+        sampler, params, prompts, n=1, per_call=greedy_prompts, rng=rng, **GREEDY
     )
     comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
     rewards = np.asarray(task.rewards([examples[i] for i in idx], comps), np.float64)
@@ -159,11 +190,9 @@ def evaluate(
         params,
         prompts,
         n=k,
-        per_call=prompts_per_call,
+        per_call=sampled_prompts,
         rng=rng,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
+        **SAMPLED,
     )
     comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
     grouped = [examples[i] for i in idx]
@@ -241,8 +270,8 @@ def eval_subset(task, num_prompts: int, seed: int = 0) -> list[tasks_lib.Example
 
 def in_training(p: build.Plan, task, sampler, params) -> dict:
     """The training loop's evaluation: `eval.num_prompts` held-out prompts, k = the rollout's
-    group size, calls shaped like the rollout's (prompts_per_step prompts × G samples), so the
-    sampled pass reuses the rollout's compiled programs when the rollout samples at T = 1."""
+    group size, `rows_per_call(p)` rows per call: by default shaped like the rollout's calls, so
+    the sampled pass reuses the rollout's compiled programs when the rollout samples at T = 1."""
     examples = eval_subset(task, p.eval_prompts, seed=p.seed)
     metrics, _ = evaluate(
         task,
@@ -250,7 +279,7 @@ def in_training(p: build.Plan, task, sampler, params) -> dict:
         params,
         examples,
         k=p.rollout.group_size,
-        prompts_per_call=p.rollout.prompts_per_step,
+        rows_per_call=rows_per_call(p, jax.process_count()),
         seed=p.seed,
     )
     return metrics

@@ -226,6 +226,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     **info,
                 }
             )
+            # The step's device batch is done with: the evaluation holds only the train state,
+            # the rollout weights and its sampler calls (what --dry_run counts as eval_gib).
+            del arrays, minis, mb
             if p.eval_prompts and p.eval_every and step % p.eval_every == 0:
                 line.update(evaluate(p, task, sampler, to_rollout(state.params)))
             line = writer.write(step, line)

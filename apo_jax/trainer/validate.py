@@ -108,6 +108,7 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "checkpoint.keep": (int, "[1, inf)", "0 would delete every checkpoint, the final one too"),
     "eval.every_steps": (int, "[0, inf)", "0 = only at the end (if eval.num_prompts)"),
     "eval.num_prompts": (int, "[0, inf)", "0 = no evaluation"),
+    "eval.rows_per_chunk": (int, "[0, inf)", "rows per sampler call, 0 = the rollout's"),
     "logging.tensorboard": (bool, None, "TensorBoard events"),
     "logging.plots": (bool, None, "PNG plots"),
     "logging.progress": (bool, None, "progress bar"),
