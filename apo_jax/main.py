@@ -46,16 +46,16 @@ def main(argv):
     import jax
 
     from apo_jax import console
-    from apo_jax.infra import distributed
+    from apo_jax.infra import distributed, targets
     from apo_jax.trainer import loop
 
     console.quiet_libraries(flags.FLAGS.verbosity)
-    if _DRY_RUN.value:  # before JAX starts its backends: libtpu reads its environment then
-        from apo_jax.infra import targets
-
-        targets.prepare(_TARGET.value)
-    elif _TARGET.value != "cpu":
+    # Before JAX starts its backends (libtpu reads its environment then): a TPU target's
+    # compiler, and quiet offline libtpu wherever it is installed on a host without TPU chips.
+    targets.check(_TARGET.value)
+    if _TARGET.value != "cpu" and not _DRY_RUN.value:
         raise ValueError(f"--target={_TARGET.value} is for --dry_run (a run uses its own devices)")
+    targets.prepare_offline()
 
     distributed.initialize(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value

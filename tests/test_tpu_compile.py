@@ -3,8 +3,6 @@ for a sharded v5e:2x2 slice with each `model.attention`, and the whole `--dry_ru
 --target=tpu-v5e-4` compiled once. The libtpu tests skip unless the `tpu` extra is installed
 (`pip install -e ".[tpu]"`); the target checks run everywhere."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -13,7 +11,6 @@ from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import targets
 from apo_jax.models import attention as attention_lib
 from apo_jax.rollout import sampler as sampler_lib
-from apo_jax.rollout.sampling import SamplingParams
 from apo_jax.trainer import build, dry_run
 from apo_jax.trainer import step as step_lib
 from configs import toy
@@ -66,27 +63,24 @@ def _lowered(config, devices) -> dict:
         "train_step": fns.train_step.lower(state, batch),
         "scoring": fns.logprobs.lower(state.params, batch),
     }
-    smp = sampler_lib.Sampler(
-        graphdef, max_prompt_len=tp, max_new_tokens=tc, temperature=1.0, mesh=mesh
-    )
-    sp = SamplingParams.make(1.0, 0, 1.0, ())
+    smp = build.sampler(p, graphdef, None, mesh)  # the run's own sampler programs
+    weights = sampler_lib.rollout_weights(state.params, mesh, p.model.dtype)
     key = jax.eval_shape(lambda: jax.random.key(0))
     b = 4  # prompts; the sampler repeats each G times after the prefill
     args = (
-        state.params,
+        weights,
         arr((b, tp), jnp.int32),
         arr((b,), jnp.int32),
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding_lib.named(mesh)),
         arr((b,), jnp.int32),
     )
-    prefill = functools.partial(smp._prefill, n=r.group_size, sp=sp)
-    out["prefill"] = jax.jit(prefill).lower(*args)
-    decode_state = jax.eval_shape(prefill, *args)
+    prefill = smp.prefill_program(r.group_size, smp.sampling)
+    out["prefill"] = prefill.lower(*args)
     decode_state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_lib.named(mesh)),
-        decode_state,
+        jax.eval_shape(prefill, *args),
     )
-    out["decode"] = jax.jit(functools.partial(smp._decode, sp=sp)).lower(state.params, decode_state)
+    out["decode"] = smp.decode_program(smp.sampling).lower(weights, decode_state)
     return out
 
 

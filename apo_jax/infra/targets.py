@@ -73,16 +73,9 @@ def check(name: str) -> None:
         )
 
 
-def prepare(name: str) -> None:
-    """Sets the offline libtpu environment for a TPU target on a host with no TPU chips; call
-    before JAX initialises its backends (the TPU plugin reads it then)."""
-    check(name)
-    if name != "cpu":
-        prepare_offline()
-
-
 def prepare_offline() -> None:
-    """OFFLINE_ENV (as defaults) when libtpu is installed on a host without TPU chips."""
+    """OFFLINE_ENV (as defaults) when libtpu is installed on a host without TPU chips; call
+    before JAX initialises its backends (the TPU plugin reads it then)."""
     if has_libtpu() and not _has_tpu_chips():
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)

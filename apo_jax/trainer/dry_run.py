@@ -282,7 +282,7 @@ def estimate(
         attention=m.attention,
         remat=m.remat,
         scan_layers=m.scan_layers,
-        cache_dtype=str(jnp.dtype(build.cache_dtype(p))),
+        cache_dtype=str(jnp.dtype(build.cache_dtype(p, mesh))),
         device_memory_gib=None if device_memory_gib is None else round(device_memory_gib, 3),
         memory_fraction=fraction,
         budget_gib=None if budget_gib is None else round(budget_gib, 3),
