@@ -72,6 +72,7 @@ def summary(line: dict, workdir: str) -> None:
         ("plots", "plots"),
         ("checkpoints", "checkpoints"),
         ("tensorboard", "tensorboard"),
+        ("wandb", "wandb"),
     ):
         if os.path.exists(os.path.join(workdir, path)):
             out.append(f"{name + ':':13s}{os.path.join(workdir, path)}")

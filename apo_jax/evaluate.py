@@ -110,6 +110,11 @@ def run(
     ):
         if value is not None and value < low:
             raise ValueError(f"--{flag}={value}: must be >= {low}")
+    if config.logging.get(
+        "wandb"
+    ):  # results go to `out` only: W&B (an optional extra) is not needed
+        config = config.copy_and_resolve_references()
+        config.logging.wandb = False
     p = build.plan(config)
     task = build.task(p)
     # The prompts and the model's shape are checked before any weights are loaded.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from absl import flags
 from ml_collections import config_flags
 
+from apo_jax.infra import tracking
 from apo_jax.trainer import build
 
 DONE_MARKER = "sweep_done.json"  # written into a run's workdir after the trainer exits with 0
@@ -197,6 +198,8 @@ def plan(
                     raise SweepError(
                         f"arm {name!r}: {key}={value!r} parses as {_get(config, key)!r}"
                     )
+            # W&B group and tags (when the config logs to W&B).
+            flags_ += tracking.sweep_flags(config, workdir, name, seed, [*base_overrides, *flags_])
             rundir = os.path.join(workdir, name, f"seed{seed}")
             if any(r.workdir == rundir for r in runs):
                 raise SweepError(f"arm {name!r}: seed {seed} given twice")
@@ -354,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = args.metrics.split(",") if args.metrics else None
     if args.aggregate:
-        sweep_summary.write_summary(args.aggregate, baseline=args.baseline, metrics=metrics)
+        rows = sweep_summary.write_summary(args.aggregate, baseline=args.baseline, metrics=metrics)
+        tracking.log_sweep_summary(args.aggregate, rows)  # if the runs logged to W&B
         return 0
     if not args.config or not args.workdir:
         p.error("--config and --workdir are required (or --aggregate DIR)")
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = execute(args.config, runs, args.jobs, _gpus(args.gpus))
     for run in failed:
         print(f"[sweep] FAILED: {run.workdir} (see {run.workdir}/sweep.log)", file=sys.stderr)
-    sweep_summary.write_summary(args.workdir, baseline=args.baseline, metrics=metrics)
+    rows = sweep_summary.write_summary(args.workdir, baseline=args.baseline, metrics=metrics)
+    tracking.log_sweep_summary(args.workdir, rows)  # if the runs logged to W&B
     return 1 if failed else 0
 
 

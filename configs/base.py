@@ -116,6 +116,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lg.tensorboard = True  # write TensorBoard events under workdir/tensorboard
     lg.plots = True  # write PNG plots under workdir/plots at the end
     lg.progress = True  # tqdm progress bar
+    # Weights & Biases (README "Tracking"; needs the extra: pip install -e ".[wandb]").
+    lg.wandb = False  # one W&B run per workdir; a resumed run continues it
+    lg.wandb_project = "apo_jax"
+    lg.wandb_entity = ""  # team or user ("" = the API key's default entity)
+    lg.wandb_mode = "online"  # online | offline (written under workdir/wandb, `wandb sync` later)
+    lg.wandb_group = ""  # run group ("" = none; apo_jax.sweep sets the sweep's name)
+    lg.wandb_tags = ()  # run tags, each 1-64 characters (apo_jax.sweep adds arm and seed)
 
     if arg and "debug" in arg.split(","):
         apply_debug(c)

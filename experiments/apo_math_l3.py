@@ -12,8 +12,10 @@ from configs import base
 
 def get_config(arg=None):
     c = base.get_config()
-    # Memory (issue 16, benchmarks/README.md): 6 micro-batches per update and the rollout in
-    # chunks of 8 prompts x G 6 fit 4 x 24 GB and 8 x 16 GB; the results do not change.
+    # Memory (benchmarks/README.md, README "Will my config fit?"): 6 micro-batches per update
+    # and the rollout in chunks of 8 prompts x G 6 fit 4 x 24 GB and 8 x 16 GB; the results do
+    # not change. The evaluation samples in the same 48-row calls (eval.rows_per_chunk = 0: the
+    # rollout's): 48 prompts per greedy call, 8 x G per sampled call.
     c.optim.micro_batches = 6
     c.rollout.rows_per_chunk = 48
     c.eval.num_prompts = 256  # held-out L3 test prompts: greedy + G samples each

@@ -1,16 +1,19 @@
-"""Run outputs: `config.json`, `metrics.jsonl` (one line per step), TensorBoard events, a progress
-bar, and PNG plots at the end. Metric names are `group/name`. Only process 0 writes."""
+"""Run outputs: `config.json`, `metrics.jsonl` (one line per step), TensorBoard events, an optional
+Weights & Biases run (infra/tracking.py), a progress bar, and PNG plots at the end. Metric names
+are `group/name`. Only process 0 writes."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import logging
+
+from apo_jax.infra import tracking
 
 PLOTS = (  # (metric, title) drawn by `write_plots`
     ("reward/mean", "mean reward"),
@@ -28,12 +31,21 @@ def _to_float(x):
 
 
 class MetricsWriter:
-    """Appends one JSON line per step; mirrors scalars to TensorBoard when enabled."""
+    """Appends one JSON line per step; mirrors scalars to TensorBoard and W&B when enabled."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int = 0):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        tensorboard: bool = True,
+        resume_step: int = 0,
+        wandb: tracking.WandbSettings | None = None,
+        config: Mapping | None = None,
+    ):
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self._wandb = None
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -54,6 +66,8 @@ class MetricsWriter:
             self._tb = SummaryWriter(
                 os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1
             )
+        if wandb is not None and wandb.enabled:
+            self._wandb = tracking.WandbRun(wandb, workdir, config or {})
 
     def write(self, step: int, metrics: Mapping[str, object]) -> dict:
         line = {"step": int(step), **{k: _to_float(v) for k, v in sorted(metrics.items())}}
@@ -70,11 +84,18 @@ class MetricsWriter:
                     if k != "step" and isinstance(v, float):
                         # TensorBoard tags allow no "@" (avg@k, pass@k).
                         self._tb.add_scalar(k.replace("@", "_at_"), v, step)
+            if self._wandb is not None:  # non-finite values go as floats (W&B shows gaps)
+                self._wandb.log(step, {k: float(v) for k, v in line.items() if k != "step"})
         return line
 
-    def close(self):
+    def close(self, *, plots: Sequence[str] = (), summary: Mapping | None = None):
+        """Ends every sink; W&B also gets the end-of-run plots (PNG paths) and the last line
+        (final evaluation included) as its summary."""
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            values = {k: float(v) for k, v in (summary or {}).items() if k != "step"}
+            self._wandb.finish(images=plots, summary=values)
 
 
 def write_config(workdir: str, config_json: str) -> None:

@@ -23,6 +23,7 @@ from flax import nnx
 
 from apo_jax import objectives, tasks
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.infra import tracking
 from apo_jax.models import decoder as model_lib
 from apo_jax.models import hf_io
 from apo_jax.models import registry as models
@@ -101,6 +102,7 @@ class Plan:
     rollout_correction: str = "none"  # loss.rollout_correction (trainer/rollout_correction.py)
     rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap, C > 1
     eval_rows_per_chunk: int = 0  # eval.rows_per_chunk (trainer/evaluate.py rows_per_call)
+    wandb: tracking.WandbSettings = tracking.WandbSettings()  # logging.wandb*
 
     @property
     def updates_total(self) -> int:
@@ -200,6 +202,14 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
         rollout_correction=c.loss.rollout_correction,
         rollout_correction_cap=c.loss.rollout_correction_cap,
         eval_rows_per_chunk=c.eval.rows_per_chunk,
+        wandb=tracking.WandbSettings(
+            enabled=c.logging.wandb,
+            project=c.logging.wandb_project,
+            entity=c.logging.wandb_entity,
+            mode=c.logging.wandb_mode,
+            group=c.logging.wandb_group,
+            tags=tuple(c.logging.wandb_tags),
+        ),
     )
 
 

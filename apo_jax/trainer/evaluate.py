@@ -97,8 +97,8 @@ def call_prompts(rows: int, k: int, num_prompts: int, procs: int = 1) -> tuple[i
 def _generate(sampler, params, prompts, *, n, per_call, rng, **overrides):
     """This process's share of n completions per prompt, in calls of `per_call` prompts (a
     multiple of the processes: each takes the same number; the last call padded with repeats so
-    every call has one shape and compiles once). Returns the global
-    prompt index of each local row and host arrays tokens, logp, mask, truncated [rows, ...]."""
+    every call has one shape and compiles once). Returns the global prompt index of each local
+    row and host arrays tokens, logp, mask, truncated [rows, ...]."""
     procs, me = jax.process_count(), jax.process_index()
     index, cols = [], []
     for lo in range(0, len(prompts), per_call):

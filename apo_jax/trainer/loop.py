@@ -155,7 +155,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("resumed from step %d (data position %d)", start, position)
     console.banner(p, model_cfg, state.params, mesh, workdir, start)
     metrics_lib.write_config(workdir, p.to_json())
-    writer = metrics_lib.MetricsWriter(workdir, tensorboard=p.tensorboard, resume_step=start)
+    writer = metrics_lib.MetricsWriter(
+        workdir, tensorboard=p.tensorboard, resume_step=start, wandb=p.wandb, config=p.record
+    )
     progress = _progress(p, start)
     root_key = jax.random.wrap_key_data(jnp.asarray(jax.device_get(state.rng)))  # not donated
 
@@ -248,10 +250,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if p.eval_prompts and not stopping and not p.eval_every:
         final = evaluate(p, task, sampler, to_rollout(state.params))
         line = writer.write(p.total_steps, {**line, **final})
-    writer.close()
     ckpt.close()
-    if p.plots:
-        metrics_lib.write_plots(workdir)
+    plots = metrics_lib.write_plots(workdir) if p.plots else []
+    writer.close(plots=plots, summary=line)  # after the plots: W&B logs them
     return line
 
 

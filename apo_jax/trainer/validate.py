@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from apo_jax.infra import tracking
 from apo_jax.models import attention, decoder
 from apo_jax.objectives.schedule import MODES, SCOPES
 from apo_jax.trainer import rollout_correction
@@ -112,6 +113,12 @@ KEYS: dict[str, tuple[type, str | None, str]] = {
     "logging.tensorboard": (bool, None, "TensorBoard events"),
     "logging.plots": (bool, None, "PNG plots"),
     "logging.progress": (bool, None, "progress bar"),
+    "logging.wandb": (bool, None, "Weights & Biases run (the wandb extra)"),
+    "logging.wandb_project": (str, None, "W&B project"),
+    "logging.wandb_entity": (str, None, "W&B entity, '' = the API key's default"),
+    "logging.wandb_mode": (str, None, "online | offline"),
+    "logging.wandb_group": (str, None, "W&B group, '' = none"),
+    "logging.wandb_tags": (object, None, "W&B tags (checked below)"),
 }
 _RANGES = {key: Range(spec[1]) for key, spec in KEYS.items() if spec[1]}
 
@@ -234,6 +241,24 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             _fail(f"model.{key}", c.model[key], f"valid: {', '.join(_DTYPES)}")
     if c.model.logprob_precision not in _PRECISIONS:
         _fail("model.logprob_precision", c.model.logprob_precision, "valid: default, float32")
+    check_wandb(c.logging)
+
+
+def check_wandb(lg) -> None:
+    """The W&B keys; with logging.wandb=True the wandb package must import (an optional extra:
+    the error gives the install line)."""
+    if lg.wandb_mode not in tracking.MODES:
+        _fail("logging.wandb_mode", lg.wandb_mode, f"valid: {', '.join(tracking.MODES)}")
+    tags = lg.wandb_tags
+    if not isinstance(tags, list | tuple) or not all(
+        isinstance(t, str) and 1 <= len(t) <= tracking.MAX_TAG for t in tags
+    ):
+        why = f"must be a tuple of strings of 1-{tracking.MAX_TAG} characters"
+        _fail("logging.wandb_tags", tags, why)
+    if lg.wandb and not lg.wandb_project:
+        _fail("logging.wandb_project", lg.wandb_project, "must name a W&B project")
+    if lg.wandb:
+        tracking.check_installed()
 
 
 def check_lengths(max_prompt_len: int, max_new_tokens: int, model_cfg) -> None:
