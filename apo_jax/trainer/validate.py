@@ -6,8 +6,8 @@ blocks are checked by their own `check`, after `check_block` has checked their t
 their numbers are finite). Keys that some settings ignore are documented here, not refused:
 model.preset / model.vocab_size (ignored when model.hf_dir is set), schedule.* (used only by
 objectives with a schedule: apo, fdiv), rollout.max_refill_rounds (only with
-rollout.dynamic_sampling), eval.every_steps (only with eval.num_prompts > 0), loss.<other>.*
-and task.<other>.* (only the chosen block is read).
+rollout.dynamic_sampling), eval.every_steps and eval.rows_per_chunk (only with
+eval.num_prompts > 0), loss.<other>.* and task.<other>.* (only the chosen block is read).
 """
 
 from __future__ import annotations
