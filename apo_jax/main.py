@@ -37,6 +37,12 @@ _DRY_RUN = flags.DEFINE_bool(
 _DEVICE_MEMORY_GIB = flags.DEFINE_float(
     "device_memory_gib", None, "--dry_run: per-device memory for `fits` (default: the device's)."
 )
+_TARGET = flags.DEFINE_string(
+    "target",
+    "cpu",
+    "--dry_run: compile for `cpu` (this host's devices) or a TPU slice with the TPU compiler "
+    "(tpu-v5e-8, tpu-v5e-4, tpu-v6e-8, tpu-v5p-8, ...: infra/targets.py; needs the `tpu` extra).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,10 +51,16 @@ def main(argv):
     import jax
 
     from apo_jax import console
-    from apo_jax.infra import distributed, workdir_lock
+    from apo_jax.infra import distributed, targets, workdir_lock
     from apo_jax.trainer import loop
 
     console.quiet_libraries(flags.FLAGS.verbosity)
+    # Before JAX starts its backends (libtpu reads its environment then): a TPU target's
+    # compiler, and quiet offline libtpu wherever it is installed on a host without TPU chips.
+    targets.check(_TARGET.value)
+    if _TARGET.value != "cpu" and not _DRY_RUN.value:
+        raise ValueError(f"--target={_TARGET.value} is for --dry_run (a run uses its own devices)")
+    targets.prepare_offline()
 
     distributed.initialize(
         _COORDINATOR.value,
@@ -67,7 +79,8 @@ def main(argv):
     if _DRY_RUN.value:  # nothing is allocated or written (trainer/dry_run.py)
         from apo_jax.trainer import dry_run
 
-        print(json.dumps(dry_run.estimate(_CONFIG.value, _DEVICE_MEMORY_GIB.value)), flush=True)
+        report = dry_run.estimate(_CONFIG.value, _DEVICE_MEMORY_GIB.value, target=_TARGET.value)
+        print(json.dumps(report), flush=True)
         return
     workdir = os.path.abspath(_WORKDIR.value)
     try:

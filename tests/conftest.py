@@ -12,6 +12,11 @@ os.environ.setdefault(
     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "jax"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# With the `tpu` extra installed (tests/test_tpu_compile.py), libtpu starts with JAX's backends:
+# keep it offline and quiet on a host without TPU chips.
+from apo_jax.infra import targets  # noqa: E402  (imports no JAX)
+
+targets.prepare_offline()
 
 import pathlib  # noqa: E402
 

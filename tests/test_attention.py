@@ -230,6 +230,20 @@ def test_splash_interpret_matches_naive():
     _check(CASES[2], "splash", _real, interpret=True)
 
 
+@pytest.mark.slow
+def test_splash_interpret_under_a_mesh_matches_naive():
+    """Splash under jax.shard_map (rows over fsdp, heads over tensor: one query head group and
+    its kv head per device), as the train step and the prefill run it on a multi-chip TPU."""
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    from apo_jax.infra import sharding
+
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
+    c = CASES[2]  # 2 rows, 8 query heads over 2 kv heads
+    assert attn._splash_split(mesh, len(c.rows), c.n, c.k) == (("data", "fsdp"), "tensor")
+    with attn.kernels_split_over(mesh):
+        _check(c, "splash", _real, interpret=True)
+
+
 def test_bf16_runs_close_to_float32():
     c = CASES[0]
     q, k, v, mask = _inputs(c)

@@ -8,6 +8,8 @@ Scores, softmax statistics and accumulators are float32 in every implementation.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -18,6 +20,24 @@ from jaxtyping import Array, Bool, Int
 IMPLS = ("auto", "xla_blockwise", "cudnn", "splash", "naive")
 # Finite (not -inf) so that a fully masked row in `naive` gives a uniform softmax, not NaN.
 MASK_VALUE = -1e30
+# Mesh axes a kernel call splits over: rows over the batch axes, heads over `tensor` (the
+# TRAIN_RULES / ROLLOUT_RULES "batch" and "heads" entries; not imported, to keep models/ free of
+# infra/).
+_BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
+_KERNEL_MESH: contextvars.ContextVar = contextvars.ContextVar("kernel_mesh", default=None)
+
+
+@contextlib.contextmanager
+def kernels_split_over(mesh):
+    """While tracing inside this context, a Mosaic kernel (splash) runs under `jax.shard_map`
+    over `mesh`: the SPMD partitioner cannot split a custom kernel call by itself ("Mosaic
+    kernels cannot be automatically partitioned"). trainer/step.py (through
+    decoder.rows_split_over) and the sampler's prefill enter it."""
+    token = _KERNEL_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _KERNEL_MESH.reset(token)
 
 
 @jax.tree_util.register_dataclass
@@ -76,11 +96,13 @@ def resolve(impl: str, q: Array, k: Array, mask: Mask, kv_layout: str = "BSKH") 
     """The implementation a call runs. The kernels take the uncached shape only (q_offset None,
     T == S); a cached step under `cudnn` / `splash` runs `xla_blockwise` (decode and prefill
     with an offset are not kernel-shaped). `auto`: cuDNN on GPU when it takes the shapes,
-    splash on TPU, else xla_blockwise."""
+    splash on TPU when it can be split (one device, or traced under `kernels_split_over`:
+    lowered and compiled for a sharded v5e slice in tests/test_tpu_compile.py), else
+    xla_blockwise."""
     check_impl(impl)
     s = k.shape[2 if kv_layout == "BKSH" else 1]
     uncached = mask.q_offset is None and q.shape[1] == s
-    backend = jax.default_backend()
+    backend = _platform()
     if impl == "cudnn" and backend != "gpu":
         raise ValueError(f"model.attention='cudnn' needs a GPU backend, this one is {backend!r}")
     if impl == "cudnn" and not _cudnn_takes(q):
@@ -93,10 +115,17 @@ def resolve(impl: str, q: Array, k: Array, mask: Mask, kv_layout: str = "BSKH") 
     if impl == "auto":
         if backend == "gpu" and uncached and _cudnn_takes(q):
             return "cudnn"
-        if backend == "tpu" and uncached:
+        if backend == "tpu" and uncached and (_KERNEL_MESH.get() or jax.device_count() == 1):
             return "splash"
         return "xla_blockwise"
     return impl
+
+
+def _platform() -> str:
+    """The platform a call compiles for: the kernel mesh's devices (a TPU topology described on
+    a CPU host by `--dry_run --target=tpu-*`), else the default backend."""
+    mesh = _KERNEL_MESH.get()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def attend(
@@ -393,10 +422,10 @@ def _splash_kernel(num_heads: int, length: int, interpret: bool):
 def _splash(q, k, v, mask: Mask, scale: float, interpret: bool) -> Array:
     """Splash attention with a static causal mask; padding via segment ids (real tokens 1,
     padding 0: a padding query still sees itself, so no softmax row is empty). k, v [B,K,S,H]."""
-    if jax.default_backend() != "tpu" and not interpret:
+    if _platform() != "tpu" and not interpret:
         raise ValueError(
             f"model.attention='splash' needs a TPU backend, this one is "
-            f"{jax.default_backend()!r} (interpret=True runs it slowly elsewhere, for tests)"
+            f"{_platform()!r} (interpret=True runs it slowly elsewhere, for tests)"
         )
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -407,7 +436,45 @@ def _splash(q, k, v, mask: Mask, scale: float, interpret: bool) -> Array:
     kh, vh = pad(k, 2), pad(v, 2)  # [B, K, Tp, H]
     pos = jnp.arange(tp, dtype=jnp.int32)[None, :]
     seg = ((pos >= mask.kv_start[:, None]) & (pos < mask.kv_end[:, None])).astype(jnp.int32)
-    kernel = _splash_kernel(n, tp, interpret)
-    out = jax.vmap(kernel)(qh, kh, vh, splash.SegmentIds(q=seg, kv=seg))  # [B, N, Tp, H]
+    mesh = _KERNEL_MESH.get()
+    rows, heads = _splash_split(mesh, b, n, k.shape[1])
+    kernel = _splash_kernel(n // _axes_size(mesh, heads), tp, interpret)
+    seg = splash.SegmentIds(q=seg, kv=seg)
+    call = lambda q, k, v, seg: jax.vmap(kernel)(q, k, v, seg)  # per-device shapes
+    if mesh is not None:
+        # Each device runs the kernel on its rows and heads: q head n reads kv head n // G, and
+        # a contiguous split of N and K over `tensor` keeps each query head with its kv head.
+        spec = jax.sharding.PartitionSpec(rows, heads)
+        call = jax.shard_map(
+            call,
+            mesh=mesh,
+            in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(rows)),
+            out_specs=spec,
+            check_vma=False,  # the kernel's pallas_call carries no varying-axes types
+        )
+    out = call(qh, kh, vh, seg)  # [B, N, Tp, H]
     out = out[:, :, :t].transpose(0, 2, 1, 3).astype(q.dtype)  # [B, T, N, H]
     return _zero_padding_rows(out, mask)
+
+
+def _axes_size(mesh, axes) -> int:
+    if mesh is None or axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else axes
+    size = 1
+    for a in names:
+        size *= mesh.shape[a]
+    return size
+
+
+def _splash_split(mesh, b: int, n: int, kv_heads: int):
+    """(row axes, head axis) of the kernel's shard_map: the batch axes when they divide the B
+    rows, `tensor` when it divides both head counts; else that dimension is whole on each
+    device (the partitioner gathers it first)."""
+    if mesh is None:
+        return None, None
+    rows = tuple(a for a in _BATCH_AXES if a in mesh.shape)
+    rows = rows if rows and b % _axes_size(mesh, rows) == 0 else None
+    t = mesh.shape.get(_HEAD_AXIS, 1)
+    heads = _HEAD_AXIS if t > 1 and n % t == 0 and kv_heads % t == 0 else None
+    return rows, heads

@@ -62,10 +62,12 @@ _ROW_MESH: contextvars.ContextVar = contextvars.ContextVar("row_mesh", default=N
 
 @contextlib.contextmanager
 def rows_split_over(mesh):
-    """While tracing inside this context, `rows_sharded` splits activations over `mesh`."""
+    """While tracing inside this context, `rows_sharded` splits activations over `mesh` (and
+    attention kernels run under shard_map over it: attention.kernels_split_over)."""
     token = _ROW_MESH.set(mesh)
     try:
-        yield
+        with attention_lib.kernels_split_over(mesh):
+            yield
     finally:
         _ROW_MESH.reset(token)
 

@@ -207,6 +207,11 @@ class Sampler:
         return self._decodes[sampling]
 
     def _prefill(self, params, ids, lengths, rng, row_ids, *, n: int, sp: SamplingParams):
+        # A kernel (splash) on the prompt runs under shard_map over the sampler's mesh.
+        with attention_lib.kernels_split_over(self.mesh):
+            return self._prefill_traced(params, ids, lengths, rng, row_ids, n=n, sp=sp)
+
+    def _prefill_traced(self, params, ids, lengths, rng, row_ids, *, n: int, sp: SamplingParams):
         self.traces["prefill"] += 1
         model = nnx.merge(self.graphdef, params)
         b, p = ids.shape

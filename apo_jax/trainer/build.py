@@ -438,14 +438,16 @@ def sampler(p: Plan, graphdef, task: tasks.Task | None, mesh) -> sampler_lib.Sam
         top_p=r.top_p,
         eos_ids=task.eos_ids if task is not None else (),
         pad_id=task.pad_id if task is not None else 0,
-        cache_dtype=cache_dtype(p),
+        cache_dtype=cache_dtype(p, mesh),
         mesh=mesh,
     )
 
 
-def cache_dtype(p: Plan):
+def cache_dtype(p: Plan, mesh=None):
     """rollout.cache_dtype: `auto` is bfloat16 on accelerators (the KV cache is what limits the
-    rollout batch there) and the compute dtype on CPU (float32 stays exact)."""
+    rollout batch there) and the compute dtype on CPU (float32 stays exact). The platform is the
+    mesh's (a dry run's TPU target), else the default backend."""
     if p.rollout.cache_dtype == "auto":
-        return p.model.dtype if jax.default_backend() == "cpu" else jnp.dtype(jnp.bfloat16)
+        platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+        return p.model.dtype if platform == "cpu" else jnp.dtype(jnp.bfloat16)
     return jnp.dtype(p.rollout.cache_dtype)

@@ -20,7 +20,10 @@ compile the run's own programs: `build.sampler`'s prefill / decode (`Sampler.pre
 `decode_program`) on `sampler.rollout_weights` of the abstract state, at the longest prompt
 bucket. `fits` compares the peak with the budget (`budget`: on GPU, JAX's memory fraction of a
 memory size given by hand).
-With `XLA_FLAGS=--xla_force_host_platform_device_count=N` a laptop plans an N-device slice.
+With `XLA_FLAGS=--xla_force_host_platform_device_count=N` a laptop plans an N-device slice
+(XLA:CPU's numbers); `target="tpu-v5e-8"` (infra/targets.py) compiles every program with the TPU
+compiler for that slice instead, on any host with libtpu installed. A program the TPU compiler
+rejects for memory is reported by the compiler's own line in `over_hbm`, and `fits` is false.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.infra import targets
 from apo_jax.models import lora as lora_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.trainer import build
@@ -65,10 +69,11 @@ def _abstract(tree, shardings):
     )
 
 
-def _sampler_call(smp, weights, b: int, n: int, sp) -> dict:
+def _sampler_call(smp, weights, b: int, n: int, sp, phase: str, over_hbm: dict) -> dict | None:
     """Compiles the sampler's own prefill and decode programs (`Sampler.prefill_program`,
     `decode_program`: what `Sampler.sample` runs) for one call of `b` prompts × n samples at
-    the longest prompt bucket; returns the call's per-device bytes besides the weights."""
+    the longest prompt bucket; returns the call's per-device bytes besides the weights (None:
+    the compiler refused a program for memory, see `_compiled`)."""
     mesh = smp.mesh
     row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.named(mesh))
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -80,9 +85,17 @@ def _sampler_call(smp, weights, b: int, n: int, sp) -> dict:
         row(key.shape, key.dtype),
         row((b,), jnp.int32),  # row ids
     )
-    prefill, s_pre = _compile_jitted(smp.prefill_program(n, sp), *args)
+    prefill, s_pre = _compile_jitted(
+        smp.prefill_program(n, sp), *args, f"{phase} prefill", over_hbm
+    )
+    if prefill is None:
+        return None
     state = _abstract(jax.eval_shape(smp.prefill_program(n, sp), *args), prefill.output_shardings)
-    decode, s_dec = _compile_jitted(smp.decode_program(sp), weights, state)
+    decode, s_dec = _compile_jitted(
+        smp.decode_program(sp), weights, state, f"{phase} decode", over_hbm
+    )
+    if decode is None:
+        return None
     pre, dec = prefill.memory_analysis(), decode.memory_analysis()
     cache = _device_bytes(state)  # KV cache + decode state, live from prefill to the end
     return dict(
@@ -96,9 +109,24 @@ def _sampler_call(smp, weights, b: int, n: int, sp) -> dict:
 
 
 def _compile_jitted(fn, *args):
+    """(compiled or None, seconds); the last two arguments are `_compiled`'s phase, over_hbm."""
+    *args, phase, over_hbm = args
     t = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    compiled = _compiled(fn.lower(*args), phase, over_hbm)
     return compiled, time.perf_counter() - t
+
+
+def _compiled(lowered, phase: str, over_hbm: dict):
+    """The compiled program, or None when the compiler refused it for memory (its one-line
+    verdict goes to over_hbm[phase]); any other error propagates."""
+    try:
+        return lowered.compile()
+    except Exception as e:  # XlaRuntimeError; its message is all there is to tell them apart
+        line = targets.over_hbm_line(e)
+        if line is None:
+            raise
+        over_hbm[phase] = line
+        return None
 
 
 def estimate(
@@ -107,14 +135,18 @@ def estimate(
     *,
     num_layers: int | None = None,
     budget_platform: str | None = None,
+    target: str = "cpu",
 ) -> dict:
-    """The dry-run report (see the module docstring) for `config` on the visible devices.
+    """The dry-run report (see the module docstring) for `config` on the visible devices, or
+    on the devices of `target` (infra/targets.py: `tpu-v5e-8`, ...) with its compiler.
     `num_layers` overrides the architecture's depth (benchmarks: compile time against depth);
     `budget_platform` is the platform `device_memory_gib` is memory of ("gpu": JAX's memory
     fraction of it; default: the visible devices' platform)."""
+    targets.check(target)  # before any work: a TPU target without libtpu says how to get it
     p = build.plan(config)
     r, o, m = p.rollout, p.optim, p.model
-    mesh = build.mesh(p)
+    target_devices = targets.devices(target)
+    mesh = sharding_lib.make_mesh(*p.mesh, devices=target_devices)
     # The task only when the model's vocabulary is the task's (its tokenizer gives the size).
     task = build.task(p) if m.vocab_size == -1 or m.hf_dir else None
     task_vocab = task.vocab_size if task is not None else 0
@@ -141,6 +173,7 @@ def estimate(
         base_bytes = _device_bytes(frozen)
         state_bytes += base_bytes
     compile_s = 0.0
+    over_hbm: dict[str, str] = {}  # program -> the TPU compiler's out-of-memory line
 
     # --- rollout: prefill + decode at the config's rows and lengths ----------------------------
     # The loop's own sampler and rollout weights (build.sampler, sampler.rollout_weights) on
@@ -157,18 +190,18 @@ def estimate(
         weights, weights_extra = lora_lib.join(frozen, state.params), 0
     calls: dict = {}  # (prompts, n, sampling) -> _sampler_call: one compile per program
 
-    def call(b, n, sp):
+    def call(b, n, sp, phase):
         if (b, n, sp) not in calls:
-            calls[b, n, sp] = _sampler_call(smp, weights, b, n, sp)
+            calls[b, n, sp] = _sampler_call(smp, weights, b, n, sp, phase, over_hbm)
         return calls[b, n, sp]
 
     # Prompts per sampler call (the sampler repeats each G times after the prefill): a chunk
     # of rollout.rows_per_chunk rows from each process (loop.rollout), else the whole step.
     procs = jax.process_count()
     b = r.rows_per_chunk // r.group_size * procs if r.rows_per_chunk else r.prompts_per_step
-    roll = call(b, r.group_size, smp.sampling)
-    cache_bytes = roll["cache"]
-    rollout_bytes = weights_extra + roll["bytes"]
+    roll = call(b, r.group_size, smp.sampling, "rollout")
+    cache_bytes = roll and roll["cache"]
+    rollout_bytes = roll and weights_extra + roll["bytes"]
 
     # --- evaluation: the greedy and the sampled pass at their chunk shapes (trainer/evaluate.py)
     eval_bytes, eval_cache, eval_rows, eval_passes = 0, 0, {}, {}
@@ -179,13 +212,16 @@ def estimate(
             p.eval_prompts if task is None else len(evaluate_lib.eval_subset(task, p.eval_prompts))
         )
         per_call = evaluate_lib.call_prompts(evaluate_lib.rows_per_call(p, procs), k, num, procs)
-        greedy = call(per_call[0], 1, smp.sampling_for(**evaluate_lib.GREEDY))
-        sampled = call(per_call[1], k, smp.sampling_for(**evaluate_lib.SAMPLED))
-        eval_bytes = weights_extra + max(greedy["bytes"], sampled["bytes"])
-        eval_cache = max(greedy["cache"], sampled["cache"])
-        eval_rows = dict(greedy=greedy["rows"], sampled=sampled["rows"])
-        eval_passes = dict(greedy=greedy["bytes"], sampled=sampled["bytes"])
-    compile_s += sum(c["compile_s"] for c in calls.values())
+        greedy = call(per_call[0], 1, smp.sampling_for(**evaluate_lib.GREEDY), "eval greedy")
+        sampled = call(per_call[1], k, smp.sampling_for(**evaluate_lib.SAMPLED), "eval sampled")
+        passes = dict(greedy=greedy, sampled=sampled)
+        eval_rows = dict(greedy=per_call[0], sampled=per_call[1] * k)
+        eval_passes = {name: c and c["bytes"] for name, c in passes.items()}
+        eval_bytes = eval_cache = None
+        if greedy and sampled:
+            eval_bytes = weights_extra + max(greedy["bytes"], sampled["bytes"])
+            eval_cache = max(greedy["cache"], sampled["cache"])
+    compile_s += sum(c["compile_s"] for c in calls.values() if c)
 
     # --- scoring and update on one mini-batch ---------------------------------------------------
     batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -208,25 +244,35 @@ def estimate(
     batch_bytes = _device_bytes(batch)
     fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings, frozen=frozen)
     t = time.perf_counter()
-    score = fns.logprobs.lower(state.params, batch).compile()
+    score = _compiled(fns.logprobs.lower(state.params, batch), "scoring", over_hbm)
     t_score = time.perf_counter()
-    train = fns.train_step.lower(state, batch).compile()
+    train = _compiled(fns.train_step.lower(state, batch), "train_step", over_hbm)
     train_compile_s = time.perf_counter() - t_score
     compile_s += time.perf_counter() - t
-    sc, tr = score.memory_analysis(), train.memory_analysis()
-    scoring_bytes = batch_bytes + sc.temp_size_in_bytes + sc.output_size_in_bytes
-    # The state is donated: its outputs alias its arguments. What else the step holds: the
-    # batch, the temporaries (activations, gradients, optimizer scratch) and the metrics.
-    train_step_bytes = (
-        batch_bytes + tr.temp_size_in_bytes + tr.output_size_in_bytes - tr.alias_size_in_bytes
-    )
+    scoring_bytes = train_step_bytes = None
+    if score:
+        sc = score.memory_analysis()
+        scoring_bytes = batch_bytes + sc.temp_size_in_bytes + sc.output_size_in_bytes
+    if train:
+        tr = train.memory_analysis()
+        # The state is donated: its outputs alias its arguments. What else the step holds: the
+        # batch, the temporaries (activations, gradients, optimizer scratch) and the metrics.
+        train_step_bytes = (
+            batch_bytes + tr.temp_size_in_bytes + tr.output_size_in_bytes - tr.alias_size_in_bytes
+        )
     phases = (rollout_bytes, scoring_bytes, train_step_bytes, eval_bytes)
-    peak = state_bytes + max(phases)
+    # A program the compiler refused has no size: then no peak, and `fits` is false.
+    peak = None if None in phases else state_bytes + max(phases)
 
-    platform = jax.devices()[0].platform
+    platform = mesh.devices.flat[0].platform
+    if device_memory_gib is None and target != "cpu":
+        device_memory_gib = targets.TARGETS[target].hbm_gib
     budget_gib, fraction = budget(device_memory_gib, budget_platform or platform)
-    gib = lambda x: round(x / GIB, 6)  # KiB resolution: tiny configs' phases stay visible
+    gib = lambda x: None if x is None else round(x / GIB, 6)  # KiB: tiny configs stay visible
     out = dict(
+        target=target,
+        compiler=targets.compiler(target, target_devices),
+        over_hbm=over_hbm,
         peak_gib=gib(peak),
         state_gib=gib(state_bytes),
         rollout_gib=gib(rollout_bytes),
@@ -254,13 +300,13 @@ def estimate(
         attention=m.attention,
         remat=m.remat,
         scan_layers=m.scan_layers,
-        cache_dtype=str(jnp.dtype(build.cache_dtype(p))),
+        cache_dtype=str(jnp.dtype(build.cache_dtype(p, mesh))),
         device_memory_gib=None if device_memory_gib is None else round(device_memory_gib, 3),
         memory_fraction=fraction,
         budget_gib=None if budget_gib is None else round(budget_gib, 3),
     )
     if budget_gib is not None:
-        out["fits"] = bool(peak <= budget_gib * GIB)
+        out["fits"] = peak is not None and bool(peak <= budget_gib * GIB)
     return out
 
 
