@@ -76,9 +76,11 @@ def _np_ppo(logp, logp_old, mask, rewards, *, eps_low, eps_high, agg, scale=True
         rows.append((s, n))
         if n and agg not in ("token-mean", "token-mean-per-micro"):
             seq.append(s / n if agg == "seq-mean-token-mean" else s / max_len)
-    if agg == "token-mean-per-micro":  # verl: token-mean per micro-batch of 6 rows, then mean
+    if agg == "token-mean-per-micro":  # verl: token-mean per micro-batch of 6 rows, summed,
+        # divided by the gradient-accumulation count floor(rows / 6) (at least 1), not the chunks
         chunks = [rows[k : k + 6] for k in range(0, len(rows), 6)]
-        return float(np.mean([sum(s for s, _ in c) / max(sum(n for _, n in c), 1) for c in chunks]))
+        means = [sum(s for s, _ in c) / max(sum(n for _, n in c), 1) for c in chunks]
+        return float(np.sum(means)) / max(len(rows) // 6, 1)
     return tok_total / n_total if agg == "token-mean" else float(np.mean(seq))
 
 
