@@ -11,6 +11,7 @@ from jaxtyping import Array, Float
 
 from apo_jax.objectives import registry
 from apo_jax.objectives.common import (
+    LOG_RATIO_GUARD,
     LossOutput,
     aggregate,
     float_dtype,
@@ -21,7 +22,6 @@ from apo_jax.objectives.common import (
 )
 
 sg = jax.lax.stop_gradient
-_LOG_RATIO_GUARD = 20.0  # verl clamps the log-ratio to ±20 before exp()
 
 # config.loss.cispo.* (MiniMax-M1 sets no lower bound and tunes only ε_high without publishing
 # it; these are verl's CISPO example, examples/cispo_trainer: clip_ratio_low 10, high 0.2)
@@ -55,7 +55,7 @@ def cispo_loss(
     dt = float_dtype(logp)
     logp, m = logp.astype(dt), mask.astype(dt)
     log_ratio = sg(logp - logp_old.astype(dt))
-    ratio = jnp.exp(jnp.clip(log_ratio, -_LOG_RATIO_GUARD, _LOG_RATIO_GUARD))
+    ratio = jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_GUARD, LOG_RATIO_GUARD))
     weight = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)  # [P, G, T], no gradient
     adv = group_advantages(rewards, scale_by_std=scale_adv)[..., None]  # [P, G, 1]
     total, denom = aggregate(-weight * adv * logp, m, "token-mean")

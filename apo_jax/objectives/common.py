@@ -16,7 +16,7 @@ sg = jax.lax.stop_gradient
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean-per-micro")
 KL_TYPES = ("k1", "k2", "k3")
-_LOG_RATIO_GUARD = 20.0  # exp() overflow guard on token log-ratios (verl's clamp)
+LOG_RATIO_GUARD = 20.0  # exp() overflow guard on token log-ratios (verl's clamp to ±20)
 
 
 class LossOutput(NamedTuple):
@@ -100,7 +100,7 @@ def clipped_surrogate(
 ) -> tuple[Array, Bool[Array, "..."]]:
     """PPO clipped loss, elementwise: max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), ρ = e^{log_ratio};
     with dual clip c (A < 0 only) capped at −c·A. Returns (loss, clip-active indicator)."""
-    ratio = jnp.exp(jnp.clip(log_ratio, -_LOG_RATIO_GUARD, _LOG_RATIO_GUARD))
+    ratio = jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_GUARD, LOG_RATIO_GUARD))
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     loss = jnp.maximum(unclipped, clipped)

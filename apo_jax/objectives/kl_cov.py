@@ -11,6 +11,7 @@ from jaxtyping import Array, Float
 
 from apo_jax.objectives import clip_cov, registry
 from apo_jax.objectives.common import (
+    LOG_RATIO_GUARD,
     LossOutput,
     aggregate,
     float_dtype,
@@ -21,7 +22,6 @@ from apo_jax.objectives.common import (
 )
 
 sg = jax.lax.stop_gradient
-_LOG_RATIO_GUARD = 20.0  # exp() overflow guard on token log-ratios (as common.clipped_surrogate)
 
 # config.loss.kl_cov.* (the paper's recipe for 7B models, recipe/dapo/7b_kl_cov.sh: k_percent
 # 0.2 %; its 32B recipe and verl's generic default use 0.02 %, verl's generic coefficient 0.1)
@@ -62,7 +62,7 @@ def kl_cov_loss(
     k = clip_cov.fraction_count(m.sum(), kl_cov_ratio, m.size)
     top = clip_cov.take_first(-cov, m > 0, k)  # [P, G, T]
     log_ratio = logp - logp_old
-    ratio = jnp.exp(jnp.clip(log_ratio, -_LOG_RATIO_GUARD, _LOG_RATIO_GUARD))
+    ratio = jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_GUARD, LOG_RATIO_GUARD))
     # |x| with the subgradient 0 at x = 0 (torch's; jnp.abs has 1 there): on-policy, where every
     # log-ratio is exactly 0, the penalty must not push.
     abs_log_ratio = log_ratio * jnp.sign(sg(log_ratio))

@@ -11,6 +11,7 @@ from jaxtyping import Array, Float
 
 from apo_jax.objectives import registry
 from apo_jax.objectives.common import (
+    LOG_RATIO_GUARD,
     LossOutput,
     aggregate,
     float_dtype,
@@ -21,7 +22,6 @@ from apo_jax.objectives.common import (
 )
 
 sg = jax.lax.stop_gradient
-_LOG_RATIO_GUARD = 20.0  # verl clamps the log-ratio to ±20 before exp()
 
 # config.loss.sapo.* (the paper's values for Qwen3-30B-A3B-Base, also verl's defaults)
 DEFAULTS = dict(
@@ -52,7 +52,7 @@ def sapo_loss(
     """
     dt = float_dtype(logp)
     logp, m = logp.astype(dt), mask.astype(dt)
-    log_ratio = jnp.clip(logp - sg(logp_old.astype(dt)), -_LOG_RATIO_GUARD, _LOG_RATIO_GUARD)
+    log_ratio = jnp.clip(logp - sg(logp_old.astype(dt)), -LOG_RATIO_GUARD, LOG_RATIO_GUARD)
     ratio = jnp.exp(log_ratio)  # [P, G, T]
     adv = group_advantages(rewards, scale_by_std=scale_adv)[..., None]  # [P, G, 1]
     tau = jnp.where(adv > 0, tau_pos, tau_neg).astype(dt)  # [P, G, 1]
