@@ -9,10 +9,12 @@ Package floors (each imports only from floors below it):
   trainer/     the build boundary (config -> objects), train step, loop, evaluation
   main.py, evaluate.py, sweep.py   command lines
 
-Shape alphabet (every shape comment and einsum in the package):
-  P prompts, G completions per prompt (group size), B rows (= P·G, or any batch), T tokens
-  (query / completion length), S key-value (cache) slots, V vocabulary, D model width,
-  N query heads, K kv heads, H head dim, F MLP width, L layers, C vocabulary chunk.
+Shape alphabet (every shape comment and einsum in the package; one meaning per letter):
+  P prompts, G completions per prompt (group size), B rows (= P·G, or any batch of sequences),
+  T tokens: Tp prompt, Tc completion, T a whole row (Tp + Tc, or a packed row), S key-value
+  positions (cache slots / keys), V vocabulary, D model width, N query heads, K kv heads,
+  R query heads per kv head (N = K·R), H head dim, F MLP width, L layers, C vocabulary chunk,
+  M micro-batches of an update.
 """
 
 from apo_jax.models.hf_io import load_model, load_qwen3, save_model, save_qwen3
