@@ -50,6 +50,8 @@ class SampleOutput(NamedTuple):
     mask: Bool[Array, "B T"]  # True for generated tokens, the stop token included
     lengths: Int[Array, " B"]  # number of generated tokens (= mask.sum(-1))
     truncated: Bool[Array, " B"]  # True when a row reached max_new_tokens without a stop id
+    prompt_ids: Int[Array, "B Tp"]  # each row's prompt, left-padded to the call's bucket
+    prompt_mask: Int[Array, "B Tp"]  # 1 on the real prompt tokens
 
     @property
     def finished(self) -> Bool[Array, " B"]:
@@ -152,7 +154,7 @@ class Sampler:
         state = self.prefill(params, ids, lengths, _as_key(rng), row_ids, n=n, sampling=sp)
         if self.max_new_tokens > 1:  # prefill already drew the first token
             state = self.decode(params, state, sampling=sp)
-        return _finish(state, self.max_new_tokens)
+        return _finish(state, self.max_new_tokens, ids, lengths, n)
 
     def bucket(self, prompts: Sequence[Sequence[int]]) -> int:
         """The padded prompt length for these prompts (agreed by all processes of a run)."""
@@ -370,10 +372,14 @@ def _cast_to(x, dtype, sharding):
     return jax.lax.with_sharding_constraint(x.astype(dtype), sharding)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _finish(s: DecodeState, max_new_tokens: int) -> SampleOutput:
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _finish(s: DecodeState, max_new_tokens: int, ids, lengths, n: int) -> SampleOutput:
     mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [B, T]
-    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.done)
+    tp = ids.shape[1]
+    prompt_mask = (jnp.arange(tp)[None, :] >= tp - lengths[:, None]).astype(jnp.int32)  # [B, Tp]
+    rep = lambda x: jnp.repeat(x, n, axis=0)  # prompt rows -> their n completion rows
+    ids, prompt_mask = rep(ids), rep(prompt_mask)
+    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.done, ids, prompt_mask)
 
 
 def _as_key(rng):

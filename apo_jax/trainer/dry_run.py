@@ -41,7 +41,7 @@ from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import targets
 from apo_jax.models import lora as lora_lib
 from apo_jax.rollout import sampler as sampler_lib
-from apo_jax.trainer import build
+from apo_jax.trainer import build, records
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import step as step_lib
 
@@ -160,8 +160,7 @@ def estimate(
     params, frozen = build.trainable(p, params)
     tx, _ = build.optimizer(p)
     spec = build.step_spec(p, cfg.vocab_size)
-    init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule, spec.entropy)
-    state = jax.eval_shape(init_state, params)
+    state = jax.eval_shape(step_lib.state_init(tx, p.seed, spec), params)
     state_shardings = sharding_lib.tree_shardings(state, mesh)
     state = _abstract(state, state_shardings)
     ref = p.objective.reference(p.loss_params)
@@ -226,21 +225,19 @@ def estimate(
     # --- scoring and update on one mini-batch ---------------------------------------------------
     batch_sharding = sharding_lib.batch_sharding(mesh)
     tp, tc = r.max_prompt_len, r.max_new_tokens
-    shapes = {
-        "prompt_ids": ((rows, tp), jnp.int32),
-        "prompt_mask": ((rows, tp), jnp.int32),
-        "completion_ids": ((rows, tc), jnp.int32),
-        "completion_mask": ((rows, tc), jnp.float32),
-        "sampler_logp": ((rows, tc), jnp.float32),
-        "rewards": ((rows,), jnp.float32),
-        "correct": ((rows,), jnp.float32),
-        "old_logp": ((rows, tc), jnp.float32),
-        "ref_logp": ((rows, tc), jnp.float32),
-    }
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-        for k, (shape, dtype) in shapes.items()
-    }
+    spec_ = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+    per_token = lambda dtype: spec_((rows, tc), dtype)  # [B, Tc]
+    batch = records.Batch(
+        prompt_ids=spec_((rows, tp), jnp.int32),
+        prompt_mask=spec_((rows, tp), jnp.int32),
+        completion_ids=per_token(jnp.int32),
+        completion_mask=per_token(jnp.float32),
+        rewards=spec_((rows,), jnp.float32),
+        sampler_logp=per_token(jnp.float32),
+        correct=spec_((rows,), jnp.float32),
+        old_logp=per_token(jnp.float32),
+        ref_logp=per_token(jnp.float32),
+    )
     batch_bytes = _device_bytes(batch)
     fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings, frozen=frozen)
     t = time.perf_counter()

@@ -301,9 +301,8 @@ def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = No
         if p.model.lora:  # the checkpoint holds the adapters; the base comes from model.hf_dir
             abstract = build.trainable(p, abstract)[0]
         tx, _ = build.optimizer(p)
-        sched = build.step_spec(p, model_cfg.vocab_size).schedule
-        init = lambda prm: step_lib.init_train_state(prm, tx, p.seed, sched)
-        state = jax.eval_shape(init, abstract)
+        spec = build.step_spec(p, model_cfg.vocab_size)
+        state = jax.eval_shape(step_lib.state_init(tx, p.seed, spec), abstract)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         state = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state
