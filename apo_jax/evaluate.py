@@ -209,8 +209,7 @@ def run(
     metrics, records = evaluate_lib.evaluate(
         task, sampler, params, examples, k=k, rows_per_call=rows, seed=p.seed
     )
-    if hasattr(task, "close"):
-        task.close()  # stops the reward worker processes
+    task.close()  # stops the reward worker processes
     result = dict(
         metrics=metrics,
         task=p.task.name,

@@ -4,7 +4,7 @@ vocabulary facts (size, EOS, PAD) and a host-side reward over sampled completion
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -41,6 +41,18 @@ class Task(Protocol):
         ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def answer_keys(
+        self, examples: Sequence[Example], completions: Sequence[Sequence[int]]
+    ) -> list[Hashable]:
+        """What makes two correct completions of a prompt different answers (evaluation's
+        `distinct_correct_answers`): e.g. the permutation found, or the extracted final answer.
+        Only the keys of correct completions are read."""
+        ...
+
+    def close(self) -> None:
+        """Releases what the task holds (reward worker processes); it may be used again."""
+        ...
 
 
 def trim_completion(ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[int, ...]:

@@ -203,11 +203,6 @@ def check_answer(pred: str | None, gold: str, timeout_s: float | None = 5.0) -> 
         return TIMED_OUT
 
 
-def is_equivalent(pred: str, gold: str, timeout_s: float | None = 5.0) -> bool:
-    """Whether two answers are mathematically equal (a timeout counts as not equal)."""
-    return check_answer(pred, gold, timeout_s) == CORRECT
-
-
 # --- rewards -------------------------------------------------------------------------------------
 
 
@@ -230,11 +225,6 @@ def shaped_reward(text: str, correct: bool) -> float:
     if rep > 0.3:
         return -0.5
     return min(len(text) / 2000.0, 0.1) - 0.25 * rep
-
-
-def plain_correctness(completion: str, answer: str, timeout_s: float | None = 5.0) -> float:
-    """1.0 if the completion's final answer equals the reference answer, else 0.0."""
-    return float(check_answer(extract_answer(completion), answer, timeout_s) == CORRECT)
 
 
 def good_accuracy(completion: str, answer: str, timeout_s: float | None = 5.0) -> float:

@@ -145,6 +145,12 @@ class ToyTask:
         rewards = self.rewards(examples, completions)
         return rewards, rewards >= 1.0
 
+    def answer_keys(self, examples, completions) -> list[int | None]:
+        return [self.answer_rank(e, c) for e, c in zip(examples, completions, strict=True)]
+
+    def close(self) -> None:
+        pass  # nothing held
+
     def answer_rank(self, example: Example, completion: Sequence[int]) -> int | None:
         """Which correct answer a completion hit: the lexicographic rank of its permutation of
         the prompt values (0 .. k!-1), or None if it is not fully correct."""
