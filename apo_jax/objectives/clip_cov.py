@@ -189,15 +189,13 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     )
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="clip_cov",
-        loss=_loss,
-        defaults=DEFAULTS,
-        # The cut tokens depend on batch-wide covariance means and a batch-wide draw.
-        couples_rows=True,
-        check=_check,
-        inert=_inert,
-        doc="Clip-Cov: PPO clip, gradient cut on random high-covariance tokens",
-    )
+OBJECTIVE = registry.Objective(
+    name="clip_cov",
+    loss=_loss,
+    defaults=DEFAULTS,
+    # The cut tokens depend on batch-wide covariance means and a batch-wide draw.
+    couples_rows=True,
+    check=_check,
+    inert=_inert,
+    doc="Clip-Cov: PPO clip, gradient cut on random high-covariance tokens",
 )

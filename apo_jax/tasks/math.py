@@ -364,8 +364,6 @@ def _check(p) -> None:
         registry.fail("math.level", p["level"], "MATH levels are 1..5 (0 = all levels)")
 
 
-registry.register(
-    registry.TaskSpec(
-        "math", _build, DEFAULTS, _check, doc="Hendrycks MATH prompts, verified math rewards"
-    )
+SPEC = registry.TaskSpec(
+    "math", _build, DEFAULTS, _check, doc="Hendrycks MATH prompts, verified math rewards"
 )

@@ -230,13 +230,13 @@ def _check(name: str):
     return check
 
 
-for _name, _ordered in (("toy", False), ("toy_sorted", True)):
-    registry.register(
-        registry.TaskSpec(
-            _name,
-            _builder(_ordered),
-            DEFAULTS,
-            _check(_name),
-            doc="copy a set of values " + ("in ascending order" if _ordered else "in any order"),
-        )
+SPECS = tuple(
+    registry.TaskSpec(
+        name,
+        _builder(ordered),
+        DEFAULTS,
+        _check(name),
+        doc="copy a set of values " + ("in ascending order" if ordered else "in any order"),
     )
+    for name, ordered in (("toy", False), ("toy_sorted", True))
+)
