@@ -1,7 +1,7 @@
 """Every core config key of apo_jax, declared once: its default, type, valid range and meaning.
 
 A block of the config (`config.rollout`, `config.optim`, ...) is a frozen dataclass below and a
-field made by `key(default, doc, ...)` is one of its keys. configs/base.py builds its ConfigDict
+field made by `key(default, valid, doc)` is one of its keys. configs/base.py builds its ConfigDict
 from these defaults (`default_config`); `trainer/build.plan` reads each block with `read`, and
 constructing a block checks every key (type, finiteness, range, choices: errors name the key, as
 `config.optim.lr=nan: must be a finite number`) and the block's own rule between its keys
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import jax.numpy as jnp
@@ -30,7 +30,6 @@ INT64_MAX = 2**63 - 1  # seeds: jax.random.key and the toy task's hash take an i
 DTYPES = ("float32", "bfloat16")
 SCHEDULE_MODES = ("legacy", "ess", "fixed")
 SCHEDULE_SCOPES = ("group", "batch")
-_I32, _I64 = f"{INT32_MAX}]", f"{INT64_MAX}]"
 
 
 def fail(key: str, value, why: str):
@@ -87,10 +86,13 @@ class Spec(NamedTuple):
     parse: Callable[[Any], Any] | None  # the checked value -> what the run uses (a jnp dtype)
 
 
-def key(default, doc: str, *, range=None, choices=None, kind=None, check=None, parse=None):
-    """A config key: a dataclass field holding its default, with its meaning, type (default: the
-    default's), valid range, choices, extra check and parse in the field's metadata."""
-    spec = Spec(doc, kind or type(default), range and Range(range), choices, check, parse)
+def key(default, valid, doc: str, *, kind=None, check=None, parse=None):
+    """A config key: a dataclass field holding its default, with in its metadata its `valid`
+    values (a range "[0, 1)", a tuple of choices or a function giving them, or None), meaning,
+    type (default: the default's; `parse`d keys: any), extra `check` and `parse`."""
+    choices = None if valid is None or isinstance(valid, str) else valid
+    kind = kind or (object if parse else type(default))
+    spec = Spec(doc, kind, Range(valid) if isinstance(valid, str) else None, choices, check, parse)
     return dataclasses.field(default=default, metadata={"key": spec})
 
 
@@ -162,65 +164,44 @@ def _tags_error(tags) -> str | None:
         return f"must be a tuple of strings of 1-{tracking.MAX_TAG} characters"
 
 
-# --- the blocks ---------------------------------------------------------------------------------
+# --- the blocks: key(default, valid range or choices, meaning, ...) ---------------------------
+# A table, one key per line (or two or three for a long meaning): not reflowed by the formatter.
+# fmt: off
+I32, I64 = f"{INT32_MAX}]", f"{INT64_MAX}]"
 
 
 @dataclasses.dataclass(frozen=True)
 class Run(Block):
-    seed: int = key(0, "one seed for init, data order, rollout sampling", range="[0, " + _I64)
-    total_steps: int = key(
-        66,
-        "rollout steps (each: sample a batch, then optim.mini_batches updates)",
-        range="[1, " + _I32,
-    )
-    allow_unused_keys: bool = key(
-        False,
+    seed: int = key(0, "[0, " + I64, "one seed for init, data order, rollout sampling")
+    total_steps: int = key(66, "[1, " + I32,
+        "rollout steps (each: sample a batch, then optim.mini_batches updates)")
+    allow_unused_keys: bool = key(False, None,
         "a value that differs from its default in a loss or task block that loss.name / "
-        "task.name does not select is an error (it would be ignored); True keeps such values, "
-        "unused",
-    )
+        "task.name does not select is an error (it would be ignored); True keeps such values")
 
 
 @dataclasses.dataclass(frozen=True)
 class Model(Block):
     PATH: ClassVar[str] = "model."
-    preset: str = key("qwen3_1p7b", "preset of any family (models/registry.py), random init")
-    vocab_size: int = key(
-        0, "random init only: 0 = the preset's, -1 = the task's vocabulary size", range="[-1, inf)"
-    )
-    hf_dir: str = key("", "HF model dir (family read from config.json); overrides preset")
-    param_dtype: Any = key(
-        "float32", "learner parameter dtype", choices=DTYPES, parse=jnp.dtype, kind=object
-    )
-    dtype: Any = key(
-        "bfloat16",
-        "matmul compute dtype (accumulation is always float32)",
-        choices=DTYPES,
-        parse=jnp.dtype,
-        kind=object,
-    )
-    remat: str = key(
-        "block",
+    preset: str = key("qwen3_1p7b", None, "preset of any family (models/registry.py), random init")
+    vocab_size: int = key(0, "[-1, inf)",
+        "random init only: 0 = the preset's, -1 = the task's vocabulary size")
+    hf_dir: str = key("", None, "HF model dir (family read from config.json); overrides preset")
+    param_dtype: Any = key("float32", DTYPES, "learner parameter dtype", parse=jnp.dtype)
+    dtype: Any = key("bfloat16", DTYPES,
+        "matmul compute dtype (accumulation is always float32)", parse=jnp.dtype)
+    remat: str = key("block", None,
         "none | block | a policy of models/decoder.py REMAT_POLICIES (dots_saveable, ...): block "
         "keeps only each block's input for the backward pass (True / False = block / none)",
-        kind=object,
-        check=_remat_error,
-        parse=decoder.check_remat,
-    )
-    attention: str = key(
-        "auto",
-        "models/attention.py: auto is cuDNN flash on GPU, splash on TPU, blockwise "
-        "online-softmax XLA elsewhere; naive: dense [T, S] scores",
-        choices=attention.IMPLS,
-    )
-    scan_layers: bool = key(
-        True,
+        check=_remat_error, parse=decoder.check_remat)
+    attention: str = key("auto", attention.IMPLS,
+        "models/attention.py. auto: cuDNN flash on GPU, splash on TPU, blockwise online-softmax "
+        "XLA elsewhere; naive: dense [T, S] scores")
+    scan_layers: bool = key(True, None,
         "layers as one [L, ...] stack under lax.scan (compile time independent of depth; remat "
-        "effective); the rollout loops over layer slices. False: per-layer weights, a Python loop",
-    )
-    logprob_precision: str = key(
-        "default", "scoring (anchor, reference, train step)", choices=("default", "float32")
-    )
+        "effective); the rollout loops over layer slices. False: per-layer weights, a Python loop")
+    logprob_precision: str = key("default", ("default", "float32"),
+        "scoring (anchor, reference, train step)")
     # Filled by the build from model.lora.* (not keys of this block).
     lora: lora_lib.LoRAConfig | None = None  # None: rank 0, full fine-tune
     base_dtype: Any = None  # model.lora.base_dtype: the frozen base's dtype under LoRA
@@ -233,97 +214,64 @@ class Lora(Block):
     frozen (stored once in base_dtype, shared by scoring, the KL reference and the sampler)."""
 
     PATH: ClassVar[str] = "model.lora."
-    rank: int = key(0, "R: 0 = off (full fine-tune)", range="[0, inf)")
-    alpha: float = key(32.0, "the delta is (alpha / R) · B A x", range="(0, inf)")
-    targets: str = key(
-        "q,k,v,o,gate,up,down",
+    rank: int = key(0, "[0, inf)", "R: 0 = off (full fine-tune)")
+    alpha: float = key(32.0, "(0, inf)", "the delta is (alpha / R) · B A x")
+    targets: str = key("q,k,v,o,gate,up,down", None,
         "comma-separated subset of the decoder's projections",
-        check=lambda t: lora_lib.parse_targets(t) and None,
-    )
-    base_dtype: str = key(
-        "bfloat16", "frozen base weights (adapters: param_dtype)", choices=lora_lib.BASE_DTYPES
-    )
-    peft_dir: str = key("", 'start from this PEFT adapter directory ("" = fresh adapters, B = 0)')
+        check=lambda t: lora_lib.parse_targets(t) and None)
+    base_dtype: str = key("bfloat16", lora_lib.BASE_DTYPES,
+        "frozen base weights (adapters: model.param_dtype)")
+    peft_dir: str = key("", None,
+        'start from this PEFT adapter directory ("" = fresh adapters, B = 0)')
 
 
 @dataclasses.dataclass(frozen=True)
 class Rollout(Block):
     PATH: ClassVar[str] = "rollout."
-    prompts_per_step: int = key(48, "P: prompts sampled per rollout step", range="[1, inf)")
-    group_size: int = key(
-        6, "G: completions per prompt (group-relative losses need >= 2)", range="[2, inf)"
-    )
-    max_prompt_len: int = key(1024, "tokens; longer prompts are left-truncated", range="[1, inf)")
-    max_new_tokens: int = key(1280, "tokens per completion", range="[1, inf)")
-    temperature: float = key(
-        1.0,
-        "sampling temperature, > 0 (greedy would make a group identical)",
-        range="[0, inf)",
-        check=_greedy_error,
-    )
-    top_k: int = key(0, "0 = off; at most the vocabulary size", range="[0, inf)")
-    top_p: float = key(1.0, "nucleus mass, 1 = off", range="(0, 1]")
-    dynamic_sampling: bool = key(False, "DAPO: drop groups with all-equal rewards and refill")
-    max_refill_rounds: int = key(
-        10, "dynamic sampling: at most this many extra generation rounds", range="[0, inf)"
-    )
-    cache_dtype: str = key(
-        "auto",
-        "KV cache dtype: auto (bfloat16 on GPU/TPU, the compute dtype on CPU)",
-        choices=("auto", *DTYPES),
-    )
-    overlong_buffer: int = key(
-        0, "DAPO overlong shaping buffer L_cache in tokens (0 = off)", range="[0, inf)"
-    )
-    rows_per_chunk: int = key(
-        0,
-        "rows (prompts x G) per sampler call, per process: the KV cache holds this many rows at "
-        "a time (0 = all of a step's rows in one call). A multiple of G dividing each process's "
-        "rows",
-        range="[0, inf)",
-    )
-    engine: str = key(
-        "static",
-        "decode engine: static batches or continuous batching (slots refilled as rows finish)",
-        choices=("static", "continuous"),
-    )
-    slots: int = key(
-        0,
+    prompts_per_step: int = key(48, "[1, inf)", "P: prompts sampled per rollout step")
+    group_size: int = key(6, "[2, inf)", "G: completions per prompt (group-relative: >= 2)")
+    max_prompt_len: int = key(1024, "[1, inf)", "tokens; longer prompts are left-truncated")
+    max_new_tokens: int = key(1280, "[1, inf)", "tokens per completion")
+    temperature: float = key(1.0, "[0, inf)",
+        "sampling temperature, > 0 (greedy would make a group identical)", check=_greedy_error)
+    top_k: int = key(0, "[0, inf)", "0 = off; at most the vocabulary size")
+    top_p: float = key(1.0, "(0, 1]", "nucleus mass, 1 = off")
+    dynamic_sampling: bool = key(False, None, "DAPO: drop groups with all-equal rewards and refill")
+    max_refill_rounds: int = key(10, "[0, inf)",
+        "dynamic sampling: at most this many extra generation rounds")
+    cache_dtype: str = key("auto", ("auto", *DTYPES),
+        "KV cache dtype: auto (bfloat16 on GPU/TPU, the compute dtype on CPU)")
+    overlong_buffer: int = key(0, "[0, inf)",
+        "DAPO overlong shaping buffer L_cache in tokens (0 = off)")
+    rows_per_chunk: int = key(0, "[0, inf)",
+        "rows (prompts x G) per sampler call, per process: the KV cache holds this many rows at a "
+        "time (0 = all of a step's rows in one call). A multiple of G dividing each process's rows")
+    engine: str = key("static", ("static", "continuous"),
+        "decode engine: static batches or continuous batching (slots refilled as rows finish)")
+    slots: int = key(0, "[0, inf)",
         "decode rows held at once per process with engine=continuous; 0 = rows_per_chunk or "
-        "all rows",
-        range="[0, inf)",
-    )
+        "all rows")
 
 
 @dataclasses.dataclass(frozen=True)
 class Loss(Block):
     """The keys of config.loss that any objective reads (loss.name and the objectives' blocks
-    are the plug-ins': apo_jax/objectives/)."""
+    are the plug-ins', apo_jax/objectives/). The entropy bonus (objectives/entropy.py):
+    loss − c·(mean token entropy)."""
 
     PATH: ClassVar[str] = "loss."
-    rollout_correction: str = key(
-        "none",
-        "sampler/trainer mismatch correction, any objective (trainer/rollout_correction.py)",
-        choices=_rollout_corrections,
-    )
-    rollout_correction_cap: float = key(
-        2.0, "C > 1: TIS weight cap; MIS keeps ratios in [1/C, C]", range="(1, inf)"
-    )
-    # Entropy bonus, any objective (apo_jax/objectives/entropy.py): loss − c·(mean token entropy).
-    entropy_coef: float = key(
-        0.0, "c (0 = off), or the adaptive mode's initial c", range="[0, inf)"
-    )
-    entropy_target: float = key(
-        0.0, "> 0: adaptive c steered toward this entropy (Skywork-OR1)", range="[0, inf)"
-    )
-    entropy_coef_delta: float = key(1e-4, "adaptive: change of c per update", range="(0, inf)")
-    entropy_coef_min: float = key(0.0, "adaptive: lower clip of c", range="[0, inf)")
-    entropy_coef_max: float = key(5e-3, "adaptive: upper clip of c", range="[0, inf)")
-    anchor: str = key(
-        "recompute",
-        "pi_old from a scoring pass or from the sampler's log-probs",
-        choices=("recompute", "sampler"),
-    )
+    rollout_correction: str = key("none", _rollout_corrections,
+        "sampler/trainer mismatch correction, any objective (trainer/rollout_correction.py)")
+    rollout_correction_cap: float = key(2.0, "(1, inf)",
+        "C > 1: TIS weight cap; MIS keeps ratios in [1/C, C]")
+    entropy_coef: float = key(0.0, "[0, inf)", "c (0 = off), or the adaptive mode's initial c")
+    entropy_target: float = key(0.0, "[0, inf)",
+        "> 0: adaptive c steered toward this entropy (Skywork-OR1)")
+    entropy_coef_delta: float = key(1e-4, "(0, inf)", "adaptive: change of c per update")
+    entropy_coef_min: float = key(0.0, "[0, inf)", "adaptive: lower clip of c")
+    entropy_coef_max: float = key(5e-3, "[0, inf)", "adaptive: upper clip of c")
+    anchor: str = key("recompute", ("recompute", "sampler"),
+        "pi_old from a scoring pass or from the sampler's log-probs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,40 +279,30 @@ class Schedule(Block):
     """The alpha/tau schedule, used by objectives that declare schedule=True (apo, fdiv)."""
 
     PATH: ClassVar[str] = "schedule."
-    mode: str = key(
-        "legacy",
-        "alpha schedule: legacy (spec §2) | ess (Appendix A) | fixed",
-        choices=SCHEDULE_MODES,
-    )
-    scope: str = key(
-        "group", "schedule statistics per prompt group or over the batch", choices=SCHEDULE_SCOPES
-    )
-    alpha: float = key(0.9, "alpha when mode = fixed; must lie in (0, 1]", range="(0, 1]")
-    alpha_max: float = key(0.9, "coverage end (forward-KL-like)", range="(0, 1]")
-    alpha_min: float = key(0.35, "mode-seeking end", range="(0, 1]")
-    adaptive_tau: bool = key(True, "tau rule of spec §2 (else tau = tau0)")
-    tau0: float = key(0.5, "base anchoring temperature", range="(0, inf)")
-    a_tau: float = key(0.2, "tau weight on the anchor's normalised NLL H_stat", range="[0, inf)")
-    b_tau: float = key(0.5, "tau weight on -confidence * signal", range="[0, inf)")
-    tau_min: float = key(0.2, "lower clip of tau", range="(0, inf)")
-    tau_max: float = key(1.5, "upper clip of tau", range="(0, inf)")
-    use_ema: bool = key(False, "legacy mode: smooth alpha with an EMA")
-    ema_momentum: float = key(
-        0.9, "legacy mode EMA: alpha <- m * alpha_ema + (1 - m) * alpha_t", range="[0, 1)"
-    )
-    ess_target_frac: float = key(
-        0.5, "ess mode: target ESS = frac * G (Appendix A)", range="(0, 1]"
-    )
-    ess_candidates: int = key(
-        11, "ess mode: alpha grid size over [alpha_min, alpha_max]", range="[2, inf)"
-    )
-    ess_warmup_calls: int = key(
-        10, "ess mode: alpha = alpha_max for this many first updates", range="[0, " + _I32
-    )
-    ess_momentum: float = key(
-        0.9, "ess mode: alpha <- clip(m * alpha_prev + (1 - m) * alpha*, ...)", range="[0, 1)"
-    )
-    ess_max_step: float = key(0.05, "ess mode: largest change of alpha per update", range="(0, 1]")
+    mode: str = key("legacy", SCHEDULE_MODES,
+        "alpha schedule: legacy (spec §2) | ess (Appendix A) | fixed")
+    scope: str = key("group", SCHEDULE_SCOPES,
+        "schedule statistics per prompt group or over the batch")
+    alpha: float = key(0.9, "(0, 1]", "alpha when mode = fixed")
+    alpha_max: float = key(0.9, "(0, 1]", "coverage end (forward-KL-like)")
+    alpha_min: float = key(0.35, "(0, 1]", "mode-seeking end")
+    adaptive_tau: bool = key(True, None, "tau rule of spec §2 (else tau = tau0)")
+    tau0: float = key(0.5, "(0, inf)", "base anchoring temperature")
+    a_tau: float = key(0.2, "[0, inf)", "tau weight on the anchor's normalised NLL H_stat")
+    b_tau: float = key(0.5, "[0, inf)", "tau weight on -confidence * signal")
+    tau_min: float = key(0.2, "(0, inf)", "lower clip of tau")
+    tau_max: float = key(1.5, "(0, inf)", "upper clip of tau")
+    use_ema: bool = key(False, None, "legacy mode: smooth alpha with an EMA")
+    ema_momentum: float = key(0.9, "[0, 1)",
+        "legacy mode EMA: alpha <- m * alpha_ema + (1 - m) * alpha_t")
+    ess_target_frac: float = key(0.5, "(0, 1]", "ess mode: target ESS = frac * G (Appendix A)")
+    ess_candidates: int = key(11, "[2, inf)",
+        "ess mode: alpha grid size over [alpha_min, alpha_max]")
+    ess_warmup_calls: int = key(10, "[0, " + I32,
+        "ess mode: alpha = alpha_max for this many first updates")
+    ess_momentum: float = key(0.9, "[0, 1)",
+        "ess mode: alpha <- clip(m * alpha_prev + (1 - m) * alpha*, ...)")
+    ess_max_step: float = key(0.05, "(0, 1]", "ess mode: largest change of alpha per update")
 
     def check(self) -> None:
         if self.alpha_min > self.alpha_max:
@@ -376,75 +314,49 @@ class Schedule(Block):
 @dataclasses.dataclass(frozen=True)
 class Optim(Block):
     PATH: ClassVar[str] = "optim."
-    lr: float = key(1e-6, "peak learning rate", range="(0, inf)")
-    warmup_steps: int = key(0, "linear warm-up, in optimizer updates", range="[0, " + _I32)
-    decay: str = key(
-        "constant", "constant | cosine (to 0 at the last update)", choices=("constant", "cosine")
-    )
-    b1: float = key(0.9, "AdamW beta1", range="[0, 1)")
-    b2: float = key(0.999, "AdamW beta2", range="[0, 1)")
-    weight_decay: float = key(0.01, "AdamW decoupled weight decay", range="[0, inf)")
-    grad_clip: float = key(1.0, "global-norm gradient clip (0 = off)", range="[0, inf)")
-    mini_batches: int = key(
-        2, "optimizer updates per rollout step (prompts split evenly)", range="[1, inf)"
-    )
-    micro_batches: int = key(
-        1,
-        "gradient accumulation inside each update (exact, any rows; divides them)",
-        range="[1, inf)",
-    )
-    logprob_chunk: int = key(
-        8192, "vocabulary chunk of the fused log-prob kernel", range="[1, inf)"
-    )
-    packing: str = key(
-        "none",
+    lr: float = key(1e-6, "(0, inf)", "peak learning rate")
+    warmup_steps: int = key(0, "[0, " + I32, "linear warm-up, in optimizer updates")
+    decay: str = key("constant", ("constant", "cosine"), "cosine: to 0 at the last update")
+    b1: float = key(0.9, "[0, 1)", "AdamW beta1")
+    b2: float = key(0.999, "[0, 1)", "AdamW beta2")
+    weight_decay: float = key(0.01, "[0, inf)", "AdamW decoupled weight decay")
+    grad_clip: float = key(1.0, "[0, inf)", "global-norm gradient clip (0 = off)")
+    mini_batches: int = key(2, "[1, inf)",
+        "optimizer updates per rollout step (prompts split evenly)")
+    micro_batches: int = key(1, "[1, inf)",
+        "gradient accumulation inside each update (exact, any rows; divides them)")
+    logprob_chunk: int = key(8192, "[1, inf)", "vocabulary chunk of the fused log-prob kernel")
+    packing: str = key("none", ("none", "packed"),
         "scoring/training layout: padded rows trimmed to the longest completion, or sequences "
-        "packed end to end",
-        choices=("none", "packed"),
-    )
-    pack_len: int = key(
-        0, "tokens per packed row; 0 = prompt bucket + max_new_tokens", range="[0, inf)"
-    )
+        "packed end to end")
+    pack_len: int = key(0, "[0, inf)", "tokens per packed row; 0 = prompt bucket + max_new_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
 class Mesh(Block):
     PATH: ClassVar[str] = "mesh."
-    data: int = key(
-        -1,
-        "data-parallel axis size (-1 = the devices left over)",
-        range="[-1, inf)",
-        check=lambda d: "must be >= 1, or -1 for the devices left over" if d == 0 else None,
-    )
-    fsdp: int = key(1, "fully-sharded data-parallel axis size", range="[1, inf)")
-    tensor: int = key(1, "tensor-parallel axis size", range="[1, inf)")
+    data: int = key(-1, "[-1, inf)", "data-parallel axis size (-1 = the devices left over)",
+        check=lambda d: "must be >= 1, or -1 for the devices left over" if d == 0 else None)
+    fsdp: int = key(1, "[1, inf)", "fully-sharded data-parallel axis size")
+    tensor: int = key(1, "[1, inf)", "tensor-parallel axis size")
 
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint(Block):
     PATH: ClassVar[str] = "checkpoint."
-    every_steps: int = key(
-        10, "save every N rollout steps (and at the end / on SIGTERM)", range="[0, inf)"
-    )
-    keep: int = key(
-        3, "keep the last N checkpoints (0 would delete the final one)", range="[1, inf)"
-    )
+    every_steps: int = key(10, "[0, inf)",
+        "save every N rollout steps (and at the end / on SIGTERM)")
+    keep: int = key(3, "[1, inf)", "keep the last N checkpoints (0 would delete the final one)")
 
 
 @dataclasses.dataclass(frozen=True)
 class Eval(Block):
     PATH: ClassVar[str] = "eval."
-    every_steps: int = key(
-        0,
-        "held-out evaluation every N steps and at the last step (0 = at the end)",
-        range="[0, inf)",
-    )
-    num_prompts: int = key(
-        0, "held-out prompts per evaluation (0 = no evaluation)", range="[0, inf)"
-    )
-    rows_per_chunk: int = key(
-        0, "rows per evaluation sampler call, per process (0 = the rollout's)", range="[0, inf)"
-    )
+    every_steps: int = key(0, "[0, inf)",
+        "held-out evaluation every N steps and at the last step (0 = at the end)")
+    num_prompts: int = key(0, "[0, inf)", "held-out prompts per evaluation (0 = no evaluation)")
+    rows_per_chunk: int = key(0, "[0, inf)",
+        "rows per evaluation sampler call, per process (0 = the rollout's)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,24 +364,21 @@ class Logging(Block):
     """Weights & Biases: README "Tracking"; needs the extra: pip install -e ".[wandb]"."""
 
     PATH: ClassVar[str] = "logging."
-    tensorboard: bool = key(True, "write TensorBoard events under workdir/tensorboard")
-    plots: bool = key(True, "write PNG plots under workdir/plots at the end")
-    progress: bool = key(True, "tqdm progress bar")
-    wandb: bool = key(False, "one W&B run per workdir; a resumed run continues it")
-    wandb_project: str = key("apo_jax", "W&B project")
-    wandb_entity: str = key("", 'team or user ("" = the API key\'s default entity)')
-    wandb_mode: str = key(
-        "online",
-        "online | offline (written under workdir/wandb, `wandb sync` later)",
-        choices=("online", "offline"),
-    )
-    wandb_group: str = key("", 'run group ("" = none; apo_jax.sweep sets the sweep\'s name)')
-    wandb_tags: tuple = key(
-        (),
+    tensorboard: bool = key(True, None, "write TensorBoard events under workdir/tensorboard")
+    plots: bool = key(True, None, "write PNG plots under workdir/plots at the end")
+    progress: bool = key(True, None, "tqdm progress bar")
+    wandb: bool = key(False, None, "one W&B run per workdir; a resumed run continues it")
+    wandb_project: str = key("apo_jax", None, "W&B project")
+    wandb_entity: str = key("", None, 'team or user ("" = the API key\'s default entity)')
+    wandb_mode: str = key("online", ("online", "offline"),
+        "offline: written under workdir/wandb, `wandb sync` later")
+    wandb_group: str = key("", None, 'run group ("" = none; apo_jax.sweep sets the sweep\'s name)')
+    wandb_tags: tuple = key((), None,
         "run tags, each 1-64 characters (apo_jax.sweep adds arm and seed)",
-        kind=object,
-        check=_tags_error,
-    )
+        kind=object, check=_tags_error)
+
+
+# fmt: on
 
 
 # The config's blocks by path ("" = its top level), in configs/base.py's order.
@@ -492,9 +401,8 @@ def default_config(**plugins: ml_collections.ConfigDict) -> ml_collections.Confi
             node = node[part]
         for f in keys(cls):
             node[f.name] = f.default
-    for path, block in plugins.items():
-        if path not in c:
-            c[path] = ml_collections.ConfigDict()
+    for path, block in plugins.items():  # a block of BLOCKS, or a new one
+        c[path] = c.get(path) or ml_collections.ConfigDict()
         for k, v in block.items():
             c[path][k] = v
     return c
@@ -508,10 +416,3 @@ def defaults() -> dict[str, Any]:
         for path, cls in BLOCKS.items()
         for f in keys(cls)
     }
-
-
-def node(c: Mapping, path: str):
-    """The config node at `path` ("" = the config itself)."""
-    for part in filter(None, path.split(".")):
-        c = c[part]
-    return c

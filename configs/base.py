@@ -1,4 +1,8 @@
-"""Every default of apo_jax, in one place. Other config files override a few keys each.
+"""The default config of apo_jax. Other config files override a few keys each.
+
+Every core key is declared once, with its default, type, valid range and meaning, in
+apo_jax/settings.py (one dataclass per block); the loss and task plug-ins declare their blocks in
+their own modules. This file assembles them and shrinks them for `debug`.
 
 Defaults follow the APO paper's setup (../shared/docs/APO_SPEC.md §3, §6): Qwen3-1.7B on MATH
 Level 3, G = 6, 48 prompts per step in 2 mini-batches, lengths 1024 / 1280, temperature 1,
@@ -18,9 +22,8 @@ ARGS = ("debug",)  # the config arguments this file accepts (`FILE:debug`); othe
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_args(arg, ARGS, __file__)
-    # Every core key, with its default, type, range and meaning: apo_jax/settings.py (one
-    # dataclass per block: Run for the top level, then Model, Lora, Rollout, Loss, Schedule,
-    # Optim, Mesh, Checkpoint, Eval, Logging).
+    # The core keys: apo_jax/settings.py (Run for the top level, then Model, Lora, Rollout,
+    # Loss, Schedule, Optim, Mesh, Checkpoint, Eval, Logging).
     c = settings.default_config(
         # Tasks are plug-ins (apo_jax/tasks/): each registered task brings its block of keys,
         # config.task.<name>.*, with defaults and meanings in its module (e.g. tasks/math.py).

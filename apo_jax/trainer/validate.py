@@ -30,12 +30,11 @@ from typing import TYPE_CHECKING, Any
 import ml_collections
 
 from apo_jax.infra import tracking
-from apo_jax.settings import INT32_MAX, check_value, fail
+from apo_jax.settings import INT32_MAX, check_value
+from apo_jax.settings import fail as _fail
 
 if TYPE_CHECKING:
     from apo_jax.trainer.build import Plan
-
-_fail = fail
 
 
 def check_block(prefix: str, params: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
@@ -43,15 +42,8 @@ def check_block(prefix: str, params: Mapping[str, Any], defaults: Mapping[str, A
     (int where the default is an int, any number where it is a float) and numbers are finite.
     Ranges are the block owner's `check`."""
     for key, default in defaults.items():
-        value = params[key]
-        if isinstance(default, bool):
-            check_value(f"{prefix}.{key}", value, bool)
-        elif isinstance(default, int):
-            check_value(f"{prefix}.{key}", value, int)
-        elif isinstance(default, float):
-            check_value(f"{prefix}.{key}", value, float)
-        elif isinstance(default, str):
-            check_value(f"{prefix}.{key}", value, str)
+        if type(default) in (bool, int, float, str):
+            check_value(f"{prefix}.{key}", params[key], type(default))
 
 
 def check_rows_per_chunk(rows_per_chunk: int, group_size: int, prompts: int, procs: int) -> None:
