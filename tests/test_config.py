@@ -5,6 +5,7 @@ import copy
 import glob
 import importlib.util
 import inspect
+import json
 import pathlib
 
 import jax.numpy as jnp
@@ -237,3 +238,23 @@ def test_schedule_config_built_directly_is_checked_naming_the_key():
         schedule_lib.ScheduleConfig(mode="cosine")
     with pytest.raises(ValueError, match=r"^config\.schedule\.alpha_min=0\.95: must be <="):
         schedule_lib.ScheduleConfig(alpha_min=0.95)
+
+
+def test_a_sweep_accepts_a_finished_run_recorded_before_a_key_existed(tmp_path):
+    """sweep.check_existing compares a finished run's config.json with what the sweep asks:
+    keys the old record lacks are their defaults, so the run counts as done; a non-default
+    value of such a key is another run."""
+    from apo_jax import sweep
+
+    record = json.loads(build.plan(toy.get_config("debug")).to_json())
+    old = copy.deepcopy(record)
+    for k in NEW_KEYS:
+        block, name = k.split(".")
+        del old[block][name]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / sweep.DONE_MARKER).write_text("{}")
+    run = lambda rec: sweep.Run("arm", 0, (), str(tmp_path), rec["total_steps"], "", rec)
+    sweep.check_existing(run(record))
+    record["optim"]["packing"] = "packed"
+    with pytest.raises(sweep.SweepError, match=r"optim\.packing='none', now 'packed'"):
+        sweep.check_existing(run(record))

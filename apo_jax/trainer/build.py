@@ -132,14 +132,14 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
             lg.wandb_mode,
             lg.wandb_group,
             tuple(lg.wandb_tags),
-        ),  # fmt: skip
+        ),
         entropy=entropy_lib.EntropyConfig(
             loss.entropy_coef,
             loss.entropy_target,
             loss.entropy_coef_delta,
             loss.entropy_coef_min,
             loss.entropy_coef_max,
-        ),  # fmt: skip
+        ),
         loss=loss,
     )
     validate.check_plan(p)
