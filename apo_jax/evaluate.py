@@ -70,7 +70,7 @@ def run_config(run: str, step: int | None = None) -> ml_collections.ConfigDict:
         logging.warning("%s; using the config record of checkpoint step %d", e, step)
         saved = None
     if saved is not None:
-        a, b = (checkpoint_lib.flatten_config(x) for x in (config, saved))
+        a, b = (checkpoint_lib.flatten_record(x) for x in (config, saved))
         differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         if differ:
             logging.warning(

@@ -29,16 +29,19 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from apo_jax import settings
+
 
 @dataclasses.dataclass(frozen=True)
 class EntropyConfig:
-    """loss.entropy_coef, loss.entropy_target, loss.entropy_coef_{delta,min,max}."""
+    """loss.entropy_coef, _target, _coef_delta, _coef_min, _coef_max (apo_jax/settings.py Loss):
+    c or the adaptive c_0; H_target (> 0: adaptive, in nats); Δ; c_min; c_max."""
 
-    coef: float = 0.0  # fixed coefficient c, or the adaptive mode's initial c_0
-    target: float = 0.0  # > 0: adaptive mode, target mean token entropy (nats); 0 = fixed c
-    delta: float = 1e-4  # adaptive: step Δ of c per update (Skywork-OR1: 1e-4)
-    coef_min: float = 0.0  # adaptive: lower clip of c
-    coef_max: float = 5e-3  # adaptive: upper clip of c (Skywork-OR1: 0.005)
+    coef: float = settings.Loss.entropy_coef
+    target: float = settings.Loss.entropy_target
+    delta: float = settings.Loss.entropy_coef_delta  # Skywork-OR1: 1e-4
+    coef_min: float = settings.Loss.entropy_coef_min
+    coef_max: float = settings.Loss.entropy_coef_max  # Skywork-OR1: 0.005
 
     @property
     def adaptive(self) -> bool:
