@@ -214,8 +214,8 @@ class Lora(Block):
     frozen (stored once in base_dtype, shared by scoring, the KL reference and the sampler)."""
 
     PATH: ClassVar[str] = "model.lora."
-    rank: int = key(0, "[0, inf)", "R: 0 = off (full fine-tune)")
-    alpha: float = key(32.0, "(0, inf)", "the delta is (alpha / R) · B A x")
+    rank: int = key(0, "[0, inf)", "r: 0 = off (full fine-tune)")
+    alpha: float = key(32.0, "(0, inf)", "the delta is (alpha / r) · B A x")
     targets: str = key("q,k,v,o,gate,up,down", None,
         "comma-separated subset of the decoder's projections",
         check=lambda t: lora_lib.parse_targets(t) and None)

@@ -6,7 +6,7 @@ entropy of the full-vocabulary policy over the update's completion tokens (after
 rejection). H_{i,t} = −Σ_v π_v log π_v comes from the fused log-prob kernel
 (trainer/logprobs.py): an online pass over vocabulary chunks, so no [B, T, V] float32 array is
 formed, forward or backward; its backward recomputes each chunk's logits once, as the log-prob
-gradient does (one extra [N, C] elementwise term per chunk).
+gradient does (one extra [B·T, C] elementwise term per chunk).
 
 Adaptive mode (`entropy_target` > 0), Skywork-OR1's adaptive entropy control (arXiv 2505.22312,
 SkyworkAI/Skywork-OR1 `EntController`): the state (coefficient c_k, switch e_k ∈ {0, 1}) starts

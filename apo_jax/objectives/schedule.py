@@ -142,7 +142,7 @@ def _ess_alpha(cfg: ScheduleConfig, ell, ell_ref, rewards, tau):
     log_q = simplex.target_log_q(rewards, cfg.beta_r, cfg.scale_rewards, cfg.target)  # [P, G]
     grid = jnp.linspace(cfg.alpha_min, cfg.alpha_max, cfg.ess_candidates)
     grid = grid[:, None, None]  # [K, 1, 1]
-    log_w = jax.nn.log_softmax(grid * log_q + (1.0 - grid) * log_p, axis=-1)  # [K, P, G]
+    log_w = jax.nn.log_softmax(grid * log_q + (1.0 - grid) * log_p, axis=-1)  # [candidates, P, G]
     ess = (1.0 / jnp.exp(2.0 * log_w).sum(-1)).mean(-1)  # [K]
     k = jnp.argmin(jnp.abs(ess - cfg.ess_target_frac * ell.shape[-1]))
     return grid[k, 0, 0], ess[k]

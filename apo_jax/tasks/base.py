@@ -35,7 +35,7 @@ class Task(Protocol):
     def score(
         self, examples: Sequence[Example], completions: Sequence[Sequence[int]]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(rewards float32 [N], correct bool [N]): the training reward and whether the answer
+        """(rewards float32 [B], correct bool [B]): the training reward and whether the answer
         is right (what DAPO's dynamic sampling filters on; a shaped reward may be < 1 or differ
         between equally right answers)."""
         ...

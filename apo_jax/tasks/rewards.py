@@ -350,7 +350,7 @@ class RewardPool:
         return started
 
     def check(self, preds: Sequence[str | None], golds: Sequence[str]) -> np.ndarray:
-        """Outcome codes (CORRECT / WRONG / TIMED_OUT, int8 [N]) of extracted answers."""
+        """Outcome codes (CORRECT / WRONG / TIMED_OUT, int8 [B]) of extracted answers."""
         if len(preds) != len(golds):
             raise ValueError(f"check: {len(preds)} answers but {len(golds)} references")
         codes = np.full(len(preds), WRONG, dtype=np.int8)
@@ -413,7 +413,7 @@ class RewardPool:
         reward_name: str = "good_accuracy",
         extraction: str = "strict",
     ) -> np.ndarray:
-        """float32 [N] rewards ('good_accuracy' or 'correct') of decoded completions."""
+        """float32 [B] rewards ('good_accuracy' or 'correct') of decoded completions."""
         return self.score(completions, answers, reward_name, extraction)[0]
 
     def score(
@@ -423,7 +423,7 @@ class RewardPool:
         reward_name: str = "good_accuracy",
         extraction: str = "strict",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 rewards [N], bool correct [N]): correct is the CORRECT outcome code (a timeout
+        """(float32 rewards [B], bool correct [B]): correct is the CORRECT outcome code (a timeout
         is not correct), the reward is shaped from it."""
         validate_reward_name(reward_name)
         codes = self.check([extract_answer(c, extraction) for c in completions], answers)
