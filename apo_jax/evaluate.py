@@ -21,7 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apo_jax import config_file
+from apo_jax import config_file, settings
 from apo_jax.trainer import build
 
 
@@ -62,7 +62,7 @@ def run_config(run: str, step: int | None = None) -> ml_collections.ConfigDict:
             "(is it a training workdir, and did it save a step?)"
         )
     step, record = found
-    config = record["config"]
+    config = settings.with_defaults(record["config"])
     path = os.path.join(run, "config.json")
     try:
         saved = build.load_config_json(path).to_dict() if os.path.exists(path) else None

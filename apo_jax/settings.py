@@ -14,6 +14,7 @@ step counters and schedule boundaries are int32 on device, seeds int64.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -416,3 +417,16 @@ def defaults() -> dict[str, Any]:
         for path, cls in BLOCKS.items()
         for f in keys(cls)
     }
+
+
+def with_defaults(record: dict) -> dict:
+    """A (nested) config record with each core key it lacks at its default: a run recorded
+    before the key existed, as it ran (so `--config.KEY=VALUE` can override the key)."""
+    out = copy.deepcopy(record)
+    for name, value in defaults().items():
+        *path, leaf = name.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node.setdefault(leaf, value)
+    return out

@@ -198,6 +198,8 @@ def test_a_record_written_before_a_key_existed_resumes_and_evaluates():
         checkpoint_lib.check_resume(1, old, changed, "W")
     p = build.plan(ml_collections.ConfigDict(old))
     assert (p.rollout.engine, p.rollout.slots, p.loss.anchor) == ("static", 0, "recompute")
+    # The evaluation CLI reads the record with the keys filled in, so it can override them.
+    assert settings.with_defaults(old) == current and "engine" not in old["rollout"]
     assert (p.optim.packing, p.optim.pack_len) == ("none", 0)
 
 
