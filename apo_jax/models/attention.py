@@ -52,11 +52,16 @@ class Mask:
     empty cache of P slots: `Mask(starts, full(P), None)`; a cached step: `for_cache`.
     Queries outside [kv_start, kv_end) are padding: their outputs are finite and implementation-
     defined (naive: mean of v; blockwise: 0 where no key is visible; kernels: 0).
+    Packed rows (uncached only): `segment_ids` [B, T] puts several sequences end to end in one
+    row; query t also needs segment_ids[t] == segment_ids[s], so attention never crosses a
+    segment. Each segment's tokens are contiguous and its id differs from its neighbours'; 0
+    marks padding (`from_segments`). The caller restarts RoPE positions at 0 in each segment.
     """
 
     kv_start: Int[Array, " B"]  # first real key slot (left padding before it)
     kv_end: Int[Array, " B"]  # one past the last real key slot (right padding / unfilled cache)
     q_offset: Int[Array, ""] | None = None  # slot of query 0 (the cache write index)
+    segment_ids: Int[Array, "B T"] | None = None  # packed rows: the sequence of each token
 
     @classmethod
     def from_valid(cls, valid: Bool[Array, "B T"]) -> Mask:
@@ -67,6 +72,14 @@ class Mask:
         start = jnp.min(jnp.where(valid, idx, t), axis=1)  # [B]; t for an empty row
         end = jnp.max(jnp.where(valid, idx + 1, 0), axis=1)  # [B]; 0 for an empty row
         return cls(start.astype(jnp.int32), jnp.maximum(end, start).astype(jnp.int32))
+
+    @classmethod
+    def from_segments(cls, segment_ids: Int[Array, "B T"]) -> Mask:
+        """Uncached mask of packed rows: ids >= 1 name a row's sequences (contiguous runs), 0
+        marks padding (at the row's ends only: the real tokens of a row are contiguous)."""
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        bounds = cls.from_valid(segment_ids > 0)
+        return cls(bounds.kv_start, bounds.kv_end, None, segment_ids)
 
     @classmethod
     def for_cache(cls, starts: Int[Array, " B"], index, num_queries: int) -> Mask:
@@ -83,7 +96,11 @@ class Mask:
             q = q + self.q_offset
         s = jnp.arange(num_keys, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
         lo, hi = self.kv_start[:, None, None], self.kv_end[:, None, None]
-        return (s >= lo) & (s < hi) & (s <= q[None, :, None])  # [B, T, S]
+        dense = (s >= lo) & (s < hi) & (s <= q[None, :, None])  # [B, T, S]
+        if self.segment_ids is not None:  # T == S: a packed row's tokens are its own keys
+            seg = self.segment_ids
+            dense = dense & (seg[:, :, None] == seg[:, None, :])
+        return dense
 
 
 def check_impl(impl: str) -> str:
@@ -98,10 +115,15 @@ def resolve(impl: str, q: Array, k: Array, mask: Mask, kv_layout: str = "BSKH") 
     with an offset are not kernel-shaped). `auto`: cuDNN on GPU when it takes the shapes,
     splash on TPU when it can be split (one device, or traced under `kernels_split_over`:
     lowered and compiled for a sharded v5e slice in tests/test_tpu_compile.py), else
-    xla_blockwise."""
+    xla_blockwise. Packed rows (segment ids) under `cudnn` run xla_blockwise too:
+    jax.nn.dot_product_attention (the pinned JAX) takes per-row lengths but no segment ids, and
+    a dense mask would bring back the [T, T] buffer."""
     check_impl(impl)
     s = k.shape[2 if kv_layout == "BKSH" else 1]
     uncached = mask.q_offset is None and q.shape[1] == s
+    if mask.segment_ids is not None and not uncached:
+        raise ValueError("attention: segment ids describe uncached calls only (T == S, no offset)")
+    packed = mask.segment_ids is not None
     backend = _platform()
     if impl == "cudnn" and backend != "gpu":
         raise ValueError(f"model.attention='cudnn' needs a GPU backend, this one is {backend!r}")
@@ -110,10 +132,10 @@ def resolve(impl: str, q: Array, k: Array, mask: Mask, kv_layout: str = "BSKH") 
             f"model.attention='cudnn' takes bf16/fp16 with head_dim % 8 == 0 and <= 256, got "
             f"{q.dtype} head_dim {q.shape[-1]} (use 'auto' or 'xla_blockwise')"
         )
-    if impl in ("cudnn", "splash") and not uncached:
+    if (impl in ("cudnn", "splash") and not uncached) or (impl == "cudnn" and packed):
         return "xla_blockwise"
     if impl == "auto":
-        if backend == "gpu" and uncached and _cudnn_takes(q):
+        if backend == "gpu" and uncached and not packed and _cudnn_takes(q):
             return "cudnn"
         if backend == "tpu" and uncached and (_KERNEL_MESH.get() or jax.device_count() == 1):
             return "splash"
@@ -152,6 +174,12 @@ def attend(
         raise ValueError(f"attention: q {q.shape} does not fit k {k.shape} / v {v.shape}")
     scale = h**-0.5 if scale is None else scale
     k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if not isinstance(mask, Mask):  # a dense [B, T, S]: only until the sampler's naive branch goes
+        if check_impl(impl) != "naive":
+            raise ValueError(
+                f"model.attention={impl!r} takes an attention.Mask, not a dense [B, T, S] mask"
+            )
+        return naive(q, k, v, mask, kv_layout=kv_layout, scale=scale)
     which = resolve(impl, q, k, mask, kv_layout)
     if which == "naive":
         return naive(q, k, v, mask, kv_layout=kv_layout, scale=scale)
@@ -162,12 +190,30 @@ def attend(
         return _splash(q, kt, vt, mask, scale, interpret)
     cfg = _Blocks(block_q, block_k, scale, kv_layout)
     offset = jnp.zeros((), jnp.int32) if mask.q_offset is None else mask.q_offset
-    return _flash(cfg, q, k, v, mask.kv_start, mask.kv_end, jnp.asarray(offset, jnp.int32))
+    segs = None if mask.segment_ids is None else _segment_runs(mask.segment_ids)
+    rows = (mask.kv_start, mask.kv_end, jnp.asarray(offset, jnp.int32), segs)
+    return _flash(cfg, q, k, v, *rows)
+
+
+def _segment_runs(seg: Int[Array, "B T"]):
+    """(ids, first slot, one past the last slot) of each token's segment, all [B, T]: what
+    blockwise needs to skip the tiles outside a query tile's segments."""
+    seg = seg.astype(jnp.int32)
+    t = seg.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), seg.shape)  # [B, T]
+    change = seg[:, 1:] != seg[:, :-1]  # [B, T-1]: a run ends between t and t + 1
+    first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), change], axis=1)
+    last = jnp.concatenate([change, jnp.ones_like(seg[:, :1], bool)], axis=1)
+    lo = jax.lax.cummax(jnp.where(first, idx, 0), axis=1)  # [B, T]
+    hi = jax.lax.cummin(jnp.where(last, idx + 1, t), axis=1, reverse=True)  # [B, T]
+    return seg, lo, hi
 
 
 # --- naive: the reference (the model's original code path) -------------------------------------
 def naive(q, k, v, mask: Mask | Array, *, kv_layout: str = "BSKH", scale: float) -> Array:
-    """Materialises float32 scores [B, K, G, T, S]; `mask` may be a Mask or a dense [B, T, S]."""
+    """Materialises float32 scores [B, K, G, T, S]. `mask` is a Mask (densified here, the one
+    place a [B, T, S] mask exists) or, until rollout/sampler.py's naive branch goes, a dense
+    [B, T, S] boolean."""
     b, t, n, h = q.shape
     kh = k.shape[1 if kv_layout == "BKSH" else 2]
     dt = q.dtype
@@ -206,14 +252,26 @@ def _kv_tile(x, start, size: int, layout: str):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=layout.index("S"))
 
 
-def _visible(kv_start, kv_end, q_slots, k_slots, k_from, q_rows=None, q_from=None):
-    """[B, 1, 1, bq, bk] visibility of a tile; k_from / q_from are the nominal tile starts."""
+def _visible(kv_start, kv_end, q_slots, k_slots, k_from, q_rows=None, q_from=None, segs=None):
+    """[B, 1, 1, bq, bk] visibility of a tile; k_from / q_from are the nominal tile starts;
+    segs: the tile's (query, key) segment ids [B, bq], [B, bk] of packed rows."""
     k = k_slots[None, None, :]  # [1, 1, bk]
     vis = (k >= kv_start[:, None, None]) & (k < kv_end[:, None, None])
     vis = vis & (k <= q_slots[None, :, None]) & (k >= k_from)  # [B, bq, bk]
     if q_from is not None:  # backward: a repeated query row must not add its gradient twice
         vis = vis & (q_rows[None, :, None] >= q_from)
+    if segs is not None:
+        vis = vis & (segs[0][:, :, None] == segs[1][:, None, :])
     return vis[:, None, None]
+
+
+def _tile_segs(segs, q_start, k_start, bq: int, bk: int):
+    """Segment ids of a (query tile, key tile) pair of a packed row, or None (not packed)."""
+    if segs is None:
+        return None
+    ids = segs[0]
+    cut = jax.lax.dynamic_slice_in_dim
+    return cut(ids, q_start, bq, axis=1), cut(ids, k_start, bk, axis=1)
 
 
 def _key_range(cfg: _Blocks, kv_start, kv_end, q_last_slot, s: int):
@@ -226,7 +284,7 @@ def _key_range(cfg: _Blocks, kv_start, kv_end, q_last_slot, s: int):
     return jnp.minimum(lo, hi), hi
 
 
-def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset):
+def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset, segs=None):
     b, t, n, h = q.shape
     lay = cfg.kv_layout
     s, kh = k.shape[lay.index("S")], k.shape[lay.index("K")]
@@ -239,6 +297,9 @@ def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset):
         qb = jax.lax.dynamic_slice_in_dim(q5, qs, bq, axis=1)  # [B, bq, K, G, H]
         q_slots = q_offset + qs + jnp.arange(bq, dtype=jnp.int32)  # [bq]
         lo, hi = _key_range(cfg, kv_start, kv_end, q_offset + qs + bq - 1, s)
+        if segs is not None:  # packed: no key before the segment start of the tile's queries
+            first = jnp.min(jnp.maximum(kv_start, segs[1][:, qs]))  # (uncached: slot = index)
+            lo = jnp.minimum(jnp.maximum(lo, first // bk), hi)
 
         def k_tile(j, c):
             m, den, acc = c
@@ -246,7 +307,8 @@ def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset):
             kb, vb = _kv_tile(k, ks, bk, lay), _kv_tile(v, ks, bk, lay)
             sc = jnp.einsum(f"BTKGH,{lay}->BKGTS", qb, kb, preferred_element_type=jnp.float32)
             k_slots = ks + jnp.arange(bk, dtype=jnp.int32)
-            vis = _visible(kv_start, kv_end, q_slots, k_slots, j * bk)  # [B, 1, 1, bq, bk]
+            tsegs = _tile_segs(segs, qs, ks, bq, bk)
+            vis = _visible(kv_start, kv_end, q_slots, k_slots, j * bk, segs=tsegs)
             sc = jnp.where(vis, sc * cfg.scale, MASK_VALUE)  # [B, K, G, bq, bk] float32
             m_new = jnp.maximum(m, sc.max(-1))  # [B, K, G, bq]
             p = jnp.where(vis, jnp.exp(sc - m_new[..., None]), 0.0)
@@ -275,20 +337,20 @@ def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset):
-    return _fwd(cfg, q, k, v, kv_start, kv_end, q_offset)[0]
+def _flash(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset, segs):
+    return _fwd(cfg, q, k, v, kv_start, kv_end, q_offset, segs)[0]
 
 
-def _flash_fwd(cfg, q, k, v, kv_start, kv_end, q_offset):
-    out, lse = _fwd(cfg, q, k, v, kv_start, kv_end, q_offset)
+def _flash_fwd(cfg, q, k, v, kv_start, kv_end, q_offset, segs):
+    out, lse = _fwd(cfg, q, k, v, kv_start, kv_end, q_offset, segs)
     # Residuals are O(T + S): no [T, S] tile survives the forward pass.
-    return out, (q, k, v, kv_start, kv_end, q_offset, out, lse)
+    return out, (q, k, v, kv_start, kv_end, q_offset, segs, out, lse)
 
 
 def _flash_bwd(cfg: _Blocks, res, dout):
     """FlashAttention-2 backward: per key tile, recompute each query tile's probabilities
     from the saved logsumexp; dk, dv accumulate over query tiles, dq over key tiles."""
-    q, k, v, kv_start, kv_end, q_offset, out, lse = res
+    q, k, v, kv_start, kv_end, q_offset, segs, out, lse = res
     b, t, n, h = q.shape
     lay = cfg.kv_layout
     s, kh = k.shape[lay.index("S")], k.shape[lay.index("K")]
@@ -306,6 +368,10 @@ def _flash_bwd(cfg: _Blocks, res, dout):
         k_slots = ks + jnp.arange(bk, dtype=jnp.int32)
         # Query tiles that can see this key tile: causal lower bound on their last slot.
         i_lo = jnp.clip((j * bk - q_offset) // bq, 0, -(-t // bq))
+        i_hi = -(-t // bq)
+        if segs is not None:  # packed: no query past the segment end of the tile's last key
+            last_key = jnp.minimum((j + 1) * bk, s) - 1
+            i_hi = jnp.clip(-(-jnp.max(segs[2][:, last_key]) // bq), i_lo, i_hi)
 
         def q_tile(i, c):
             dq, dkb, dvb = c
@@ -315,7 +381,8 @@ def _flash_bwd(cfg: _Blocks, res, dout):
             lse_b = jax.lax.dynamic_slice_in_dim(lse, qs, bq, axis=3)  # [B, K, G, bq]
             dd_b = jax.lax.dynamic_slice_in_dim(dd, qs, bq, axis=3)
             rows = qs + jnp.arange(bq, dtype=jnp.int32)
-            vis = _visible(kv_start, kv_end, q_offset + rows, k_slots, j * bk, rows, i * bq)
+            tsegs = _tile_segs(segs, qs, ks, bq, bk)
+            vis = _visible(kv_start, kv_end, q_offset + rows, k_slots, j * bk, rows, i * bq, tsegs)
             sc = jnp.einsum(f"BTKGH,{lay}->BKGTS", qb, kb, preferred_element_type=jnp.float32)
             p = jnp.where(vis, jnp.exp(sc * cfg.scale - lse_b[..., None]), 0.0)  # [B,K,G,bq,bk]
             dp = jnp.einsum(f"BTKGH,{lay}->BKGTS", dob, vb, preferred_element_type=jnp.float32)
@@ -331,7 +398,7 @@ def _flash_bwd(cfg: _Blocks, res, dout):
             return jax.lax.dynamic_update_slice_in_dim(dq, upd, qs, axis=1), dkb, dvb
 
         zeros = jnp.zeros(kb.shape, jnp.float32)
-        dq, dkb, dvb = jax.lax.fori_loop(i_lo, -(-t // bq), q_tile, (dq, zeros, zeros))
+        dq, dkb, dvb = jax.lax.fori_loop(i_lo, i_hi, q_tile, (dq, zeros, zeros))
         axis = lay.index("S")
         add = lambda full, tile: jax.lax.dynamic_update_slice_in_dim(
             full, _kv_tile(full, ks, bk, lay) + tile, ks, axis=axis
@@ -345,7 +412,7 @@ def _flash_bwd(cfg: _Blocks, res, dout):
     )
     dq, dk, dv = jax.lax.fori_loop(lo, hi, k_tile, init)
     dq = dq.reshape(b, t, n, h).astype(q.dtype)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -420,8 +487,9 @@ def _splash_kernel(num_heads: int, length: int, interpret: bool):
 
 
 def _splash(q, k, v, mask: Mask, scale: float, interpret: bool) -> Array:
-    """Splash attention with a static causal mask; padding via segment ids (real tokens 1,
-    padding 0: a padding query still sees itself, so no softmax row is empty). k, v [B,K,S,H]."""
+    """Splash attention with a static causal mask; padding via segment ids (real tokens 1, or
+    their packed sequence's id; padding 0: a padding query still sees itself, so no softmax row
+    is empty). k, v [B, K, S, H]."""
     if _platform() != "tpu" and not interpret:
         raise ValueError(
             f"model.attention='splash' needs a TPU backend, this one is "
@@ -436,6 +504,9 @@ def _splash(q, k, v, mask: Mask, scale: float, interpret: bool) -> Array:
     kh, vh = pad(k, 2), pad(v, 2)  # [B, K, Tp, H]
     pos = jnp.arange(tp, dtype=jnp.int32)[None, :]
     seg = ((pos >= mask.kv_start[:, None]) & (pos < mask.kv_end[:, None])).astype(jnp.int32)
+    if mask.segment_ids is not None:  # packed rows: the kernel's own segment ids (0 padding)
+        ids = jnp.pad(mask.segment_ids.astype(jnp.int32), [(0, 0), (0, tp - t)])
+        seg = seg * ids
     mesh = _KERNEL_MESH.get()
     rows, heads = _splash_split(mesh, b, n, k.shape[1])
     kernel = _splash_kernel(n // _axes_size(mesh, heads), tp, interpret)
