@@ -211,3 +211,17 @@ def test_mask_from_segments_blocks_cross_segment_attention():
         for s in range(5):
             want[q, s] = s <= q and (q < 2) == (s < 2)
     np.testing.assert_array_equal(dense, want)
+
+
+def test_choose_packs_only_when_it_computes_fewer_tokens():
+    tc = 256
+    pm = np.ones((8, 64), np.int32)
+    full = np.ones((8, tc), np.float32)
+    pl, length = packing.choose(pm, full, 64 + tc, tc)
+    assert pl is None and length == tc  # all at the cap: packing saves nothing
+    short = np.zeros((8, tc), np.float32)
+    short[:, :40] = 1
+    pl, length = packing.choose(pm, short, 64 + tc, tc)
+    assert pl is not None and length == 0
+    rows, ell = np.asarray(pl.src).shape
+    assert rows * ell < 8 * (64 + packing.trimmed_length(short, tc))

@@ -175,3 +175,22 @@ def score(
     real = completion_mask.astype(bool)  # [B, Tc]
     back = lambda x: jnp.where(real, jnp.take(x.reshape(-1), plan_.unpack, axis=0), 0.0)
     return tuple(map(back, out)) if with_entropy else back(out)  # [B, Tc] float32
+
+
+def choose(
+    prompt_mask: np.ndarray,
+    completion_mask: np.ndarray,
+    pack_len: int,
+    max_new_tokens: int,
+    *,
+    row_multiple: int = 1,
+) -> tuple[PackPlan | None, int]:
+    """optim.packing=packed, per batch: (plan, 0) when the packed rows compute fewer tokens than
+    the padded rows trimmed to `trimmed_length`, else (None, that length). With every completion
+    at the cap, packing only moves the prompts' padding, and its gathers would cost more than
+    they save: the padded program runs instead."""
+    tc = trimmed_length(completion_mask, max_new_tokens)
+    pl = plan(prompt_mask, completion_mask, pack_len, row_multiple=row_multiple)
+    rows, ell = np.asarray(pl.src).shape
+    padded = np.asarray(prompt_mask).shape[0] * (np.asarray(prompt_mask).shape[1] + tc)
+    return (pl, 0) if rows * ell < padded else (None, tc)
