@@ -225,3 +225,26 @@ def test_choose_packs_only_when_it_computes_fewer_tokens():
     assert pl is not None and length == 0
     rows, ell = np.asarray(pl.src).shape
     assert rows * ell < 8 * (64 + packing.trimmed_length(short, tc))
+
+
+def test_micro_batch_plans_follow_the_strided_split():
+    """for_micro_batches: step._split of the interleaved plan gives micro-batch k (rows k,
+    k + M, ...) a plan of its own rows, same shapes for all, scoring what the padded pass does."""
+    model = model_lib.init_model(CFG, seed=1, attention="xla_blockwise")
+    graphdef, params = nnx.split(model, nnx.Param)
+    b = _batch([2, 3, 1, 4, 2, 3, 5, 7], [3, 0, 5, 2, 4, 12, 8, 1], seed=5)
+    ref = np.asarray(step_lib.completion_logprobs(graphdef, params, b, chunk=64))
+    micro = 2
+    pl = packing.for_micro_batches(b["prompt_mask"], b["completion_mask"], 24, micro, 2)
+    split = lambda x: step_lib._split(jnp.asarray(x), micro)
+    parts, b_parts = jax.tree.map(split, pl), jax.tree.map(split, b)
+    got = []
+    for k in range(micro):
+        pk, bk = jax.tree.map(lambda x, k=k: x[k], (parts, b_parts))
+        assert np.asarray(pk.src).shape[0] % 2 == 0
+        m = nnx.merge(graphdef, params)
+        cm = bk["completion_mask"]
+        got.append(packing.score(m, pk, bk["prompt_ids"], bk["completion_ids"], cm, chunk=64))
+    got = np.asarray(step_lib._unsplit(jnp.stack(got)))
+    real = b["completion_mask"] > 0
+    np.testing.assert_allclose(got[real], ref[real], atol=1e-5 * (1 + np.abs(ref).max()))

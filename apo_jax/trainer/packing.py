@@ -56,9 +56,7 @@ class PackPlan:
     src: Int[Array, "R L"]  # token j of packed row r = concat(prompt_ids, completion_ids).flat[src]
     positions: Int[Array, "R L"]  # RoPE position: 0 at each sequence's first real token
     segment_ids: Int[Array, "R L"]  # 1, 2, ... per sequence within a row; 0 padding
-    score_pos: Int[
-        Array, "R Sc"
-    ]  # positions of row r whose hidden state predicts a completion token
+    score_pos: Int[Array, "R Sc"]  # positions whose hidden state predicts a completion token
     score_src: Int[Array, "R Sc"]  # that token: completion_ids.flat[score_src]
     unpack: Int[Array, "B Tc"]  # token (b, t) of the completions = scored.flat[unpack]
 
@@ -68,42 +66,14 @@ class PackPlan:
         return float(np.mean(np.asarray(self.segment_ids) == 0))
 
 
-def plan(
-    prompt_mask: np.ndarray,
-    completion_mask: np.ndarray,
-    pack_len: int,
-    *,
-    rows: int | None = None,
-    row_multiple: int = 1,
-) -> PackPlan:
-    """Packs each batch row's real tokens (left-padded prompt, right-padded completion, both
-    contiguous) into rows of `pack_len` tokens by first-fit decreasing: sequences longest
-    first, each into the first row with room (at most 11/9 OPT + 6/9 rows, Dósa 2007).
-
-    R: `rows` if given (an error if they do not fit), else the rows needed rounded up by
-    `bucket` in units of `row_multiple` (so each device gets whole rows and compiles stay few).
-    Sc: the most completion tokens in one packed row, rounded up by `bucket`. A row with an empty
-    completion is not packed (it has nothing to score)."""
-    pm, cm = (np.asarray(m).astype(bool) for m in (prompt_mask, completion_mask))
-    b, tp = pm.shape
-    tc = cm.shape[1]
-    n_prompt, n_comp = pm.sum(1), cm.sum(1)
-    lengths = n_prompt + n_comp
-    if pack_len < 2:
-        raise ValueError(f"config.optim.pack_len={pack_len}: must be at least 2")
-    if np.any((n_comp > 0) & (n_prompt == 0)):
-        raise ValueError("packing: every scored row needs a prompt token (it predicts token 0)")
-    if lengths.max(initial=0) > pack_len:
-        raise ValueError(
-            f"config.optim.pack_len={pack_len} is shorter than a sequence of this batch "
-            f"({int(lengths.max())} tokens: prompt + completion); raise it to at least "
-            "the prompt bucket + rollout.max_new_tokens"
-        )
-    # first-fit decreasing (stable: equal lengths keep their batch order)
-    order = [i for i in np.argsort(-lengths, kind="stable") if n_comp[i] > 0]
+def _first_fit_decreasing(lengths: np.ndarray, pack_len: int) -> list[list[int]]:
+    """Sequence indices per row: longest first (stable), each into the first row with room
+    (at most 11/9·OPT + 6/9 rows, Dósa 2007). Zero lengths are left out."""
     room: list[int] = []
     content: list[list[int]] = []
-    for i in order:
+    for i in np.argsort(-lengths, kind="stable"):
+        if lengths[i] == 0:
+            continue
         r = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
         if r is None:
             room.append(pack_len)
@@ -111,13 +81,55 @@ def plan(
             r = len(room) - 1
         room[r] -= int(lengths[i])
         content[r].append(int(i))
-    need = max(len(room), 1)
+    return content
+
+
+def _lengths(pm: np.ndarray, cm: np.ndarray, pack_len: int):
+    n_prompt, n_comp = pm.sum(1), cm.sum(1)
+    if pack_len < 2:
+        raise ValueError(f"config.optim.pack_len={pack_len}: must be at least 2")
+    if np.any((n_comp > 0) & (n_prompt == 0)):
+        raise ValueError("packing: every scored row needs a prompt token (it predicts token 0)")
+    lengths = np.where(n_comp > 0, n_prompt + n_comp, 0)  # an empty completion: not packed
+    if lengths.max(initial=0) > pack_len:
+        raise ValueError(
+            f"config.optim.pack_len={pack_len} is shorter than a sequence of this batch "
+            f"({int(lengths.max())} tokens: prompt + completion); raise it to at least "
+            "the prompt bucket + rollout.max_new_tokens"
+        )
+    return n_prompt, n_comp, lengths
+
+
+def plan(
+    prompt_mask: np.ndarray,
+    completion_mask: np.ndarray,
+    pack_len: int,
+    *,
+    rows: int | None = None,
+    row_multiple: int = 1,
+    scored: int | None = None,
+) -> PackPlan:
+    """Packs each batch row's real tokens (left-padded prompt, right-padded completion, both
+    contiguous) into rows of `pack_len` tokens by first-fit decreasing.
+
+    R: `rows` if given (an error if they do not fit), else the rows needed rounded up by
+    `bucket` in units of `row_multiple` (so each device gets whole rows and compiles stay few).
+    Sc: `scored` if given, else the most completion tokens in one packed row, rounded up by
+    `bucket`. A row with an empty completion is not packed (it has nothing to score)."""
+    pm, cm = (np.asarray(m).astype(bool) for m in (prompt_mask, completion_mask))
+    b, tp = pm.shape
+    tc = cm.shape[1]
+    n_prompt, n_comp, lengths = _lengths(pm, cm, pack_len)
+    content = _first_fit_decreasing(lengths, pack_len)
+    need = max(len(content), 1)
     if rows is None:
         rows = row_multiple * bucket(-(-need // row_multiple), 1 << 30, floor=1)
     elif need > rows:
         raise ValueError(f"packing: {need} rows of {pack_len} tokens needed, {rows} given")
     per_row = [int(sum(n_comp[i] for i in c)) for c in content]
-    sc = bucket(max(per_row, default=1), pack_len)
+    sc = bucket(max(per_row, default=1), pack_len) if scored is None else scored
+    if max(per_row, default=0) > sc:
+        raise ValueError(f"packing: {max(per_row)} scored tokens in a row, room for {sc}")
     src = np.zeros((rows, pack_len), np.int32)
     pos = np.zeros((rows, pack_len), np.int32)
     seg = np.zeros((rows, pack_len), np.int32)
@@ -126,7 +138,7 @@ def plan(
     unpack = np.zeros((b, tc), np.int32)
     width = tp + tc  # of the concatenated [B, Tp + Tc] batch
     for r, members in enumerate(content):
-        at, scored = 0, 0
+        at, done = 0, 0
         for s_id, i in enumerate(members, start=1):
             p0 = tp - n_prompt[i]  # first real prompt column (left padding)
             cols = np.concatenate([np.arange(p0, tp), tp + np.arange(n_comp[i])])
@@ -137,11 +149,38 @@ def plan(
             # hidden state at j predicts token j + 1: completion token t from j = start + t - 1
             c = n_comp[i]
             first = at + n_prompt[i] - 1
-            score_pos[r, scored : scored + c] = first + np.arange(c)
-            score_src[r, scored : scored + c] = i * tc + np.arange(c)
-            unpack[i, :c] = r * sc + scored + np.arange(c)
-            at, scored = at + n, scored + c
+            score_pos[r, done : done + c] = first + np.arange(c)
+            score_src[r, done : done + c] = i * tc + np.arange(c)
+            unpack[i, :c] = r * sc + done + np.arange(c)
+            at, done = at + n, done + c
     return PackPlan(src, pos, seg, score_pos, score_src, unpack)
+
+
+def for_micro_batches(
+    prompt_mask: np.ndarray,
+    completion_mask: np.ndarray,
+    pack_len: int,
+    micro: int = 1,
+    row_multiple: int = 1,
+) -> PackPlan:
+    """One plan per micro-batch (trainer/step.py's strided split: micro-batch k = rows k,
+    k + M, ...), all with the same (R, Sc), interleaved the same way: `_split` of the result
+    gives micro-batch k its own plan [R, ...] and the unpack rows of its batch rows. Packed
+    rows never mix micro-batches, so every gradient strategy stays exact."""
+    pm, cm = (np.asarray(m).astype(bool) for m in (prompt_mask, completion_mask))
+    parts = [(pm[k::micro], cm[k::micro]) for k in range(micro)]
+    content = [_first_fit_decreasing(_lengths(p, c, pack_len)[2], pack_len) for p, c in parts]
+    need = max(max(len(x), 1) for x in content)
+    rows = row_multiple * bucket(-(-need // row_multiple), 1 << 30, floor=1)
+    most = 1  # completion tokens of the fullest packed row
+    for (_, c), rows_k in zip(parts, content, strict=True):
+        n_comp = c.sum(1)
+        most = max([most] + [int(n_comp[row].sum()) for row in rows_k])
+    sc = bucket(max(most, 1), pack_len)
+    plans = [plan(p, c, pack_len, rows=rows, scored=sc) for p, c in parts]
+    # row j * M + k of the result is row j of plan k (the inverse of _split)
+    weave = lambda *xs: np.stack(xs, axis=1).reshape(-1, *xs[0].shape[1:])
+    return jax.tree.map(weave, *plans)
 
 
 def pack_ids(plan_: PackPlan, prompt_ids: Array, completion_ids: Array) -> Int[Array, "R L"]:
