@@ -233,3 +233,20 @@ def choose(
     rows, ell = np.asarray(pl.src).shape
     padded = np.asarray(prompt_mask).shape[0] * (np.asarray(prompt_mask).shape[1] + tc)
     return (pl, 0) if rows * ell < padded else (None, tc)
+
+
+def worst_case(rows: int, micro: int, tp: int, tc: int, pack_len: int, row_multiple: int = 1):
+    """ShapeDtypeStructs of the largest plan `for_micro_batches` can return for `rows` batch
+    rows of [Tp + Tc] (one sequence per packed row, every row's Sc at pack_len): what
+    `--dry_run` compiles, an upper bound on the packed step's memory."""
+    per_micro = rows // micro
+    r = row_multiple * bucket(-(-per_micro // row_multiple), 1 << 30, floor=1)
+    sc = bucket(min(pack_len, max(per_micro, 1) * tc), pack_len)
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    packed, scored = sds(micro * r, pack_len), sds(micro * r, sc)
+    return PackPlan(packed, packed, packed, scored, scored, sds(rows, tc))
+
+
+def trim(fields: dict, length: int, names=("completion_ids", "completion_mask")) -> dict:
+    """The [B, Tc] arrays among `fields` (by `names`) cut to their first `length` columns."""
+    return {k: (v[:, :length] if k in names else v) for k, v in fields.items()}
