@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
 from apo_jax.trainer import logprobs as logprobs_lib
 
@@ -250,3 +251,41 @@ def worst_case(rows: int, micro: int, tp: int, tc: int, pack_len: int, row_multi
 def trim(fields: dict, length: int, names=("completion_ids", "completion_mask")) -> dict:
     """The [B, Tc] arrays among `fields` (by `names`) cut to their first `length` columns."""
     return {k: (v[:, :length] if k in names else v) for k, v in fields.items()}
+
+
+MODES = ("none", "trim", "packed")  # optim.packing
+
+
+def for_rollout(data, mode: str, pack_len: int, max_new_tokens: int, mini: int, micro: int, mesh):
+    """The layout of one step's update passes (host side, this process's rows, before
+    `Rollout.to_batch`): (rollout, one plan or None per mini-batch, metrics).
+
+    none: as sampled, [B, Tp + max_new_tokens]. trim: the completion axis cut to
+    `trimmed_length` (all mini-batches alike). packed: trimmed, then each mini-batch packed into
+    rows of `pack_len` tokens (0: Tp + the trimmed length, so every sequence fits) per
+    micro-batch, split over the mesh's data axes in whole rows; a mini-batch whose packed rows
+    would compute no fewer tokens than its trimmed rows keeps those (`choose`'s rule).
+    perf/pad_frac: the padding share of the tokens the forward passes compute."""
+    pm, cm = np.asarray(data.prompt_mask), np.asarray(data.completion_mask)
+    b, tp = pm.shape
+    real = float(pm.sum() + cm.sum())
+    plans: list[PackPlan | None] = [None] * mini
+    if mode == "none":
+        return data, plans, {"perf/pad_frac": 1 - real / (b * (tp + cm.shape[1]))}
+    tc = trimmed_length(cm, max_new_tokens)
+    cut = dict(completion_ids=tc, completion_mask=tc, sampler_logp=tc)
+    data = dataclasses.replace(data, **{k: getattr(data, k)[:, :n] for k, n in cut.items()})
+    rows, computed = b // mini, b * (tp + tc)
+    if mode == "packed":
+        ell = pack_len or tp + tc
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        computed = 0
+        for k in range(mini):
+            at = slice(k * rows, (k + 1) * rows)  # to_batch's mini-batch k of the local rows
+            pl = for_micro_batches(pm[at], cm[at, :tc], ell, micro, dp)
+            if pl.src.size < rows * (tp + tc):
+                plans[k] = jax.device_put(pl, sharding_lib.batch_sharding(mesh))
+                computed += pl.src.size
+            else:
+                computed += rows * (tp + tc)
+    return data, plans, {"perf/pad_frac": 1 - real / computed}
