@@ -253,28 +253,27 @@ def trim(fields: dict, length: int, names=("completion_ids", "completion_mask"))
     return {k: (v[:, :length] if k in names else v) for k, v in fields.items()}
 
 
-MODES = ("none", "trim", "packed")  # optim.packing
+MODES = ("none", "packed")  # optim.packing (declared in settings.py)
 
 
 def for_rollout(data, mode: str, pack_len: int, max_new_tokens: int, mini: int, micro: int, mesh):
     """The layout of one step's update passes (host side, this process's rows, before
     `Rollout.to_batch`): (rollout, one plan or None per mini-batch, metrics).
 
-    none: as sampled, [B, Tp + max_new_tokens]. trim: the completion axis cut to
-    `trimmed_length` (all mini-batches alike). packed: trimmed, then each mini-batch packed into
-    rows of `pack_len` tokens (0: Tp + the trimmed length, so every sequence fits) per
-    micro-batch, split over the mesh's data axes in whole rows; a mini-batch whose packed rows
-    would compute no fewer tokens than its trimmed rows keeps those (`choose`'s rule).
+    Both modes cut the completion axis to `trimmed_length` (columns past the batch's longest
+    completion are padding in every row; all mini-batches alike). packed: then each mini-batch
+    is packed into rows of `pack_len` tokens (0: Tp + the trimmed length, so every sequence fits)
+    per micro-batch, split over the mesh's data axes in whole rows; a mini-batch whose packed
+    rows would compute no fewer tokens than its trimmed rows keeps those (`choose`'s rule).
     perf/pad_frac: the padding share of the tokens the forward passes compute."""
     pm, cm = np.asarray(data.prompt_mask), np.asarray(data.completion_mask)
     b, tp = pm.shape
     real = float(pm.sum() + cm.sum())
     plans: list[PackPlan | None] = [None] * mini
-    if mode == "none":
-        return data, plans, {"perf/pad_frac": 1 - real / (b * (tp + cm.shape[1]))}
     tc = trimmed_length(cm, max_new_tokens)
-    cut = dict(completion_ids=tc, completion_mask=tc, sampler_logp=tc)
-    data = dataclasses.replace(data, **{k: getattr(data, k)[:, :n] for k, n in cut.items()})
+    if tc < cm.shape[1]:
+        cut = ("completion_ids", "completion_mask", "sampler_logp")
+        data = dataclasses.replace(data, **{k: getattr(data, k)[:, :tc] for k in cut})
     rows, computed = b // mini, b * (tp + tc)
     if mode == "packed":
         ell = pack_len or tp + tc
