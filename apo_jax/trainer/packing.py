@@ -256,7 +256,16 @@ def trim(fields: dict, length: int, names=("completion_ids", "completion_mask"))
 MODES = ("none", "packed")  # optim.packing (declared in settings.py)
 
 
-def for_rollout(data, mode: str, pack_len: int, max_new_tokens: int, mini: int, micro: int, mesh):
+def for_rollout(
+    data,
+    mode: str,
+    pack_len: int,
+    max_new_tokens: int,
+    mini: int,
+    micro: int,
+    mesh,
+    agree=lambda n: n,
+):
     """The layout of one step's update passes (host side, this process's rows, before
     `Rollout.to_batch`): (rollout, one plan or None per mini-batch, metrics).
 
@@ -265,12 +274,14 @@ def for_rollout(data, mode: str, pack_len: int, max_new_tokens: int, mini: int, 
     is packed into rows of `pack_len` tokens (0: Tp + the trimmed length, so every sequence fits)
     per micro-batch, split over the mesh's data axes in whole rows; a mini-batch whose packed
     rows would compute no fewer tokens than its trimmed rows keeps those (`choose`'s rule).
-    perf/pad_frac: the padding share of the tokens the forward passes compute."""
+    perf/pad_frac: the padding share of the tokens the forward passes compute (this
+    process's rows). `agree`: a local length -> the largest over processes (every process's
+    rows must have one width); packed plans are this process's own (one process only)."""
     pm, cm = np.asarray(data.prompt_mask), np.asarray(data.completion_mask)
     b, tp = pm.shape
     real = float(pm.sum() + cm.sum())
     plans: list[PackPlan | None] = [None] * mini
-    tc = trimmed_length(cm, max_new_tokens)
+    tc = agree(trimmed_length(cm, max_new_tokens))
     if tc < cm.shape[1]:
         cut = ("completion_ids", "completion_mask", "sampler_logp")
         data = dataclasses.replace(data, **{k: getattr(data, k)[:, :tc] for k in cut})
