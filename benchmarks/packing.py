@@ -1,20 +1,22 @@
-"""Padding-free scoring: padded vs trimmed vs packed forward + backward of the completions'
-log-probs, at equal real tokens. One JSON line per (case, packing).
+"""Padding-free scoring and training: padded vs trimmed vs packed, at equal real tokens. One JSON
+line per (case, packing); the settings compared share `case`.
 
   python benchmarks/packing.py            # mean/max completion length 0.3, 0.6 and 1
   python benchmarks/packing.py --quick    # fewer repeats
 
 Each case is one batch of B rows (prompts of Tp/2..Tp real tokens left-padded to Tp,
-completions of mean/max ≈ `ratio` right-padded to Tc, one row at the cap; a last case has its
-longest row at Tc/2), scored these ways:
-  - `none`: trainer/step.py completion_logprobs on [B, Tp + Tc] (today's layout);
-  - `trimmed`: the same with the completion axis cut to packing.trimmed_length;
+completions of mean/max ≈ `ratio` right-padded to Tc, one row at the cap; one case has its
+longest row at Tc/2). `packing` field:
+  - `padded`: [B, Tp + Tc], the completions padded to max_new_tokens (before issue 21);
+  - `trimmed`: the completion axis cut to packing.trimmed_length (what optim.packing=none runs);
   - `packed_always`: packing.plan (first-fit decreasing, pack_len = Tp + Tc) + packing.score;
-  - `packed`: what optim.packing=packed runs, packing.choose's layout for the batch: the packed
-    rows when they compute fewer tokens than `trimmed`, else `trimmed` (field `layout`).
-Timed: jit(value_and_grad(sum of real-token log-probs)) w.r.t. the parameters, medians over
-interleaved repeats (the host is shared). Fields: pad_frac (padding share of the tokens the
-decoder computes), step_s, real_tok_s (real prompt + completion tokens per second).
+  - `packed`: what optim.packing=packed runs (packing.for_rollout's rule): the packed rows when
+    they compute fewer tokens than `trimmed`, else `trimmed` (field `layout`).
+Cases `len_ratio_*`: jit(grad(sum of real-token log-probs)) w.r.t. the parameters; cases
+`train_step_*`: the real jitted update (trainer/step.py train_step: APO, 2 micro-batches,
+AdamW). Medians over interleaved repeats (the host is shared); a setting that runs the same
+program as another is timed once. Fields: pad_frac (padding share of the tokens the decoder
+computes), step_s, real_tok_s (real prompt + completion tokens per second).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from apo_jax.models import qwen3 as model_lib  # noqa: E402
-from apo_jax.trainer import packing  # noqa: E402
+from apo_jax.trainer import build, packing, records  # noqa: E402
 from apo_jax.trainer import step as ts  # noqa: E402
+from configs import base  # noqa: E402
 
 ROWS, TP, TC, CHUNK = 8, 64, 256, 2048
 CFG = model_lib.Qwen3Config.tiny(
@@ -94,14 +97,14 @@ def _programs(graphdef, b: dict):
     grad = lambda f: jax.jit(jax.grad(f))
     r, ell = np.asarray(pl.src).shape
     progs = {
-        "none": (grad(padded), (b,), ROWS * (TP + TC)),
-        # at the cap, trimming changes nothing: the same program as "none", timed once
+        "padded": (grad(padded), (b,), ROWS * (TP + TC)),
+        # at the cap, trimming changes nothing: the same program as "padded", timed once
         "trimmed": (grad(padded), (trimmed,), ROWS * (TP + tc)) if tc < TC else None,
         # always the packed rows, even where they save nothing
         "packed_always": (grad(packed), (pl, b), r * ell),
     }
     # optim.packing=packed: packing.choose's layout for this batch (packed rows or trimmed)
-    progs["trimmed"] = progs["trimmed"] or progs["none"]
+    progs["trimmed"] = progs["trimmed"] or progs["padded"]
     progs["packed"] = progs["packed_always" if choice is not None else "trimmed"]
     return progs
 
@@ -113,7 +116,7 @@ def case(ratio: float, repeats: int, longest: int = TC) -> list[dict]:
     real = int(np.asarray(b["prompt_mask"]).sum() + np.asarray(b["completion_mask"]).sum())
     lens = np.asarray(b["completion_mask"]).sum(1)
     progs = _programs(graphdef, b)
-    runs = {}  # distinct programs ("packed" reuses one; "trimmed" may be "none")
+    runs = {}  # distinct programs ("packed" reuses one; "trimmed" may be "padded")
     for k, prog in progs.items():
         if all(prog is not other for other in runs.values()):
             runs[k] = prog
@@ -146,7 +149,77 @@ def case(ratio: float, repeats: int, longest: int = TC) -> list[dict]:
         )
     base = rows[0]["real_tok_s"]
     for row in rows:
-        row["speedup_vs_none"] = row["real_tok_s"] / base
+        row["speedup_vs_padded"] = row["real_tok_s"] / base
+    return rows
+
+
+def train_step_case(ratio: float, repeats: int, loss: str = "apo", micro: int = 2) -> list[dict]:
+    """The real jitted update (trainer/step.py train_step: scoring, loss, gradients over
+    `micro` micro-batches, AdamW) on the same rows padded, trimmed and packed."""
+    c = base.get_config("debug")
+    c.rollout.group_size, c.rollout.prompts_per_step = 4, ROWS // 4
+    c.optim.mini_batches, c.optim.micro_batches = 1, micro
+    c.loss.name = loss
+    p = build.plan(c)
+    model = model_lib.init_model(CFG, 0, attention="xla_blockwise")
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, _ = build.optimizer(p)
+    spec = build.step_spec(p, CFG.vocab_size)
+    fns = ts.build(graphdef, spec, tx)
+    host = _batch(ratio)
+    rng = np.random.default_rng(1)
+    host["rewards"] = rng.integers(0, 2, ROWS).astype(np.float32)
+    host["old_logp"] = host["ref_logp"] = np.full((ROWS, TC), -7.0, np.float32)
+    real = int(host["prompt_mask"].sum() + host["completion_mask"].sum())
+    tc = packing.trimmed_length(host["completion_mask"], TC)
+    trimmed = packing.trim(host, tc, ("completion_ids", "completion_mask", "old_logp", "ref_logp"))
+    pl = packing.for_micro_batches(
+        trimmed["prompt_mask"], trimmed["completion_mask"], TP + tc, micro
+    )
+    layouts = {
+        "padded": (records.Batch(**host), ROWS * (TP + TC)),
+        "trimmed": (records.Batch(**trimmed), ROWS * (TP + tc)),
+        "packed": (records.Batch(**trimmed, pack=pl), pl.src.size),
+    }
+    if tc == TC:  # trimming changes no shape: the same program as "padded"
+        layouts["trimmed"] = layouts["padded"]
+    if pl.src.size >= ROWS * (TP + tc):  # packing.for_rollout's rule: keep the trimmed rows
+        layouts["packed"] = layouts["trimmed"]
+    runs = {}  # distinct programs, each timed once
+    for k, v in layouts.items():
+        if all(v is not other for other in runs.values()):
+            runs[k] = v
+    fresh = lambda: ts.init_train_state(jax.tree.map(jnp.copy, params), tx, 0, spec.schedule)
+    states = {k: fresh() for k in runs}  # (each donated by its own steps)
+    for k, (b, _) in runs.items():  # compile + warm-up
+        states[k], m = fns.train_step(states[k], b)
+        jax.block_until_ready(m)
+    times = {k: [] for k in runs}
+    for i in range(repeats):  # interleaved, rotating: host drift hits all settings alike
+        keys = list(runs)[i % len(runs) :] + list(runs)[: i % len(runs)]
+        for k in keys:
+            t = time.perf_counter()
+            states[k], m = fns.train_step(states[k], runs[k][0])
+            jax.block_until_ready(m)
+            times[k].append(time.perf_counter() - t)
+    rows = []
+    for k, (b, computed) in layouts.items():
+        same = next(j for j in runs if runs[j] is layouts[k])
+        step_s = statistics.median(times[same])
+        rows.append(
+            {
+                "case": f"train_step_{loss}_micro{micro}_len_ratio_{ratio}",
+                "packing": k,
+                "layout": "padded" if b.pack is None else "packed",
+                "pad_frac": 1 - real / computed,
+                "computed_tokens": computed,
+                "real_tokens": real,
+                "step_s": step_s,
+                "real_tok_s": real / step_s,
+            }
+        )
+    for row in rows:
+        row["speedup_vs_padded"] = row["real_tok_s"] / rows[0]["real_tok_s"]
     return rows
 
 
@@ -162,6 +235,9 @@ def main():
     # the batch's longest completion at half the cap: what trimming alone recovers
     for row in case(0.3, repeats, longest=TC // 2):
         print(json.dumps(row), flush=True)
+    for ratio in map(float, args.ratios.split(",")):
+        for row in train_step_case(ratio, repeats):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -248,3 +248,182 @@ def test_micro_batch_plans_follow_the_strided_split():
     got = np.asarray(step_lib._unsplit(jnp.stack(got)))
     real = b["completion_mask"] > 0
     np.testing.assert_allclose(got[real], ref[real], atol=1e-5 * (1 + np.abs(ref).max()))
+
+
+# --- the train step on packed rows ---------------------------------------------------------------
+def _step_batch(p, g, seed=0):
+    rng = np.random.RandomState(seed)
+    b = p * g
+    pm = np.zeros((b, TP), np.int32)
+    cm = np.zeros((b, TC), np.float32)
+    for i in range(b):  # prompts of 1..TP tokens, completions of 0..TC (one empty)
+        pm[i, TP - 1 - i % TP :] = 1
+        cm[i, : (3 * i + 2) % (TC + 1) if i != 1 else 0] = 1
+    old = -4.0 + 0.3 * rng.randn(b, TC)
+    return dict(
+        prompt_ids=rng.randint(0, CFG.vocab_size, (b, TP)).astype(np.int32),
+        prompt_mask=pm,
+        completion_ids=rng.randint(0, CFG.vocab_size, (b, TC)).astype(np.int32),
+        completion_mask=cm,
+        rewards=rng.randint(0, 2, (b,)).astype(np.float32),
+        old_logp=old.astype(np.float32),
+        ref_logp=(old + 0.1 * rng.randn(b, TC)).astype(np.float32),
+        sampler_logp=(old + 0.2 * rng.randn(b, TC)).astype(np.float32),
+        correct=rng.randint(0, 2, (b,)).astype(np.float32),
+    )
+
+
+def _train_step(loss, micro, p, g, batch, pack=None, mesh=None):
+    """One SGD(lr = 1) update from the same init: (metrics, gradient as old - new params)."""
+    import optax
+
+    from apo_jax.infra import sharding as sharding_lib
+    from apo_jax.trainer import build, records
+    from configs import base
+
+    c = base.get_config("debug")
+    c.rollout.group_size, c.rollout.prompts_per_step = g, p
+    c.optim.micro_batches, c.optim.mini_batches, c.optim.grad_clip = micro, 1, 0.0
+    c.loss.name = loss
+    graphdef, params = nnx.split(model_lib.init_model(CFG, seed=0), nnx.Param)
+    tx = optax.sgd(1.0)
+    spec = build.step_spec(build.plan(c), CFG.vocab_size)
+    state = step_lib.init_train_state(params, tx, 0, spec.schedule)
+    fields = dict(batch, pack=pack)
+    if mesh is None:
+        fns = step_lib.build(graphdef, spec, tx)
+    else:
+        shardings = sharding_lib.tree_shardings(state, mesh)
+        state = jax.device_put(state, shardings)
+        fns = step_lib.build(graphdef, spec, tx, mesh, shardings)
+        fields = jax.device_put(fields, sharding_lib.batch_sharding(mesh))
+    old = jax.device_get(state.params)
+    new, metrics = fns.train_step(state, records.Batch(**fields))
+    grads = jax.tree.map(
+        lambda a, b: np.asarray(a) - np.asarray(b), old, jax.device_get(new.params)
+    )
+    return jax.device_get(metrics), grads, old
+
+
+def _assert_same_step(ref, got):
+    """As test_micro_batches: metrics are means of O(1) terms over <= 96 tokens (a few eps of
+    the scale); a gradient leaf is a sum over tokens (1e-5 of the leaf's scale) read as
+    old - new params (2 eps·|param| more per entry)."""
+    (m1, g1, params), (m2, g2, _) = ref, got
+    assert m1.keys() == m2.keys()
+    eps = float(np.finfo(np.float32).eps)
+    for k in m1:
+        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=64 * eps, err_msg=k)
+    leaves = zip(jax.tree.leaves(g1), jax.tree.leaves(g2), jax.tree.leaves(params), strict=True)
+    for a, b, w in leaves:
+        tol = 1e-5 * float(np.abs(a).max()) + 2 * eps * np.abs(np.asarray(w)) + 1e-12
+        assert np.all(np.abs(b - a) <= tol), float(np.max(np.abs(b - a) - tol))
+
+
+@pytest.mark.parametrize(
+    "loss,micro", [("apo", 1), ("apo", 2), ("grpo", 2)], ids=["fused", "cotangent", "per_token"]
+)
+def test_train_step_on_packed_rows_equals_padded(loss, micro):
+    """All three gradient strategies: same loss, metrics and gradient with the batch packed
+    (one plan per micro-batch of the step's strided split)."""
+    p, g = 2, 4
+    batch = _step_batch(p, g)
+    pl = packing.for_micro_batches(batch["prompt_mask"], batch["completion_mask"], 24, micro)
+    ref = _train_step(loss, micro, p, g, batch)
+    _assert_same_step(ref, _train_step(loss, micro, p, g, batch, pack=pl))
+
+
+def test_train_step_on_packed_rows_on_a_mesh():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 fake devices")
+    from apo_jax.infra import sharding as sharding_lib
+
+    p, g, micro = 4, 2, 2
+    batch = _step_batch(p, g, seed=1)
+    mesh = sharding_lib.make_mesh(2, 2, 2)
+    pl = packing.for_micro_batches(batch["prompt_mask"], batch["completion_mask"], 24, micro, 4)
+    ref = _train_step("apo", micro, p, g, batch)
+    _assert_same_step(ref, _train_step("apo", micro, p, g, batch, pack=pl, mesh=mesh))
+
+
+def test_sampler_anchor_agrees_with_the_recomputed_one_in_float32():
+    """loss.anchor=sampler: the sampler's own log-probs (float32 compute, float32 cache) equal
+    the trainer's float32 scoring of the same rows within float32 rounding (elementwise values
+    of order log V: rtol 1e-5 of the scale, as above)."""
+    from apo_jax.rollout import sampler as sampler_lib
+    from apo_jax.trainer import records
+
+    model = model_lib.init_model(CFG, seed=2, attention="xla_blockwise")
+    graphdef, params = nnx.split(model, nnx.Param)
+    smp = sampler_lib.Sampler(graphdef, max_prompt_len=8, max_new_tokens=TC)
+    out = smp.sample(params, [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12]], n=2, rng=3)
+    batch = records.Batch(
+        prompt_ids=out.prompt_ids,
+        prompt_mask=out.prompt_mask,
+        completion_ids=out.tokens,
+        completion_mask=out.mask.astype(jnp.float32),
+        rewards=jnp.zeros((4,)),
+        sampler_logp=out.logp,
+    )
+    fns = step_lib.StepFns(
+        None,
+        jax.jit(
+            lambda p, b: step_lib.completion_logprobs(graphdef, p, b, chunk=64, precision="float32")
+        ),
+    )
+    recomputed = step_lib.score(fns, params, None, batch, anchor="recompute").old_logp
+    reused = step_lib.score(fns, params, None, batch, anchor="sampler").old_logp
+    real = np.asarray(out.mask)
+    ref = np.asarray(recomputed)
+    assert real.sum() > 0
+    np.testing.assert_allclose(
+        np.asarray(reused)[real], ref[real], atol=1e-5 * (1 + np.abs(ref).max())
+    )
+
+
+def test_anchor_sampler_needs_alike_computation():
+    from apo_jax.trainer import build
+    from configs import base
+
+    c = base.get_config("debug")
+    c.loss.anchor = "sampler"
+    c.model.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="config.loss.anchor"):
+        build.plan(c)
+    c.loss.rollout_correction = "tis_token"  # a correction makes it valid
+    build.plan(c)
+    c.loss.rollout_correction = "none"
+    c.model.dtype = c.model.logprob_precision = c.rollout.cache_dtype = "float32"
+    build.plan(c)
+    c.optim.packing = "packed"
+    c.optim.pack_len = 3
+    with pytest.raises(ValueError, match="config.optim.pack_len"):
+        build.plan(c)
+    c.optim.pack_len = 0  # the batch's own longest: always fits
+    build.plan(c)
+
+
+def test_a_packed_run_matches_a_padded_one(tmp_path):
+    """The loop with optim.packing=packed (toy task, one step): the same rollout, and the
+    update's loss, gradient norm and metrics of optim.packing=none within float32 rounding
+    (test_micro_batches' convention), on fewer computed tokens (perf/pad_frac)."""
+    import json
+
+    from apo_jax.trainer import loop
+    from configs import toy
+
+    def run(mode):
+        c = toy.get_config("debug")
+        c.mesh.data, c.total_steps, c.checkpoint.every_steps, c.eval.num_prompts = 1, 1, 0, 0
+        c.optim.packing = mode
+        loop.run(c, str(tmp_path / mode))
+        return json.loads(open(tmp_path / mode / "metrics.jsonl").readline())
+
+    none, packed = run("none"), run("packed")
+    assert packed["perf/pad_frac"] < none["perf/pad_frac"]
+    eps = float(np.finfo(np.float32).eps)
+    for k, v in none.items():
+        if k.startswith(("reward/", "rollout/len", "rollout/trunc")):
+            assert packed[k] == v, k  # the rollout does not depend on the update's layout
+        elif not k.startswith("perf/") and k != "rollout/logp_gap":
+            np.testing.assert_allclose(packed[k], v, rtol=1e-5, atol=64 * eps, err_msg=k)
