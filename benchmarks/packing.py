@@ -171,6 +171,7 @@ def train_step_case(ratio: float, repeats: int, loss: str = "apo", micro: int = 
     host["rewards"] = rng.integers(0, 2, ROWS).astype(np.float32)
     host["old_logp"] = host["ref_logp"] = np.full((ROWS, TC), -7.0, np.float32)
     real = int(host["prompt_mask"].sum() + host["completion_mask"].sum())
+    lens = host["completion_mask"].sum(1)
     tc = packing.trimmed_length(host["completion_mask"], TC)
     trimmed = packing.trim(host, tc, ("completion_ids", "completion_mask", "old_logp", "ref_logp"))
     pl = packing.for_micro_batches(
@@ -211,6 +212,7 @@ def train_step_case(ratio: float, repeats: int, loss: str = "apo", micro: int = 
                 "case": f"train_step_{loss}_micro{micro}_len_ratio_{ratio}",
                 "packing": k,
                 "layout": "padded" if b.pack is None else "packed",
+                "mean_over_max": float(lens.mean() / lens.max()),
                 "pad_frac": 1 - real / computed,
                 "computed_tokens": computed,
                 "real_tokens": real,
