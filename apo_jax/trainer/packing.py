@@ -21,6 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
+from apo_jax.models import decoder
 from apo_jax.trainer import logprobs as logprobs_lib
 
 MIN_BUCKET = 64  # the smallest trimmed / scored length
@@ -203,7 +204,8 @@ def score(
     """Token log-probs (and entropies) [B, Tc] float32 of the completions, computed on packed
     rows: the same values as trainer/step.py completion_logprobs on the padded batch (0 past
     each completion's end). `model` is a merged decoder (any model.attention)."""
-    ids = pack_ids(plan_, prompt_ids, completion_ids)  # [R, L]
+    # Split by rows like the plan (each device its own packed rows) before the embedding lookup.
+    ids = decoder.rows_sharded(pack_ids(plan_, prompt_ids, completion_ids))  # [R, L]
     mask = attention_lib.Mask.from_segments(plan_.segment_ids)
     hidden, _ = model.hidden_states(ids, plan_.positions, mask)  # [R, L, D]
     # Only the positions that predict a completion token go through the LM head.
