@@ -293,9 +293,12 @@ def _splash_kernel(num_heads: int, length: int, interpret: bool):
         block_kv_dq=blk,
     )
     causal = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
-    return splash.make_splash_mha(
-        causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+    # Built eagerly: the kernel holds its mask tables as arrays, and this cache outlives the
+    # trace that first asks for it (built under it, a later call would meet a leaked tracer).
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(
+            causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
 
 
 def _splash(q, k, v, mask: Mask, scale: float, interpret: bool) -> Array:
