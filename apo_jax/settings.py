@@ -272,7 +272,8 @@ class Loss(Block):
     entropy_coef_min: float = key(0.0, "[0, inf)", "adaptive: lower clip of c")
     entropy_coef_max: float = key(5e-3, "[0, inf)", "adaptive: upper clip of c")
     anchor: str = key("recompute", ("recompute", "sampler"),
-        "pi_old from a scoring pass or from the sampler's log-probs")
+        "pi_old from a scoring pass or from the sampler's log-probs (no pass; needs model.dtype, "
+        "model.logprob_precision and rollout.cache_dtype float32, or a rollout_correction)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,9 +329,11 @@ class Optim(Block):
         "gradient accumulation inside each update (exact, any rows; divides them)")
     logprob_chunk: int = key(8192, "[1, inf)", "vocabulary chunk of the fused log-prob kernel")
     packing: str = key("none", ("none", "packed"),
-        "scoring/training layout: padded rows trimmed to the longest completion, or sequences "
-        "packed end to end")
-    pack_len: int = key(0, "[0, inf)", "tokens per packed row; 0 = prompt bucket + max_new_tokens")
+        "scoring/training layout (trainer/packing.py): none = padded rows, the completion axis "
+        "trimmed to the batch's longest (rounded up to 64·2^k or 96·2^k); packed = sequences end "
+        "to end in rows of pack_len tokens (first-fit decreasing; one process)")
+    pack_len: int = key(0, "[0, inf)",
+        "tokens per packed row; 0 = the prompt bucket + the trimmed completion length")
 
 
 @dataclasses.dataclass(frozen=True)

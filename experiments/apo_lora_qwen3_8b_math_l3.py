@@ -14,6 +14,7 @@ from configs import base
 
 def get_config(arg=None):
     c = base.get_config()
+    c.optim.packing = "packed"  # padding-free update passes (benchmarks/README.md, issue 21)
     c.model.preset = "qwen3_8b"  # the shapes for --dry_run without weights; hf_dir overrides
     c.model.lora.rank = 16
     c.model.lora.alpha = 32.0

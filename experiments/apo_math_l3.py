@@ -14,6 +14,7 @@ ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
 
 def get_config(arg=None):
     c = base.get_config()
+    c.optim.packing = "packed"  # padding-free update passes (benchmarks/README.md, issue 21)
     # Memory (benchmarks/README.md, README "Will my config fit?"): 6 micro-batches per update
     # and the rollout in chunks of 8 prompts x G 6 fit 4 x 24 GB and 8 x 16 GB; the results do
     # not change. The evaluation samples in the same 48-row calls (eval.rows_per_chunk = 0: the

@@ -17,6 +17,7 @@ ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
 
 def get_config(arg=None):
     c = base.get_config()
+    c.optim.packing = "packed"  # padding-free update passes (benchmarks/README.md, issue 21)
     c.loss.name = "grpo"
     c.loss.grpo.clip_eps_low = c.loss.grpo.clip_eps_high = 0.2
     c.loss.grpo.dual_clip = 3.0

@@ -19,6 +19,7 @@ ARGS = ("mean", "debug")  # config arguments this file accepts (comma-separated)
 def get_config(arg=None):
     args = base.config_args(arg, ARGS, __file__)
     c = base.get_config()
+    c.optim.packing = "packed"  # padding-free update passes (benchmarks/README.md, issue 21)
     # Memory (issue 16, benchmarks/README.md): 6 micro-batches per update and the rollout in
     # chunks of 8 prompts x G 6 fit 4 x 24 GB and 8 x 16 GB; the results do not change.
     c.optim.micro_batches = 6

@@ -207,7 +207,9 @@ def test_new_keys_are_set_from_the_command_line_and_checked():
     from apo_jax import sweep
 
     flags = ["--config.rollout.engine=continuous", "--config.rollout.slots=8"]
-    flags += ["--config.optim.packing=packed", "--config.optim.pack_len=64"]
+    flags += ["--config.optim.packing=packed", "--config.optim.pack_len=128"]
+    # loss.anchor=sampler needs sampler and trainer computing alike (trainer/validate.py)
+    flags += ["--config.model.logprob_precision=float32", "--config.rollout.cache_dtype=float32"]
     p = build.plan(
         sweep.load_config("configs/toy.py:debug", [*flags, "--config.loss.anchor=sampler"])
     )
@@ -215,7 +217,7 @@ def test_new_keys_are_set_from_the_command_line_and_checked():
         "continuous",
         8,
         "packed",
-        64,
+        128,
     )
     assert p.loss.anchor == "sampler"
     for key, bad, match in [

@@ -1,5 +1,6 @@
 """Causal GQA attention behind one selector (`model.attention`): a described mask, the naive
-reference, a blockwise online-softmax XLA version (any backend), cuDNN (GPU) and splash (TPU).
+reference, a blockwise online-softmax XLA version (any backend: models/blockwise.py), cuDNN (GPU)
+and splash (TPU).
 
 Shapes: q [B, T, N, H]; k, v [B, S, K, H] ("BSKH", a call's own keys) or [B, K, S, H] ("BKSH",
 the KV cache); N = K * G with query head n reading kv head n // G. Output [B, T, N, H] in q.dtype.
@@ -17,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
+from apo_jax.models import blockwise
+
 IMPLS = ("auto", "xla_blockwise", "cudnn", "splash", "naive")
-# Finite (not -inf) so that a fully masked row in `naive` gives a uniform softmax, not NaN.
-MASK_VALUE = -1e30
+MASK_VALUE = blockwise.MASK_VALUE  # the one masking constant (models/blockwise.py)
 # Mesh axes a kernel call splits over: rows over the batch axes, heads over `tensor` (the
 # TRAIN_RULES / ROLLOUT_RULES "batch" and "heads" entries; not imported, to keep models/ free of
 # infra/).
@@ -52,11 +54,16 @@ class Mask:
     empty cache of P slots: `Mask(starts, full(P), None)`; a cached step: `for_cache`.
     Queries outside [kv_start, kv_end) are padding: their outputs are finite and implementation-
     defined (naive: mean of v; blockwise: 0 where no key is visible; kernels: 0).
+    Packed rows (uncached only): `segment_ids` [B, T] puts several sequences end to end in one
+    row; query t also needs segment_ids[t] == segment_ids[s], so attention never crosses a
+    segment. Each segment's tokens are contiguous and its id differs from its neighbours'; 0
+    marks padding (`from_segments`). The caller restarts RoPE positions at 0 in each segment.
     """
 
     kv_start: Int[Array, " B"]  # first real key slot (left padding before it)
     kv_end: Int[Array, " B"]  # one past the last real key slot (right padding / unfilled cache)
     q_offset: Int[Array, ""] | None = None  # slot of query 0 (the cache write index)
+    segment_ids: Int[Array, "B T"] | None = None  # packed rows: the sequence of each token
 
     @classmethod
     def from_valid(cls, valid: Bool[Array, "B T"]) -> Mask:
@@ -67,6 +74,14 @@ class Mask:
         start = jnp.min(jnp.where(valid, idx, t), axis=1)  # [B]; t for an empty row
         end = jnp.max(jnp.where(valid, idx + 1, 0), axis=1)  # [B]; 0 for an empty row
         return cls(start.astype(jnp.int32), jnp.maximum(end, start).astype(jnp.int32))
+
+    @classmethod
+    def from_segments(cls, segment_ids: Int[Array, "B T"]) -> Mask:
+        """Uncached mask of packed rows: ids >= 1 name a row's sequences (contiguous runs), 0
+        marks padding (at the row's ends only: the real tokens of a row are contiguous)."""
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        bounds = cls.from_valid(segment_ids > 0)
+        return cls(bounds.kv_start, bounds.kv_end, None, segment_ids)
 
     @classmethod
     def for_cache(cls, starts: Int[Array, " B"], index, num_queries: int) -> Mask:
@@ -83,7 +98,11 @@ class Mask:
             q = q + self.q_offset
         s = jnp.arange(num_keys, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
         lo, hi = self.kv_start[:, None, None], self.kv_end[:, None, None]
-        return (s >= lo) & (s < hi) & (s <= q[None, :, None])  # [B, T, S]
+        dense = (s >= lo) & (s < hi) & (s <= q[None, :, None])  # [B, T, S]
+        if self.segment_ids is not None:  # T == S: a packed row's tokens are its own keys
+            seg = self.segment_ids
+            dense = dense & (seg[:, :, None] == seg[:, None, :])
+        return dense
 
 
 def check_impl(impl: str) -> str:
@@ -98,10 +117,15 @@ def resolve(impl: str, q: Array, k: Array, mask: Mask, kv_layout: str = "BSKH") 
     with an offset are not kernel-shaped). `auto`: cuDNN on GPU when it takes the shapes,
     splash on TPU when it can be split (one device, or traced under `kernels_split_over`:
     lowered and compiled for a sharded v5e slice in tests/test_tpu_compile.py), else
-    xla_blockwise."""
+    xla_blockwise. Packed rows (segment ids) under `cudnn` run xla_blockwise too:
+    jax.nn.dot_product_attention (the pinned JAX) takes per-row lengths but no segment ids, and
+    a dense mask would bring back the [T, T] buffer."""
     check_impl(impl)
     s = k.shape[2 if kv_layout == "BKSH" else 1]
     uncached = mask.q_offset is None and q.shape[1] == s
+    if mask.segment_ids is not None and not uncached:
+        raise ValueError("attention: segment ids describe uncached calls only (T == S, no offset)")
+    packed = mask.segment_ids is not None
     backend = _platform()
     if impl == "cudnn" and backend != "gpu":
         raise ValueError(f"model.attention='cudnn' needs a GPU backend, this one is {backend!r}")
@@ -110,10 +134,10 @@ def resolve(impl: str, q: Array, k: Array, mask: Mask, kv_layout: str = "BSKH") 
             f"model.attention='cudnn' takes bf16/fp16 with head_dim % 8 == 0 and <= 256, got "
             f"{q.dtype} head_dim {q.shape[-1]} (use 'auto' or 'xla_blockwise')"
         )
-    if impl in ("cudnn", "splash") and not uncached:
+    if (impl in ("cudnn", "splash") and not uncached) or (impl == "cudnn" and packed):
         return "xla_blockwise"
     if impl == "auto":
-        if backend == "gpu" and uncached and _cudnn_takes(q):
+        if backend == "gpu" and uncached and not packed and _cudnn_takes(q):
             return "cudnn"
         if backend == "tpu" and uncached and (_KERNEL_MESH.get() or jax.device_count() == 1):
             return "splash"
@@ -152,6 +176,12 @@ def attend(
         raise ValueError(f"attention: q {q.shape} does not fit k {k.shape} / v {v.shape}")
     scale = h**-0.5 if scale is None else scale
     k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if not isinstance(mask, Mask):  # a dense [B, T, S]: only until the sampler's naive branch goes
+        if check_impl(impl) != "naive":
+            raise ValueError(
+                f"model.attention={impl!r} takes an attention.Mask, not a dense [B, T, S] mask"
+            )
+        return naive(q, k, v, mask, kv_layout=kv_layout, scale=scale)
     which = resolve(impl, q, k, mask, kv_layout)
     if which == "naive":
         return naive(q, k, v, mask, kv_layout=kv_layout, scale=scale)
@@ -160,14 +190,27 @@ def attend(
     if which == "splash":
         kt, vt = (x if kv_layout == "BKSH" else x.transpose(0, 2, 1, 3) for x in (k, v))
         return _splash(q, kt, vt, mask, scale, interpret)
-    cfg = _Blocks(block_q, block_k, scale, kv_layout)
     offset = jnp.zeros((), jnp.int32) if mask.q_offset is None else mask.q_offset
-    return _flash(cfg, q, k, v, mask.kv_start, mask.kv_end, jnp.asarray(offset, jnp.int32))
+    return blockwise.attend(
+        q,
+        k,
+        v,
+        mask.kv_start,
+        mask.kv_end,
+        offset,
+        mask.segment_ids,
+        block_q=block_q,
+        block_k=block_k,
+        scale=scale,
+        kv_layout=kv_layout,
+    )
 
 
 # --- naive: the reference (the model's original code path) -------------------------------------
 def naive(q, k, v, mask: Mask | Array, *, kv_layout: str = "BSKH", scale: float) -> Array:
-    """Materialises float32 scores [B, K, G, T, S]; `mask` may be a Mask or a dense [B, T, S]."""
+    """Materialises float32 scores [B, K, G, T, S]. `mask` is a Mask (densified here, the one
+    place a [B, T, S] mask exists) or, until rollout/sampler.py's naive branch goes, a dense
+    [B, T, S] boolean."""
     b, t, n, h = q.shape
     kh = k.shape[1 if kv_layout == "BKSH" else 2]
     dt = q.dtype
@@ -185,170 +228,6 @@ def naive(q, k, v, mask: Mask | Array, *, kv_layout: str = "BSKH", scale: float)
         f"BKGTS,{kv_layout}->BKGTH", probs, v.astype(dt), preferred_element_type=jnp.float32
     )
     return out.transpose(0, 3, 1, 2, 4).astype(dt).reshape(b, t, n, h)  # [B, T, N, H]
-
-
-# --- xla_blockwise: flash attention in plain XLA -----------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Blocks:
-    block_q: int
-    block_k: int
-    scale: float
-    kv_layout: str
-
-
-def _slots(i, size: int, length: int):
-    """Start of tile i: i * size, shifted back so the last tile ends at `length` (no padding
-    copies of a cache; rows the shift repeats are masked by their nominal start)."""
-    return jnp.minimum(i * size, length - size)
-
-
-def _kv_tile(x, start, size: int, layout: str):
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=layout.index("S"))
-
-
-def _visible(kv_start, kv_end, q_slots, k_slots, k_from, q_rows=None, q_from=None):
-    """[B, 1, 1, bq, bk] visibility of a tile; k_from / q_from are the nominal tile starts."""
-    k = k_slots[None, None, :]  # [1, 1, bk]
-    vis = (k >= kv_start[:, None, None]) & (k < kv_end[:, None, None])
-    vis = vis & (k <= q_slots[None, :, None]) & (k >= k_from)  # [B, bq, bk]
-    if q_from is not None:  # backward: a repeated query row must not add its gradient twice
-        vis = vis & (q_rows[None, :, None] >= q_from)
-    return vis[:, None, None]
-
-
-def _key_range(cfg: _Blocks, kv_start, kv_end, q_last_slot, s: int):
-    """Key tiles [lo, hi) some row of the batch can see: before hi the keys are filled
-    (kv_end) and causal (q_last_slot); a dynamic trip count, so decode skips empty slots."""
-    bk = min(cfg.block_k, s)
-    lo = jnp.min(kv_start) // bk
-    hi_slot = jnp.minimum(jnp.max(kv_end), q_last_slot + 1)
-    hi = jnp.clip(-(-hi_slot // bk), 0, -(-s // bk))
-    return jnp.minimum(lo, hi), hi
-
-
-def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset):
-    b, t, n, h = q.shape
-    lay = cfg.kv_layout
-    s, kh = k.shape[lay.index("S")], k.shape[lay.index("K")]
-    g, bq, bk, dt = n // kh, min(cfg.block_q, t), min(cfg.block_k, s), q.dtype
-    q5 = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]
-
-    def q_tile(i, carry):
-        out, lse = carry
-        qs = _slots(i, bq, t)
-        qb = jax.lax.dynamic_slice_in_dim(q5, qs, bq, axis=1)  # [B, bq, K, G, H]
-        q_slots = q_offset + qs + jnp.arange(bq, dtype=jnp.int32)  # [bq]
-        lo, hi = _key_range(cfg, kv_start, kv_end, q_offset + qs + bq - 1, s)
-
-        def k_tile(j, c):
-            m, den, acc = c
-            ks = _slots(j, bk, s)
-            kb, vb = _kv_tile(k, ks, bk, lay), _kv_tile(v, ks, bk, lay)
-            sc = jnp.einsum(f"BTKGH,{lay}->BKGTS", qb, kb, preferred_element_type=jnp.float32)
-            k_slots = ks + jnp.arange(bk, dtype=jnp.int32)
-            vis = _visible(kv_start, kv_end, q_slots, k_slots, j * bk)  # [B, 1, 1, bq, bk]
-            sc = jnp.where(vis, sc * cfg.scale, MASK_VALUE)  # [B, K, G, bq, bk] float32
-            m_new = jnp.maximum(m, sc.max(-1))  # [B, K, G, bq]
-            p = jnp.where(vis, jnp.exp(sc - m_new[..., None]), 0.0)
-            alpha = jnp.exp(m - m_new)
-            pv = jnp.einsum(
-                f"BKGTS,{lay}->BKGTH", p.astype(dt), vb, preferred_element_type=jnp.float32
-            )
-            return m_new, den * alpha + p.sum(-1), acc * alpha[..., None] + pv
-
-        init = (
-            jnp.full((b, kh, g, bq), MASK_VALUE, jnp.float32),
-            jnp.zeros((b, kh, g, bq), jnp.float32),
-            jnp.zeros((b, kh, g, bq, h), jnp.float32),
-        )
-        m, den, acc = jax.lax.fori_loop(lo, hi, k_tile, init)
-        seen = den > 0  # a query that sees no key gets 0, not NaN
-        ob = (acc / jnp.where(seen, den, 1.0)[..., None]).astype(dt)  # [B, K, G, bq, H]
-        lse_b = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), 0.0)  # [B, K, G, bq]
-        out = jax.lax.dynamic_update_slice_in_dim(out, ob.transpose(0, 3, 1, 2, 4), qs, axis=1)
-        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_b, qs, axis=3)
-        return out, lse
-
-    init = (jnp.zeros((b, t, kh, g, h), dt), jnp.zeros((b, kh, g, t), jnp.float32))
-    out, lse = jax.lax.fori_loop(0, -(-t // bq), q_tile, init)
-    return out.reshape(b, t, n, h), lse  # [B, T, N, H], [B, K, G, T] float32
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset):
-    return _fwd(cfg, q, k, v, kv_start, kv_end, q_offset)[0]
-
-
-def _flash_fwd(cfg, q, k, v, kv_start, kv_end, q_offset):
-    out, lse = _fwd(cfg, q, k, v, kv_start, kv_end, q_offset)
-    # Residuals are O(T + S): no [T, S] tile survives the forward pass.
-    return out, (q, k, v, kv_start, kv_end, q_offset, out, lse)
-
-
-def _flash_bwd(cfg: _Blocks, res, dout):
-    """FlashAttention-2 backward: per key tile, recompute each query tile's probabilities
-    from the saved logsumexp; dk, dv accumulate over query tiles, dq over key tiles."""
-    q, k, v, kv_start, kv_end, q_offset, out, lse = res
-    b, t, n, h = q.shape
-    lay = cfg.kv_layout
-    s, kh = k.shape[lay.index("S")], k.shape[lay.index("K")]
-    g, bq, bk, dt = n // kh, min(cfg.block_q, t), min(cfg.block_k, s), q.dtype
-    q5, do5 = q.reshape(b, t, kh, g, h), dout.astype(dt).reshape(b, t, kh, g, h)
-    # D_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij, the softmax-backward row term.
-    o5 = out.reshape(b, t, kh, g, h)
-    dd = jnp.einsum("BTKGH,BTKGH->BKGT", do5, o5, preferred_element_type=jnp.float32)
-    lo, hi = _key_range(cfg, kv_start, kv_end, q_offset + t - 1, s)
-
-    def k_tile(j, carry):
-        dq, dk, dv = carry
-        ks = _slots(j, bk, s)
-        kb, vb = _kv_tile(k, ks, bk, lay), _kv_tile(v, ks, bk, lay)
-        k_slots = ks + jnp.arange(bk, dtype=jnp.int32)
-        # Query tiles that can see this key tile: causal lower bound on their last slot.
-        i_lo = jnp.clip((j * bk - q_offset) // bq, 0, -(-t // bq))
-
-        def q_tile(i, c):
-            dq, dkb, dvb = c
-            qs = _slots(i, bq, t)
-            qb = jax.lax.dynamic_slice_in_dim(q5, qs, bq, axis=1)  # [B, bq, K, G, H]
-            dob = jax.lax.dynamic_slice_in_dim(do5, qs, bq, axis=1)
-            lse_b = jax.lax.dynamic_slice_in_dim(lse, qs, bq, axis=3)  # [B, K, G, bq]
-            dd_b = jax.lax.dynamic_slice_in_dim(dd, qs, bq, axis=3)
-            rows = qs + jnp.arange(bq, dtype=jnp.int32)
-            vis = _visible(kv_start, kv_end, q_offset + rows, k_slots, j * bk, rows, i * bq)
-            sc = jnp.einsum(f"BTKGH,{lay}->BKGTS", qb, kb, preferred_element_type=jnp.float32)
-            p = jnp.where(vis, jnp.exp(sc * cfg.scale - lse_b[..., None]), 0.0)  # [B,K,G,bq,bk]
-            dp = jnp.einsum(f"BTKGH,{lay}->BKGTS", dob, vb, preferred_element_type=jnp.float32)
-            ds = (p * (dp - dd_b[..., None]) * cfg.scale).astype(dt)  # d(scores before scale)
-            dvb = dvb + jnp.einsum(
-                f"BKGTS,BTKGH->{lay}", p.astype(dt), dob, preferred_element_type=jnp.float32
-            )
-            dkb = dkb + jnp.einsum(
-                f"BKGTS,BTKGH->{lay}", ds, qb, preferred_element_type=jnp.float32
-            )
-            dqb = jnp.einsum(f"BKGTS,{lay}->BKGTH", ds, kb, preferred_element_type=jnp.float32)
-            upd = jax.lax.dynamic_slice_in_dim(dq, qs, bq, axis=1) + dqb.transpose(0, 3, 1, 2, 4)
-            return jax.lax.dynamic_update_slice_in_dim(dq, upd, qs, axis=1), dkb, dvb
-
-        zeros = jnp.zeros(kb.shape, jnp.float32)
-        dq, dkb, dvb = jax.lax.fori_loop(i_lo, -(-t // bq), q_tile, (dq, zeros, zeros))
-        axis = lay.index("S")
-        add = lambda full, tile: jax.lax.dynamic_update_slice_in_dim(
-            full, _kv_tile(full, ks, bk, lay) + tile, ks, axis=axis
-        )
-        return dq, add(dk, dkb), add(dv, dvb)
-
-    init = (
-        jnp.zeros((b, t, kh, g, h), jnp.float32),
-        jnp.zeros(k.shape, jnp.float32),
-        jnp.zeros(v.shape, jnp.float32),
-    )
-    dq, dk, dv = jax.lax.fori_loop(lo, hi, k_tile, init)
-    dq = dq.reshape(b, t, n, h).astype(q.dtype)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # --- cuDNN (GPU) -------------------------------------------------------------------------------
@@ -414,14 +293,18 @@ def _splash_kernel(num_heads: int, length: int, interpret: bool):
         block_kv_dq=blk,
     )
     causal = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
-    return splash.make_splash_mha(
-        causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+    # Built eagerly: the kernel holds its mask tables as arrays, and this cache outlives the
+    # trace that first asks for it (built under it, a later call would meet a leaked tracer).
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(
+            causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
 
 
 def _splash(q, k, v, mask: Mask, scale: float, interpret: bool) -> Array:
-    """Splash attention with a static causal mask; padding via segment ids (real tokens 1,
-    padding 0: a padding query still sees itself, so no softmax row is empty). k, v [B,K,S,H]."""
+    """Splash attention with a static causal mask; padding via segment ids (real tokens 1, or
+    their packed sequence's id; padding 0: a padding query still sees itself, so no softmax row
+    is empty). k, v [B, K, S, H]."""
     if _platform() != "tpu" and not interpret:
         raise ValueError(
             f"model.attention='splash' needs a TPU backend, this one is "
@@ -436,6 +319,9 @@ def _splash(q, k, v, mask: Mask, scale: float, interpret: bool) -> Array:
     kh, vh = pad(k, 2), pad(v, 2)  # [B, K, Tp, H]
     pos = jnp.arange(tp, dtype=jnp.int32)[None, :]
     seg = ((pos >= mask.kv_start[:, None]) & (pos < mask.kv_end[:, None])).astype(jnp.int32)
+    if mask.segment_ids is not None:  # packed rows: the kernel's own segment ids (0 padding)
+        ids = jnp.pad(mask.segment_ids.astype(jnp.int32), [(0, 0), (0, tp - t)])
+        seg = seg * ids
     mesh = _KERNEL_MESH.get()
     rows, heads = _splash_split(mesh, b, n, k.shape[1])
     kernel = _splash_kernel(n // _axes_size(mesh, heads), tp, interpret)

@@ -34,15 +34,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
 from apo_jax.models import lora as lora_lib
 from apo_jax.models.family import KVLayer, RopeTables
-
-# Finite (not -inf) so that a fully masked row (left padding) gives a uniform softmax, not NaN.
-MASK_VALUE = -1e30
 
 _cp = jax.checkpoint_policies
 # model.remat: what a block keeps for the backward pass besides its input (the residual stream,
@@ -260,7 +257,7 @@ class Attention(nnx.Module):
         self,
         x: Float[Array, "B T D"],
         rope_cs: RopeTables,
-        mask: Bool[Array, "B T S"] | attention_lib.Mask,
+        mask: attention_lib.Mask,
         kv: KVLayer | None = None,
         cache_index: Int[Array, ""] | None = None,
     ) -> tuple[Array, KVLayer]:
@@ -276,52 +273,20 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope_cs), apply_rope(k, rope_cs)
         b, t = q.shape[:2]
-        g = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)  # [B, T, K, G, H]
         kv_eq = "BSKH"  # uncached: attend to this call's own keys, [B, S=T, K, H]
         if kv is not None:  # the cache is [B, K, S, H]: see rollout/kv_cache.py for why
             k, v = write_kv(kv, k, v, cache_index)
             kv_eq = "BKSH"
-        if isinstance(mask, attention_lib.Mask) or self.attention != "naive":
-            out = self._attend(q, k, v, mask, kv_eq)  # [B, T, K, G, H]
-        else:
-            out = self._naive(q, k, v, mask, kv_eq)  # [B, T, K, G, H]
-        out = checkpoint_name(out, "attention_out")  # what model.remat=save_attention_out keeps
+        # Every implementation takes the one Mask type; `naive` densifies it inside.
+        out = attention_lib.attend(q, k, v, mask, impl=self.attention, kv_layout=kv_eq)
+        # [B, T, N, H]; what model.remat=save_attention_out keeps
+        out = checkpoint_name(out, "attention_out")
         # Contract over N*H as one dim: with "BTNH,NHD" XLA:CPU picked an [H, N, D] order and
         # transposed the whole o_proj weight on every call (a copy per layer per decode step).
         nh = cfg.num_heads * cfg.head_dim
         out = out.reshape(b, t, nh)  # [B, T, N*H]
         flat = lambda w: w.reshape(nh, -1)  # [N*H, D]
         return _project(self, "o_proj", "BTE,ED->BTD", out, flat), (k, v)
-
-    def _attend(self, q, k, v, mask, kv_eq: str):
-        """models/attention.py's implementations, for a described mask (`model.attention`)."""
-        if not isinstance(mask, attention_lib.Mask):
-            raise ValueError(
-                f"model.attention={self.attention!r} takes an attention.Mask, not a dense "
-                "[B, T, S] mask (build it with attention.Mask.from_valid / for_cache)"
-            )
-        b, t, kh, g, h = q.shape
-        out = attention_lib.attend(
-            q.reshape(b, t, kh * g, h), k, v, mask, impl=self.attention, kv_layout=kv_eq
-        )
-        return out.reshape(b, t, kh, g, h)
-
-    def _naive(self, q, k, v, mask, kv_eq: str):
-        """The original code path: float32 scores [B, K, G, T, S] under a dense mask."""
-        cfg, dt = self.cfg, self.dtype
-        scores = jnp.einsum(
-            f"BTKGH,{kv_eq}->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32
-        )
-        scores = scores * cfg.head_dim**-0.5  # [B, K, G, T, S] float32
-        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
-        # Output BKGTH, then a small transpose: XLA:CPU has no bf16 x bf16 -> f32 kernel for the
-        # BKSH dot with a BTKGH output (it fails at run time).
-        out = jnp.einsum(
-            f"BKGTS,{kv_eq}->BKGTH", probs, v.astype(dt), preferred_element_type=jnp.float32
-        )
-        return out.transpose(0, 3, 1, 2, 4).astype(dt)  # [B, T, K, G, H]
 
 
 class MLP(nnx.Module):
@@ -408,7 +373,7 @@ class Decoder(nnx.Module):
     ):
         self.cfg, self.dtype = cfg, dtype
         self.remat = check_remat(remat)  # model.remat: a REMAT_POLICIES name
-        # model.attention (models/attention.py): "naive" keeps the dense [B, T, S] mask path.
+        # model.attention (models/attention.py); naive is the dense reference.
         self.attention = attention_lib.check_impl(attention)
         v, d = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
@@ -439,7 +404,7 @@ class Decoder(nnx.Module):
         self,
         input_ids: Int[Array, "B T"],
         positions: Int[Array, "B T"],
-        mask: Bool[Array, "B T S"] | attention_lib.Mask,
+        mask: attention_lib.Mask,
         cache: Sequence[KVLayer] | None = None,
         cache_index: Int[Array, ""] | None = None,
         *,
@@ -447,11 +412,11 @@ class Decoder(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], list[KVLayer] | None]:
         """Final-norm hidden states, plus the updated per-layer KV cache when one is given.
 
-        Without a cache, `mask[b, t, s]` says whether query t may attend to key s of the same
-        sequence (S == T). With a cache of length S, this step's T keys are written at slots
-        `cache_index .. cache_index + T - 1` first, and `mask` ranges over all S slots.
-        `mask` may instead be an `attention.Mask` (what every `model.attention` but naive
-        takes: `Mask.from_valid` uncached, `Mask.for_cache` with a cache).
+        `mask` (an `attention.Mask`, for every `model.attention`) says which keys each query
+        sees: uncached (S == T) `Mask.from_valid` for padded rows, `Mask.from_segments` for
+        packed rows (positions then restart at 0 in each segment); with a cache of length S,
+        this step's T keys are written at slots `cache_index .. cache_index + T - 1` first and
+        `Mask.for_cache` ranges over all S slots.
         `rope_cs`, if given, are precomputed `rope_tables(positions, ...)` (positions unused).
         """
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
@@ -496,9 +461,6 @@ class Decoder(nnx.Module):
         positions default to the count of real tokens before each one, so a left- or
         right-padded row gives the same logits at its real tokens as the unpadded row."""
         positions, mask = causal_inputs(input_ids, attention_mask, positions)
-        if self.attention != "naive":  # the kernels take the mask described, not dense
-            valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask
-            mask = attention_lib.Mask.from_valid(valid)
         hidden = self.hidden_states(input_ids, positions, mask)[0]
         return self.logits(hidden)
 
@@ -531,14 +493,14 @@ def causal_inputs(
     input_ids: Int[Array, "B T"],
     attention_mask: Array | None = None,
     positions: Array | None = None,
-) -> tuple[Int[Array, "B T"], Bool[Array, "B T T"]]:
-    """Positions and the [B, T, T] causal + padding mask for an uncached forward pass."""
+) -> tuple[Int[Array, "B T"], attention_lib.Mask]:
+    """Positions and the causal + padding mask (described: `Mask.from_valid`, so each row's
+    real tokens must be contiguous) for an uncached forward pass of padded rows."""
     b, t = input_ids.shape
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if positions is None:
         positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)  # [B, T]
-    causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
-    return positions, causal[None] & valid[:, None, :]  # [B, T, T]
+    return positions, attention_lib.Mask.from_valid(valid)
 
 
 def init_model(cfg: DecoderConfig, seed: int = 0, **kwargs) -> Decoder:

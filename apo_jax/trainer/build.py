@@ -330,6 +330,7 @@ def step_spec(p: Plan, vocab_size: int) -> step_lib.StepSpec:
         rollout_correction=p.rollout_correction,
         rollout_correction_cap=float(p.rollout_correction_cap),
         entropy=p.entropy,
+        anchor=p.loss.anchor,
     )
 
 

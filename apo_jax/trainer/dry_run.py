@@ -41,7 +41,7 @@ from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import targets
 from apo_jax.models import lora as lora_lib
 from apo_jax.rollout import sampler as sampler_lib
-from apo_jax.trainer import build, records
+from apo_jax.trainer import build, packing, records
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import step as step_lib
 
@@ -206,6 +206,7 @@ def estimate(
         rollout_rows=b * r.group_size,  # rows per sampler call, all processes
         eval_rows=evals["rows"],  # rows per greedy / sampled evaluation call, all processes
         micro_batches=o.micro_batches,
+        packing=o.packing,
         attention=m.attention,
         remat=m.remat,
         scan_layers=m.scan_layers,
@@ -328,6 +329,11 @@ def _step_programs(p: build.Plan, st: _State, mesh, rows: int, over_hbm: dict) -
         old_logp=per_token(jnp.float32),
         ref_logp=per_token(jnp.float32),
     )
+    o = p.optim
+    if o.packing == "packed":  # the largest plan such a batch can need (trainer/packing.py)
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        plan = packing.worst_case(rows, o.micro_batches, tp, tc, o.pack_len or tp + tc, dp)
+        batch = batch.replace(pack=jax.tree.map(lambda x: arr(x.shape, x.dtype), plan))
     batch_bytes = _device_bytes(batch)
     fns = step_lib.build(st.graphdef, st.spec, st.tx, mesh, st.shardings, frozen=st.frozen)
     t = time.perf_counter()

@@ -26,7 +26,7 @@ from apo_jax.objectives import batch as batch_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
-from apo_jax.trainer import build, records, validate
+from apo_jax.trainer import build, packing, records, validate
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import step as step_lib
 
@@ -201,6 +201,11 @@ def _check_shapes(p: build.Plan, task, mesh, model_cfg) -> None:
         )
     if r.rows_per_chunk:
         validate.check_rows_per_chunk(r.rows_per_chunk, r.group_size, r.prompts_per_step, procs)
+    if o.packing == "packed" and procs > 1:  # each process would pack only its own rows
+        raise ValueError(
+            f"config.optim.packing='packed' runs on one process, this run has {procs} "
+            "(use optim.packing=none: trimmed rows)"
+        )
 
 
 def step_prompts(p: build.Plan, train_set, position: int) -> tuple[list, np.ndarray]:
@@ -290,11 +295,21 @@ def update(p: build.Plan, t: Trainer, data: records.Rollout) -> dict:
     """The anchor π_old is the rollout policy: every mini-batch is scored before the first
     update, so later mini-batches see real (off-policy) ratios and clips bind; then one update
     per mini-batch. Returns the updates' mean metrics and the sampler/trainer log-prob gap."""
-    mini = p.optim.mini_batches
+    o, mini = p.optim, p.optim.mini_batches
+    # optim.packing: completions trimmed to the longest; packed: one plan per mini-batch
+    data, packs, layout = packing.for_rollout(
+        data,
+        o.packing,
+        o.pack_len,
+        p.rollout.max_new_tokens,
+        mini,
+        o.micro_batches,
+        t.mesh,
+        agree=lambda n: int(_all_rows(np.asarray([n])).max()),
+    )
     batch = data.to_batch(mini, t.mesh)  # host rows -> global [M, R, ...], R over the data axes
-    minis = [
-        step_lib.score(t.fns, t.state.params, t.ref_params, batch.mini(k)) for k in range(mini)
-    ]
+    minis = [batch.mini(k).replace(pack=packs[k]) for k in range(mini)]
+    minis = [step_lib.score(t.fns, t.state.params, t.ref_params, mb, p.loss.anchor) for mb in minis]
     gaps = [_logp_gap(mb) for mb in minis]
     metrics = []
     for mb in minis:
@@ -303,7 +318,7 @@ def update(p: build.Plan, t: Trainer, data: records.Rollout) -> dict:
     metrics = jax.device_get(metrics)
     line = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
     line["rollout/logp_gap"] = float(np.mean(jax.device_get(gaps)))
-    return line
+    return {**line, **layout}
 
 
 def rollout_metrics(data: records.Rollout, seconds: float) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.trainer import packing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Batch:
     correct: Float[Array, " B"] | None = None  # objectives that read LossBatch.correct
     old_logp: Float[Array, "B Tc"] | None = None  # anchor π_old: filled by step.score
     ref_logp: Float[Array, "B Tc"] | None = None  # frozen reference (zeros without one)
+    pack: packing.PackPlan | None = None  # optim.packing=packed: this mini-batch's pack plan
 
     def __getitem__(self, name: str) -> Array:
         return getattr(self, name)

@@ -22,7 +22,6 @@ from jaxtyping import Array, Float
 
 from apo_jax import objectives
 from apo_jax.infra import sharding as sharding_lib
-from apo_jax.models import attention as attention_lib
 from apo_jax.models import decoder as model_lib
 from apo_jax.models import lora as lora_lib
 from apo_jax.objectives import batch as batch_lib
@@ -30,7 +29,7 @@ from apo_jax.objectives import common
 from apo_jax.objectives import entropy as entropy_lib
 from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.trainer import logprobs as logprobs_lib
-from apo_jax.trainer import records
+from apo_jax.trainer import packing, records
 from apo_jax.trainer import rollout_correction as rc_lib
 
 
@@ -96,12 +95,21 @@ def _completion_logprobs(graphdef, params, batch, chunk, with_entropy, float32):
     model = nnx.merge(graphdef, params)
     if float32:
         _float32_model(model)
-    ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)  # [B, L]
+    pack = batch.get("pack")
+    if pack is not None:  # optim.packing=packed: padding-free rows (trainer/packing.py)
+        return packing.score(
+            model,
+            pack,
+            batch["prompt_ids"],
+            batch["completion_ids"],
+            batch["completion_mask"],
+            chunk=chunk,
+            with_entropy=with_entropy,
+        )
+    ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)  # [B, T]
     valid = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
-    positions, mask = model_lib.causal_inputs(ids, valid)  # [B, L], [B, L, L]
-    if model.attention != "naive":  # described, never a [B, L, L] array (models/attention.py)
-        mask = attention_lib.Mask.from_valid(valid)
-    hidden, _ = model.hidden_states(ids, positions, mask)  # [B, L, D]
+    positions, mask = model_lib.causal_inputs(ids, valid)  # [B, T], an attention.Mask
+    hidden, _ = model.hidden_states(ids, positions, mask)  # [B, T, D]
     tp, tc = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
     # The hidden state at position j predicts token j + 1.
     h = jax.lax.dynamic_slice_in_dim(hidden, tp - 1, tc, axis=1)  # [B, Tc, D]
@@ -129,6 +137,7 @@ class StepSpec:
     rollout_correction: str = "none"  # loss.rollout_correction (trainer/rollout_correction.py)
     rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap: C > 1
     entropy: entropy_lib.EntropyConfig = entropy_lib.EntropyConfig()  # loss.entropy_*
+    anchor: str = "recompute"  # loss.anchor: recompute | sampler (see `score`)
 
 
 def make_loss_fn(spec: StepSpec) -> Callable:
@@ -160,15 +169,18 @@ def make_update_loss(spec: StepSpec) -> Callable:
 
     rollout correction (trainer/rollout_correction.py) -> LossBatch -> objective (+ α/τ
     schedule) -> entropy bonus (objectives/entropy.py). The update's loss is loss_sum / denom;
-    denominators come from masks only, so gradients of loss_sum divided by denom are exact."""
+    denominators come from masks only, so gradients of loss_sum divided by denom are exact.
+    loss.anchor=sampler: π_old is the batch's sampler_logp (the one place the anchor is chosen;
+    `score` then skips its scoring pass)."""
     obj, g, ent_cfg = spec.objective, spec.group_size, spec.entropy
     loss_fn = make_loss_fn(spec)
     weights_itself = "is_weight" in obj.reads  # applies the correction to its policy term
 
     def fn(logp, entropy, batch, states, key=None):
         sched_state, ent_state = states
+        old = batch["sampler_logp" if spec.anchor == "sampler" else "old_logp"]  # π_old
         w, loss_mask, rc_metrics = rc_lib.correction(
-            batch["old_logp"],
+            old,
             batch.get("sampler_logp"),
             batch["completion_mask"],
             spec.rollout_correction,
@@ -179,7 +191,7 @@ def make_update_loss(spec: StepSpec) -> Callable:
             extra["is_weight"] = jnp.ones_like(logp) if w is None else w
         elif w is not None:  # the gradient of every log-prob is the policy-gradient term
             logp = rc_lib.scale_grad(logp, w)
-        lb = batch_lib.from_batch(batch, g, completion_mask=loss_mask, **extra)
+        lb = batch_lib.from_batch(batch, g, completion_mask=loss_mask, old_logp=old, **extra)
         out, sched_state, extra_metrics = loss_fn(_group(logp, g), lb, sched_state, key)
         metrics = {f"loss/{k}": v for k, v in out.metrics.items() if k not in ("alpha", "tau")}
         metrics.update({f"schedule/{k}": v for k, v in extra_metrics.items()})
@@ -246,12 +258,17 @@ def _forward(batch: records.Batch) -> records.Batch:
     return batch.replace(sampler_logp=None, correct=None, old_logp=None, ref_logp=None)
 
 
-def score(fns: StepFns, params, ref_params, batch: records.Batch) -> records.Batch:
-    """The batch with its anchor π_old (the rollout policy, scored by the trainer) and reference
-    log-probs [B, Tc] (zeros for objectives without a reference). The loop scores every
-    mini-batch before the first update, so later mini-batches see off-policy ratios."""
+def score(
+    fns: StepFns, params, ref_params, batch: records.Batch, anchor: str = "recompute"
+) -> records.Batch:
+    """The batch with its anchor π_old (the rollout policy) and reference log-probs [B, Tc]
+    (zeros for objectives without a reference). The loop scores every mini-batch before the
+    first update, so later mini-batches see off-policy ratios. loss.anchor: `recompute` scores
+    π_old with the trainer's forward pass; `sampler` takes the sampler's own log-probs and skips
+    that pass (equal within float32 rounding only where sampler and trainer compute alike:
+    trainer/validate.py refuses it otherwise, unless a rollout correction handles the gap)."""
     fwd = _forward(batch)
-    old = fns.logprobs(params, fwd)
+    old = batch.sampler_logp if anchor == "sampler" else fns.logprobs(params, fwd)
     ref = fns.logprobs(ref_params, fwd) if ref_params is not None else jnp.zeros_like(old)
     return batch.replace(old_logp=old, ref_logp=ref)
 

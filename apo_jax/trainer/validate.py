@@ -17,8 +17,7 @@ rollout.max_refill_rounds (only with rollout.dynamic_sampling), eval.every_steps
 eval.rows_per_chunk (only with eval.num_prompts > 0), loss.rollout_correction_cap (only with a
 rollout correction), loss.entropy_coef_delta/_min/_max (only with loss.entropy_target > 0). Keys
 of the chosen objective's block that some of its settings ignore are declared by the objective
-(`Objective.inert`). Declared but not yet read by any code: rollout.engine, rollout.slots,
-optim.packing, optim.pack_len, loss.anchor.
+(`Objective.inert`). Declared but not yet read by any code: rollout.engine, rollout.slots.
 """
 
 from __future__ import annotations
@@ -114,6 +113,7 @@ def check_plan(p: Plan) -> None:
         )
     if r.rows_per_chunk:
         check_rows_per_chunk(r.rows_per_chunk, r.group_size, r.prompts_per_step, 1)
+    check_packing_and_anchor(p)
     if p.entropy.coef_min > p.entropy.coef_max:
         _fail(
             "loss.entropy_coef_min",
@@ -129,6 +129,30 @@ def check_plan(p: Plan) -> None:
         _fail("model.lora.peft_dir", peft_dir, "needs model.lora.rank > 0 (LoRA on)")
     if peft_dir and not os.path.isfile(os.path.join(peft_dir, "adapter_config.json")):
         _fail("model.lora.peft_dir", peft_dir, "no adapter_config.json there (a PEFT dir)")
+
+
+def check_packing_and_anchor(p: Plan) -> None:
+    """optim.pack_len against the rollout's lengths; loss.anchor=sampler only where the sampler
+    and the trainer compute alike (trainer/step.py `score`)."""
+    r, o, m = p.rollout, p.optim, p.model
+    longest = r.max_prompt_len + r.max_new_tokens
+    if o.packing == "packed" and o.pack_len and o.pack_len < longest:
+        _fail(
+            "optim.pack_len",
+            o.pack_len,
+            f"a packed row must hold the longest sequence, rollout.max_prompt_len + "
+            f"rollout.max_new_tokens = {longest} tokens (0 = the batch's own longest)",
+        )
+    alike = (str(m.dtype), m.logprob_precision, r.cache_dtype) == ("float32",) * 3
+    if p.loss.anchor == "sampler" and not alike and p.rollout_correction == "none":
+        _fail(
+            "loss.anchor",
+            p.loss.anchor,
+            "the sampler's log-probs stand in for π_old only where sampler and trainer compute "
+            "alike: model.dtype, model.logprob_precision and rollout.cache_dtype all float32 "
+            f"(here {m.dtype}, {m.logprob_precision}, {r.cache_dtype}), or with a "
+            "loss.rollout_correction that corrects the gap",
+        )
 
 
 def check_lengths(max_prompt_len: int, max_new_tokens: int, model_cfg) -> None:
