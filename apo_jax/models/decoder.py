@@ -105,12 +105,17 @@ def check_remat(remat: bool | str) -> str:
     return remat
 
 
-def write_kv(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""]) -> KVLayer:
+def write_kv(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""] | Int[Array, " B"]) -> KVLayer:
     """Writes this step's k, v [B, T, K, H] at slots index .. index + T - 1 of one layer's cache
-    ([B, K, S, H]: the attention dots batch over (B, K); see rollout/kv_cache.py)."""
-    at = (0, 0, index, 0)
-    k = jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), at)
-    v = jax.lax.dynamic_update_slice(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), at)
+    ([B, K, S, H]: the attention dots batch over (B, K); see rollout/kv_cache.py). `index` is
+    one slot for every row (a prefill) or one per row [B] (decode: rows at their own lengths)."""
+    if jnp.ndim(index) == 0:
+        put = lambda c, x: jax.lax.dynamic_update_slice(c, x, (0, 0, index, 0))
+    else:  # a per-row slot: XLA makes this a scatter of B [K, T, H] windows, in place
+        row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0))
+        put = lambda c, x: jax.vmap(row)(c, x, index)
+    k = put(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype))
+    v = put(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype))
     return k, v  # [B, K, S, H] each
 
 
@@ -262,7 +267,7 @@ class Attention(nnx.Module):
         rope_cs: RopeTables,
         mask: Bool[Array, "B T S"] | attention_lib.Mask,
         kv: KVLayer | None = None,
-        cache_index: Int[Array, ""] | None = None,
+        cache_index: Int[Array, ""] | Int[Array, " B"] | None = None,
     ) -> tuple[Array, KVLayer]:
         cfg, dt = self.cfg, self.dtype
         q = _project(self, "q_proj", "BTD,DNH->BTNH", x)  # [B, T, N, H]
@@ -441,7 +446,7 @@ class Decoder(nnx.Module):
         positions: Int[Array, "B T"],
         mask: Bool[Array, "B T S"] | attention_lib.Mask,
         cache: Sequence[KVLayer] | None = None,
-        cache_index: Int[Array, ""] | None = None,
+        cache_index: Int[Array, ""] | Int[Array, " B"] | None = None,
         *,
         rope_cs: RopeTables | None = None,
     ) -> tuple[Float[Array, "B T D"], list[KVLayer] | None]:
@@ -449,7 +454,8 @@ class Decoder(nnx.Module):
 
         Without a cache, `mask[b, t, s]` says whether query t may attend to key s of the same
         sequence (S == T). With a cache of length S, this step's T keys are written at slots
-        `cache_index .. cache_index + T - 1` first, and `mask` ranges over all S slots.
+        `cache_index .. cache_index + T - 1` first (a scalar, or [B]: each row's own slot), and
+        `mask` ranges over all S slots.
         `mask` may instead be an `attention.Mask` (what every `model.attention` but naive
         takes: `Mask.from_valid` uncached, `Mask.for_cache` with a cache).
         `rope_cs`, if given, are precomputed `rope_tables(positions, ...)` (positions unused).
