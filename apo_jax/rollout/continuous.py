@@ -94,28 +94,54 @@ class Engine:
             on_finished(idx, [first[i : i + 1] for i in idx])
         queue = collections.deque(np.flatnonzero(~done).tolist())
         held = np.full((z,), -1, np.int64)  # the row in each slot (host view)
-        run = self.round_program(sp)
+        run, slot_steps = self.round_program(sp), 0
         while queue or (held >= 0).any():
             admit = np.full((z,), -1, np.int32)
             for b in np.flatnonzero(held < 0):
                 if not queue:
                     break
                 admit[b] = held[b] = queue.popleft()
-            # Exit when `refill` slots are free again, or (queue empty) when all are.
-            want = np.int32(min(self.refill, z) if queue else z + 1)
-            slots, rows, live, k = run(params, slots, rows, pool, admit, want)
+            # Exit when `refill` slots are free again; with the queue empty, when the live rows
+            # fit the next smaller slot count (the drain), or when every row is done.
+            smaller = self._smaller(z)
+            want = min(self.refill, z) if queue else (z - smaller if smaller else z + 1)
+            slots, rows, live, k = run(params, slots, rows, pool, admit, np.int32(want))
             calls, syncs = calls + 1, syncs + 1
             if on_finished is None:
                 live, k = _host((live, k))
             else:
                 live, k, tok, length = _host((live, k, slots.tokens, slots.lengths))
-            steps += int(k)
+            steps, slot_steps = steps + int(k), slot_steps + int(k) * z
             ended = np.flatnonzero((held >= 0) & ~live)
             if on_finished is not None and ended.size:
                 on_finished(held[ended].copy(), [tok[b, : length[b]] for b in ended])
             held[ended] = -1
-        self.stats = dict(device_calls=calls, host_syncs=syncs, decode_steps=steps, slots=z)
+            if not queue and smaller and live.sum() <= smaller:
+                # The drain: the remaining rows move to the first `smaller` slots of a smaller
+                # slot array, so the tail's steps are not paid at full width. One program per
+                # slot count (a few halvings), whatever the schedule.
+                keep = np.concatenate([np.flatnonzero(live), np.flatnonzero(~live)])[:smaller]
+                slots, held, z = _take(slots, keep.astype(np.int32)), held[keep], smaller
+                calls += 1
+        self.stats = dict(
+            device_calls=calls,
+            host_syncs=syncs,
+            decode_steps=steps,
+            slot_steps=slot_steps,
+            slots=self.slots if r > self.slots else r,
+        )
         return rows
+
+    def _smaller(self, z: int) -> int:
+        """The next slot count of the drain (half of z), or 0 below the smallest: two rows per
+        device on the batch axes (one row makes a matrix-vector product, whose sums round
+        differently, and the rows stay evenly split)."""
+        smp, per = self.smp, 1
+        if smp.mesh is not None:
+            for a in smp.rules["batch"]:
+                per *= smp.mesh.shape.get(a, 1)
+        half = z // 2
+        return half if half >= 2 * per and half % per == 0 else 0
 
     # --- the two jitted programs -------------------------------------------------------------
     def prefill_program(self, n: int, z: int, sp: SamplingParams):
@@ -253,6 +279,12 @@ def _admit(slots: Slots, rows: Rows, pool, admit: Int[Array, " Z"], n: int) -> S
         logp=pick(slots.logp, rows.logp[r]),
         sample_logp=pick(slots.sample_logp, rows.sample_logp[r]),
     )
+
+
+@jax.jit
+def _take(slots: Slots, keep: Int[Array, " Y"]) -> Slots:
+    """The slots `keep` of `slots` (a smaller slot array, rows as they are)."""
+    return jax.tree.map(lambda x: jnp.take(x, keep, axis=0), slots)
 
 
 def _host(arrays):

@@ -192,7 +192,7 @@ class Sampler:
             if self.max_new_tokens > 1:  # prefill already drew the first token
                 state = self.decode(params, state, sampling=sp)
             parts.append(_finish(state, self.max_new_tokens))
-            steps.append(state.step - 1)
+            steps.append((state.step - 1, state.last.shape[0]))
         out = parts[0] if len(parts) == 1 else _concat(parts)
         rows = min(len(prompts), k) * n * (jax.process_count() if self._multi_process else 1)
         self._stats = dict(
@@ -209,10 +209,13 @@ class Sampler:
     def stats(self) -> dict:
         """What the last `sample` call cost: device_calls (programs dispatched), host_syncs
         (waits on the device inside `sample`), decode_steps (decode iterations, summed over
-        static chunks or continuous rounds) and slots (rows decoded per iteration)."""
+        static chunks or continuous rounds), slot_steps (rows those iterations computed, live
+        or not) and slots (the rows decoded at once, at most `slots`)."""
         out = dict(self._stats)
         if isinstance(out.get("decode_steps"), list):  # static: device scalars, read lazily
-            out["decode_steps"] = int(sum(int(x) for x in out["decode_steps"]))
+            chunks = [(int(k), rows) for k, rows in out["decode_steps"]]
+            out["decode_steps"] = sum(k for k, _ in chunks)
+            out["slot_steps"] = sum(k * rows for k, rows in chunks)
         return out
 
     def bucket(self, prompts: Sequence[Sequence[int]]) -> int:
