@@ -6,10 +6,15 @@ One `sample` call (rows = prompts × n, group-major, as the static engine):
    caches stay on device as the pool of prompt prefixes, their first tokens seed the output;
 2. rounds: the host gives queued rows to free slots, and one jitted program copies each admitted
    row's prompt cache into its slot (kv_cache.admit: the prompt is prefilled once for its n rows),
-   then decodes every slot in a while_loop until `refill` slots have freed (with an empty queue:
-   until every slot has); the host reads the slots' live flags back (one sync) and frees them.
-A round is one device call and one host sync. No shape depends on the schedule: one compile per
-(prompt bucket, rows, slots, sampling), whatever the refills.
+   then decodes every slot in a while_loop until `refill` slots have freed; the host reads the
+   slots' live flags back (one sync) and frees them;
+3. the drain: once the queue is empty, a round ends when the live rows fit half the slots, and
+   they move to a slot array of half the size (one gather), down to two rows per device, so the
+   tail of long rows is not decoded at full width.
+A round is one device call and one host sync (plus one call per halving). No shape depends on
+the schedule: one compile per (prompt bucket, rows, slot count, sampling), whatever the refills.
+Several rounds per call keep the host out of the decode loop: with `refill` = slots / 8, a call
+of R rows of mean length m makes ~8 R / slots rounds, each ~ m / 8 decode steps long.
 
 Prompt buckets: every row of a call uses the call's bucket P (its longest prompt's, as static)
 and a slot holds P + T positions, so a row occupies the same cache slots as under static and its
