@@ -2,9 +2,11 @@
 cache, temperature / top-k / top-p / greedy sampling, group sampling and per-token log-probs.
 
 Row layout with group sampling: completion j of prompt i is row i * n + j. Every row draws its
-randomness from fold_in(fold_in(rng, row_id), step) (row_id = prompt row id * n + j), so a row's
-tokens do not depend on which other rows share its batch. Shapes: B rows (prompts × n),
-P bucketed prompt length, T = max_new_tokens, V vocab, S = P + T cache slots.
+randomness from fold_in(fold_in(rng, row_id), t) (row_id = prompt row id * n + j, t the row's
+own token index), so a row's tokens do not depend on which other rows share its batch, nor on
+the engine: `static` (here) or `continuous` (rollout/continuous.py; both trace the same prefill
+and decode step, rollout/decode.py). Shapes: B rows (prompts × n), P bucketed prompt length,
+T = max_new_tokens, V vocab, S = P + T cache slots.
 """
 
 from __future__ import annotations
