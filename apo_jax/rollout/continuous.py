@@ -87,8 +87,8 @@ class Engine:
 
     def sample(self, params, ids, lengths, rng, row_ids, *, n, sp, on_finished=None) -> Rows:
         smp = self.smp
-        r = ids.shape[0] * n
-        z = min(self.slots, r)
+        r = ids.shape[0] * n  # all processes' rows (ids are global arrays)
+        z = min(self.slots * (jax.process_count() if smp._multi_process else 1), r)
         pool, rows, slots = self.prefill_program(n, z, sp)(params, ids, lengths, rng, row_ids)
         calls, syncs, steps = 1, 1, 0
         first, stopped = _host((pool.tokens, rows.stopped))
@@ -99,6 +99,7 @@ class Engine:
             on_finished(idx, [first[i : i + 1] for i in idx])
         queue = collections.deque(np.flatnonzero(~done).tolist())
         held = np.full((z,), -1, np.int64)  # the row in each slot (host view)
+        held_at_start = z
         run, slot_steps = self.round_program(sp), 0
         while queue or (held >= 0).any():
             admit = np.full((z,), -1, np.int32)
@@ -133,7 +134,7 @@ class Engine:
             host_syncs=syncs,
             decode_steps=steps,
             slot_steps=slot_steps,
-            slots=self.slots if r > self.slots else r,
+            slots=held_at_start,
         )
         return rows
 

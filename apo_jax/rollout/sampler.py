@@ -94,10 +94,10 @@ class Sampler:
     (rows on the batch axes, kv heads on tensor); params keep the shardings they come with.
 
     `engine` (rollout.engine): "static" decodes a batch until its longest row stops, in chunks
-    of `slots` rows (all rows at once when slots is None); "continuous" keeps `slots` rows in
-    flight and gives a stopped row's slot to the next queued row (rollout/continuous.py),
-    returning to the host whenever `refill` slots have freed (default slots // 8). Both give the
-    same rows: the engine changes the speed, not the samples.
+    of `slots` rows per process (all rows at once when slots is None); "continuous" keeps
+    `slots` rows per process in flight and gives a stopped row's slot to the next queued row
+    (rollout/continuous.py), returning to the host whenever `refill` slots have freed (default
+    slots // 8). Both give the same rows: the engine changes the speed, not the samples.
     """
 
     def __init__(
