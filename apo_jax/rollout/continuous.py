@@ -42,8 +42,9 @@ from apo_jax.rollout import decode as decode_lib
 from apo_jax.rollout import kv_cache as kv_cache_lib
 from apo_jax.rollout.sampling import SamplingParams
 
-# on_finished(rows, tokens): row indices of the call (group-major) and each row's completion
-# (stop token included), called on the host as rows finish, while other rows still decode.
+# on_finished(rows, tokens): row indices of the call (group-major; with several processes, the
+# indices among this process's own rows, which are the only ones reported) and each row's
+# completion (stop token included), called on the host as rows finish, while others decode.
 OnFinished = Callable[[np.ndarray, list], None]
 
 
@@ -94,9 +95,9 @@ class Engine:
         first, stopped = _host((pool.tokens, rows.stopped))
         t = smp.max_new_tokens
         done = stopped | (t == 1)  # rows over after their first token
-        if on_finished is not None and done.any():
-            idx = np.flatnonzero(done)
-            on_finished(idx, [first[i : i + 1] for i in idx])
+        report = None if on_finished is None else _Reporter(on_finished, rows.lengths)
+        if report is not None:
+            report(np.flatnonzero(done), [first[i : i + 1] for i in np.flatnonzero(done)])
         queue = collections.deque(np.flatnonzero(~done).tolist())
         held = np.full((z,), -1, np.int64)  # the row in each slot (host view)
         held_at_start = z
@@ -119,8 +120,8 @@ class Engine:
                 live, k, tok, length = _host((live, k, slots.tokens, slots.lengths))
             steps, slot_steps = steps + int(k), slot_steps + int(k) * z
             ended = np.flatnonzero((held >= 0) & ~live)
-            if on_finished is not None and ended.size:
-                on_finished(held[ended].copy(), [tok[b, : length[b]] for b in ended])
+            if report is not None:
+                report(held[ended], [tok[b, : length[b]] for b in ended])
             held[ended] = -1
             if not queue and smaller and live.sum() <= smaller:
                 # The drain: the remaining rows move to the first `smaller` slots of a smaller
@@ -285,6 +286,23 @@ def _admit(slots: Slots, rows: Rows, pool, admit: Int[Array, " Z"], n: int) -> S
         logp=pick(slots.logp, rows.logp[r]),
         sample_logp=pick(slots.sample_logp, rows.sample_logp[r]),
     )
+
+
+class _Reporter:
+    """Calls on_finished with this process's finished rows, numbered among its own rows (what
+    sharding.local_rows of the output gives), skipping empty reports."""
+
+    def __init__(self, on_finished: OnFinished, like: Array):
+        self.fn, r = on_finished, like.shape[0]
+        mine = np.zeros((r,), bool)
+        for shard in like.addressable_shards:
+            mine[shard.index[0] if shard.index else slice(None)] = True
+        self.local = np.where(mine, np.cumsum(mine) - 1, -1)  # global row -> local index
+
+    def __call__(self, rows: np.ndarray, tokens: list) -> None:
+        keep = [i for i, row in enumerate(rows) if self.local[row] >= 0]
+        if keep:
+            self.fn(self.local[np.asarray(rows)[keep]], [tokens[i] for i in keep])
 
 
 @jax.jit
