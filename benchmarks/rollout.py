@@ -9,11 +9,13 @@ temperature 1; stopping on k of its V token ids makes completion lengths geometr
   - `full`: no stop ids, every row runs to max_new_tokens (continuous can only lose here).
 Static decodes the rows in chunks of `slots` rows (rollout.rows_per_chunk), each to its longest
 row; continuous keeps `slots` rows in flight. Fields: useful_tok_s (generated tokens, the stop
-included, per second of the whole sample call, prefill included), utilization (tokens made by
-decode steps / (decode steps × slots)), decode_steps, device_calls and host_syncs per rollout
-(inside `sample`; the caller's final fetch not counted), mean_len, and the speedup over static
-on the continuous line. Engines alternate run by run (static, continuous, static, ...) after a
-warm-up so that the noise of the shared host hits both; times are medians over `--repeats`.
+included, per second of the whole rollout, prefill included), utilization (tokens made by decode
+steps / slot-steps, a slot-step being one row of one decode iteration, live or not),
+decode_steps, slot_steps, device_calls and host_syncs per rollout (the caller's fetch of each
+call's rows included), mean_len, and on the continuous line the speedup over static and whether
+both engines gave every row the same length. Engines alternate run by run (static, continuous,
+static, ...) after a warm-up so that the noise of the shared host hits both; times are medians
+over `--repeats`.
 
   python benchmarks/rollout.py            # the three cases (~3 min on 2 free cores)
   python benchmarks/rollout.py --quick    # smaller model and batch, a smoke run (< 1 min)
@@ -66,27 +68,38 @@ def run_case(graphdef, params, cfg, name, frac, args) -> list[dict]:
     prompts = [
         rng.randint(1, cfg.vocab_size, rng.randint(8, 33)).tolist() for _ in range(args.prompts)
     ]
-    kw = dict(
-        max_prompt_len=32,
-        max_new_tokens=t,
-        temperature=1.0,
-        eos_ids=eos,
-        slots=args.slots,
+    kw = dict(max_prompt_len=32, max_new_tokens=t, temperature=1.0, eos_ids=eos)
+    static = sampler_lib.Sampler(graphdef, engine="static", **kw)
+    cont = sampler_lib.Sampler(
+        graphdef, engine="continuous", slots=args.slots, refill=args.refill, **kw
     )
-    engines = {
-        "static": sampler_lib.Sampler(graphdef, engine="static", **kw),
-        "continuous": sampler_lib.Sampler(graphdef, engine="continuous", refill=args.refill, **kw),
-    }
+
+    def run_static(rng):  # the loop's rollout.rows_per_chunk: calls of `slots` rows in turn
+        k, lengths, st = args.slots // args.n, [], {}
+        for i in range(0, len(prompts), k):
+            out = static.sample(
+                params, prompts[i : i + k], n=args.n, rng=rng, row_ids=range(i, i + k)
+            )
+            lengths.append(np.asarray(out.lengths))  # the fetch the loop makes per call
+            for key, v in static.stats().items():
+                st[key] = v if key == "slots" else st.get(key, 0) + v
+            st["host_syncs"] += 1  # the fetch
+        return np.concatenate(lengths), st
+
+    def run_continuous(rng):
+        out = cont.sample(params, prompts, n=args.n, rng=rng)
+        st = cont.stats()
+        return np.asarray(out.lengths), {**st, "host_syncs": st["host_syncs"] + 1}  # + the fetch
+
+    engines = {"static": run_static, "continuous": run_continuous}
     times = {e: [] for e in engines}
     result = {}
     for i in range(args.repeats + 1):  # run 0 compiles and warms up
-        for e, smp in engines.items():
+        for e, fn in engines.items():
             start = time.perf_counter()
-            out = smp.sample(params, prompts, n=args.n, rng=i)
-            lengths = np.asarray(out.lengths)  # the fetch a caller makes
+            result[e] = fn(i)
             if i:
                 times[e].append(time.perf_counter() - start)
-            result[e] = (lengths, smp.stats())
     lines = []
     for e in engines:
         lengths, st = result[e]
@@ -112,6 +125,9 @@ def run_case(graphdef, params, cfg, name, frac, args) -> list[dict]:
             )
         )
     lines[1]["speedup"] = round(lines[1]["useful_tok_s"] / lines[0]["useful_tok_s"], 3)
+    # Chunks prefill fewer prompts per call than continuous (all at once): the log-probs may
+    # differ in the last bit (matmul blocking), the lengths should not.
+    lines[1]["same_lengths"] = bool(np.array_equal(result["static"][0], result["continuous"][0]))
     return lines
 
 

@@ -78,28 +78,6 @@ def test_continuous_rows_equal_static_rows(attention, temperature):
     assert cont.traces == {"prefill": 1, "decode": 2}
 
 
-def test_static_chunks_match_one_batch():
-    # slots on the static engine: chunks of 4 rows (2 prompts × 2), one bucket for the call. The
-    # prefill's batch changes the matmul blocking, so log-probs agree to float32 rounding only
-    # (|logp| <~ 10: atol 1e-5), and the tokens exactly.
-    graphdef, params = _model()
-    whole, _ = _pair(graphdef, temperature=1.0)
-    chunked = sampler_lib.Sampler(
-        graphdef,
-        max_prompt_len=32,
-        max_new_tokens=T_NEW,
-        buckets=BUCKETS,
-        eos_ids=EOS,
-        temperature=1.0,
-        slots=4,
-    )
-    prompts = _prompts(MIXED[:4], seed=2)
-    a, b = whole.sample(params, prompts, n=2, rng=5), chunked.sample(params, prompts, n=2, rng=5)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=1e-5)
-    assert chunked.stats()["slots"] == 4 and chunked.stats()["device_calls"] == 7
-
-
 def test_on_finished_reports_every_row_once_while_others_decode():
     graphdef, params = _model()
     static, cont = _pair(graphdef, slots=2, temperature=1.0)
@@ -210,6 +188,7 @@ def test_sharded_engines_give_identical_rows():
         (dict(engine="continuous"), "rollout.slots"),
         (dict(engine="continuous", slots=0), "rollout.slots"),
         (dict(engine="continuous", slots=4, refill=0), "rollout.refill"),
+        (dict(engine="static", slots=4), "rollout.slots"),
     ],
 )
 def test_bad_engine_settings_raise(kwargs, match):

@@ -93,11 +93,12 @@ class Sampler:
     With a `mesh`, the cache and the per-row state are constrained to the `rules` shardings
     (rows on the batch axes, kv heads on tensor); params keep the shardings they come with.
 
-    `engine` (rollout.engine): "static" decodes a batch until its longest row stops, in chunks
-    of `slots` rows per process (all rows at once when slots is None); "continuous" keeps
-    `slots` rows per process in flight and gives a stopped row's slot to the next queued row
-    (rollout/continuous.py), returning to the host whenever `refill` slots have freed (default
-    slots // 8). Both give the same rows: the engine changes the speed, not the samples.
+    `engine` (rollout.engine): "static" decodes all the call's rows until the longest stops (a
+    caller bounds the cache by calling with fewer prompts: rollout.rows_per_chunk);
+    "continuous" keeps `slots` rows per process in flight and gives a stopped row's slot to the
+    next queued row (rollout/continuous.py), returning to the host whenever `refill` slots have
+    freed (default slots // 8). Both give the same rows: the engine changes the speed, not the
+    samples.
     """
 
     def __init__(
@@ -128,8 +129,11 @@ class Sampler:
         for name, value in (("slots", slots), ("refill", refill)):
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"rollout.{name} must be an integer >= 1, got {value!r}")
-        if engine == "continuous" and slots is None:
-            raise ValueError("rollout.engine='continuous' needs rollout.slots (rows in flight)")
+        if (engine == "continuous") != (slots is not None):
+            raise ValueError(
+                "rollout.slots (rows in flight) goes with rollout.engine='continuous' and only "
+                f"with it; got engine={engine!r}, slots={slots!r}"
+            )
         buckets = tuple(sorted(set(buckets))) if buckets else length_buckets(max_prompt_len)
         if buckets[0] < 1 or buckets[-1] < max_prompt_len:
             raise ValueError(f"buckets {buckets} must be >= 1 and cover max_prompt_len")
@@ -185,40 +189,24 @@ class Sampler:
             )
             self._stats = self._continuous.stats
             return _finish_rows(rows, self.max_new_tokens)
-        # static: chunks of `slots` rows (whole prompts), all padded to the call's bucket.
-        k = len(prompts) if self.slots is None else max(1, self.slots // n)
-        parts, steps = [], []
-        for i in range(0, len(prompts), k):
-            chunk = self._global_rows(ids[i : i + k], lengths[i : i + k], row_ids[i : i + k])
-            state = self.prefill(params, *chunk[:2], rng, chunk[2], n=n, sampling=sp)
-            if self.max_new_tokens > 1:  # prefill already drew the first token
-                state = self.decode(params, state, sampling=sp)
-            parts.append(_finish(state, self.max_new_tokens))
-            steps.append((state.step - 1, state.last.shape[0]))
-        out = parts[0] if len(parts) == 1 else _concat(parts)
-        rows = min(len(prompts), k) * n * (jax.process_count() if self._multi_process else 1)
-        self._stats = dict(
-            device_calls=len(parts) * (3 if self.max_new_tokens > 1 else 2) + (len(parts) > 1),
-            host_syncs=0,
-            decode_steps=steps,
-            slots=rows,
-        )
-        if on_finished is not None:
-            tokens, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+        ids, lengths, row_ids = self._global_rows(ids, lengths, row_ids)
+        state = self.prefill(params, ids, lengths, rng, row_ids, n=n, sampling=sp)
+        if self.max_new_tokens > 1:  # prefill already drew the first token
+            state = self.decode(params, state, sampling=sp)
+        out = _finish(state, self.max_new_tokens)
+        steps, rows = state.step - 1, state.last.shape[0]
+        self._stats = dict(device_calls=3 if self.max_new_tokens > 1 else 2, host_syncs=0)
+        self._stats.update(decode_steps=steps, slot_steps=steps * rows, slots=rows)
+        if on_finished is not None:  # static: every row at once, after the decode
+            tokens, lens = sharding_lib.local_rows(out.tokens), sharding_lib.local_rows(out.lengths)
             on_finished(np.arange(len(lens)), [tokens[i, : lens[i]] for i in range(len(lens))])
         return out
 
     def stats(self) -> dict:
         """What the last `sample` call cost: device_calls (programs dispatched), host_syncs
-        (waits on the device inside `sample`), decode_steps (decode iterations, summed over
-        static chunks or continuous rounds), slot_steps (rows those iterations computed, live
-        or not) and slots (the rows decoded at once, at most `slots`)."""
-        out = dict(self._stats)
-        if isinstance(out.get("decode_steps"), list):  # static: device scalars, read lazily
-            chunks = [(int(k), rows) for k, rows in out["decode_steps"]]
-            out["decode_steps"] = sum(k for k, _ in chunks)
-            out["slot_steps"] = sum(k * rows for k, rows in chunks)
-        return out
+        (waits on the device inside `sample`), decode_steps (decode iterations), slot_steps
+        (rows those iterations computed, live or not) and slots (the rows decoded at once)."""
+        return {k: v if isinstance(v, int) else int(v) for k, v in self._stats.items()}
 
     def bucket(self, prompts: Sequence[Sequence[int]]) -> int:
         """The padded prompt length for these prompts (agreed by all processes of a run)."""
@@ -417,11 +405,6 @@ def _finish(s: DecodeState, max_new_tokens: int) -> SampleOutput:
 def _finish_rows(s: continuous_lib.Rows, max_new_tokens: int) -> SampleOutput:
     mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [R, T]
     return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.stopped)
-
-
-@jax.jit
-def _concat(parts: list[SampleOutput]) -> SampleOutput:
-    return jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *parts)
 
 
 def _as_key(rng):
