@@ -95,9 +95,8 @@ class Engine:
         first, stopped = _host((pool.tokens, rows.stopped))
         t = smp.max_new_tokens
         done = stopped | (t == 1)  # rows over after their first token
-        report = None if on_finished is None else _Reporter(on_finished, rows.lengths)
-        if report is not None:
-            report(np.flatnonzero(done), [first[i : i + 1] for i in np.flatnonzero(done)])
+        report = _Reporter(on_finished, rows.lengths)
+        report.hold(np.flatnonzero(done), [first[i : i + 1] for i in np.flatnonzero(done)])
         queue = collections.deque(np.flatnonzero(~done).tolist())
         held = np.full((z,), -1, np.int64)  # the row in each slot (host view)
         held_at_start = z
@@ -113,6 +112,7 @@ class Engine:
             smaller = self._smaller(z)
             want = min(self.refill, z) if queue else (z - smaller if smaller else z + 1)
             slots, rows, live, k = run(params, slots, rows, pool, admit, np.int32(want))
+            report.flush()  # the previous round's rows, scored while this round decodes
             calls, syncs = calls + 1, syncs + 1
             if on_finished is None:
                 live, k = _host((live, k))
@@ -120,8 +120,8 @@ class Engine:
                 live, k, tok, length = _host((live, k, slots.tokens, slots.lengths))
             steps, slot_steps = steps + int(k), slot_steps + int(k) * z
             ended = np.flatnonzero((held >= 0) & ~live)
-            if report is not None:
-                report(held[ended], [tok[b, : length[b]] for b in ended])
+            if on_finished is not None:
+                report.hold(held[ended], [tok[b, : length[b]] for b in ended])
             held[ended] = -1
             if not queue and smaller and live.sum() <= smaller:
                 # The drain: the remaining rows move to the first `smaller` slots of a smaller
@@ -130,6 +130,7 @@ class Engine:
                 keep = np.concatenate([np.flatnonzero(live), np.flatnonzero(~live)])[:smaller]
                 slots, held, z = _take(slots, keep.astype(np.int32)), held[keep], smaller
                 calls += 1
+        report.flush()
         self.stats = dict(
             device_calls=calls,
             host_syncs=syncs,
@@ -289,20 +290,28 @@ def _admit(slots: Slots, rows: Rows, pool, admit: Int[Array, " Z"], n: int) -> S
 
 
 class _Reporter:
-    """Calls on_finished with this process's finished rows, numbered among its own rows (what
-    sharding.local_rows of the output gives), skipping empty reports."""
+    """Holds finished rows until the next round is dispatched, then calls on_finished with them
+    (so the host scores them while the device decodes): this process's rows only, numbered
+    among its own rows (what sharding.local_rows of the output gives)."""
 
-    def __init__(self, on_finished: OnFinished, like: Array):
-        self.fn, r = on_finished, like.shape[0]
-        mine = np.zeros((r,), bool)
+    def __init__(self, on_finished: OnFinished | None, like: Array):
+        self.fn, self.held = on_finished, []
+        if on_finished is None:
+            return
+        mine = np.zeros((like.shape[0],), bool)
         for shard in like.addressable_shards:
             mine[shard.index[0] if shard.index else slice(None)] = True
         self.local = np.where(mine, np.cumsum(mine) - 1, -1)  # global row -> local index
 
-    def __call__(self, rows: np.ndarray, tokens: list) -> None:
-        keep = [i for i, row in enumerate(rows) if self.local[row] >= 0]
-        if keep:
-            self.fn(self.local[np.asarray(rows)[keep]], [tokens[i] for i in keep])
+    def hold(self, rows: np.ndarray, tokens: list) -> None:
+        if self.fn is not None:
+            self.held += [(r, t) for r, t in zip(rows, tokens, strict=True) if self.local[r] >= 0]
+
+    def flush(self) -> None:
+        if self.held:
+            rows, tokens = zip(*self.held, strict=True)
+            self.held = []
+            self.fn(self.local[np.asarray(rows)], list(tokens))
 
 
 @jax.jit
