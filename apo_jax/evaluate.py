@@ -21,7 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apo_jax import config_file
+from apo_jax import config_file, settings
 from apo_jax.trainer import build
 
 
@@ -62,7 +62,7 @@ def run_config(run: str, step: int | None = None) -> ml_collections.ConfigDict:
             "(is it a training workdir, and did it save a step?)"
         )
     step, record = found
-    config = record["config"]
+    config = settings.with_defaults(record["config"])
     path = os.path.join(run, "config.json")
     try:
         saved = build.load_config_json(path).to_dict() if os.path.exists(path) else None
@@ -70,7 +70,7 @@ def run_config(run: str, step: int | None = None) -> ml_collections.ConfigDict:
         logging.warning("%s; using the config record of checkpoint step %d", e, step)
         saved = None
     if saved is not None:
-        a, b = (checkpoint_lib.flatten_config(x) for x in (config, saved))
+        a, b = (checkpoint_lib.flatten_record(x) for x in (config, saved))
         differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         if differ:
             logging.warning(
@@ -209,8 +209,7 @@ def run(
     metrics, records = evaluate_lib.evaluate(
         task, sampler, params, examples, k=k, rows_per_call=rows, seed=p.seed
     )
-    if hasattr(task, "close"):
-        task.close()  # stops the reward worker processes
+    task.close()  # stops the reward worker processes
     result = dict(
         metrics=metrics,
         task=p.task.name,

@@ -3,7 +3,7 @@
     python -m apo_jax.export --workdir=RUN --out=DIR [--format=merged|peft] [--step=S]
 
 merged: config.json + safetensors that `transformers` loads alone (under LoRA the adapters are
-folded into the base, W + (alpha / R) · A B). peft (LoRA runs only): adapter_config.json +
+folded into the base, W + (alpha / r) · A B). peft (LoRA runs only): adapter_config.json +
 adapter_model.safetensors for `peft.PeftModel.from_pretrained(<model.hf_dir>, DIR)`; such a
 directory is also a starting point for another run (`model.lora.peft_dir`). The run's saved
 config.json says which model, base and adapters the checkpoint holds.

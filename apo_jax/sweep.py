@@ -321,7 +321,7 @@ def check_existing(run: Run) -> None:
         run.workdir, total
     )
     if done:
-        a, b = checkpoint_lib.flatten_config(saved), checkpoint_lib.flatten_config(run.record)
+        a, b = checkpoint_lib.flatten_record(saved), checkpoint_lib.flatten_record(run.record)
         differ = sorted(
             k
             for k in a.keys() | b.keys()

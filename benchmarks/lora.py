@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from apo_jax.models import lora as lora_lib  # noqa: E402
 from apo_jax.models import qwen3 as model_lib  # noqa: E402
-from apo_jax.trainer import build  # noqa: E402
+from apo_jax.trainer import build, records  # noqa: E402
 from apo_jax.trainer import step as ts  # noqa: E402
 from configs import base  # noqa: E402
 
@@ -58,15 +58,14 @@ def case(name, cfg, rank: int, repeats: int, batch=8, prompt=32, new=64) -> dict
     state = ts.init_train_state(params, tx, 0, spec.schedule)
     fns = ts.build(graphdef, spec, tx, frozen=frozen)
     rng = np.random.RandomState(0)
-    b = dict(
+    b = records.Batch(
         prompt_ids=jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, prompt)), jnp.int32),
         prompt_mask=jnp.ones((batch, prompt), jnp.int32),
         completion_ids=jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, new)), jnp.int32),
         completion_mask=jnp.ones((batch, new), jnp.float32),
         rewards=jnp.asarray(rng.randint(0, 2, (batch,)), jnp.float32),
     )
-    b["old_logp"] = fns.logprobs(state.params, b)
-    b["ref_logp"] = b["old_logp"]
+    b = ts.score(fns, state.params, state.params, b)  # anchor = reference = the policy
     t = time.perf_counter()
     compiled = fns.train_step.lower(state, b).compile()
     compile_s = time.perf_counter() - t

@@ -37,7 +37,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from apo_jax.models import qwen3 as model_lib  # noqa: E402
-from apo_jax.trainer import build  # noqa: E402
+from apo_jax.trainer import build, records  # noqa: E402
 from apo_jax.trainer import logprobs as logprobs_lib  # noqa: E402
 from apo_jax.trainer import step as ts  # noqa: E402
 from configs import base  # noqa: E402
@@ -101,15 +101,14 @@ def _time_step(cfg, dtype, repeats, batch, prompt, new, micro=1, precision="defa
     """(median step seconds, compile seconds, XLA temp + argument bytes estimate)."""
     state, fns = _step_fns(cfg, dtype, batch, micro, precision)
     rng = np.random.RandomState(0)
-    b = dict(
+    b = records.Batch(
         prompt_ids=jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, prompt)), jnp.int32),
         prompt_mask=jnp.ones((batch, prompt), jnp.int32),
         completion_ids=jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, new)), jnp.int32),
         completion_mask=jnp.ones((batch, new), jnp.float32),
         rewards=jnp.asarray(rng.randint(0, 2, (batch,)), jnp.float32),
     )
-    b["old_logp"] = fns.logprobs(state.params, b)
-    b["ref_logp"] = b["old_logp"]
+    b = ts.score(fns, state.params, state.params, b)  # anchor = reference = the policy
     t = time.perf_counter()
     compiled = fns.train_step.lower(state, b).compile()
     compile_s = time.perf_counter() - t

@@ -1,4 +1,8 @@
-"""Every default of apo_jax, in one place. Other config files override a few keys each.
+"""The default config of apo_jax. Other config files override a few keys each.
+
+Every core key is declared once, with its default, type, valid range and meaning, in
+apo_jax/settings.py (one dataclass per block); the loss and task plug-ins declare their blocks in
+their own modules. This file assembles them and shrinks them for `debug`.
 
 Defaults follow the APO paper's setup (../shared/docs/APO_SPEC.md §3, §6): Qwen3-1.7B on MATH
 Level 3, G = 6, 48 prompts per step in 2 mini-batches, lengths 1024 / 1280, temperature 1,
@@ -10,7 +14,7 @@ Usage: --config=configs/base.py[:debug]  (the `debug` arg shrinks everything for
 
 import ml_collections
 
-from apo_jax import objectives, tasks
+from apo_jax import objectives, settings, tasks
 from apo_jax.config_file import ConfigArgError, config_args  # noqa: F401 (for other files)
 
 ARGS = ("debug",)  # the config arguments this file accepts (`FILE:debug`); others are errors
@@ -18,135 +22,19 @@ ARGS = ("debug",)  # the config arguments this file accepts (`FILE:debug`); othe
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_args(arg, ARGS, __file__)
-    c = ml_collections.ConfigDict()
-    c.seed = 0  # one seed for init, data order, rollout sampling (0 .. 2**63 - 1)
-    c.total_steps = 66  # rollout steps (each: sample a batch, then optim.mini_batches updates)
-    # A value that differs from its default in a loss or task block that loss.name / task.name
-    # does not select is an error (it would be ignored); True keeps such values, unused.
-    c.allow_unused_keys = False
-
-    c.model = m = ml_collections.ConfigDict()
-    m.preset = "qwen3_1p7b"  # preset of any family (models/registry.py), random init
-    m.vocab_size = 0  # random init only: 0 = the preset's, -1 = the task's vocabulary size
-    m.hf_dir = ""  # HF model dir (family read from config.json); overrides preset
-    m.param_dtype = "float32"  # learner parameter dtype: float32 | bfloat16
-    m.dtype = "bfloat16"  # matmul compute dtype (accumulation is always float32)
-    # none | block | a policy of models/decoder.py REMAT_POLICIES (dots_saveable, ...): block
-    # keeps only each block's input for the backward pass (True / False = block / none).
-    m.remat = "block"
-    # auto | xla_blockwise | cudnn | splash | naive (models/attention.py). auto: cuDNN flash on
-    # GPU, splash on TPU, blockwise online-softmax XLA elsewhere; naive: dense [T, S] scores.
-    m.attention = "auto"
-    # Layers as one [L, ...] stack under lax.scan (compile time independent of depth; remat
-    # effective); the rollout loops over layer slices. False: per-layer weights, a Python loop.
-    m.scan_layers = True
-    m.logprob_precision = "default"  # scoring (anchor, reference, train step): default | float32
-    # LoRA (apo_jax/models/lora.py): train adapters B·A beside the chosen projections, the base
-    # frozen (stored once in base_dtype, shared by scoring, the KL reference and the sampler).
-    m.lora = lo = ml_collections.ConfigDict()
-    lo.rank = 0  # R: 0 = off (full fine-tune)
-    lo.alpha = 32.0  # the delta is (alpha / R) · B A x
-    lo.targets = "q,k,v,o,gate,up,down"  # comma-separated subset of the decoder's projections
-    lo.base_dtype = "bfloat16"  # frozen base weights: bfloat16 | float32 (adapters: param_dtype)
-    lo.peft_dir = ""  # start from this PEFT adapter directory ("" = fresh adapters, B = 0)
-
-    # Tasks are plug-ins (apo_jax/tasks/): each registered task brings its block of keys,
-    # config.task.<name>.*, with defaults and meanings in its module (e.g. tasks/math.py).
-    c.task = tasks.default_config("math")  # task.name: math | toy | toy_sorted
-
-    c.rollout = r = ml_collections.ConfigDict()
-    r.prompts_per_step = 48  # P: prompts sampled per rollout step
-    r.group_size = 6  # G: completions per prompt
-    r.max_prompt_len = 1024  # tokens; longer prompts are left-truncated
-    r.max_new_tokens = 1280  # tokens per completion
-    r.temperature = 1.0  # sampling temperature, > 0 (greedy would make a group identical)
-    r.top_k = 0  # 0 = off; at most the vocabulary size
-    r.top_p = 1.0  # nucleus mass, 1 = off
-    r.dynamic_sampling = False  # DAPO: drop groups with all-equal rewards and refill
-    r.max_refill_rounds = 10  # dynamic sampling: at most this many extra generation rounds
-    # KV cache dtype: auto (bfloat16 on GPU/TPU, the compute dtype on CPU) | float32 | bfloat16
-    r.cache_dtype = "auto"
-    r.overlong_buffer = 0  # DAPO overlong shaping buffer L_cache in tokens (0 = off)
-    # Rows (prompts x G) per sampler call, per process: the KV cache holds this many rows at a
-    # time (0 = all of a step's rows in one call). A multiple of G dividing each process's rows.
-    r.rows_per_chunk = 0
-
-    # Losses are plug-ins (apo_jax/objectives/): each registered objective brings its block,
-    # config.loss.<name>.*, with the family's canonical defaults (GSPO 3e-4 / 4e-4, DAPO 0.2 /
-    # 0.28, ...) and their meanings in its module (e.g. objectives/gspo.py).
-    # loss.name: apo | fdiv | grpo | dapo | dr_grpo | gspo | clip_cov | kl_cov | cispo | sapo |
-    # alpha_dpg | tpo (objectives.names(): all registered)
-    c.loss = objectives.default_config("apo")
-    # Sampler/trainer mismatch correction, any objective (apo_jax/trainer/rollout_correction.py).
-    # none | tis_token | tis_sequence | mis_sequence | reject_sequence
-    c.loss.rollout_correction = "none"
-    c.loss.rollout_correction_cap = 2.0  # C > 1: TIS weight cap; MIS keeps ratios in [1/C, C]
-    # Entropy bonus, any objective (apo_jax/objectives/entropy.py): loss − c·(mean token entropy).
-    c.loss.entropy_coef = 0.0  # c (0 = off), or the adaptive mode's initial c
-    c.loss.entropy_target = 0.0  # > 0: adaptive c steered toward this entropy (Skywork-OR1)
-    c.loss.entropy_coef_delta = 1e-4  # adaptive: change of c per update
-    c.loss.entropy_coef_min = 0.0  # adaptive: lower clip of c
-    c.loss.entropy_coef_max = 5e-3  # adaptive: upper clip of c
-
-    c.schedule = s = ml_collections.ConfigDict()
-    # The alpha/tau schedule, used by objectives that declare schedule=True (apo, fdiv).
-    s.mode = "legacy"  # alpha schedule: legacy (spec §2) | ess (Appendix A) | fixed
-    s.scope = "group"  # schedule statistics per prompt group or over the batch
-    s.alpha = 0.9  # alpha when mode = fixed; must lie in (0, 1]
-    s.alpha_max = 0.9  # coverage end (forward-KL-like)
-    s.alpha_min = 0.35  # mode-seeking end
-    s.adaptive_tau = True  # tau rule of spec §2 (else tau = tau0)
-    s.tau0 = 0.5  # base anchoring temperature
-    s.a_tau = 0.2  # tau weight on the anchor's normalised NLL H_stat (spec §2)
-    s.b_tau = 0.5  # tau weight on -confidence * signal
-    s.tau_min = 0.2  # lower clip of tau
-    s.tau_max = 1.5  # upper clip of tau
-    s.use_ema = False  # legacy mode: smooth alpha with an EMA
-    s.ema_momentum = 0.9  # legacy mode EMA: alpha <- m * alpha_ema + (1 - m) * alpha_t
-    s.ess_target_frac = 0.5  # ess mode: target ESS = frac * G (Appendix A)
-    s.ess_candidates = 11  # ess mode: alpha grid size over [alpha_min, alpha_max]
-    s.ess_warmup_calls = 10  # ess mode: alpha = alpha_max for this many first updates
-    s.ess_momentum = 0.9  # ess mode: alpha <- clip(m * alpha_prev + (1 - m) * alpha*, ...)
-    s.ess_max_step = 0.05  # ess mode: largest change of alpha per update
-
-    c.optim = o = ml_collections.ConfigDict()
-    o.lr = 1e-6  # peak learning rate
-    o.warmup_steps = 0  # linear warm-up, in optimizer updates
-    o.decay = "constant"  # constant | cosine (to 0 at the last update)
-    o.b1 = 0.9  # AdamW beta1
-    o.b2 = 0.999  # AdamW beta2
-    o.weight_decay = 0.01  # AdamW decoupled weight decay
-    o.grad_clip = 1.0  # global-norm gradient clip (0 = off)
-    o.mini_batches = 2  # optimizer updates per rollout step (prompts split evenly)
-    o.micro_batches = 1  # gradient accumulation inside each update (exact, any rows; divides them)
-    o.logprob_chunk = 8192  # vocabulary chunk of the fused log-prob kernel
-
-    c.mesh = me = ml_collections.ConfigDict()
-    me.data = -1  # data-parallel axis size (-1 = the devices left over)
-    me.fsdp = 1  # fully-sharded data-parallel axis size
-    me.tensor = 1  # tensor-parallel axis size
-
-    c.checkpoint = ck = ml_collections.ConfigDict()
-    ck.every_steps = 10  # save every N rollout steps (and at the end / on SIGTERM)
-    ck.keep = 3  # keep the last N checkpoints
-
-    c.eval = e = ml_collections.ConfigDict()
-    e.every_steps = 0  # held-out evaluation every N steps and at the last step (0 = at the end)
-    e.num_prompts = 0  # held-out prompts per evaluation (0 = no evaluation)
-    e.rows_per_chunk = 0  # rows per evaluation sampler call, per process (0 = the rollout's)
-
-    c.logging = lg = ml_collections.ConfigDict()
-    lg.tensorboard = True  # write TensorBoard events under workdir/tensorboard
-    lg.plots = True  # write PNG plots under workdir/plots at the end
-    lg.progress = True  # tqdm progress bar
-    # Weights & Biases (README "Tracking"; needs the extra: pip install -e ".[wandb]").
-    lg.wandb = False  # one W&B run per workdir; a resumed run continues it
-    lg.wandb_project = "apo_jax"
-    lg.wandb_entity = ""  # team or user ("" = the API key's default entity)
-    lg.wandb_mode = "online"  # online | offline (written under workdir/wandb, `wandb sync` later)
-    lg.wandb_group = ""  # run group ("" = none; apo_jax.sweep sets the sweep's name)
-    lg.wandb_tags = ()  # run tags, each 1-64 characters (apo_jax.sweep adds arm and seed)
-
+    # The core keys: apo_jax/settings.py (Run for the top level, then Model, Lora, Rollout,
+    # Loss, Schedule, Optim, Mesh, Checkpoint, Eval, Logging).
+    c = settings.default_config(
+        # Tasks are plug-ins (apo_jax/tasks/): each registered task brings its block of keys,
+        # config.task.<name>.*, with defaults and meanings in its module (e.g. tasks/math.py).
+        task=tasks.default_config("math"),  # task.name: math | toy | toy_sorted
+        # Losses are plug-ins (apo_jax/objectives/): each registered objective brings its block,
+        # config.loss.<name>.*, with the family's canonical defaults (GSPO 3e-4 / 4e-4, DAPO
+        # 0.2 / 0.28, ...) and their meanings in its module (e.g. objectives/gspo.py).
+        # loss.name: apo | fdiv | grpo | dapo | dr_grpo | gspo | clip_cov | kl_cov | cispo |
+        # sapo | alpha_dpg | tpo (objectives.names(): all registered)
+        loss=objectives.default_config("apo"),
+    )
     if "debug" in args:
         apply_debug(c)
     return c

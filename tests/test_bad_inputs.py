@@ -144,6 +144,9 @@ CONFIG_CASES = [
     ({"schedule.alpha_min": 0.95}, r"config\.schedule\.alpha_min=0\.95: must be <= "),
     ({"task.toy.prompt_len": 11}, r"config\.task\.toy\.prompt_len=11"),
     ({"task.toy.num_values": 2.5}, r"config\.task\.toy\.num_values=2\.5: must be a int"),
+    # keys declared before their code lands (issues 20, 21): checked like every key
+    ({"rollout.engine": "paged"}, r"^config\.rollout\.engine='paged': valid: static, continuous"),
+    ({"optim.pack_len": -1}, r"^config\.optim\.pack_len=-1: must lie in \[0, inf\)"),
     # 7: unknown names, caught by plan, blaming only their key
     ({"loss.name": "fdiv", "loss.fdiv.divergence": "kl"}, r"config\.loss\.fdiv\.divergence='kl'"),
     ({"loss.name": "grpo", "loss.grpo.agg_mode": "mean"}, r"^config\.loss\.grpo\.agg_mode='mean'"),

@@ -516,10 +516,10 @@ def test_clip_cov_cut_is_micro_batch_invariant_only_when_declared_coupled():
         assert ref[0]["loss/clip_frac"] > 0.2
         _assert_same(ref, _step("clip_cov", P * G // 2, P, G, batch, clip_cov=block))
         per_token = dataclasses.replace(clip_cov.OBJECTIVE, couples_rows=False)
-        objectives.registry._REGISTRY["clip_cov"] = per_token
+        objectives.OBJECTIVES["clip_cov"] = per_token
         try:
             wrong = _step("clip_cov", P * G // 2, P, G, batch, clip_cov=block)
         finally:
-            objectives.registry._REGISTRY["clip_cov"] = clip_cov.OBJECTIVE
+            objectives.OBJECTIVES["clip_cov"] = clip_cov.OBJECTIVE
         with pytest.raises(AssertionError):
             _assert_same(ref, wrong)

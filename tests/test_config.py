@@ -1,9 +1,11 @@
 """The config and its build boundary: every key is read, each loss and task is a plug-in with its
 own canonical defaults, and a loss registered from this file alone trains."""
 
+import copy
 import glob
 import importlib.util
 import inspect
+import json
 import pathlib
 
 import jax.numpy as jnp
@@ -11,10 +13,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from apo_jax import objectives, tasks
+from apo_jax import objectives, settings, tasks
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.objectives import apo, dapo, dr_grpo, fdiv, grpo, gspo
-from apo_jax.objectives import registry as objective_registry
+from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.objectives.common import LossOutput, masked_mean, sequence_logp
 from apo_jax.trainer import build
 from apo_jax.trainer import loop as train
@@ -147,11 +149,10 @@ def reinforce_loss():
             (per_seq * valid).sum(), valid.sum(), {"adv_mean": masked_mean(adv, valid)}
         )
 
-    obj = objectives.register(
-        objectives.Objective(name="test_reinforce", loss=loss, defaults=dict(baseline_weight=1.0))
-    )
+    obj = objectives.Objective(name="test_reinforce", loss=loss, defaults=dict(baseline_weight=1.0))
+    objectives.OBJECTIVES[obj.name] = obj  # the one line a new loss adds
     yield obj
-    objective_registry._REGISTRY.pop(obj.name)
+    objectives.OBJECTIVES.pop(obj.name)
 
 
 def test_a_loss_registered_from_a_test_file_trains(reinforce_loss, tmp_path):
@@ -162,3 +163,98 @@ def test_a_loss_registered_from_a_test_file_trains(reinforce_loss, tmp_path):
     last = train.run(c, str(tmp_path))
     assert last["step"] == 1 and np.isfinite(last["loss/value"])
     assert "loss/adv_mean" in last and "schedule/alpha" not in last
+
+
+# --- one schema: apo_jax/settings.py declares every core key once ------------------------------
+
+NEW_KEYS = ("rollout.engine", "rollout.slots", "optim.packing", "optim.pack_len", "loss.anchor")
+
+
+def test_every_core_key_is_declared_once_with_a_meaning():
+    """configs/base.py's keys are the schema's plus the plug-ins' blocks (loss.name, loss.<obj>.*,
+    task.*), each declared key has a doc, and its default passes its own checks."""
+    flat = checkpoint_lib.flatten_config(base.get_config().to_dict())
+    plugins = ("task.", "loss.name", *(f"loss.{n}." for n in objectives.names()))
+    assert {k for k in flat if not k.startswith(plugins)} == set(settings.defaults())
+    for path, cls in settings.BLOCKS.items():
+        for f in settings.keys(cls):
+            assert f.metadata["key"].doc, f"{path}.{f.name}"
+        cls()  # defaults pass the block's checks
+
+
+def test_a_record_written_before_a_key_existed_resumes_and_evaluates():
+    """A run saved before the newer keys existed: its record lacks them, which means their
+    defaults. Resuming it compares equal (checkpoint.check_resume) unless the current config
+    sets another value; its record builds a plan (evaluation, export)."""
+    current = build.plan(toy.get_config("debug")).record
+    old = copy.deepcopy(current)
+    for k in NEW_KEYS:
+        block, name = k.split(".")
+        del old[block][name]
+    checkpoint_lib.check_resume(1, old, current, "W")
+    changed = copy.deepcopy(current)
+    changed["rollout"]["engine"] = "continuous"
+    with pytest.raises(ValueError, match=r"rollout\.engine: 'static' -> 'continuous'"):
+        checkpoint_lib.check_resume(1, old, changed, "W")
+    p = build.plan(ml_collections.ConfigDict(old))
+    assert (p.rollout.engine, p.rollout.slots, p.loss.anchor) == ("static", 0, "recompute")
+    # The evaluation CLI reads the record with the keys filled in, so it can override them.
+    assert settings.with_defaults(old) == current and "engine" not in old["rollout"]
+    assert (p.optim.packing, p.optim.pack_len) == ("none", 0)
+
+
+def test_new_keys_are_set_from_the_command_line_and_checked():
+    from apo_jax import sweep
+
+    flags = ["--config.rollout.engine=continuous", "--config.rollout.slots=8"]
+    flags += ["--config.optim.packing=packed", "--config.optim.pack_len=64"]
+    p = build.plan(
+        sweep.load_config("configs/toy.py:debug", [*flags, "--config.loss.anchor=sampler"])
+    )
+    assert (p.rollout.engine, p.rollout.slots, p.optim.packing, p.optim.pack_len) == (
+        "continuous",
+        8,
+        "packed",
+        64,
+    )
+    assert p.loss.anchor == "sampler"
+    for key, bad, match in [
+        ("rollout.engine", "paged", r"valid: static, continuous"),
+        ("rollout.slots", -1, r"must lie in \[0, inf\)"),
+        ("optim.packing", "dense", r"valid: none, packed"),
+        ("optim.pack_len", 1.5, r"must be a int"),
+        ("loss.anchor", "old", r"valid: recompute, sampler"),
+    ]:
+        c = toy.get_config("debug")
+        block, name = key.split(".")
+        with c.ignore_type():
+            c[block][name] = bad
+        with pytest.raises(ValueError, match=rf"^config\.{key}={bad!r}: {match}"):
+            build.plan(c)
+
+
+def test_schedule_config_built_directly_is_checked_naming_the_key():
+    with pytest.raises(ValueError, match=r"^config\.schedule\.mode='cosine': valid: legacy"):
+        schedule_lib.ScheduleConfig(mode="cosine")
+    with pytest.raises(ValueError, match=r"^config\.schedule\.alpha_min=0\.95: must be <="):
+        schedule_lib.ScheduleConfig(alpha_min=0.95)
+
+
+def test_a_sweep_accepts_a_finished_run_recorded_before_a_key_existed(tmp_path):
+    """sweep.check_existing compares a finished run's config.json with what the sweep asks:
+    keys the old record lacks are their defaults, so the run counts as done; a non-default
+    value of such a key is another run."""
+    from apo_jax import sweep
+
+    record = json.loads(build.plan(toy.get_config("debug")).to_json())
+    old = copy.deepcopy(record)
+    for k in NEW_KEYS:
+        block, name = k.split(".")
+        del old[block][name]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / sweep.DONE_MARKER).write_text("{}")
+    run = lambda rec: sweep.Run("arm", 0, (), str(tmp_path), rec["total_steps"], "", rec)
+    sweep.check_existing(run(record))
+    record["optim"]["packing"] = "packed"
+    with pytest.raises(sweep.SweepError, match=r"optim\.packing='none', now 'packed'"):
+        sweep.check_existing(run(record))

@@ -22,11 +22,11 @@ def tokenizer(shared_data):
 @pytest.fixture(scope="module")
 def math_task(shared_data):
     # Serial rewards (no worker processes) keep this fast; the pool is tested in test_rewards.
-    return data.MathTask.from_files(
-        train_path=shared_data / "math" / "math_train.jsonl",
-        eval_path=shared_data / "math" / "math_test.jsonl",
-        tokenizer_path=shared_data / "qwen3",
-        levels=3,
+    load = lambda name: datasets.load_math(shared_data / "math" / name, levels=3).problems
+    return data.MathTask(
+        load("math_train.jsonl"),
+        load("math_test.jsonl"),
+        data.load_tokenizer(shared_data / "qwen3"),
         max_prompt_len=256,
         reward_workers=0,
     )

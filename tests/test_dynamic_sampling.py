@@ -71,9 +71,6 @@ class _ScriptedSampler:
     def __init__(self, max_new_tokens):
         self.t, self.calls = max_new_tokens, 0
 
-    def bucket(self, prompts):
-        return max(len(p) for p in prompts)
-
     def sample(self, params, prompts, *, n, rng, row_ids):
         self.calls += 1
         rows = []
@@ -89,8 +86,16 @@ class _ScriptedSampler:
             tokens[i, : len(row)], mask[i, : len(row)] = row, True
         lengths = np.asarray([min(len(prompts[0]) + j, self.t) for j in range(n)] * len(prompts))
         zeros = np.zeros(tokens.shape, np.float32)
+        width = max(len(p) for p in prompts)
+        prompt_ids = np.asarray(
+            [[0] * (width - len(p)) + list(p) for p in prompts for _ in range(n)]
+        )
+        prompt_mask = np.asarray(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(n)]
+        )
         return type("Out", (), dict(tokens=tokens, mask=mask, lengths=lengths, logp=zeros,
-                                    truncated=np.zeros(len(rows), bool)))  # fmt: skip
+                                    truncated=np.zeros(len(rows), bool), prompt_ids=prompt_ids,
+                                    prompt_mask=prompt_mask))  # fmt: skip
 
 
 def _plan(max_refill_rounds):
@@ -123,21 +128,21 @@ def test_refill_loop_keeps_only_mixed_groups(max_refill_rounds):
     order = order_lib.global_batch_indices(len(train), p.seed, 0, 4)
     rng = jax.random.key(0)
     batch = loop.rollout(r, task, sampler, None, [train[i] for i in order], np.arange(4), rng)
-    groups = batch["rewards"].reshape(-1, g)
+    groups = batch.rewards.reshape(-1, g)
     kinds = [_kind(train[i].prompt_ids) for i in order]
     for k, rw in zip(kinds, groups, strict=True):  # rewards differ in every group (overlong
         assert rw.max() > rw.min(), k  # penalty on all-correct ones, partial credit otherwise)
-    out, position, info = loop._refill(p, task, sampler, None, batch, 4, rng)
+    out, position, info = loop.refill(p, task, sampler, None, batch, 4, rng)
     rounds, short, end = _expected_rounds(p, task, 4)
     assert info == {"rollout/refill_rounds": float(rounds), "rollout/refill_short": float(short)}
     assert position == end and sampler.calls == 1 + rounds
-    assert len(out["rewards"]) == 4 * g
-    correct = out["correct"].reshape(-1, g)
+    assert len(out.rewards) == 4 * g
+    correct = out.correct.reshape(-1, g)
     n_mixed = 4 - short
     np.testing.assert_array_equal(loop.dynamic_sampling_keep(correct)[:n_mixed], True)
     np.testing.assert_array_equal(loop.dynamic_sampling_keep(correct)[n_mixed:], False)
     # rows stay grouped: one prompt per group, rewards and correctness agree with the task
-    prompts = out["prompt_ids"].reshape(4, g, -1)
+    prompts = out.prompt_ids.reshape(4, g, -1)
     assert (prompts == prompts[:, :1]).all()
-    penalty = rewards_lib.overlong_penalty(out["lengths"], r.max_new_tokens, r.overlong_buffer)
-    np.testing.assert_array_equal(out["correct"], out["rewards"] - penalty >= 1.0)
+    penalty = rewards_lib.overlong_penalty(out.lengths, r.max_new_tokens, r.overlong_buffer)
+    np.testing.assert_array_equal(out.correct, out.rewards - penalty >= 1.0)

@@ -14,7 +14,7 @@ from test_micro_batches import CFG, _assert_grads_close, _batch
 from test_micro_batches import _config as _step_config
 
 from apo_jax.objectives import entropy as ent
-from apo_jax.trainer import build, logprobs
+from apo_jax.trainer import build, logprobs, records
 from apo_jax.trainer import step as ts
 
 
@@ -149,7 +149,7 @@ def _train(loss, micro, batch, **over):
     tx = optax.sgd(1.0)
     state = ts.init_train_state(params, tx, 0, spec.schedule, spec.entropy)
     old = jax.tree.map(np.asarray, jax.device_get(state.params))
-    new, metrics = ts.build(graphdef, spec, tx).train_step(state, batch)
+    new, metrics = ts.build(graphdef, spec, tx).train_step(state, records.Batch(**batch))
     grads = jax.tree.map(lambda a, b: a - np.asarray(b), old, jax.device_get(new.params))
     return jax.device_get(metrics), (grads, old), jax.device_get(new.entropy), graphdef
 

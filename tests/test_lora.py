@@ -20,7 +20,7 @@ from apo_jax.models import hf_io, peft_io
 from apo_jax.models import lora as lora_lib
 from apo_jax.models import qwen3 as model_lib
 from apo_jax.rollout import sampler as sampler_lib
-from apo_jax.trainer import build
+from apo_jax.trainer import build, records
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import loop as train
 from apo_jax.trainer import step as ts
@@ -157,7 +157,7 @@ def _sgd_step(model, batch, c, lora=False, mesh=None, perturb=False):
         fns = ts.build(graphdef, spec, tx, mesh, shardings, frozen=frozen)
         batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
     old = jax.tree.map(np.asarray, jax.device_get(state.params))
-    new, metrics = fns.train_step(state, batch)
+    new, metrics = fns.train_step(state, records.Batch(**batch))
     grads = jax.tree.map(lambda a, b: a - np.asarray(b), old, jax.device_get(new.params))
     return grads, old, jax.device_get(metrics), new
 

@@ -15,7 +15,7 @@ from test_loss_keys import BATCH, ENTROPY, LOGP, _config, device
 from apo_jax.models import qwen3 as model_lib
 from apo_jax.objectives import batch as batch_lib
 from apo_jax.objectives import common, registry
-from apo_jax.trainer import build, loop
+from apo_jax.trainer import build, records
 from apo_jax.trainer import rollout_correction as rc
 from apo_jax.trainer import step as step_lib
 
@@ -126,9 +126,9 @@ def test_a_field_the_loss_reads_but_is_not_sent_fails_the_build_naming_it():
         completion_ids=jnp.zeros((12, 6), jnp.int32),
     )
     with pytest.raises(ValueError, match=r"LossBatch\.correct, which the train step's batch"):
-        fns.train_step(state, batch)
+        fns.train_step(state, records.Batch(**batch))
     # The loop sends it, and an undeclared field the batch lacks is an error naming it too.
-    assert "correct" in loop._DEVICE_KEYS
+    assert "correct" in records.DEVICE_FIELDS
     lb = batch_lib.LossBatch(completion_mask=LOGP, old_logp=LOGP, rewards=BATCH["rewards"])
     with pytest.raises(KeyError, match=r"LossBatch\.correct was not sent"):
         lb["correct"]
@@ -136,4 +136,4 @@ def test_a_field_the_loss_reads_but_is_not_sent_fails_the_build_naming_it():
 
 def test_an_objective_cannot_declare_a_field_that_does_not_exist():
     with pytest.raises(ValueError, match="not LossBatch fields"):
-        registry.register(dataclasses.replace(_reader([]), reads=("answers",)))
+        dataclasses.replace(_reader([]), reads=("answers",))

@@ -232,10 +232,15 @@ SHARED = [
 ]
 
 
+# Declared in apo_jax/settings.py ahead of the code that reads them (issue 25): whoever wires one
+# moves it into SHARED, where it must change the update.
+NOT_YET_WIRED = {"anchor"}
+
+
 def test_the_shared_table_names_every_shared_key():
     loss = base.get_config().loss
     shared = {k for k in loss if k != "name" and k not in objectives.names()}
-    assert shared == {key for _, key, _ in SHARED}
+    assert shared - NOT_YET_WIRED == {key for _, key, _ in SHARED}
 
 
 @pytest.mark.parametrize("name", ["apo", "grpo"])

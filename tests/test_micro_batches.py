@@ -12,7 +12,7 @@ from flax import nnx
 from apo_jax import objectives
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import qwen3 as model_lib
-from apo_jax.trainer import build
+from apo_jax.trainer import build, records
 from apo_jax.trainer import rollout_correction as rc
 from apo_jax.trainer import step as ts
 from configs import base
@@ -71,7 +71,7 @@ def _step(loss, micro, p, g, batch, mesh=None, **over):
         fns = ts.build(graphdef, spec, tx, mesh, shardings)
         batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
     old = jax.tree.map(np.asarray, jax.device_get(state.params))
-    new, metrics = fns.train_step(state, batch)
+    new, metrics = fns.train_step(state, records.Batch(**batch))
     grads = jax.tree.map(lambda a, b: a - np.asarray(b), old, jax.device_get(new.params))
     # (the gradient as old - new carries rounding of ~eps·|param| per entry)
     return jax.device_get(metrics), (grads, old)

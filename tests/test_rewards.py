@@ -110,14 +110,15 @@ def test_wrong_answers_score_zero(math_rows, pool):
 
 
 def test_common_rewrites_in_process():
-    assert R.is_equivalent("0.5", r"\frac{1}{2}")
-    assert R.is_equivalent(r"\dfrac{1}{2}", r"\frac{1}{2}")
-    assert R.is_equivalent(r"\frac12", r"\frac{1}{2}")
-    assert R.is_equivalent("( 3 , 4 )", "(3,4)")
-    assert R.is_equivalent(r"\$15,\!000", "15000")
-    assert not R.is_equivalent("3", "2")
-    assert R.plain_correctness(r"<answer>\frac{1}{2}</answer>", "0.5") == 1.0
-    assert R.plain_correctness("The answer is 0.5", "0.5") == 0.0  # no boxed, no tag
+    same = lambda pred, gold: R.check_answer(pred, gold) == R.CORRECT
+    assert same("0.5", r"\frac{1}{2}")
+    assert same(r"\dfrac{1}{2}", r"\frac{1}{2}")
+    assert same(r"\frac12", r"\frac{1}{2}")
+    assert same("( 3 , 4 )", "(3,4)")
+    assert same(r"\$15,\!000", "15000")
+    assert not same("3", "2")
+    assert R.good_accuracy(r"<answer>\frac{1}{2}</answer>", "0.5") == 1.0
+    assert R.good_accuracy("The answer is 0.5", "0.5") < 1.0  # no boxed, no tag
 
 
 def test_pool_matches_serial_and_keeps_order(math_rows, pool):

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import qwen3 as model_lib
-from apo_jax.trainer import build
+from apo_jax.trainer import build, records
 from apo_jax.trainer import step as ts
 from configs import base
 
@@ -66,7 +66,7 @@ def _two_steps(mesh):
         batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
     metrics = []
     for _ in range(2):
-        state, m = fns.train_step(state, batch)
+        state, m = fns.train_step(state, records.Batch(**batch))
         metrics.append(m)
     return state, metrics
 

@@ -11,7 +11,7 @@ from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import targets
 from apo_jax.models import attention as attention_lib
 from apo_jax.rollout import sampler as sampler_lib
-from apo_jax.trainer import build, dry_run
+from apo_jax.trainer import build, dry_run, records
 from apo_jax.trainer import step as step_lib
 from configs import toy
 
@@ -42,22 +42,22 @@ def _lowered(config, devices) -> dict:
     graphdef, params = build.abstract_model(p, cfg)
     tx, _ = build.optimizer(p)
     spec = build.step_spec(p, cfg.vocab_size)
-    state = jax.eval_shape(lambda prm: step_lib.init_train_state(prm, tx, 0, spec.schedule), params)
+    state = jax.eval_shape(step_lib.state_init(tx, 0, spec), params)
     shardings = sharding_lib.tree_shardings(state, mesh)
     state = dry_run._abstract(state, shardings)
     rows, tp, tc = 16, r.max_prompt_len, r.max_new_tokens
     rows_sharding = sharding_lib.batch_sharding(mesh)
     arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows_sharding)
-    batch = {
-        "prompt_ids": arr((rows, tp), jnp.int32),
-        "prompt_mask": arr((rows, tp), jnp.int32),
-        "completion_ids": arr((rows, tc), jnp.int32),
-        "completion_mask": arr((rows, tc), jnp.float32),
-        "sampler_logp": arr((rows, tc), jnp.float32),
-        "rewards": arr((rows,), jnp.float32),
-        "old_logp": arr((rows, tc), jnp.float32),
-        "ref_logp": arr((rows, tc), jnp.float32),
-    }
+    batch = records.Batch(
+        prompt_ids=arr((rows, tp), jnp.int32),
+        prompt_mask=arr((rows, tp), jnp.int32),
+        completion_ids=arr((rows, tc), jnp.int32),
+        completion_mask=arr((rows, tc), jnp.float32),
+        rewards=arr((rows,), jnp.float32),
+        sampler_logp=arr((rows, tc), jnp.float32),
+        old_logp=arr((rows, tc), jnp.float32),
+        ref_logp=arr((rows, tc), jnp.float32),
+    )
     fns = step_lib.build(graphdef, spec, tx, mesh, shardings)
     out = {
         "train_step": fns.train_step.lower(state, batch),

@@ -10,7 +10,7 @@ from flax import nnx
 from numerics import assert_close_to_scale, scale_atol
 
 from apo_jax.models import qwen3 as model_lib
-from apo_jax.trainer import build
+from apo_jax.trainer import build, records
 from apo_jax.trainer import step as ts
 from configs import base
 
@@ -40,7 +40,7 @@ def _batch(fns, state, seed=0):
     cmask[1, 3:] = 0  # a short completion
     pmask = np.ones((b, TP), np.int32)
     pmask[2, :2] = 0  # a left-padded prompt
-    batch = dict(
+    batch = records.Batch(
         prompt_ids=jnp.asarray(rng.randint(0, 128, (b, TP)), jnp.int32),
         prompt_mask=jnp.asarray(pmask),
         completion_ids=jnp.asarray(rng.randint(0, 128, (b, TC)), jnp.int32),
@@ -49,9 +49,9 @@ def _batch(fns, state, seed=0):
     )
     old = fns.logprobs(state.params, batch)
     # Perturb the anchor so that the policy is off the on-policy point (non-trivial ratios).
-    batch["old_logp"] = old + 0.05 * jnp.asarray(rng.randn(b, TC), jnp.float32)
-    batch["ref_logp"] = old
-    return batch
+    return batch.replace(
+        old_logp=old + 0.05 * jnp.asarray(rng.randn(b, TC), jnp.float32), ref_logp=old
+    )
 
 
 def _copy(state):
@@ -139,7 +139,7 @@ def test_update_is_adamw_on_the_autodiff_gradient():
 def test_non_finite_batch_leaves_state_unchanged():
     _, _, state, fns, _ = _setup()
     batch = _batch(fns, state)
-    batch["old_logp"] = batch["old_logp"].at[0, 0].set(jnp.nan)
+    batch = batch.replace(old_logp=batch.old_logp.at[0, 0].set(jnp.nan))
     before = _copy(state)
     after, metrics = fns.train_step(_copy(state), batch)
     assert not np.isfinite(float(metrics["loss/value"])) or not np.isfinite(

@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from apo_jax import settings
+
 # Keys that may change between a run and its resumption; every other key must match. Changing
 # total_steps keeps every schedule continuous only where no schedule reads it: see
 # `check_compatible` (HORIZON_DECAYS).
@@ -230,6 +232,12 @@ def flatten_config(config: Mapping, prefix: str = "") -> dict:
     return flat
 
 
+def flatten_record(record: Mapping) -> dict:
+    """A config record flat, as `flatten_config`, with each core key it lacks (a record written
+    before the key existed) at its default (apo_jax/settings.py): what the run used."""
+    return {**settings.defaults(), **flatten_config(record)}
+
+
 def check_compatible(
     saved: Mapping, current: Mapping, where: str, ignore: tuple[str, ...] = ()
 ) -> None:
@@ -237,7 +245,7 @@ def check_compatible(
     any key outside RESUMABLE_PREFIXES and `ignore` (prefixes of the blocks the run does not
     read, which may differ), and total_steps when the lr schedule's horizon is total_steps
     (HORIZON_DECAYS)."""
-    a, b = flatten_config(saved), flatten_config(current)
+    a, b = flatten_record(saved), flatten_record(current)
     differ = sorted(
         k
         for k in a.keys() | b.keys()

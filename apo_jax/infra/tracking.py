@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 
 from absl import logging
 
+from apo_jax import settings
+
 INSTALL = 'pip install -e ".[wandb]"'
-MODES = ("online", "offline")
 MAX_TAG = 64  # W&B refuses longer tags
 ID_FILE = "wandb_run.json"  # workdir/wandb_run.json: {"id": ..., "name": ...}
 # The most the end of a run waits for W&B (a start still retrying without network, the last
@@ -38,14 +39,14 @@ QUEUE_MAX = 10_000  # records waiting for the thread; beyond this the backend is
 
 @dataclasses.dataclass(frozen=True)
 class WandbSettings:
-    """`config.logging.wandb*`, read by `build.plan`."""
+    """`config.logging.wandb*` (apo_jax/settings.py Logging), read by `build.plan`."""
 
-    enabled: bool = False
-    project: str = "apo_jax"
-    entity: str = ""  # "" = the API key's default entity
-    mode: str = "online"  # online | offline
-    group: str = ""  # "" = none; apo_jax.sweep sets it to the sweep
-    tags: tuple[str, ...] = ()  # apo_jax.sweep sets the arm and the seed
+    enabled: bool = settings.Logging.wandb
+    project: str = settings.Logging.wandb_project
+    entity: str = settings.Logging.wandb_entity
+    mode: str = settings.Logging.wandb_mode
+    group: str = settings.Logging.wandb_group
+    tags: tuple[str, ...] = settings.Logging.wandb_tags
 
 
 def check_installed() -> None:

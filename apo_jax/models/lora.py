@@ -6,11 +6,11 @@ models/decoder.py), typed `nnx.LoRAParam` so that one filter separates them from
 base is a separate argument shared by the train step, the scorer and the sampler.
 
 For a base weight of shape [*I, *O] (its input dims first; o_proj has two, [N, H, D]):
-  A: [*I, R]  logical axes (*the base's input axes, "lora_rank")   uniform(±1/sqrt(prod I))
-  B: [R, *O]  logical axes ("lora_rank", *the base's output axes)  zeros
+  A: [*I, r]  logical axes (*the base's input axes, "lora_rank")   uniform(±1/sqrt(prod I))
+  B: [r, *O]  logical axes ("lora_rank", *the base's output axes)  zeros
 so the adapters are split over the mesh as their base is (R is never split), and a fresh adapter
 changes nothing: B = 0 makes the delta exactly zero, hence the base's logits and samples.
-Shapes: R the LoRA rank, I / O a projection's flattened input / output size.
+Shapes: r the LoRA rank, I / O a projection's flattened input / output size.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ TARGETS = {
 IN_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2}
 IN_DIMS.update(gate_proj=1, up_proj=1, down_proj=1)
 BASE_DTYPES = ("bfloat16", "float32")  # model.lora.base_dtype
-RANK_AXIS = "lora_rank"  # logical axis of R (unsharded: infra/sharding.py)
+RANK_AXIS = "lora_rank"  # logical axis of r (unsharded: infra/sharding.py)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """model.lora.*: rank R > 0, alpha, the target projections, the adapters' dtype."""
+    """model.lora.*: rank r > 0, alpha, the target projections, the adapters' dtype."""
 
     rank: int
     alpha: float
@@ -114,8 +114,8 @@ def delta(
     a = a[...]
     b = getattr(module, f"{proj}_lora_b")[...]
     rank = b.shape[0]
-    a2 = a.reshape(-1, rank).astype(dtype)  # [I, R]
-    b2 = b.reshape(rank, -1).astype(dtype)  # [R, O]
+    a2 = a.reshape(-1, rank).astype(dtype)  # [I, r]
+    b2 = b.reshape(rank, -1).astype(dtype)  # [r, O]
     xa = jnp.einsum("BTI,IR->BTR", x.astype(dtype), a2, preferred_element_type=jnp.float32)
     xa = constrain((xa * scale).astype(dtype))  # [B, T, R]
     out = jnp.einsum("BTR,RO->BTO", xa, b2, preferred_element_type=jnp.float32)

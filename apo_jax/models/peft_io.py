@@ -170,7 +170,7 @@ def load_adapters(peft_dir: str, adapters: nnx.State, lora: lora_lib.LoRAConfig)
 
 
 def save_merged(params: nnx.State, lora: lora_lib.LoRAConfig, cfg, out_dir: str):
-    """A plain HF checkpoint of base + adapters merged, W + (alpha / R) · A B (what
+    """A plain HF checkpoint of base + adapters merged, W + (alpha / r) · A B (what
     transformers loads without peft). `params`: a LoRA model's whole state."""
     merged = lora_lib.merged_base(params, lora)
     stacked = not any(isinstance(p[1], int) for p, _ in nnx.to_flat_state(merged) if len(p) > 1)

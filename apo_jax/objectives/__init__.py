@@ -1,7 +1,9 @@
-"""Loss families (one module each) and the α/τ schedule. Importing the package registers every
-built-in objective; `registry.register` adds one from anywhere."""
+"""Loss families (one module each) and the α/τ schedule. `OBJECTIVES` lists them: a new loss is
+one module that declares an `Objective` and one line here."""
 
-from apo_jax.objectives import (  # noqa: F401  (registers)
+import ml_collections
+
+from apo_jax.objectives import (
     alpha_dpg,
     apo,
     cispo,
@@ -15,6 +17,42 @@ from apo_jax.objectives import (  # noqa: F401  (registers)
     sapo,
     tpo,
 )
-from apo_jax.objectives.registry import Context, Objective, default_config, get, names, register
+from apo_jax.objectives.registry import Context, Objective
 
-__all__ = ["Context", "Objective", "default_config", "get", "names", "register"]
+# config.loss.name -> the objective.
+OBJECTIVES: dict[str, Objective] = {
+    alpha_dpg.OBJECTIVE.name: alpha_dpg.OBJECTIVE,
+    apo.OBJECTIVE.name: apo.OBJECTIVE,
+    cispo.OBJECTIVE.name: cispo.OBJECTIVE,
+    clip_cov.OBJECTIVE.name: clip_cov.OBJECTIVE,
+    grpo.OBJECTIVE.name: grpo.OBJECTIVE,
+    dapo.OBJECTIVE.name: dapo.OBJECTIVE,
+    dr_grpo.OBJECTIVE.name: dr_grpo.OBJECTIVE,
+    fdiv.OBJECTIVE.name: fdiv.OBJECTIVE,
+    gspo.OBJECTIVE.name: gspo.OBJECTIVE,
+    kl_cov.OBJECTIVE.name: kl_cov.OBJECTIVE,
+    sapo.OBJECTIVE.name: sapo.OBJECTIVE,
+    tpo.OBJECTIVE.name: tpo.OBJECTIVE,
+}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(OBJECTIVES)
+
+
+def get(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"config.loss.name={name!r}: unknown loss; valid: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def default_config(name: str = "apo") -> ml_collections.ConfigDict:
+    """`config.loss`: the chosen name and one block per objective."""
+    c = ml_collections.ConfigDict()
+    c.name = name
+    for obj in OBJECTIVES.values():
+        c[obj.name] = ml_collections.ConfigDict(dict(obj.defaults))
+    return c
+
+
+__all__ = ["OBJECTIVES", "Context", "Objective", "default_config", "get", "names"]

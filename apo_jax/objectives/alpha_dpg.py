@@ -147,14 +147,12 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     )
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="alpha_dpg",
-        loss=_loss,
-        defaults=DEFAULTS,
-        reference=lambda p: True,  # the target is the reference model filtered by correctness
-        check=_check,
-        reads=("completion_mask", "old_logp", "ref_logp", "correct"),
-        doc="α-DPG: REINFORCE on the α-divergence pseudo-reward to π_ref filtered by correctness",
-    )
+OBJECTIVE = registry.Objective(
+    name="alpha_dpg",
+    loss=_loss,
+    defaults=DEFAULTS,
+    reference=lambda p: True,  # the target is the reference model filtered by correctness
+    check=_check,
+    reads=("completion_mask", "old_logp", "ref_logp", "correct"),
+    doc="α-DPG: REINFORCE on the α-divergence pseudo-reward to π_ref filtered by correctness",
 )

@@ -139,15 +139,13 @@ def _check(p) -> None:
         )
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="apo",
-        loss=_loss,
-        defaults=DEFAULTS,
-        schedule=True,
-        couples_rows=True,
-        check=_check,
-        inert=_inert,
-        doc="APO: α-divergence to the reward-tilted target on the anchored group simplex",
-    )
+OBJECTIVE = registry.Objective(
+    name="apo",
+    loss=_loss,
+    defaults=DEFAULTS,
+    schedule=True,
+    couples_rows=True,
+    check=_check,
+    inert=_inert,
+    doc="APO: α-divergence to the reward-tilted target on the anchored group simplex",
 )

@@ -9,7 +9,6 @@ is compiled, and gives the loss every field it has (None for the others).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
 import flax
 from jaxtyping import Array, Float
@@ -57,13 +56,15 @@ def check_reads(objective_name: str, reads, available) -> None:
         )
 
 
-def from_batch(batch: Mapping[str, Array], group_size: int, **extra) -> LossBatch:
-    """A LossBatch of the [B, ...] arrays of `batch` that are fields (others ignored), reshaped
-    to [P, G, ...]; `extra` fields (already [B, ...]) are added."""
+def from_batch(batch, group_size: int, **extra) -> LossBatch:
+    """A LossBatch of the [B, ...] arrays of `batch` (a trainer Batch or a mapping; `.get` by
+    name) that are fields, reshaped to [P, G, ...]; `extra` fields ([B, ...]) replace or add."""
     g = group_size
-    grouped = {
-        k: v.reshape(v.shape[0] // g, g, *v.shape[1:])
-        for k, v in {**batch, **extra}.items()
-        if k in FIELDS and v is not None
-    }
-    return LossBatch(**grouped)
+    values = {f: extra[f] if f in extra else batch.get(f) for f in FIELDS}
+    return LossBatch(
+        **{
+            k: v.reshape(v.shape[0] // g, g, *v.shape[1:])
+            for k, v in values.items()
+            if v is not None
+        }
+    )

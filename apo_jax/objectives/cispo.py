@@ -82,13 +82,11 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     return cispo_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="cispo",
-        loss=_loss,
-        defaults=DEFAULTS,
-        check=_check,
-        inert=_inert,
-        doc="CISPO: REINFORCE with clipped stop-gradient IS weights, token-mean",
-    )
+OBJECTIVE = registry.Objective(
+    name="cispo",
+    loss=_loss,
+    defaults=DEFAULTS,
+    check=_check,
+    inert=_inert,
+    doc="CISPO: REINFORCE with clipped stop-gradient IS weights, token-mean",
 )

@@ -65,9 +65,9 @@ def take_first(
 ) -> Bool[Array, "P G T"]:
     """The min(k, #eligible) eligible tokens of smallest priority (ties: lowest flat index, the
     order of verl's [rows, T] layout with rows grouped by prompt)."""
-    flat = jnp.where(eligible, priority, jnp.inf).reshape(-1)  # [N]
-    order = jnp.argsort(flat, stable=True)  # [N]
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size))  # [N]
+    flat = jnp.where(eligible, priority, jnp.inf).reshape(-1)  # [P·G·T]
+    order = jnp.argsort(flat, stable=True)  # [P·G·T]
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size))  # [P·G·T]
     return eligible & (rank.reshape(priority.shape) < k)
 
 
@@ -189,15 +189,13 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     )
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="clip_cov",
-        loss=_loss,
-        defaults=DEFAULTS,
-        # The cut tokens depend on batch-wide covariance means and a batch-wide draw.
-        couples_rows=True,
-        check=_check,
-        inert=_inert,
-        doc="Clip-Cov: PPO clip, gradient cut on random high-covariance tokens",
-    )
+OBJECTIVE = registry.Objective(
+    name="clip_cov",
+    loss=_loss,
+    defaults=DEFAULTS,
+    # The cut tokens depend on batch-wide covariance means and a batch-wide draw.
+    couples_rows=True,
+    check=_check,
+    inert=_inert,
+    doc="Clip-Cov: PPO clip, gradient cut on random high-covariance tokens",
 )

@@ -149,7 +149,7 @@ def aggregate(
         rows = tok_sum.size
         chunks = -(-rows // agg_rows)
         pad = chunks * agg_rows - rows
-        per_row = jnp.stack([tok_sum.reshape(-1), n_tok.reshape(-1)], -1)  # [R, 2]
+        per_row = jnp.stack([tok_sum.reshape(-1), n_tok.reshape(-1)], -1)  # [B, 2]
         per_row = jnp.pad(per_row, ((0, pad), (0, 0)))  # [chunks·agg_rows, 2]
         per_chunk = per_row.reshape(chunks, agg_rows, 2).sum(1)  # [chunks, 2]
         chunk_mean = per_chunk[:, 0] / jnp.maximum(per_chunk[:, 1], 1.0)  # [chunks]

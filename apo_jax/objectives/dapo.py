@@ -62,12 +62,10 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     )
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="dapo",
-        loss=_loss,
-        defaults=DEFAULTS,
-        check=lambda p: grpo.check_ppo_clip("dapo", p),
-        doc="DAPO: clip-higher, token-mean aggregation, no KL",
-    )
+OBJECTIVE = registry.Objective(
+    name="dapo",
+    loss=_loss,
+    defaults=DEFAULTS,
+    check=lambda p: grpo.check_ppo_clip("dapo", p),
+    doc="DAPO: clip-higher, token-mean aggregation, no KL",
 )

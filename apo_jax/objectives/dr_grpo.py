@@ -51,12 +51,10 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     )
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="dr_grpo",
-        loss=_loss,
-        defaults=DEFAULTS,
-        check=lambda p: grpo.check_ppo_clip("dr_grpo", p),
-        doc="Dr.GRPO: unnormalised advantages, token sums over a fixed length",
-    )
+OBJECTIVE = registry.Objective(
+    name="dr_grpo",
+    loss=_loss,
+    defaults=DEFAULTS,
+    check=lambda p: grpo.check_ppo_clip("dr_grpo", p),
+    doc="Dr.GRPO: unnormalised advantages, token sums over a fixed length",
 )

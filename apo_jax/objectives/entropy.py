@@ -6,7 +6,7 @@ entropy of the full-vocabulary policy over the update's completion tokens (after
 rejection). H_{i,t} = −Σ_v π_v log π_v comes from the fused log-prob kernel
 (trainer/logprobs.py): an online pass over vocabulary chunks, so no [B, T, V] float32 array is
 formed, forward or backward; its backward recomputes each chunk's logits once, as the log-prob
-gradient does (one extra [N, C] elementwise term per chunk).
+gradient does (one extra [B·T, C] elementwise term per chunk).
 
 Adaptive mode (`entropy_target` > 0), Skywork-OR1's adaptive entropy control (arXiv 2505.22312,
 SkyworkAI/Skywork-OR1 `EntController`): the state (coefficient c_k, switch e_k ∈ {0, 1}) starts
@@ -29,16 +29,19 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from apo_jax import settings
+
 
 @dataclasses.dataclass(frozen=True)
 class EntropyConfig:
-    """loss.entropy_coef, loss.entropy_target, loss.entropy_coef_{delta,min,max}."""
+    """loss.entropy_coef, _target, _coef_delta, _coef_min, _coef_max (apo_jax/settings.py Loss):
+    c or the adaptive c_0; H_target (> 0: adaptive, in nats); Δ; c_min; c_max."""
 
-    coef: float = 0.0  # fixed coefficient c, or the adaptive mode's initial c_0
-    target: float = 0.0  # > 0: adaptive mode, target mean token entropy (nats); 0 = fixed c
-    delta: float = 1e-4  # adaptive: step Δ of c per update (Skywork-OR1: 1e-4)
-    coef_min: float = 0.0  # adaptive: lower clip of c
-    coef_max: float = 5e-3  # adaptive: upper clip of c (Skywork-OR1: 0.005)
+    coef: float = settings.Loss.entropy_coef
+    target: float = settings.Loss.entropy_target
+    delta: float = settings.Loss.entropy_coef_delta  # Skywork-OR1: 1e-4
+    coef_min: float = settings.Loss.entropy_coef_min
+    coef_max: float = settings.Loss.entropy_coef_max  # Skywork-OR1: 0.005
 
     @property
     def adaptive(self) -> bool:

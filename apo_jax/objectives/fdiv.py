@@ -128,15 +128,13 @@ def _check(p) -> None:
     simplex.check_params("fdiv", p)
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="fdiv",
-        loss=_loss,
-        defaults=DEFAULTS,
-        schedule=True,
-        couples_rows=True,
-        check=_check,
-        inert=simplex.inert_keys,
-        doc="f-divergence (forward/reverse KL, JS, Hellinger, α) on the anchored group simplex",
-    )
+OBJECTIVE = registry.Objective(
+    name="fdiv",
+    loss=_loss,
+    defaults=DEFAULTS,
+    schedule=True,
+    couples_rows=True,
+    check=_check,
+    inert=simplex.inert_keys,
+    doc="f-divergence (forward/reverse KL, JS, Hellinger, α) on the anchored group simplex",
 )

@@ -139,15 +139,13 @@ def _loss(logp, b, ctx, *, kl_coef, **params) -> LossOutput:
     )
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="grpo",
-        loss=_loss,
-        defaults=DEFAULTS,
-        reference=lambda p: p["kl_coef"] > 0,
-        check=_check,
-        reads=("completion_mask", "old_logp", "rewards", "ref_logp", "is_weight"),
-        inert=_inert,
-        doc="GRPO: clipped token ratios, group-normalised advantages, optional KL",
-    )
+OBJECTIVE = registry.Objective(
+    name="grpo",
+    loss=_loss,
+    defaults=DEFAULTS,
+    reference=lambda p: p["kl_coef"] > 0,
+    check=_check,
+    reads=("completion_mask", "old_logp", "rewards", "ref_logp", "is_weight"),
+    inert=_inert,
+    doc="GRPO: clipped token ratios, group-normalised advantages, optional KL",
 )

@@ -76,12 +76,10 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     return gspo_loss(logp, b.old_logp, b.completion_mask, b.rewards, **params)
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="gspo",
-        loss=_loss,
-        defaults=DEFAULTS,
-        check=lambda p: grpo.check_ppo_clip("gspo", p),
-        doc="GSPO: clipped length-normalised sequence ratios",
-    )
+OBJECTIVE = registry.Objective(
+    name="gspo",
+    loss=_loss,
+    defaults=DEFAULTS,
+    check=lambda p: grpo.check_ppo_clip("gspo", p),
+    doc="GSPO: clipped length-normalised sequence ratios",
 )

@@ -86,13 +86,11 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     return kl_cov_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="kl_cov",
-        loss=_loss,
-        defaults=DEFAULTS,
-        couples_rows=True,  # the penalised tokens are a batch-wide top-k by covariance
-        check=_check,
-        doc="KL-Cov: unclipped ratio, |log-ratio| penalty on the top-covariance tokens",
-    )
+OBJECTIVE = registry.Objective(
+    name="kl_cov",
+    loss=_loss,
+    defaults=DEFAULTS,
+    couples_rows=True,  # the penalised tokens are a batch-wide top-k by covariance
+    check=_check,
+    doc="KL-Cov: unclipped ratio, |log-ratio| penalty on the top-covariance tokens",
 )

@@ -1,4 +1,4 @@
-"""Objectives as plug-ins. Each loss family is one module that declares an `Objective`: its loss,
+"""What an objective declares. Each loss family is one module declaring an `Objective`: its loss,
 its config block `config.loss.<name>.*` with the family's canonical defaults, and what it needs
 from the trainer. The train step reads these declarations, never loss names.
 
@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
-
-import ml_collections
 
 from apo_jax.objectives import batch as batch_lib
 from apo_jax.objectives.common import LossOutput
@@ -59,41 +57,13 @@ class Objective:
     # under these settings (e.g. an estimator's type while its coefficient is 0).
     inert: Callable[[Mapping[str, Any]], Mapping[str, str]] = lambda params: {}
 
-
-_REGISTRY: dict[str, Objective] = {}
-
-
-def register(objective: Objective) -> Objective:
-    """Adds an objective (a new loss module calls this once, or a test does)."""
-    if objective.name in _REGISTRY and _REGISTRY[objective.name] is not objective:
-        raise ValueError(f"an objective named {objective.name!r} is already registered")
-    unknown = [f for f in objective.reads if f not in batch_lib.FIELDS]
-    if unknown:
-        raise ValueError(
-            f"objective {objective.name!r} reads {unknown}, not LossBatch fields "
-            f"({', '.join(batch_lib.FIELDS)})"
-        )
-    _REGISTRY[objective.name] = objective
-    return objective
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
-def get(name: str) -> Objective:
-    if name not in _REGISTRY:
-        raise ValueError(f"config.loss.name={name!r}: unknown loss; valid: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
-
-
-def default_config(name: str = "apo") -> ml_collections.ConfigDict:
-    """`config.loss`: the chosen name and one block per registered objective."""
-    c = ml_collections.ConfigDict()
-    c.name = name
-    for obj in _REGISTRY.values():
-        c[obj.name] = ml_collections.ConfigDict(dict(obj.defaults))
-    return c
+    def __post_init__(self):
+        unknown = [f for f in self.reads if f not in batch_lib.FIELDS]
+        if unknown:
+            raise ValueError(
+                f"objective {self.name!r} reads {unknown}, not LossBatch fields "
+                f"({', '.join(batch_lib.FIELDS)})"
+            )
 
 
 def fail(key: str, value, why: str):

@@ -76,12 +76,10 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     return sapo_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="sapo",
-        loss=_loss,
-        defaults=DEFAULTS,
-        check=_check,
-        doc="SAPO: soft sigmoid gate with sign-dependent temperatures instead of a clip",
-    )
+OBJECTIVE = registry.Objective(
+    name="sapo",
+    loss=_loss,
+    defaults=DEFAULTS,
+    check=_check,
+    doc="SAPO: soft sigmoid gate with sign-dependent temperatures instead of a clip",
 )

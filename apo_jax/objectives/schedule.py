@@ -23,54 +23,27 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from apo_jax import settings
 from apo_jax.objectives import simplex
 
-MODES = ("legacy", "ess", "fixed")
-SCOPES = ("group", "batch")
+MODES, SCOPES = settings.SCHEDULE_MODES, settings.SCHEDULE_SCOPES
 _ESS_ALPHA_BOUNDS = (1e-3, 1.0 - 1e-3)  # Appendix A's final clip
 # Keys the ESS rule shares with the anchored-simplex objectives (it rebuilds their p and q).
 SIMPLEX_KEYS = ("beta_r", "scale_rewards", "clip_log_ratio", "clip_score", "target")
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleConfig:
-    """Schedule constants; defaults are the reference code's (spec §2 table, Appendix A)."""
+class ScheduleConfig(settings.Schedule):
+    """config.schedule.* (their defaults, ranges and meanings: apo_jax/settings.py Schedule,
+    the reference code's, spec §2 table, Appendix A; checked on construction), plus:"""
 
-    mode: str = "legacy"  # "legacy" (§2 rule), "ess" (Appendix A) or "fixed"
-    scope: str = "group"  # statistics per prompt group or over the whole batch
-    alpha: float = 0.9  # α used when mode == "fixed"
-    alpha_max: float = 0.9  # coverage end (forward-KL-like)
-    alpha_min: float = 0.35  # mode-seeking end
-    adaptive_tau: bool = True  # τ rule of §2; otherwise τ = tau0
-    tau0: float = 0.5  # base anchoring temperature
-    a_tau: float = 0.2  # τ weight on the anchor's normalised NLL (H_stat)
-    b_tau: float = 0.5  # τ weight on −confidence·signal
-    tau_min: float = 0.2
-    tau_max: float = 1.5
     vocab_size: int = 151936  # V in the ln V normalisation of per-token NLL (Qwen3)
-    use_ema: bool = False  # legacy mode: α ← m·α_ema + (1 − m)·α_t
-    ema_momentum: float = 0.9
-    ess_target_frac: float = 0.5  # ESS mode: target ESS = frac·G
-    ess_candidates: int = 11  # ESS mode: α grid size over [alpha_min, alpha_max]
-    ess_warmup_calls: int = 10  # ESS mode: α = α_max for this many first calls
-    ess_momentum: float = 0.9  # ESS mode: α ← clip(m·α_prev + (1 − m)·α*, α_prev ± max_step)
-    ess_max_step: float = 0.05
     # The ESS mode rebuilds p = softmax(u) and q as the loss does; keep these equal to the loss's.
     beta_r: float = 0.3
     scale_rewards: bool = False
     clip_log_ratio: float = 5.0
     clip_score: float = 10.0
     target: str = "softmax"
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        if not 0.0 < self.alpha_min <= self.alpha_max <= 1.0 or not 0.0 < self.alpha <= 1.0:
-            raise ValueError("need 0 < alpha_min <= alpha_max <= 1 and 0 < alpha <= 1")
-        if not 0.0 < self.tau_min <= self.tau_max:
-            raise ValueError("need 0 < tau_min <= tau_max")
 
 
 def alpha_floor(alpha_min: float, alpha_max: float, group_size: int) -> float:
@@ -169,7 +142,7 @@ def _ess_alpha(cfg: ScheduleConfig, ell, ell_ref, rewards, tau):
     log_q = simplex.target_log_q(rewards, cfg.beta_r, cfg.scale_rewards, cfg.target)  # [P, G]
     grid = jnp.linspace(cfg.alpha_min, cfg.alpha_max, cfg.ess_candidates)
     grid = grid[:, None, None]  # [K, 1, 1]
-    log_w = jax.nn.log_softmax(grid * log_q + (1.0 - grid) * log_p, axis=-1)  # [K, P, G]
+    log_w = jax.nn.log_softmax(grid * log_q + (1.0 - grid) * log_p, axis=-1)  # [candidates, P, G]
     ess = (1.0 / jnp.exp(2.0 * log_w).sum(-1)).mean(-1)  # [K]
     k = jnp.argmin(jnp.abs(ess - cfg.ess_target_frac * ell.shape[-1]))
     return grid[k, 0, 0], ess[k]

@@ -91,13 +91,11 @@ def _loss(logp, b, ctx, **params) -> LossOutput:
     return tpo_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
 
 
-OBJECTIVE = registry.register(
-    registry.Objective(
-        name="tpo",
-        loss=_loss,
-        defaults=DEFAULTS,
-        couples_rows=True,  # a softmax over each prompt's group
-        check=_check,
-        doc="TPO: cross-entropy to the group target q ∝ p_old·exp(standardised reward / η)",
-    )
+OBJECTIVE = registry.Objective(
+    name="tpo",
+    loss=_loss,
+    defaults=DEFAULTS,
+    couples_rows=True,  # a softmax over each prompt's group
+    check=_check,
+    doc="TPO: cross-entropy to the group target q ∝ p_old·exp(standardised reward / η)",
 )

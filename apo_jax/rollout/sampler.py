@@ -53,6 +53,8 @@ class SampleOutput(NamedTuple):
     mask: Bool[Array, "B T"]  # True for generated tokens, the stop token included
     lengths: Int[Array, " B"]  # number of generated tokens (= mask.sum(-1))
     truncated: Bool[Array, " B"]  # True when a row reached max_new_tokens without a stop id
+    prompt_ids: Int[Array, "B Tp"]  # each row's prompt, left-padded to the call's bucket
+    prompt_mask: Int[Array, "B Tp"]  # 1 on the real prompt tokens
 
 
 @jax.tree_util.register_dataclass
@@ -188,12 +190,12 @@ class Sampler:
                 params, ids, lengths, rng, row_ids, n=n, sp=sp, on_finished=on_finished
             )
             self._stats = self._continuous.stats
-            return _finish_rows(rows, self.max_new_tokens)
+            return _finish_rows(rows, self.max_new_tokens, ids, lengths, n)
         ids, lengths, row_ids = self._global_rows(ids, lengths, row_ids)
         state = self.prefill(params, ids, lengths, rng, row_ids, n=n, sampling=sp)
         if self.max_new_tokens > 1:  # prefill already drew the first token
             state = self.decode(params, state, sampling=sp)
-        out = _finish(state, self.max_new_tokens)
+        out = _finish(state, self.max_new_tokens, ids, lengths, n)
         steps, rows = state.step - 1, state.last.shape[0]
         self._stats = dict(device_calls=3 if self.max_new_tokens > 1 else 2, host_syncs=0)
         self._stats.update(decode_steps=steps, slot_steps=steps * rows, slots=rows)
@@ -395,16 +397,26 @@ def _cast_to(x, dtype, sharding):
     return jax.lax.with_sharding_constraint(x.astype(dtype), sharding)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _finish(s: DecodeState, max_new_tokens: int) -> SampleOutput:
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _finish(s: DecodeState, max_new_tokens: int, ids, lengths, n: int) -> SampleOutput:
     mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [B, T]
-    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.done)
+    prompts = _prompt_rows(ids, lengths, n)
+    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.done, *prompts)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _finish_rows(s: continuous_lib.Rows, max_new_tokens: int) -> SampleOutput:
-    mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [R, T]
-    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.stopped)
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _finish_rows(s: continuous_lib.Rows, max_new_tokens: int, ids, lengths, n) -> SampleOutput:
+    mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [B, T]
+    prompts = _prompt_rows(ids, lengths, n)
+    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.stopped, *prompts)
+
+
+def _prompt_rows(ids, lengths, n: int):
+    """Each row's left-padded prompt ids and mask [B, Tp] (prompt rows repeated n times)."""
+    tp = ids.shape[1]
+    prompt_mask = (jnp.arange(tp)[None, :] >= tp - lengths[:, None]).astype(jnp.int32)  # [B, Tp]
+    rep = lambda x: jnp.repeat(x, n, axis=0)  # prompt rows -> their n completion rows
+    return rep(ids), rep(prompt_mask)
 
 
 def _as_key(rng):

@@ -1,12 +1,38 @@
-"""Tasks: prompts, vocabulary facts and host-side rewards. Importing the package registers the
-built-in tasks (toy, toy_sorted, math); `registry.register` adds one from anywhere."""
+"""Tasks: prompts, vocabulary facts and host-side rewards. `TASKS` lists them: a new task is one
+module that declares a `TaskSpec` and one line here."""
 
-from apo_jax.tasks import math, toy  # noqa: F401  (registers)
+import ml_collections
+
+from apo_jax.tasks import math, toy
 from apo_jax.tasks.base import Example, Task, distinct_correct, trim_completion
-from apo_jax.tasks.registry import TaskContext, TaskSpec, default_config, get, names, register
+from apo_jax.tasks.registry import TaskContext, TaskSpec
 from apo_jax.tasks.toy import ToyTask
 
+# config.task.name -> the task's spec.
+TASKS: dict[str, TaskSpec] = {s.name: s for s in (math.SPEC, *toy.SPECS)}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(TASKS)
+
+
+def get(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"config.task.name={name!r}: unknown task; valid: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+    """`config.task`: the chosen name and one block per task."""
+    c = ml_collections.ConfigDict()
+    c.name = name
+    for spec in TASKS.values():
+        c[spec.name] = ml_collections.ConfigDict(dict(spec.defaults))
+    return c
+
+
 __all__ = [
+    "TASKS",
     "Example",
     "Task",
     "TaskContext",
@@ -16,6 +42,5 @@ __all__ = [
     "distinct_correct",
     "get",
     "names",
-    "register",
     "trim_completion",
 ]

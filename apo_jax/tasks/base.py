@@ -4,7 +4,7 @@ vocabulary facts (size, EOS, PAD) and a host-side reward over sampled completion
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -35,12 +35,24 @@ class Task(Protocol):
     def score(
         self, examples: Sequence[Example], completions: Sequence[Sequence[int]]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(rewards float32 [N], correct bool [N]): the training reward and whether the answer
+        """(rewards float32 [B], correct bool [B]): the training reward and whether the answer
         is right (what DAPO's dynamic sampling filters on; a shaped reward may be < 1 or differ
         between equally right answers)."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def answer_keys(
+        self, examples: Sequence[Example], completions: Sequence[Sequence[int]]
+    ) -> list[Hashable]:
+        """What makes two correct completions of a prompt different answers (evaluation's
+        `distinct_correct_answers`): e.g. the permutation found, or the extracted final answer.
+        Only the keys of correct completions are read."""
+        ...
+
+    def close(self) -> None:
+        """Releases what the task holds (reward worker processes); it may be used again."""
+        ...
 
 
 def trim_completion(ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[int, ...]:

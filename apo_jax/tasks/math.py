@@ -231,24 +231,6 @@ class MathTask:
         )
         return [base.Example(tuple(x), p.answer, p.uid) for x, p in zip(ids, problems, strict=True)]
 
-    @classmethod
-    def from_files(
-        cls,
-        *,
-        train_path: str | os.PathLike | None = None,  # default: MATH train split
-        eval_path: str | os.PathLike | None = None,  # default: MATH test split
-        tokenizer_path: str | os.PathLike | None = None,  # default: DEFAULT_DATA_DIR/qwen3
-        levels: Sequence[int] | int | None = (3,),
-        subjects: Sequence[str] | str | None = None,
-        skip_malformed: bool = False,
-        **kwargs,
-    ) -> MathTask:
-        """MATH (Level 3 by default, spec §3.1) from JSONL/Parquet files; kwargs go to __init__."""
-        filt = dict(levels=levels, subjects=subjects, skip_malformed=skip_malformed)
-        train = load_math(train_path, split="train", **filt)
-        eval_ = load_math(eval_path, split="test", **filt)
-        return cls(train.problems, eval_.problems, load_tokenizer(tokenizer_path), **kwargs)
-
     def train_examples(self) -> Sequence[base.Example]:
         return self._train
 
@@ -280,6 +262,11 @@ class MathTask:
         texts = self.completion_texts(completions)
         answers = [e.answer for e in examples]
         return self._pool.score(texts, answers, self.reward_name, self.extraction)
+
+    def answer_keys(self, examples, completions) -> list[str]:
+        """The final answer (strict extraction), whitespace-normalised."""
+        texts = self.completion_texts(completions)
+        return [" ".join((rewards_lib.extract_answer(t) or "").split()) for t in texts]
 
     def close(self) -> None:
         """Stops the reward workers (they are restarted if rewards are asked for again)."""
@@ -377,8 +364,6 @@ def _check(p) -> None:
         registry.fail("math.level", p["level"], "MATH levels are 1..5 (0 = all levels)")
 
 
-registry.register(
-    registry.TaskSpec(
-        "math", _build, DEFAULTS, _check, doc="Hendrycks MATH prompts, verified math rewards"
-    )
+SPEC = registry.TaskSpec(
+    "math", _build, DEFAULTS, _check, doc="Hendrycks MATH prompts, verified math rewards"
 )

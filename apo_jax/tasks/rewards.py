@@ -203,11 +203,6 @@ def check_answer(pred: str | None, gold: str, timeout_s: float | None = 5.0) -> 
         return TIMED_OUT
 
 
-def is_equivalent(pred: str, gold: str, timeout_s: float | None = 5.0) -> bool:
-    """Whether two answers are mathematically equal (a timeout counts as not equal)."""
-    return check_answer(pred, gold, timeout_s) == CORRECT
-
-
 # --- rewards -------------------------------------------------------------------------------------
 
 
@@ -230,11 +225,6 @@ def shaped_reward(text: str, correct: bool) -> float:
     if rep > 0.3:
         return -0.5
     return min(len(text) / 2000.0, 0.1) - 0.25 * rep
-
-
-def plain_correctness(completion: str, answer: str, timeout_s: float | None = 5.0) -> float:
-    """1.0 if the completion's final answer equals the reference answer, else 0.0."""
-    return float(check_answer(extract_answer(completion), answer, timeout_s) == CORRECT)
 
 
 def good_accuracy(completion: str, answer: str, timeout_s: float | None = 5.0) -> float:
@@ -360,7 +350,7 @@ class RewardPool:
         return started
 
     def check(self, preds: Sequence[str | None], golds: Sequence[str]) -> np.ndarray:
-        """Outcome codes (CORRECT / WRONG / TIMED_OUT, int8 [N]) of extracted answers."""
+        """Outcome codes (CORRECT / WRONG / TIMED_OUT, int8 [B]) of extracted answers."""
         if len(preds) != len(golds):
             raise ValueError(f"check: {len(preds)} answers but {len(golds)} references")
         codes = np.full(len(preds), WRONG, dtype=np.int8)
@@ -423,7 +413,7 @@ class RewardPool:
         reward_name: str = "good_accuracy",
         extraction: str = "strict",
     ) -> np.ndarray:
-        """float32 [N] rewards ('good_accuracy' or 'correct') of decoded completions."""
+        """float32 [B] rewards ('good_accuracy' or 'correct') of decoded completions."""
         return self.score(completions, answers, reward_name, extraction)[0]
 
     def score(
@@ -433,7 +423,7 @@ class RewardPool:
         reward_name: str = "good_accuracy",
         extraction: str = "strict",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 rewards [N], bool correct [N]): correct is the CORRECT outcome code (a timeout
+        """(float32 rewards [B], bool correct [B]): correct is the CORRECT outcome code (a timeout
         is not correct), the reward is shaped from it."""
         validate_reward_name(reward_name)
         codes = self.check([extract_answer(c, extraction) for c in completions], answers)

@@ -145,6 +145,12 @@ class ToyTask:
         rewards = self.rewards(examples, completions)
         return rewards, rewards >= 1.0
 
+    def answer_keys(self, examples, completions) -> list[int | None]:
+        return [self.answer_rank(e, c) for e, c in zip(examples, completions, strict=True)]
+
+    def close(self) -> None:
+        pass  # nothing held
+
     def answer_rank(self, example: Example, completion: Sequence[int]) -> int | None:
         """Which correct answer a completion hit: the lexicographic rank of its permutation of
         the prompt values (0 .. k!-1), or None if it is not fully correct."""
@@ -224,13 +230,13 @@ def _check(name: str):
     return check
 
 
-for _name, _ordered in (("toy", False), ("toy_sorted", True)):
-    registry.register(
-        registry.TaskSpec(
-            _name,
-            _builder(_ordered),
-            DEFAULTS,
-            _check(_name),
-            doc="copy a set of values " + ("in ascending order" if _ordered else "in any order"),
-        )
+SPECS = tuple(
+    registry.TaskSpec(
+        name,
+        _builder(ordered),
+        DEFAULTS,
+        _check(name),
+        doc="copy a set of values " + ("in ascending order" if ordered else "in any order"),
     )
+    for name, ordered in (("toy", False), ("toy_sorted", True))
+)

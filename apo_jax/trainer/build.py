@@ -21,7 +21,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from apo_jax import objectives, tasks
+from apo_jax import objectives, settings, tasks
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import tracking
 from apo_jax.models import decoder as model_lib
@@ -34,51 +34,9 @@ from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.trainer import step as step_lib
 from apo_jax.trainer import validate
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelSettings:
-    preset: str  # preset name for random init (when hf_dir is empty)
-    vocab_size: int  # random init: 0 = the preset's, -1 = the task's
-    hf_dir: str  # Hugging Face model directory ("" = random init)
-    param_dtype: Any  # jnp dtype of the learner's parameters
-    dtype: Any  # jnp compute dtype
-    remat: str  # models/decoder.py REMAT_POLICIES name
-    attention: str  # models/attention.py IMPLS
-    scan_layers: bool  # stacked [L, ...] layers under lax.scan
-    logprob_precision: str = "default"  # scoring: default | float32 (activations, matmuls)
-    lora: lora_lib.LoRAConfig | None = None  # model.lora.* (None: rank 0, full fine-tune)
-    base_dtype: Any = None  # model.lora.base_dtype: the frozen base's dtype under LoRA
-    peft_dir: str = ""  # model.lora.peft_dir: PEFT adapters to start from
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutSettings:
-    prompts_per_step: int  # P
-    group_size: int  # G
-    max_prompt_len: int
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    dynamic_sampling: bool
-    max_refill_rounds: int
-    overlong_buffer: int
-    cache_dtype: str  # auto | float32 | bfloat16 (`cache_dtype(plan)` resolves auto)
-    rows_per_chunk: int = 0  # rows per sampler call, per process (0 = all rows at once)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSettings:
-    lr: float
-    warmup_steps: int
-    decay: str
-    b1: float
-    b2: float
-    weight_decay: float
-    grad_clip: float
-    mini_batches: int
-    micro_batches: int
-    logprob_chunk: int
+# The plan's blocks: each field of these is declared once, with its default, range and meaning,
+# in apo_jax/settings.py.
+ModelSettings, RolloutSettings, OptimSettings = settings.Model, settings.Rollout, settings.Optim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +62,12 @@ class Plan:
     plots: bool
     progress: bool
     record: Mapping[str, Any]  # the config as plain data (config.json, checkpoint records)
-    rollout_correction: str = "none"  # loss.rollout_correction (trainer/rollout_correction.py)
-    rollout_correction_cap: float = 2.0  # loss.rollout_correction_cap, C > 1
-    eval_rows_per_chunk: int = 0  # eval.rows_per_chunk (trainer/evaluate.py rows_per_call)
-    wandb: tracking.WandbSettings = tracking.WandbSettings()  # logging.wandb*
-    entropy: entropy_lib.EntropyConfig = entropy_lib.EntropyConfig()  # loss.entropy_*
+    rollout_correction: str  # loss.rollout_correction (trainer/rollout_correction.py)
+    rollout_correction_cap: float  # loss.rollout_correction_cap
+    eval_rows_per_chunk: int  # eval.rows_per_chunk (trainer/evaluate.py rows_per_call)
+    wandb: tracking.WandbSettings  # logging.wandb*
+    entropy: entropy_lib.EntropyConfig  # loss.entropy_*
+    loss: settings.Loss  # the keys of config.loss any objective reads (loss.anchor, ...)
 
     @property
     def updates_total(self) -> int:
@@ -119,8 +78,16 @@ class Plan:
 
 
 def plan(c: ml_collections.ConfigDict) -> Plan:
-    """Validates the config (errors name the key) and reads every key into a `Plan`."""
-    validate.check_config(c)
+    """Validates the config (errors name the key) and reads every key into a `Plan`. A key the
+    config lacks (a record written before the key existed) reads as its default."""
+    read = settings.read
+    run, lo = read(settings.Run, c), read(settings.Lora, c.model.lora)
+    model = read(settings.Model, c.model, base_dtype=jnp.dtype(lo.base_dtype), peft_dir=lo.peft_dir)
+    model = dataclasses.replace(model, lora=lora_config(lo, model.param_dtype, run.seed))
+    rollout, loss = read(settings.Rollout, c.rollout), read(settings.Loss, c.loss)
+    sched, optim = read(schedule_lib.ScheduleConfig, c.schedule), read(settings.Optim, c.optim)
+    mesh, ck = read(settings.Mesh, c.mesh), read(settings.Checkpoint, c.checkpoint)
+    ev, lg = read(settings.Eval, c.eval), read(settings.Logging, c.logging)
     objective = objectives.get(c.loss.name)
     loss_params = dict(c.loss[objective.name])
     validate.check_block(f"loss.{objective.name}", loss_params, objective.defaults)
@@ -133,117 +100,58 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     blocks = {f"loss.{n}": objectives.get(n) for n in objectives.names()}
     blocks.update({f"task.{n}": tasks.get(n) for n in tasks.names()})
     validate.check_unused_blocks(c, {k: (b.defaults, b.check) for k, b in blocks.items()})
-    m, r, o, s = c.model, c.rollout, c.optim, c.schedule
-    return Plan(
-        seed=c.seed,
-        total_steps=c.total_steps,
-        model=ModelSettings(
-            preset=m.preset,
-            vocab_size=m.vocab_size,
-            hf_dir=m.hf_dir,
-            param_dtype=jnp.dtype(m.param_dtype),
-            dtype=jnp.dtype(m.dtype),
-            remat=model_lib.check_remat(m.remat),
-            attention=m.attention,
-            scan_layers=m.scan_layers,
-            logprob_precision=m.logprob_precision,
-            lora=lora_config(m, c.seed),
-            base_dtype=jnp.dtype(m.lora.base_dtype),
-            peft_dir=m.lora.peft_dir,
-        ),
+    # The ESS rule rebuilds p and q as the loss does: same constants as its block.
+    simplex = {k: loss_params[k] for k in schedule_lib.SIMPLEX_KEYS if k in loss_params}
+    p = Plan(
+        seed=run.seed,
+        total_steps=run.total_steps,
+        model=model,
         task=task,
         task_params=task_params,
-        rollout=RolloutSettings(
-            prompts_per_step=r.prompts_per_step,
-            group_size=r.group_size,
-            max_prompt_len=r.max_prompt_len,
-            max_new_tokens=r.max_new_tokens,
-            temperature=r.temperature,
-            top_k=r.top_k,
-            top_p=r.top_p,
-            dynamic_sampling=r.dynamic_sampling,
-            max_refill_rounds=r.max_refill_rounds,
-            overlong_buffer=r.overlong_buffer,
-            cache_dtype=r.cache_dtype,
-            rows_per_chunk=r.rows_per_chunk,
-        ),
+        rollout=rollout,
         objective=objective,
         loss_params=loss_params,
-        schedule=schedule_lib.ScheduleConfig(
-            mode=s.mode,
-            scope=s.scope,
-            alpha=s.alpha,
-            alpha_max=s.alpha_max,
-            alpha_min=s.alpha_min,
-            adaptive_tau=s.adaptive_tau,
-            tau0=s.tau0,
-            a_tau=s.a_tau,
-            b_tau=s.b_tau,
-            tau_min=s.tau_min,
-            tau_max=s.tau_max,
-            use_ema=s.use_ema,
-            ema_momentum=s.ema_momentum,
-            ess_target_frac=s.ess_target_frac,
-            ess_candidates=s.ess_candidates,
-            ess_warmup_calls=s.ess_warmup_calls,
-            ess_momentum=s.ess_momentum,
-            ess_max_step=s.ess_max_step,
-            # The ESS rule rebuilds p and q as the loss does: same constants as its block.
-            **{k: loss_params[k] for k in schedule_lib.SIMPLEX_KEYS if k in loss_params},
-        ),
-        optim=OptimSettings(
-            lr=o.lr,
-            warmup_steps=o.warmup_steps,
-            decay=o.decay,
-            b1=o.b1,
-            b2=o.b2,
-            weight_decay=o.weight_decay,
-            grad_clip=o.grad_clip,
-            mini_batches=o.mini_batches,
-            micro_batches=o.micro_batches,
-            logprob_chunk=o.logprob_chunk,
-        ),
-        mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
-        checkpoint_every=c.checkpoint.every_steps,
-        checkpoint_keep=c.checkpoint.keep,
-        eval_every=c.eval.every_steps,
-        eval_prompts=c.eval.num_prompts,
-        tensorboard=c.logging.tensorboard,
-        plots=c.logging.plots,
-        progress=c.logging.progress,
+        schedule=dataclasses.replace(sched, **simplex),
+        optim=optim,
+        mesh=(mesh.data, mesh.fsdp, mesh.tensor),
+        checkpoint_every=ck.every_steps,
+        checkpoint_keep=ck.keep,
+        eval_every=ev.every_steps,
+        eval_prompts=ev.num_prompts,
+        tensorboard=lg.tensorboard,
+        plots=lg.plots,
+        progress=lg.progress,
         record=c.to_dict(),
-        rollout_correction=c.loss.rollout_correction,
-        rollout_correction_cap=c.loss.rollout_correction_cap,
-        eval_rows_per_chunk=c.eval.rows_per_chunk,
+        rollout_correction=loss.rollout_correction,
+        rollout_correction_cap=loss.rollout_correction_cap,
+        eval_rows_per_chunk=ev.rows_per_chunk,
         wandb=tracking.WandbSettings(
-            enabled=c.logging.wandb,
-            project=c.logging.wandb_project,
-            entity=c.logging.wandb_entity,
-            mode=c.logging.wandb_mode,
-            group=c.logging.wandb_group,
-            tags=tuple(c.logging.wandb_tags),
+            lg.wandb,
+            lg.wandb_project,
+            lg.wandb_entity,
+            lg.wandb_mode,
+            lg.wandb_group,
+            tuple(lg.wandb_tags),
         ),
         entropy=entropy_lib.EntropyConfig(
-            coef=c.loss.entropy_coef,
-            target=c.loss.entropy_target,
-            delta=c.loss.entropy_coef_delta,
-            coef_min=c.loss.entropy_coef_min,
-            coef_max=c.loss.entropy_coef_max,
+            loss.entropy_coef,
+            loss.entropy_target,
+            loss.entropy_coef_delta,
+            loss.entropy_coef_min,
+            loss.entropy_coef_max,
         ),
+        loss=loss,
     )
+    validate.check_plan(p)
+    return p
 
 
-def lora_config(m: ml_collections.ConfigDict, seed: int) -> lora_lib.LoRAConfig | None:
+def lora_config(lo: settings.Lora, param_dtype, seed: int) -> lora_lib.LoRAConfig | None:
     """config.model.lora as a LoRAConfig (adapters in model.param_dtype), None when rank is 0."""
-    if not m.lora.rank:
+    if not lo.rank:
         return None
-    return lora_lib.LoRAConfig(
-        rank=m.lora.rank,
-        alpha=float(m.lora.alpha),
-        targets=lora_lib.parse_targets(m.lora.targets),
-        param_dtype=jnp.dtype(m.param_dtype),
-        seed=seed,
-    )
+    targets = lora_lib.parse_targets(lo.targets)
+    return lora_lib.LoRAConfig(lo.rank, float(lo.alpha), targets, param_dtype, seed)
 
 
 def config_root_on_path(argv) -> None:

@@ -41,7 +41,7 @@ from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import targets
 from apo_jax.models import lora as lora_lib
 from apo_jax.rollout import sampler as sampler_lib
-from apo_jax.trainer import build
+from apo_jax.trainer import build, records
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import step as step_lib
 
@@ -149,153 +149,62 @@ def estimate(
     mesh = sharding_lib.make_mesh(*p.mesh, devices=target_devices)
     # The task only when the model's vocabulary is the task's (its tokenizer gives the size).
     task = build.task(p) if m.vocab_size == -1 or m.hf_dir else None
-    task_vocab = task.vocab_size if task is not None else 0
-    cfg = build.model_config(p, task_vocab)
+    cfg = build.model_config(p, task.vocab_size if task is not None else 0)
     if num_layers is not None:
         cfg = dataclasses.replace(cfg, num_layers=num_layers)
     rows = r.prompts_per_step * r.group_size // o.mini_batches  # sequences per update
     sharding_lib.check_mesh_fits(mesh.devices.shape, cfg, rows // o.micro_batches)
-    graphdef, params = build.abstract_model(p, cfg)
-    # LoRA: the state holds the adapters; the frozen base is resident once beside it.
-    params, frozen = build.trainable(p, params)
-    tx, _ = build.optimizer(p)
-    spec = build.step_spec(p, cfg.vocab_size)
-    init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule, spec.entropy)
-    state = jax.eval_shape(init_state, params)
-    state_shardings = sharding_lib.tree_shardings(state, mesh)
-    state = _abstract(state, state_shardings)
-    ref = p.objective.reference(p.loss_params)
-    # The reference is a copy of the trained parameters (under LoRA: zero adapters, the base).
-    state_bytes = _device_bytes(state) + (_device_bytes(state.params) if ref else 0)
-    base_bytes = 0
-    if frozen is not None:
-        frozen = _abstract(frozen, sharding_lib.tree_shardings(frozen, mesh))
-        base_bytes = _device_bytes(frozen)
-        state_bytes += base_bytes
-    compile_s = 0.0
     over_hbm: dict[str, str] = {}  # program -> the TPU compiler's out-of-memory line
-
-    # --- rollout: prefill + decode at the config's rows and lengths ----------------------------
-    # The loop's own sampler and rollout weights (build.sampler, sampler.rollout_weights) on
-    # abstract arguments. Without the task (a preset's vocabulary) its stop ids are unknown:
-    # the programs then differ from the run's only in the constants of the stop test.
-    smp = build.sampler(p, graphdef, task, mesh)
-    if frozen is None:
-        weights = sampler_lib.rollout_weights(state.params, mesh, m.dtype)
-        shared = {id(x) for x in jax.tree.leaves(state.params)}
-        weights_extra = sum(
-            _device_bytes(x) for x in jax.tree.leaves(weights) if id(x) not in shared
-        )  # the gathered copies; parameters laid out alike are the train arrays themselves
-    else:  # LoRA: the sampler reads the base and adapters in their training layout (no copy)
-        weights, weights_extra = lora_lib.join(frozen, state.params), 0
-    calls: dict = {}  # (prompts, n, sampling) -> _sampler_call: one compile per program
-
-    def call(b, n, sp, phase):
-        if (b, n, sp) not in calls:
-            calls[b, n, sp] = _sampler_call(smp, weights, b, n, sp, phase, over_hbm)
-        return calls[b, n, sp]
-
+    st = _State.abstract(p, cfg, mesh)
+    calls = _SamplerCalls.of(p, st, task, mesh, over_hbm)
     # Prompts per sampler call (the sampler repeats each G times after the prefill): a chunk
     # of rollout.rows_per_chunk rows from each process (loop.rollout), else the whole step.
     procs = jax.process_count()
     b = r.rows_per_chunk // r.group_size * procs if r.rows_per_chunk else r.prompts_per_step
-    roll = call(b, r.group_size, smp.sampling, "rollout")
-    cache_bytes = roll and roll["cache"]
-    rollout_bytes = roll and weights_extra + roll["bytes"]
-
-    # --- evaluation: the greedy and the sampled pass at their chunk shapes (trainer/evaluate.py)
-    eval_bytes, eval_cache, eval_rows, eval_passes = 0, 0, {}, {}
-    if p.eval_prompts:
-        k = r.group_size
-        # As many prompts as the held-out set has, when the task is at hand.
-        num = (
-            p.eval_prompts if task is None else len(evaluate_lib.eval_subset(task, p.eval_prompts))
-        )
-        per_call = evaluate_lib.call_prompts(evaluate_lib.rows_per_call(p, procs), k, num, procs)
-        greedy = call(per_call[0], 1, smp.sampling_for(**evaluate_lib.GREEDY), "eval greedy")
-        sampled = call(per_call[1], k, smp.sampling_for(**evaluate_lib.SAMPLED), "eval sampled")
-        passes = dict(greedy=greedy, sampled=sampled)
-        eval_rows = dict(greedy=per_call[0], sampled=per_call[1] * k)
-        eval_passes = {name: c and c["bytes"] for name, c in passes.items()}
-        eval_bytes = eval_cache = None
-        if greedy and sampled:
-            eval_bytes = weights_extra + max(greedy["bytes"], sampled["bytes"])
-            eval_cache = max(greedy["cache"], sampled["cache"])
-    compile_s += sum(c["compile_s"] for c in calls.values() if c)
-
-    # --- scoring and update on one mini-batch ---------------------------------------------------
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    tp, tc = r.max_prompt_len, r.max_new_tokens
-    shapes = {
-        "prompt_ids": ((rows, tp), jnp.int32),
-        "prompt_mask": ((rows, tp), jnp.int32),
-        "completion_ids": ((rows, tc), jnp.int32),
-        "completion_mask": ((rows, tc), jnp.float32),
-        "sampler_logp": ((rows, tc), jnp.float32),
-        "rewards": ((rows,), jnp.float32),
-        "correct": ((rows,), jnp.float32),
-        "old_logp": ((rows, tc), jnp.float32),
-        "ref_logp": ((rows, tc), jnp.float32),
-    }
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-        for k, (shape, dtype) in shapes.items()
-    }
-    batch_bytes = _device_bytes(batch)
-    fns = step_lib.build(graphdef, spec, tx, mesh, state_shardings, frozen=frozen)
-    t = time.perf_counter()
-    score = _compiled(fns.logprobs.lower(state.params, batch), "scoring", over_hbm)
-    t_score = time.perf_counter()
-    train = _compiled(fns.train_step.lower(state, batch), "train_step", over_hbm)
-    train_compile_s = time.perf_counter() - t_score
-    compile_s += time.perf_counter() - t
-    scoring_bytes = train_step_bytes = None
-    if score:
-        sc = score.memory_analysis()
-        scoring_bytes = batch_bytes + sc.temp_size_in_bytes + sc.output_size_in_bytes
-    if train:
-        tr = train.memory_analysis()
-        # The state is donated: its outputs alias its arguments. What else the step holds: the
-        # batch, the temporaries (activations, gradients, optimizer scratch) and the metrics.
-        train_step_bytes = (
-            batch_bytes + tr.temp_size_in_bytes + tr.output_size_in_bytes - tr.alias_size_in_bytes
-        )
-    phases = (rollout_bytes, scoring_bytes, train_step_bytes, eval_bytes)
+    roll = calls(b, r.group_size, calls.sampler.sampling, "rollout")
+    evals = _eval_calls(p, task, calls, procs)
+    steps = _step_programs(p, st, mesh, rows, over_hbm)
+    weights = calls.weights_extra
+    rollout_bytes = roll and weights + roll["bytes"]
+    eval_bytes = evals["bytes"]
+    if p.eval_prompts and eval_bytes is not None:  # the rollout weights are resident too
+        eval_bytes += weights
+    phases = (rollout_bytes, steps["scoring"], steps["train_step"], eval_bytes)
     # A program the compiler refused has no size: then no peak, and `fits` is false.
-    peak = None if None in phases else state_bytes + max(phases)
-
+    peak = None if None in phases else st.bytes + max(phases)
     platform = mesh.devices.flat[0].platform
     if device_memory_gib is None and target != "cpu":
         device_memory_gib = targets.TARGETS[target].hbm_gib
     budget_gib, fraction = budget(device_memory_gib, budget_platform or platform)
     gib = lambda x: None if x is None else round(x / GIB, 6)  # KiB: tiny configs stay visible
+    compile_s = calls.compile_s() + steps["compile_s"]
     out = dict(
         target=target,
         compiler=targets.compiler(target, target_devices),
         over_hbm=over_hbm,
         peak_gib=gib(peak),
-        state_gib=gib(state_bytes),
+        state_gib=gib(st.bytes),
         rollout_gib=gib(rollout_bytes),
-        train_step_gib=gib(train_step_bytes),
-        scoring_gib=gib(scoring_bytes),
+        train_step_gib=gib(steps["train_step"]),
+        scoring_gib=gib(steps["scoring"]),
         eval_gib=gib(eval_bytes),  # 0 without eval.num_prompts
         # Each pass's call (besides the state and rollout weights): which one sets eval_gib.
-        eval_calls_gib={name: gib(x) for name, x in eval_passes.items()},
-        kv_cache_gib=gib(cache_bytes),
-        eval_kv_cache_gib=gib(eval_cache),
-        rollout_weights_gib=gib(weights_extra),
+        eval_calls_gib={name: gib(x) for name, x in evals["passes"].items()},
+        kv_cache_gib=gib(roll and roll["cache"]),
+        eval_kv_cache_gib=gib(evals["cache"]),
+        rollout_weights_gib=gib(weights),
         compile_s=round(compile_s, 1),
-        train_step_compile_s=round(train_compile_s, 1),
+        train_step_compile_s=round(steps["train_compile_s"], 1),
         devices=mesh.devices.size,
         platform=platform,
         mesh=dict(mesh.shape),
         params=cfg.num_params,
-        trained_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
-        lora_base_gib=gib(base_bytes),
+        trained_params=sum(math.prod(x.shape) for x in jax.tree.leaves(st.state.params)),
+        lora_base_gib=gib(st.base_bytes),
         layers=cfg.num_layers,
         rows_per_update=rows,
         rollout_rows=b * r.group_size,  # rows per sampler call, all processes
-        eval_rows=eval_rows,  # rows per greedy / sampled evaluation call, all processes
+        eval_rows=evals["rows"],  # rows per greedy / sampled evaluation call, all processes
         micro_batches=o.micro_batches,
         attention=m.attention,
         remat=m.remat,
@@ -307,6 +216,140 @@ def estimate(
     )
     if budget_gib is not None:
         out["fits"] = peak is not None and bool(peak <= budget_gib * GIB)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """The abstract train state on the mesh and what is resident beside it all step long."""
+
+    graphdef: object
+    state: object  # abstract TrainState with shardings
+    shardings: object
+    frozen: object  # the abstract LoRA base, or None
+    tx: object
+    spec: step_lib.StepSpec
+    bytes: int  # per device: state (+ reference copy) (+ LoRA base)
+    base_bytes: int  # per device: the LoRA base
+
+    @classmethod
+    def abstract(cls, p: build.Plan, cfg, mesh) -> _State:
+        graphdef, params = build.abstract_model(p, cfg)
+        # LoRA: the state holds the adapters; the frozen base is resident once beside it.
+        params, frozen = build.trainable(p, params)
+        tx, _ = build.optimizer(p)
+        spec = build.step_spec(p, cfg.vocab_size)
+        state = jax.eval_shape(step_lib.state_init(tx, p.seed, spec), params)
+        shardings = sharding_lib.tree_shardings(state, mesh)
+        state = _abstract(state, shardings)
+        # The reference is a copy of the trained parameters (under LoRA: zero adapters, the base).
+        ref = p.objective.reference(p.loss_params)
+        total = _device_bytes(state) + (_device_bytes(state.params) if ref else 0)
+        base = 0
+        if frozen is not None:
+            frozen = _abstract(frozen, sharding_lib.tree_shardings(frozen, mesh))
+            base = _device_bytes(frozen)
+        return cls(graphdef, state, shardings, frozen, tx, spec, total + base, base)
+
+
+@dataclasses.dataclass
+class _SamplerCalls:
+    """The loop's own sampler and rollout weights (build.sampler, sampler.rollout_weights) on
+    abstract arguments; one compile per (prompts, n, sampling). Without the task (a preset's
+    vocabulary) its stop ids are unknown: the programs then differ from the run's only in the
+    constants of the stop test."""
+
+    sampler: object
+    weights: object
+    weights_extra: int  # per device: rollout copies that are not the train arrays themselves
+    over_hbm: dict
+    calls: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, p: build.Plan, st: _State, task, mesh, over_hbm: dict) -> _SamplerCalls:
+        smp = build.sampler(p, st.graphdef, task, mesh)
+        if st.frozen is None:
+            weights = sampler_lib.rollout_weights(st.state.params, mesh, p.model.dtype)
+            shared = {id(x) for x in jax.tree.leaves(st.state.params)}
+            extra = sum(_device_bytes(x) for x in jax.tree.leaves(weights) if id(x) not in shared)
+        else:  # LoRA: the sampler reads the base and adapters in their training layout
+            weights, extra = lora_lib.join(st.frozen, st.state.params), 0
+        return cls(smp, weights, extra, over_hbm)
+
+    def __call__(self, b: int, n: int, sp, phase: str) -> dict | None:
+        if (b, n, sp) not in self.calls:
+            self.calls[b, n, sp] = _sampler_call(
+                self.sampler, self.weights, b, n, sp, phase, self.over_hbm
+            )
+        return self.calls[b, n, sp]
+
+    def compile_s(self) -> float:
+        return sum(c["compile_s"] for c in self.calls.values() if c)
+
+
+def _eval_calls(p: build.Plan, task, calls: _SamplerCalls, procs: int) -> dict:
+    """The greedy and the sampled evaluation pass at their chunk shapes (trainer/evaluate.py):
+    bytes of the larger call (besides the weights), its cache, each pass's bytes and rows."""
+    if not p.eval_prompts:
+        return dict(bytes=0, cache=0, passes={}, rows={})
+    k, smp = p.rollout.group_size, calls.sampler
+    # As many prompts as the held-out set has, when the task is at hand.
+    num = p.eval_prompts if task is None else len(evaluate_lib.eval_subset(task, p.eval_prompts))
+    per_call = evaluate_lib.call_prompts(evaluate_lib.rows_per_call(p, procs), k, num, procs)
+    greedy = calls(per_call[0], 1, smp.sampling_for(**evaluate_lib.GREEDY), "eval greedy")
+    sampled = calls(per_call[1], k, smp.sampling_for(**evaluate_lib.SAMPLED), "eval sampled")
+    out = dict(
+        bytes=None,
+        cache=None,
+        passes={name: c and c["bytes"] for name, c in (("greedy", greedy), ("sampled", sampled))},
+        rows=dict(greedy=per_call[0], sampled=per_call[1] * k),
+    )
+    if greedy and sampled:
+        out["bytes"] = max(greedy["bytes"], sampled["bytes"])
+        out["cache"] = max(greedy["cache"], sampled["cache"])
+    return out
+
+
+def _step_programs(p: build.Plan, st: _State, mesh, rows: int, over_hbm: dict) -> dict:
+    """Compiles the scorer and the train step on one mini-batch of `rows` sequences; their
+    per-device bytes besides the state (None: refused for memory) and compile seconds."""
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    tp, tc = p.rollout.max_prompt_len, p.rollout.max_new_tokens
+    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+    per_token = lambda dtype: arr((rows, tc), dtype)  # [B, Tc]
+    batch = records.Batch(
+        prompt_ids=arr((rows, tp), jnp.int32),
+        prompt_mask=arr((rows, tp), jnp.int32),
+        completion_ids=per_token(jnp.int32),
+        completion_mask=per_token(jnp.float32),
+        rewards=arr((rows,), jnp.float32),
+        sampler_logp=per_token(jnp.float32),
+        correct=arr((rows,), jnp.float32),
+        old_logp=per_token(jnp.float32),
+        ref_logp=per_token(jnp.float32),
+    )
+    batch_bytes = _device_bytes(batch)
+    fns = step_lib.build(st.graphdef, st.spec, st.tx, mesh, st.shardings, frozen=st.frozen)
+    t = time.perf_counter()
+    score = _compiled(fns.logprobs.lower(st.state.params, batch), "scoring", over_hbm)
+    t_score = time.perf_counter()
+    train = _compiled(fns.train_step.lower(st.state, batch), "train_step", over_hbm)
+    out = dict(
+        scoring=None,
+        train_step=None,
+        train_compile_s=time.perf_counter() - t_score,
+        compile_s=time.perf_counter() - t,
+    )
+    if score:
+        sc = score.memory_analysis()
+        out["scoring"] = batch_bytes + sc.temp_size_in_bytes + sc.output_size_in_bytes
+    if train:
+        tr = train.memory_analysis()
+        # The state is donated: its outputs alias its arguments. What else the step holds: the
+        # batch, the temporaries (activations, gradients, optimizer scratch) and the metrics.
+        out["train_step"] = (
+            batch_bytes + tr.temp_size_in_bytes + tr.output_size_in_bytes - tr.alias_size_in_bytes
+        )
     return out
 
 

@@ -18,7 +18,6 @@ from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import lora as lora_lib
 from apo_jax.tasks import order as order_lib
-from apo_jax.tasks import rewards as rewards_lib
 from apo_jax.trainer import build
 from apo_jax.trainer import step as step_lib
 
@@ -118,22 +117,9 @@ def _generate(sampler, params, prompts, *, n, per_call, rng, **overrides):
 
 
 def _answer_keys(task, examples, completions, correct) -> list:
-    """What makes two correct completions 'different answers': the permutation on the toy task,
-    the extracted final answer (whitespace-normalised) on math tasks, else the completion."""
-    if hasattr(task, "answer_rank"):
-        return [
-            task.answer_rank(e, c) if ok else None
-            for e, c, ok in zip(examples, completions, correct, strict=True)
-        ]
-    if hasattr(task, "completion_texts"):
-        texts = task.completion_texts(completions)
-        answers = [rewards_lib.extract_answer(t) or "" for t in texts]
-        return [" ".join(a.split()) if ok else None for a, ok in zip(answers, correct, strict=True)]
-    stop = (*task.eos_ids, task.pad_id)
-    return [
-        tasks_lib.trim_completion(c, stop) if ok else None
-        for c, ok in zip(completions, correct, strict=True)
-    ]
+    """The task's answer keys (Task.answer_keys) of the correct completions, None elsewhere."""
+    keys = task.answer_keys(examples, completions)
+    return [key if ok else None for key, ok in zip(keys, correct, strict=True)]
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -172,55 +158,10 @@ def evaluate(
     )
     prompts = [e.prompt_ids for e in examples]
     rng = jax.random.key(seed)
-    stop = (*task.eos_ids, task.pad_id)
-    local: dict[int, dict] = {}
-
-    # Greedy: rows = prompts.
-    idx, tokens, _, mask, _ = _generate(
-        sampler, params, prompts, n=1, per_call=greedy_prompts, rng=rng, **GREEDY
-    )
-    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
-    rewards = np.asarray(task.rewards([examples[i] for i in idx], comps), np.float64)
-    for i, r, m in zip(idx, rewards, mask, strict=True):
-        local[int(i)] = dict(
-            greedy_reward=r, greedy_correct=float(r >= CORRECT), greedy_len=m.sum()
-        )
-
-    # k samples at T = 1 per prompt; rows of one prompt are consecutive.
-    idx, tokens, logp, mask, truncated = _generate(
-        sampler,
-        params,
-        prompts,
-        n=k,
-        per_call=sampled_prompts,
-        rng=rng,
-        **SAMPLED,
-    )
-    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
-    grouped = [examples[i] for i in idx]
-    rewards = np.asarray(task.rewards(grouped, comps), np.float64)
-    correct = rewards >= CORRECT
-    keys = _answer_keys(task, grouped, comps, correct)
-    nll = -(logp * mask).sum(-1)  # [rows]
-    for lo in range(0, len(idx), k):
-        g = slice(lo, lo + k)
-        i = int(idx[lo])
-        solved = {x for x in keys[g] if x is not None}
-        distinct = tasks_lib.distinct_correct(task, grouped[g], comps[g], rewards[g], CORRECT)
-        local[i].update(
-            num_correct=float(correct[g].sum()),
-            sample_reward=rewards[g].mean(),
-            sample_len=mask[g].sum(-1).mean(),
-            truncated=truncated[g].mean(),
-            nll_sum=nll[g].sum(),
-            tokens=mask[g].sum(),
-            distinct_answers=float(len(solved)),
-            distinct_correct=float(distinct[grouped[lo].uid]),
-            distinct_completions=float(len({tasks_lib.trim_completion(c, stop) for c in comps[g]})),
-        )
+    local = _greedy(task, sampler, params, examples, prompts, greedy_prompts, rng)
+    _sampled(task, sampler, params, examples, prompts, sampled_prompts, rng, k, local)
     stats = _gather(local, len(examples))  # [N, len(_FIELDS)]
     col = {f: stats[:, j] for j, f in enumerate(_FIELDS)}
-
     metrics = {
         "eval/accuracy": col["greedy_correct"].mean(),  # greedy
         "eval/reward_mean": col["greedy_reward"].mean(),  # greedy
@@ -240,6 +181,48 @@ def evaluate(
         for i, e in enumerate(examples)
     ]
     return {key: float(v) for key, v in metrics.items()}, records
+
+
+def _greedy(task, sampler, params, examples, prompts, per_call, rng) -> dict[int, dict]:
+    """This process's per-prompt statistics of the greedy pass (rows = prompts)."""
+    idx, tokens, _, mask, _ = _generate(
+        sampler, params, prompts, n=1, per_call=per_call, rng=rng, **GREEDY
+    )
+    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
+    rewards = np.asarray(task.rewards([examples[i] for i in idx], comps), np.float64)
+    return {
+        int(i): dict(greedy_reward=r, greedy_correct=float(r >= CORRECT), greedy_len=m.sum())
+        for i, r, m in zip(idx, rewards, mask, strict=True)
+    }
+
+
+def _sampled(task, sampler, params, examples, prompts, per_call, rng, k, local) -> None:
+    """Adds the k samples' statistics at T = 1 to `local` (rows of a prompt are consecutive)."""
+    idx, tokens, logp, mask, truncated = _generate(
+        sampler, params, prompts, n=k, per_call=per_call, rng=rng, **SAMPLED
+    )
+    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
+    grouped = [examples[i] for i in idx]
+    rewards = np.asarray(task.rewards(grouped, comps), np.float64)
+    correct = rewards >= CORRECT
+    keys = _answer_keys(task, grouped, comps, correct)
+    nll = -(logp * mask).sum(-1)  # [rows]
+    stop = (*task.eos_ids, task.pad_id)
+    for lo in range(0, len(idx), k):
+        g = slice(lo, lo + k)
+        solved = {x for x in keys[g] if x is not None}
+        distinct = tasks_lib.distinct_correct(task, grouped[g], comps[g], rewards[g], CORRECT)
+        local[int(idx[lo])].update(
+            num_correct=float(correct[g].sum()),
+            sample_reward=rewards[g].mean(),
+            sample_len=mask[g].sum(-1).mean(),
+            truncated=truncated[g].mean(),
+            nll_sum=nll[g].sum(),
+            tokens=mask[g].sum(),
+            distinct_answers=float(len(solved)),
+            distinct_correct=float(distinct[grouped[lo].uid]),
+            distinct_completions=float(len({tasks_lib.trim_completion(c, stop) for c in comps[g]})),
+        )
 
 
 def _gather(local: dict[int, dict], n: int) -> np.ndarray:
@@ -301,9 +284,8 @@ def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = No
         if p.model.lora:  # the checkpoint holds the adapters; the base comes from model.hf_dir
             abstract = build.trainable(p, abstract)[0]
         tx, _ = build.optimizer(p)
-        sched = build.step_spec(p, model_cfg.vocab_size).schedule
-        init = lambda prm: step_lib.init_train_state(prm, tx, p.seed, sched)
-        state = jax.eval_shape(init, abstract)
+        spec = build.step_spec(p, model_cfg.vocab_size)
+        state = jax.eval_shape(step_lib.state_init(tx, p.seed, spec), abstract)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         state = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state

@@ -1,13 +1,14 @@
-"""The training loop, top to bottom: mesh -> task -> model -> optimizer -> jitted functions ->
-restore -> per step: prompts, rollout, host rewards, anchor log-probs, updates, metrics,
-evaluation, checkpoint."""
+"""The training loop. `run` reads as one step after another: rollout (sampler -> host rewards),
+anchor and reference scoring, one update per mini-batch, metrics, evaluation, checkpoint;
+`setup` builds what it needs (task, model, optimizer, jitted programs) and restores."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,68 +26,9 @@ from apo_jax.objectives import batch as batch_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.tasks import order as order_lib
 from apo_jax.tasks import rewards as rewards_lib
-from apo_jax.trainer import build, validate
+from apo_jax.trainer import build, records, validate
 from apo_jax.trainer import evaluate as evaluate_lib
 from apo_jax.trainer import step as step_lib
-
-
-def pad_left(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
-    ids = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    for i, p in enumerate(prompts):
-        p = list(p)[-length:]  # left truncation keeps the end of the prompt
-        ids[i, length - len(p) :], mask[i, length - len(p) :] = p, 1
-    return ids, mask
-
-
-# What the loop keeps of a sampler call (rollout/sampler.py SampleOutput), as host arrays.
-_SAMPLE_FIELDS = ("tokens", "mask", "lengths", "logp", "truncated")
-
-
-def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, rng) -> dict:
-    """G completions for each of this process's examples and their rewards: host arrays whose
-    rows are this process's share of the global batch, group-major. `row_ids` (the examples'
-    places in the global batch) key the per-row sampling noise, so a row's completion does not
-    depend on how the batch is split over processes, nor on `r.rows_per_chunk` (the prompts go
-    to the sampler in chunks of rows_per_chunk / G, so its KV cache holds that many rows)."""
-    g = r.group_size
-    prompts = [e.prompt_ids for e in examples]
-    row_ids = np.asarray(row_ids)
-    # Every process has the same number of prompts (validate.check_rows_per_chunk), so every
-    # process makes the same number of (collective) sampler calls.
-    k = r.rows_per_chunk // g if r.rows_per_chunk else len(prompts)  # prompts per call
-    parts = []  # host rows of this process per call: the device buffers go before the next
-    for i in range(0, len(prompts), k):
-        part = sampler.sample(params, prompts[i : i + k], n=g, rng=rng, row_ids=row_ids[i : i + k])
-        parts.append({f: sharding_lib.local_rows(getattr(part, f)) for f in _SAMPLE_FIELDS})
-    # Chunks in order: group-major, as one call over all prompts would give.
-    out = {f: np.concatenate([part[f] for part in parts]) for f in _SAMPLE_FIELDS}
-    tokens, mask = out["tokens"], out["mask"]
-    completions = [tuple(t[m > 0]) for t, m in zip(tokens, mask, strict=True)]
-    grouped = [e for e in examples for _ in range(g)]  # [P·G], group-major
-    rewards, correct = task.score(grouped, completions)
-    rewards = np.asarray(rewards, np.float32)
-    lengths = out["lengths"]
-    if r.overlong_buffer:  # DAPO's overlong shaping, in tokens (spec §4.3)
-        rewards += rewards_lib.overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer)
-    # The sampler's bucket, not max_prompt_len: no compute on padding beyond the bucket.
-    prompt_ids, prompt_mask = pad_left(prompts, sampler.bucket(prompts), task.pad_id)
-    return dict(
-        prompt_ids=np.repeat(prompt_ids, g, axis=0),
-        prompt_mask=np.repeat(prompt_mask, g, axis=0),
-        completion_ids=tokens.astype(np.int32),
-        completion_mask=mask.astype(np.float32),
-        sampler_logp=out["logp"].astype(np.float32),
-        rewards=rewards,
-        correct=np.asarray(correct, np.float32),  # verified answer, before any shaping
-        lengths=lengths.astype(np.float32),
-        truncated=out["truncated"].astype(np.float32),
-    )
-
-
-def _take_groups(batch: dict, groups: np.ndarray, g: int) -> dict:
-    rows = (groups[:, None] * g + np.arange(g)).reshape(-1)
-    return {k: v[rows] for k, v in batch.items()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -97,66 +39,111 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # One run per workdir, before anything in it is touched (a second run is refused here,
     # naming the holder's PID and host).
     with workdir_lock.hold(workdir, jax.process_index()):
-        return _train(p, workdir)
+        ckpt, saved = open_checkpoints(p, workdir)
+        if saved is not None and saved[0] == p.total_steps:  # finished: nothing to train
+            ckpt.close()
+            return _already_done(workdir, saved[0])
+        t = setup(p, workdir, ckpt, saved)
+        line, stopping = {}, False
+        progress = _progress(p, t.start)
+        with checkpoint_lib.StopSignal() as stop:
+            for step in range(t.start + 1, p.total_steps + 1):
+                t0 = time.perf_counter()
+                rng = jax.random.fold_in(t.root_key, step)
+                rollout_params = t.to_rollout(t.state.params)
+                examples, row_ids = step_prompts(p, t.train_set, t.position)
+                data = rollout(p.rollout, t.task, t.sampler, rollout_params, examples, row_ids, rng)
+                t.position, info = t.position + p.rollout.prompts_per_step, {}
+                if p.rollout.dynamic_sampling:
+                    data, t.position, info = refill(
+                        p, t.task, t.sampler, rollout_params, data, t.position, rng
+                    )
+                del rollout_params  # the train step needs the memory (a reshard, if any)
+                t_rollout = time.perf_counter() - t0
+                line = update(p, t, data)
+                seconds = time.perf_counter() - t0
+                line.update(rollout_metrics(data, seconds))
+                line.update({"optim/lr": float(t.lr_fn(int(t.state.step) - 1)), **info})
+                line.update({"perf/step_s": seconds, "perf/rollout_s": t_rollout})
+                # Every eval.every_steps steps and at the last step (also when every_steps does
+                # not divide total_steps, or exceeds it): a run always ends with an evaluation.
+                every = p.eval_prompts and p.eval_every
+                if every and (step % every == 0 or step == p.total_steps):
+                    line.update(evaluate(p, t))
+                line = t.writer.write(step, line)
+                progress.update(1)
+                progress.set_postfix(
+                    reward=console.fmt(line.get("reward/mean")),
+                    alpha=console.fmt(line.get("schedule/alpha"), 2),
+                )
+                # A signal may reach only some processes; saving is collective: all must agree.
+                stopping = bool(_all_rows(np.asarray([stop.received is not None])).any())
+                if t.ckpt.should_save(step) or step == p.total_steps or stopping:
+                    record = {"position": t.position, "config": p.record, **build.base_record(p)}
+                    t.ckpt.save(step, t.state, record)
+                if stopping:
+                    logging.warning("signal %s: saved step %d, stopping", stop.received, step)
+                    break
+        progress.close()
+        if p.eval_prompts and not stopping and not p.eval_every:
+            line = t.writer.write(p.total_steps, {**line, **evaluate(p, t)})
+        t.ckpt.close()
+        plots = metrics_lib.write_plots(workdir) if p.plots else []
+        t.writer.close(plots=plots, summary=line)  # after the plots: W&B logs them
+        return line
 
 
-def _train(p: build.Plan, workdir: str) -> dict:
-    r, o = p.rollout, p.optim
-    n = r.prompts_per_step  # P
-    mesh = build.mesh(p)
+@dataclasses.dataclass
+class Trainer:
+    """What the loop carries from step to step (built by `setup`)."""
+
+    task: object  # tasks.Task
+    train_set: Sequence
+    sampler: sampler_lib.Sampler
+    to_rollout: Callable  # train params -> the sampler's weights
+    fns: step_lib.StepFns
+    state: step_lib.TrainState  # donated to each update
+    ref_params: object  # frozen reference parameters, or None
+    mesh: jax.sharding.Mesh
+    ckpt: checkpoint_lib.Checkpointer
+    writer: metrics_lib.MetricsWriter | None
+    lr_fn: Callable
+    root_key: jax.Array  # the run's key (rollout noise folds in the step)
+    start: int  # the step restored (0: a fresh run)
+    position: int  # prompts consumed from the data order
+
+
+def open_checkpoints(p: build.Plan, workdir: str):
+    """(the workdir's Checkpointer, (step, record) of its newest readable step or None), the
+    record checked against this config before anything is built."""
     ckpt = checkpoint_lib.Checkpointer(
         workdir, every_steps=p.checkpoint_every, keep=p.checkpoint_keep
     )
-    saved = ckpt.latest_record()  # (step, record) of the newest readable step, or None
+    saved = ckpt.latest_record()
     if saved is not None:
         # The blocks of unselected losses and tasks are not read: they may change.
         unused = validate.unused_blocks(p.record)
         checkpoint_lib.check_resume(saved[0], saved[1]["config"], p.record, workdir, unused)
         build.check_base(p, saved[1], workdir)
-        if saved[0] == p.total_steps:  # a finished run started again: nothing to train
-            ckpt.close()
-            return _already_done(workdir, saved[0])
-    task = build.task(p)
-    train_set = task.train_examples()
-    if not len(train_set):
-        raise ValueError(f"config.task.name={p.task.name!r}: the task has no training prompts")
-    if p.eval_prompts and not len(task.eval_examples()):
-        raise ValueError(
-            f"config.eval.num_prompts={p.eval_prompts}: task {p.task.name!r} has no held-out "
-            "prompts (set eval.num_prompts=0 or give the task an evaluation set)"
-        )
-    mini = o.mini_batches
-    model_cfg = build.model_config(p, task.vocab_size)
-    rows = r.prompts_per_step * r.group_size // mini  # sequences per optimizer update
-    data, fsdp, _ = mesh.devices.shape
-    step_lib.check_micro_batches(rows, o.micro_batches, data * fsdp)
-    sharding_lib.check_mesh_fits(mesh.devices.shape, model_cfg, rows // o.micro_batches)
-    procs, me = jax.process_count(), jax.process_index()
-    if (r.prompts_per_step // mini) % procs:
-        raise ValueError(
-            f"config.rollout.prompts_per_step={r.prompts_per_step}: each of the {mini} "
-            f"mini-batches must split evenly over {procs} processes"
-        )
-    if r.rows_per_chunk:
-        validate.check_rows_per_chunk(r.rows_per_chunk, r.group_size, r.prompts_per_step, procs)
+    return ckpt, saved
 
-    # --- model, optimizer, train state, jitted functions --------------------------------------
+
+def setup(p: build.Plan, workdir: str, ckpt: checkpoint_lib.Checkpointer, saved) -> Trainer:
+    """Builds the run: the task and shapes checked, then the model, optimizer, train state,
+    jitted programs and sampler; restores the newest restorable step of `saved`."""
+    mesh = build.mesh(p)
+    task = build.task(p)
+    model_cfg = build.model_config(p, task.vocab_size)
+    _check_shapes(p, task, mesh, model_cfg)
     graphdef, params = build.model(p, model_cfg, mesh)
     # LoRA: the state trains the adapters; the frozen base is stored once and passed alongside.
     params, frozen = build.trainable(p, params)
     tx, lr_fn = build.optimizer(p)
     spec = build.step_spec(p, model_cfg.vocab_size)
-    # Every batch field the loss reads is sent (checked again when the step is traced).
-    batch_lib.check_reads(p.objective.name, p.objective.reads, (*_DEVICE_KEYS, *_SCORED_KEYS))
-    # The frozen reference (only for objectives that ask for one) is a copy: the state is donated.
-    # Under LoRA it is the base itself, scored with switched-off (zero) adapters: no second copy.
-    use_ref = p.objective.reference(p.loss_params)
-    ref_params = None
-    if use_ref and frozen is not None:
-        ref_params = lora_lib.switched_off(params)
-    elif use_ref:
-        ref_params = jax.tree.map(jnp.copy, params)
-    init_state = lambda prm: step_lib.init_train_state(prm, tx, p.seed, spec.schedule, spec.entropy)
+    # Every field the loss reads reaches the device (checked again when the step is traced).
+    batch_lib.check_reads(p.objective.name, p.objective.reads, records.FIELDS)
+    ref_params = step_lib.reference_params(p.objective.reference(p.loss_params), params, frozen)
+    init_state = step_lib.state_init(tx, p.seed, spec)
     state_shardings = sharding_lib.tree_shardings(jax.eval_shape(init_state, params), mesh)
     state = jax.jit(init_state, out_shardings=state_shardings)(params)
     del params
@@ -169,7 +156,6 @@ def _train(p: build.Plan, workdir: str) -> dict:
     if frozen is not None:  # LoRA: the sampler reads the base where it lies (stored once)
         to_rollout = lambda prm: lora_lib.join(frozen, prm)
 
-    # --- restore -----------------------------------------------------------------------------
     start, position = 0, 0
     if saved is not None:
         abstract = jax.tree.map(
@@ -185,106 +171,162 @@ def _train(p: build.Plan, workdir: str) -> dict:
     writer = metrics_lib.MetricsWriter(
         workdir, tensorboard=p.tensorboard, resume_step=start, wandb=p.wandb, config=p.record
     )
-    progress = _progress(p, start)
     root_key = jax.random.wrap_key_data(jnp.asarray(jax.device_get(state.rng)))  # not donated
+    train_set = task.train_examples()
+    return Trainer(
+        task, train_set, sampler, to_rollout, fns, state, ref_params, mesh, ckpt, writer, lr_fn,
+        root_key, start, position,
+    )  # fmt: skip
 
-    # --- loop --------------------------------------------------------------------------------
-    line: dict = {}
-    stopping = False
-    with checkpoint_lib.StopSignal() as stop:
-        for step in range(start + 1, p.total_steps + 1):
-            t0 = time.perf_counter()
-            last = step == p.total_steps
-            rng = jax.random.fold_in(root_key, step)
-            # Each process takes its share of every mini-batch, so mini-batch k holds the same
-            # prompts whatever the number of processes.
-            order = order_lib.global_batch_indices(
-                len(train_set), p.seed, position, r.prompts_per_step
-            )
-            slots = np.arange(r.prompts_per_step).reshape(
-                mini, -1
-            )  # [mini, P/mini] places in the global batch
-            mine = np.concatenate([order_lib.process_slice(s, me, procs) for s in slots])
+
+def _check_shapes(p: build.Plan, task, mesh, model_cfg) -> None:
+    """What the plan cannot check without the task and the devices (errors name the key)."""
+    r, o = p.rollout, p.optim
+    if not len(task.train_examples()):
+        raise ValueError(f"config.task.name={p.task.name!r}: the task has no training prompts")
+    if p.eval_prompts and not len(task.eval_examples()):
+        raise ValueError(
+            f"config.eval.num_prompts={p.eval_prompts}: task {p.task.name!r} has no held-out "
+            "prompts (set eval.num_prompts=0 or give the task an evaluation set)"
+        )
+    rows = r.prompts_per_step * r.group_size // o.mini_batches  # sequences per optimizer update
+    data, fsdp, _ = mesh.devices.shape
+    step_lib.check_micro_batches(rows, o.micro_batches, data * fsdp)
+    sharding_lib.check_mesh_fits(mesh.devices.shape, model_cfg, rows // o.micro_batches)
+    procs = jax.process_count()
+    if (r.prompts_per_step // o.mini_batches) % procs:
+        raise ValueError(
+            f"config.rollout.prompts_per_step={r.prompts_per_step}: each of the "
+            f"{o.mini_batches} mini-batches must split evenly over {procs} processes"
+        )
+    if r.rows_per_chunk:
+        validate.check_rows_per_chunk(r.rows_per_chunk, r.group_size, r.prompts_per_step, procs)
+
+
+def step_prompts(p: build.Plan, train_set, position: int) -> tuple[list, np.ndarray]:
+    """This process's prompts of the step starting at data `position` and their places in the
+    global batch. Each process takes its share of every mini-batch, so mini-batch k holds the
+    same prompts whatever the number of processes."""
+    n, mini = p.rollout.prompts_per_step, p.optim.mini_batches
+    order = order_lib.global_batch_indices(len(train_set), p.seed, position, n)
+    places = np.arange(n).reshape(mini, -1)  # [M, P/M] places in the global batch
+    procs, me = jax.process_count(), jax.process_index()
+    mine = np.concatenate([order_lib.process_slice(s, me, procs) for s in places])
+    return [train_set[i] for i in order[mine]], mine
+
+
+def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, rng):
+    """G completions for each of this process's examples and their rewards: a Rollout of this
+    process's share of the global batch, group-major. `row_ids` (the examples' places in the
+    global batch) key the per-row sampling noise, so a row's completion does not depend on how
+    the batch is split over processes, nor on `r.rows_per_chunk` (the prompts go to the sampler
+    in chunks of rows_per_chunk / G, so its KV cache holds that many rows)."""
+    g = r.group_size
+    row_ids = np.asarray(row_ids)
+    # Every process has the same number of prompts (validate.check_rows_per_chunk), so every
+    # process makes the same number of (collective) sampler calls.
+    k = r.rows_per_chunk // g if r.rows_per_chunk else len(examples)  # prompts per call
+    parts = []  # host rows of this process per call: the device buffers go before the next
+    for i in range(0, len(examples), k):
+        prompts = [e.prompt_ids for e in examples[i : i + k]]
+        out = sampler.sample(params, prompts, n=g, rng=rng, row_ids=row_ids[i : i + k])
+        parts.append(_scored(r, task, examples[i : i + k], out))
+    return records.Rollout.concat(parts, task.pad_id)  # chunks in order: group-major
+
+
+def _scored(r: build.RolloutSettings, task, examples, out) -> records.Rollout:
+    """One sampler call's rows on the host, with the task's rewards."""
+    host = lambda x: sharding_lib.local_rows(x)
+    tokens, mask, lengths = host(out.tokens), host(out.mask), host(out.lengths)
+    completions = [tuple(t[m > 0]) for t, m in zip(tokens, mask, strict=True)]
+    grouped = [e for e in examples for _ in range(r.group_size)]  # [P·G], group-major
+    rewards, correct = task.score(grouped, completions)
+    rewards = np.asarray(rewards, np.float32)
+    if r.overlong_buffer:  # DAPO's overlong shaping, in tokens (spec §4.3)
+        rewards += rewards_lib.overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer)
+    return records.Rollout(
+        prompt_ids=host(out.prompt_ids).astype(np.int32),
+        prompt_mask=host(out.prompt_mask).astype(np.int32),
+        completion_ids=tokens.astype(np.int32),
+        completion_mask=mask.astype(np.float32),
+        sampler_logp=host(out.logp).astype(np.float32),
+        rewards=rewards,
+        correct=np.asarray(correct, np.float32),
+        lengths=lengths.astype(np.float32),
+        truncated=host(out.truncated).astype(np.float32),
+    )
+
+
+def refill(p: build.Plan, task, sampler, params, data: records.Rollout, position: int, rng):
+    """DAPO dynamic sampling: keep groups with some but not all answers correct (verl's
+    `filter_groups.metric=acc`: on correctness, not on the shaped or overlong-penalised reward,
+    which differs within almost every group) and refill from fresh prompts, for at most
+    `max_refill_rounds` rounds; a batch still short is topped up with dropped groups (reported
+    as `rollout/refill_short`). Works on this process's rows; every process runs the same number
+    of rounds (sampling is a collective). Returns (rollout, data position, metrics)."""
+    r = p.rollout
+    n, g = r.prompts_per_step, r.group_size
+    need = len(data.rewards)  # this process's rows
+    kept, dropped = [], []
+    for round_ in range(r.max_refill_rounds + 1):
+        if round_:
+            examples, row_ids = step_prompts(p, task.train_examples(), position)
             position += n
-            rollout_params = to_rollout(state.params)
-            batch = rollout(
-                r, task, sampler, rollout_params, [train_set[i] for i in order[mine]], mine, rng
-            )
-            info = {}
-            if r.dynamic_sampling:
-                batch, position, info = _refill(
-                    p, task, sampler, rollout_params, batch, position, rng
-                )
-            del rollout_params  # the train step needs the memory (a reshard, if any)
-            t_rollout = time.perf_counter() - t0
+            key = jax.random.fold_in(rng, round_)
+            data = rollout(r, task, sampler, params, examples, row_ids + round_ * n, key)
+        keep = dynamic_sampling_keep(data.correct.reshape(-1, g))
+        kept.append(data.take_groups(np.flatnonzero(keep), g))
+        dropped.append(data.take_groups(np.flatnonzero(~keep), g))
+        have = sum(len(b.rewards) for b in kept)
+        if _all_rows(np.asarray([have >= need])).all():
+            break
+    merged = records.Rollout.concat(kept + dropped, task.pad_id).take(np.arange(need))
+    short = _all_rows(np.asarray([max(need - have, 0) // g])).sum()
+    info = {"rollout/refill_rounds": float(round_), "rollout/refill_short": float(short)}
+    return merged, position, info
 
-            # Host rows -> global arrays [mini, rows, ...], rows split over the data axes.
-            arrays = {k: _to_global(batch[k], mini, mesh) for k in _DEVICE_KEYS}
-            # The anchor pi_old is the rollout policy: score every mini-batch before the first
-            # update, so that later mini-batches see real (off-policy) ratios and clips bind.
-            minis = []
-            for k in range(mini):
-                mb = {key: v[k] for key, v in arrays.items()}
-                mb["old_logp"] = fns.logprobs(state.params, mb)
-                mb["ref_logp"] = (
-                    fns.logprobs(ref_params, mb)
-                    if ref_params is not None
-                    else jnp.zeros_like(mb["old_logp"])
-                )
-                minis.append(mb)
-            gaps = [_logp_gap(mb) for mb in minis]
-            step_metrics = []
-            for mb in minis:
-                state, m = fns.train_step(state, mb)
-                step_metrics.append(m)
-            step_metrics = jax.device_get(step_metrics)
-            line = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-            host = {k: _all_rows(batch[k]) for k in ("rewards", "correct", "lengths", "truncated")}
-            seconds = time.perf_counter() - t0
-            line.update(
-                {
-                    "reward/mean": float(host["rewards"].mean()),
-                    "reward/std": float(host["rewards"].std()),
-                    "reward/frac_solved": float(host["correct"].mean()),
-                    "rollout/len_mean": float(host["lengths"].mean()),
-                    "rollout/truncated_frac": float(host["truncated"].mean()),
-                    "rollout/logp_gap": float(np.mean(jax.device_get(gaps))),
-                    "optim/lr": float(lr_fn(int(state.step) - 1)),
-                    "perf/step_s": seconds,
-                    "perf/rollout_s": t_rollout,
-                    "perf/tokens_per_s": float(host["lengths"].sum()) / seconds,
-                    **info,
-                }
-            )
-            # The step's device batch is done with: the evaluation holds only the train state,
-            # the rollout weights and its sampler calls (what --dry_run counts as eval_gib).
-            del arrays, minis, mb
-            # Every eval.every_steps steps and at the last step (also when every_steps does
-            # not divide total_steps, or exceeds it): a run always ends with an evaluation.
-            if p.eval_prompts and p.eval_every and (step % p.eval_every == 0 or last):
-                line.update(evaluate(p, task, sampler, to_rollout(state.params)))
-            line = writer.write(step, line)
-            progress.update(1)
-            progress.set_postfix(
-                reward=console.fmt(line.get("reward/mean")),
-                alpha=console.fmt(line.get("schedule/alpha"), 2),
-            )
-            # A signal may reach only some processes; saving is collective, so all must agree.
-            stopping = bool(_all_rows(np.asarray([stop.received is not None])).any())
-            if ckpt.should_save(step) or step == p.total_steps or stopping:
-                record = {"position": position, "config": p.record, **build.base_record(p)}
-                ckpt.save(step, state, record)
-            if stopping:
-                logging.warning("signal %s: saved step %d, stopping", stop.received, step)
-                break
-    progress.close()
-    if p.eval_prompts and not stopping and not p.eval_every:
-        final = evaluate(p, task, sampler, to_rollout(state.params))
-        line = writer.write(p.total_steps, {**line, **final})
-    ckpt.close()
-    plots = metrics_lib.write_plots(workdir) if p.plots else []
-    writer.close(plots=plots, summary=line)  # after the plots: W&B logs them
+
+def update(p: build.Plan, t: Trainer, data: records.Rollout) -> dict:
+    """The anchor π_old is the rollout policy: every mini-batch is scored before the first
+    update, so later mini-batches see real (off-policy) ratios and clips bind; then one update
+    per mini-batch. Returns the updates' mean metrics and the sampler/trainer log-prob gap."""
+    mini = p.optim.mini_batches
+    batch = data.to_batch(mini, t.mesh)  # host rows -> global [M, R, ...], R over the data axes
+    minis = [
+        step_lib.score(t.fns, t.state.params, t.ref_params, batch.mini(k)) for k in range(mini)
+    ]
+    gaps = [_logp_gap(mb) for mb in minis]
+    metrics = []
+    for mb in minis:
+        t.state, m = t.fns.train_step(t.state, mb)
+        metrics.append(m)
+    metrics = jax.device_get(metrics)
+    line = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+    line["rollout/logp_gap"] = float(np.mean(jax.device_get(gaps)))
     return line
+
+
+def rollout_metrics(data: records.Rollout, seconds: float) -> dict:
+    """Rewards, correctness and lengths over the global batch (every process's rows)."""
+    rewards, correct, lengths, truncated = (
+        _all_rows(x) for x in (data.rewards, data.correct, data.lengths, data.truncated)
+    )
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "reward/frac_solved": float(correct.mean()),
+        "rollout/len_mean": float(lengths.mean()),
+        "rollout/truncated_frac": float(truncated.mean()),
+        "perf/tokens_per_s": float(lengths.sum()) / seconds,
+    }
+
+
+def evaluate(p: build.Plan, t: Trainer) -> dict:
+    """Held-out `eval/...` metrics on `eval.num_prompts` prompts (trainer/evaluate.py): greedy
+    accuracy, avg@G and pass@k at temperature 1, length, entropy and diversity. The evaluation
+    holds only the train state, the rollout weights and its sampler calls (what --dry_run counts
+    as eval_gib): the step's device batch is gone by now."""
+    return evaluate_lib.in_training(p, t.task, t.sampler, t.to_rollout(t.state.params))
 
 
 def _already_done(workdir: str, step: int) -> dict:
@@ -311,21 +353,6 @@ def check_workdir(workdir: str) -> None:
         ) from None
 
 
-# Host batch keys that go to the device; sampler_logp feeds the sampler/trainer gap metric and the
-# train step's rollout correction (loss.rollout_correction); correct is the loss's
-# LossBatch.correct (objectives/batch.py).
-_DEVICE_KEYS = (*step_lib.BATCH_KEYS, *step_lib.OPTIONAL_KEYS)
-_SCORED_KEYS = ("old_logp", "ref_logp")  # added on the device before the updates
-
-
-def _to_global(local: np.ndarray, mini: int, mesh) -> jax.Array:
-    """This process's rows [mini·r, ...] -> a global [mini, R, ...] array, R split over the
-    data-parallel axes (each process contributes its r rows of every mini-batch)."""
-    local = local.reshape(mini, -1, *local.shape[1:])
-    sharding = sharding_lib.named(mesh, None, sharding_lib.TRAIN_RULES["batch"])
-    return jax.make_array_from_process_local_data(sharding, local)
-
-
 @jax.jit
 def _logp_gap(mb) -> jax.Array:
     """Mean |sampler log-prob − trainer log-prob| over completion tokens (same parameters)."""
@@ -340,61 +367,6 @@ def _all_rows(local: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape[1:])
-
-
-def _refill(p: build.Plan, task, sampler, params, batch, position, rng):
-    """DAPO dynamic sampling: keep groups with some but not all answers correct (verl's
-    `filter_groups.metric=acc`: on correctness, not on the shaped or overlong-penalised reward,
-    which differs within almost every group) and refill from fresh prompts, for
-    at most `max_refill_rounds` rounds; a batch still short is topped up with dropped groups
-    (reported as `rollout/refill_short`). Works on this process's rows; every process runs the
-    same number of rounds (sampling is a collective)."""
-    r, mini = p.rollout, p.optim.mini_batches
-    n, g = r.prompts_per_step, r.group_size
-    need = len(batch["rewards"])  # this process's rows
-    train_set = task.train_examples()
-    kept, dropped = [], []
-    for round_ in range(r.max_refill_rounds + 1):
-        if round_:
-            order = order_lib.global_batch_indices(
-                len(train_set), p.seed, position, r.prompts_per_step
-            )
-            slots = np.arange(r.prompts_per_step).reshape(mini, -1)
-            mine = np.concatenate(
-                [
-                    order_lib.process_slice(s, jax.process_index(), jax.process_count())
-                    for s in slots
-                ]
-            )
-            position += n
-            batch = rollout(
-                r,
-                task,
-                sampler,
-                params,
-                [train_set[i] for i in order[mine]],
-                mine + round_ * n,
-                jax.random.fold_in(rng, round_),
-            )
-        keep = dynamic_sampling_keep(batch["correct"].reshape(-1, g))
-        kept.append(_take_groups(batch, np.flatnonzero(keep), g))
-        dropped.append(_take_groups(batch, np.flatnonzero(~keep), g))
-        have = sum(len(b["rewards"]) for b in kept)
-        if _all_rows(np.asarray([have >= need])).all():
-            break
-    merged = {k: np.concatenate([b[k] for b in kept + dropped])[:need] for k in batch}
-    short = _all_rows(np.asarray([max(need - have, 0) // g])).sum()
-    return (
-        merged,
-        position,
-        {"rollout/refill_rounds": float(round_), "rollout/refill_short": float(short)},
-    )
-
-
-def evaluate(p: build.Plan, task, sampler, params) -> dict:
-    """Held-out `eval/...` metrics on `eval.num_prompts` prompts (trainer/evaluate.py): greedy
-    accuracy, avg@G and pass@k at temperature 1, length, entropy and diversity."""
-    return evaluate_lib.in_training(p, task, sampler, params)
 
 
 def _progress(p: build.Plan, start):

@@ -1,16 +1,11 @@
 """The train state and one fused, jitted update: forward -> chunked log-probs -> loss -> grads ->
 global-norm clip -> AdamW, with exact gradient accumulation over micro-batches of any rows.
 
-Batch layout (B = P·G rows, the G completions of a prompt in consecutive rows):
-  prompt_ids, prompt_mask         [B, Tp]  left-padded prompts
-  completion_ids, completion_mask [B, Tc]  completions, mask 1 up to and including EOS
-  old_logp, ref_logp              [B, Tc]  anchor / frozen-reference token log-probs (float32)
-  rewards                         [B]      float32
-  sampler_logp                    [B, Tc]  the sampler's token log-probs (optional, float32)
-  correct                         [B]      verified answers, 0/1 (optional, float32)
-The loss sees these rows grouped by prompt as a `LossBatch` (objectives/batch.py); an objective
-that reads an optional field (`Objective.reads`) makes it required: the step refuses to trace
-without it.
+The step consumes a `records.Batch` (B = P·G rows, the G completions of a prompt consecutive):
+`score` fills in its anchor and reference log-probs before the first update, `train_step` updates
+on it. The loss sees its rows grouped by prompt as a `LossBatch` (objectives/batch.py); an
+objective that reads an optional field (`Objective.reads`) makes it required: the step refuses to
+trace without it.
 """
 
 from __future__ import annotations
@@ -35,13 +30,8 @@ from apo_jax.objectives import common
 from apo_jax.objectives import entropy as entropy_lib
 from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.trainer import logprobs as logprobs_lib
+from apo_jax.trainer import records
 from apo_jax.trainer import rollout_correction as rc_lib
-
-Batch = dict[str, Array]
-# sampler_logp (the sampler's token log-probs [B, Tc]) is optional: the rollout correction and the
-# sampler/trainer gap metric read it; correct [B] is optional unless the objective reads it.
-BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards")
-OPTIONAL_KEYS = ("sampler_logp", "correct")
 
 
 @flax.struct.dataclass
@@ -69,9 +59,6 @@ def init_train_state(
     )
 
 
-PRECISIONS = ("default", "float32")
-
-
 def _float32_model(model) -> None:
     """Sets the compute dtype of every (sub)module that has one to float32, in place (a freshly
     merged scoring copy only)."""
@@ -83,7 +70,7 @@ def _float32_model(model) -> None:
 def completion_logprobs(
     graphdef,
     params,
-    batch: Batch,
+    batch: records.Batch,
     *,
     chunk: int,
     with_entropy: bool = False,
@@ -192,7 +179,7 @@ def make_update_loss(spec: StepSpec) -> Callable:
             extra["is_weight"] = jnp.ones_like(logp) if w is None else w
         elif w is not None:  # the gradient of every log-prob is the policy-gradient term
             logp = rc_lib.scale_grad(logp, w)
-        lb = batch_lib.from_batch({**batch, "completion_mask": loss_mask}, g, **extra)
+        lb = batch_lib.from_batch(batch, g, completion_mask=loss_mask, **extra)
         out, sched_state, extra_metrics = loss_fn(_group(logp, g), lb, sched_state, key)
         metrics = {f"loss/{k}": v for k, v in out.metrics.items() if k not in ("alpha", "tau")}
         metrics.update({f"schedule/{k}": v for k, v in extra_metrics.items()})
@@ -237,6 +224,38 @@ def _unsplit(x: Array) -> Array:
     return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # inverse of _split
 
 
+def state_init(tx, seed: int, spec: StepSpec) -> Callable[[nnx.State], TrainState]:
+    """params -> a fresh TrainState for this run (the loop's, the dry run's and the evaluation
+    restore's skeleton: one definition, so their trees cannot drift apart)."""
+    return lambda params: init_train_state(params, tx, seed, spec.schedule, spec.entropy)
+
+
+def reference_params(uses_reference: bool, params: nnx.State, frozen) -> nnx.State | None:
+    """The frozen reference π_ref, for objectives that ask for one: a copy of the initial
+    parameters (the state is donated), or under LoRA the base itself with switched-off (zero)
+    adapters, no second copy."""
+    if not uses_reference:
+        return None
+    if frozen is not None:
+        return lora_lib.switched_off(params)
+    return jax.tree.map(jnp.copy, params)
+
+
+def _forward(batch: records.Batch) -> records.Batch:
+    """The fields a forward pass reads (what the scorer and the micro-batch scans carry)."""
+    return batch.replace(sampler_logp=None, correct=None, old_logp=None, ref_logp=None)
+
+
+def score(fns: StepFns, params, ref_params, batch: records.Batch) -> records.Batch:
+    """The batch with its anchor π_old (the rollout policy, scored by the trainer) and reference
+    log-probs [B, Tc] (zeros for objectives without a reference). The loop scores every
+    mini-batch before the first update, so later mini-batches see off-policy ratios."""
+    fwd = _forward(batch)
+    old = fns.logprobs(params, fwd)
+    ref = fns.logprobs(ref_params, fwd) if ref_params is not None else jnp.zeros_like(old)
+    return batch.replace(old_logp=old, ref_logp=ref)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepFns:
     train_step: Callable  # (TrainState, Batch) -> (TrainState, metrics); state donated
@@ -258,15 +277,132 @@ class WithBase:
         return self.fn.lower(*args, self.base)
 
 
-_FORWARD_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+# --- gradient strategies -------------------------------------------------------------------------
+# The gradient of every objective is Σ_{i,t} (∂L/∂log π_θ(y_it)) ∇_θ log π_θ(y_it) (plus
+# Σ_{i,t} (∂L/∂H_it) ∇_θ H_it with the entropy bonus, H_it the token entropy), so micro-batches of
+# any rows are exact. Each strategy returns ((loss_sum, (denom, states, metrics)), grads) with the
+# loss, metrics, denominators and schedule statistics of the whole batch.
 
 
-def _under_mesh(fn, mesh):
-    def traced(*args):
-        with model_lib.rows_split_over(mesh):
-            return fn(*args)
+@dataclasses.dataclass(frozen=True)
+class Grads:
+    """What a gradient strategy works with."""
 
-    return traced
+    logp_fn: Callable  # (params, Batch, with_entropy) -> logp [B, Tc] (, entropy [B, Tc])
+    update_loss: Callable  # make_update_loss(spec)
+    micro: int  # M micro-batches
+    split: Callable  # a [B, ...] tree -> [M, B/M, ...] (rows stay on their devices)
+    with_entropy: bool  # the entropy bonus is on: its gradient flows
+
+
+def fused_grads(g: Grads, params, batch: records.Batch, states, key):
+    """M = 1: one fused forward/backward pass."""
+
+    def fused(params):
+        logp, entropy = g.logp_fn(params, _forward(batch), with_entropy=True)
+        return g.update_loss(logp, entropy, batch, states, key)
+
+    return jax.value_and_grad(fused, has_aux=True)(params)
+
+
+def cotangent_grads(g: Grads, params, batch: records.Batch, states, key):
+    """Objectives that couple rows (or use the α/τ schedule), M > 1: one forward pass scores the
+    whole batch, the loss (and the schedule, once) gives the cotangents ∂L/∂logp and ∂L/∂H
+    [B, Tc], and each micro-batch adds vjp(logp_fn)(its cotangent rows)."""
+    fwd = _forward(batch)
+    logp, entropy = by_micro_batch(g, params, fwd, with_entropy=True)  # no backward
+    value, cts = jax.value_and_grad(g.update_loss, argnums=(0, 1), has_aux=True)(
+        logp, entropy, batch, states, key
+    )
+
+    def accumulate(grads, xs):
+        mb, ct_mb, ct_ent_mb = xs
+        if g.with_entropy:
+            _, vjp = jax.vjp(lambda p: g.logp_fn(p, mb, with_entropy=True), params)
+            gr = vjp((ct_mb, ct_ent_mb))[0]
+        else:
+            _, vjp = jax.vjp(lambda p: g.logp_fn(p, mb), params)
+            gr = vjp(ct_mb)[0]
+        return jax.tree.map(jnp.add, grads, gr), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(accumulate, zeros, (g.split(fwd), g.split(cts[0]), g.split(cts[1])))
+    return value, grads
+
+
+def per_token_grads(g: Grads, params, batch: records.Batch, states, key):
+    """Per-token objectives, M > 1: each micro-batch differentiates the whole batch's loss with
+    its own rows' log-probs in place (other rows are constants; a row's gradient depends only on
+    its own log-probs and on denominators from masks); the value and metrics are then evaluated
+    once on the whole batch's log-probs."""
+    micro, filler = g.micro, g.split(batch.old_logp)  # [M, B/M, Tc]: other rows' constants
+
+    def accumulate(grads, xs):
+        k, mb = xs
+
+        def micro_loss(params):
+            logp_mb, ent_mb = g.logp_fn(params, mb, with_entropy=True)  # [B/M, Tc]
+            here = (jnp.arange(micro) == k)[:, None, None]
+            filled = _unsplit(jnp.where(here, logp_mb[None], filler))  # [B, Tc]
+            filled_ent = _unsplit(jnp.where(here, ent_mb[None], 0.0))
+            loss_sum, _ = g.update_loss(filled, filled_ent, batch, states, key)
+            return loss_sum, (logp_mb, ent_mb)
+
+        (_, out), gr = jax.value_and_grad(micro_loss, has_aux=True)(params)
+        return jax.tree.map(jnp.add, grads, gr), out
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    xs = (jnp.arange(micro), g.split(_forward(batch)))
+    grads, (logp, entropy) = jax.lax.scan(accumulate, zeros, xs)
+    logp, entropy = _unsplit(logp), _unsplit(entropy)
+    return g.update_loss(logp, entropy, batch, states, key), grads
+
+
+def by_micro_batch(g: Grads, params, b: records.Batch, with_entropy=False):
+    """logp_fn over the rows of b one micro-batch at a time (rows are independent), so a
+    forward-only pass holds one micro-batch's activations, as the backward passes do."""
+    if g.micro == 1 or b.completion_ids.shape[0] % g.micro:  # (a scorer batch of any rows)
+        return g.logp_fn(params, b, with_entropy)
+    out = jax.lax.map(lambda mb: g.logp_fn(params, mb, with_entropy), g.split(b))
+    return jax.tree.map(_unsplit, out)
+
+
+def _apply_update(tx, state: TrainState, grads, loss_sum, denom, states, metrics):
+    """Divides the summed gradients by the batch's denominator (exact: denominators do not
+    depend on the parameters) and applies the optimizer, unless the loss, gradient or update is
+    non-finite (then the state is kept and `skipped` counts it)."""
+    sched, ent_state = states
+    denom = jnp.maximum(denom, 1e-8)
+    loss = loss_sum / denom
+    grads = jax.tree.map(lambda x: x / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A finite gradient can still give a non-finite update (lr = nan/inf, an optimizer state
+    # already overflowed): the update's norm must be finite too.
+    update_norm = optax.tree.norm(updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = state.replace(
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        schedule=keep(sched, state.schedule),
+        entropy=keep(ent_state, state.entropy),
+        step=state.step + ok.astype(jnp.int32),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+    )
+    out = dict(metrics)
+    out.update(
+        {
+            "loss/value": loss,
+            "optim/grad_norm": grad_norm,
+            "optim/skipped": new_state.skipped.astype(jnp.float32),
+        }
+    )
+    return new_state, out
+
+
+# --- the jitted programs -------------------------------------------------------------------------
 
 
 def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=None) -> StepFns:
@@ -278,176 +414,89 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=
     gradients, the optimizer moments and the update touch nothing else; each call joins them
     with the base, an extra (undonated) argument in its training layout.
 
-    The gradient of every objective is Σ_{i,t} (∂L/∂log π_θ(y_it)) ∇_θ log π_θ(y_it) (plus
-    Σ_{i,t} (∂L/∂H_it) ∇_θ H_it with the entropy bonus, H_it the token entropy), so
-    micro-batches of any rows are exact:
-      - micro_batches = 1: one fused forward/backward pass;
-      - objectives that couple rows (or use the α/τ schedule), micro_batches > 1: one forward
-        pass scores the whole update batch, the loss (and the schedule, once) gives the
-        cotangents ∂L/∂logp (and ∂L/∂H) [B, T], and each micro-batch adds vjp(logp_fn)(its
-        cotangent rows);
-      - per-token objectives, micro_batches > 1: each micro-batch differentiates the full-batch
-        loss with its own rows' log-probs in place (other rows are constants; a row's gradient
-        depends only on its own log-probs and on denominators from masks), then the value and
-        metrics are evaluated once on the whole batch's log-probs.
-    Loss values, metrics, denominators and schedule statistics are those of the whole batch, so
-    nothing depends on the micro-batch count. Forward-only passes (the scorer, the cotangent
-    path's first pass) also run one micro-batch at a time: activations / micro_batches."""
-    micro, chunk = spec.micro_batches, spec.logprob_chunk
-    precision = spec.logprob_precision
+    The gradient strategy (above) is `fused_grads` for one micro-batch, `cotangent_grads` for
+    objectives that couple rows or use the α/τ schedule, else `per_token_grads`. Forward-only
+    passes (the scorer, the cotangent path's first pass) also run one micro-batch at a time:
+    activations / micro_batches."""
+    micro, obj = spec.micro_batches, spec.objective
     update_loss = make_update_loss(spec)
-    obj = spec.objective
-    with_ent = spec.entropy.active  # the bonus needs the entropy's gradient
-    via_cotangent = obj.couples_rows or obj.schedule
-    data_parallel = 1
+    if micro == 1:
+        strategy = fused_grads
+    else:
+        strategy = cotangent_grads if obj.couples_rows or obj.schedule else per_token_grads
+    data_parallel, micro_sharding = 1, None
     if mesh is not None:
-        rows_sharding = sharding_lib.batch_sharding(mesh)
         micro_sharding = sharding_lib.named(mesh, None, sharding_lib.TRAIN_RULES["batch"])
-        replicated = sharding_lib.named(mesh)
         data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-
-    def logp_with(base):
-        def logp_fn(params, b, with_entropy=False):
-            full = params if base is None else lora_lib.join(base, params)
-            return completion_logprobs(
-                graphdef, full, b, chunk=chunk, with_entropy=with_entropy, precision=precision
-            )
-
-        return logp_fn
 
     def split(tree):
         out = jax.tree.map(lambda x: _split(x, micro), tree)
-        if mesh is not None:  # keep each micro-batch's rows spread over the data axes
+        if micro_sharding is not None:  # keep each micro-batch's rows spread over the data axes
             out = jax.lax.with_sharding_constraint(out, micro_sharding)
         return out
 
-    def train_step(state: TrainState, batch: Batch, base=None):
-        logp_fn = logp_with(base)
-        b = batch["rewards"].shape[0]
-        check_micro_batches(b, micro, data_parallel)  # at trace time, before compiling
-        batch_lib.check_reads(obj.name, obj.reads, batch.keys())
-        fwd = {k: batch[k] for k in _FORWARD_KEYS}
-        lb = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")}
-        states = (state.schedule, state.entropy)
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+    def grads_with(base) -> Grads:
+        def logp_fn(params, b, with_entropy=False):
+            full = params if base is None else lora_lib.join(base, params)
+            return completion_logprobs(
+                graphdef,
+                full,
+                b,
+                chunk=spec.logprob_chunk,
+                with_entropy=with_entropy,
+                precision=spec.logprob_precision,
+            )
+
+        return Grads(logp_fn, update_loss, micro, split, spec.entropy.active)
+
+    def train_step(state: TrainState, batch: records.Batch, base=None):
+        check_micro_batches(batch.rewards.shape[0], micro, data_parallel)  # at trace time
+        batch_lib.check_reads(obj.name, obj.reads, batch.present())
         # The loss's own stream (split off the rollout's, which folds the root key with the
         # rollout step), one key per update: every micro-batch of an update sees the same key.
         loss_key = jax.random.fold_in(
             jax.random.split(jax.random.wrap_key_data(state.rng))[1], state.step
         )
-
-        if micro == 1:
-
-            def fused(params):
-                logp, entropy = logp_fn(params, fwd, with_entropy=True)
-                return update_loss(logp, entropy, lb, states, loss_key)
-
-            (loss_sum, (denom, states, metrics)), grads = jax.value_and_grad(fused, has_aux=True)(
-                state.params
-            )
-        elif via_cotangent:
-            # [B, T], no backward; one micro-batch at a time (forward activations / micro)
-            logp, entropy = by_micro_batch(logp_fn, state.params, fwd, with_entropy=True)
-            (loss_sum, (denom, states, metrics)), cts = jax.value_and_grad(
-                update_loss, argnums=(0, 1), has_aux=True
-            )(logp, entropy, lb, states, loss_key)  # ∂loss_sum/∂logp, ∂loss_sum/∂entropy [B, T]
-
-            def accumulate(grads, xs):
-                mb, ct_mb, ct_ent_mb = xs
-                if with_ent:
-                    _, vjp = jax.vjp(lambda p: logp_fn(p, mb, with_entropy=True), state.params)
-                    gr = vjp((ct_mb, ct_ent_mb))[0]
-                else:
-                    _, vjp = jax.vjp(lambda p: logp_fn(p, mb), state.params)
-                    gr = vjp(ct_mb)[0]
-                return jax.tree.map(jnp.add, grads, gr), None
-
-            grads, _ = jax.lax.scan(accumulate, zeros, (split(fwd), split(cts[0]), split(cts[1])))
-        else:
-            filler = split(batch["old_logp"])  # [micro, B/micro, T]: other rows' constants
-
-            def accumulate(grads, xs):
-                k, mb = xs
-
-                def micro_loss(params):
-                    logp_mb, ent_mb = logp_fn(params, mb, with_entropy=True)  # [B/micro, T]
-                    here = (jnp.arange(micro) == k)[:, None, None]
-                    filled = _unsplit(jnp.where(here, logp_mb[None], filler))  # [B, T]
-                    filled_ent = _unsplit(jnp.where(here, ent_mb[None], 0.0))
-                    ls, _ = update_loss(filled, filled_ent, lb, states, loss_key)
-                    return ls, (logp_mb, ent_mb)
-
-                (_, out), gr = jax.value_and_grad(micro_loss, has_aux=True)(state.params)
-                return jax.tree.map(jnp.add, grads, gr), out
-
-            grads, (logp, entropy) = jax.lax.scan(
-                accumulate, zeros, (jnp.arange(micro), split(fwd))
-            )
-            logp, entropy = _unsplit(logp), _unsplit(entropy)
-            loss_sum, (denom, states, metrics) = update_loss(logp, entropy, lb, states, loss_key)
-        sched, ent_state = states
-
-        # The loss is sum/denominator over the whole batch; denominators do not depend on the
-        # parameters, so dividing the summed gradients once is exact.
-        denom = jnp.maximum(denom, 1e-8)
-        loss = loss_sum / denom
-        grads = jax.tree.map(lambda x: x / denom, grads)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A finite gradient can still give a non-finite update (lr = nan/inf, an optimizer
-        # state already overflowed): the update's norm must be finite too.
-        update_norm = optax.tree.norm(updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_state = state.replace(
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            schedule=keep(sched, state.schedule),
-            entropy=keep(ent_state, state.entropy),
-            step=state.step + ok.astype(jnp.int32),
-            skipped=state.skipped + (~ok).astype(jnp.int32),
+        states = (state.schedule, state.entropy)
+        (loss_sum, (denom, states, metrics)), grads = strategy(
+            grads_with(base), state.params, batch, states, loss_key
         )
-        out = dict(metrics)
-        out.update(
-            {
-                "loss/value": loss,
-                "optim/grad_norm": grad_norm,
-                "optim/skipped": new_state.skipped.astype(jnp.float32),
-            }
-        )
-        return new_state, out
+        return _apply_update(tx, state, grads, loss_sum, denom, states, metrics)
 
-    def by_micro_batch(logp_fn, params, b, with_entropy=False):
-        """logp_fn over the rows of b one micro-batch at a time (rows are independent), so a
-        forward-only pass holds one micro-batch's activations, as the backward passes do."""
-        if micro == 1 or b["completion_ids"].shape[0] % micro:  # (a scorer batch of any rows)
-            return logp_fn(params, b, with_entropy)
-        out = jax.lax.map(lambda mb: logp_fn(params, mb, with_entropy), split(b))
-        return jax.tree.map(_unsplit, out)
+    def logprobs(params, batch: records.Batch, base=None):
+        return by_micro_batch(grads_with(base), params, batch)
 
-    def logprobs(params, batch, base=None):
-        return by_micro_batch(logp_with(base), params, batch)
+    return _jit(train_step, logprobs, mesh, state_shardings, frozen)
 
+
+def _jit(train_step, logprobs, mesh, state_shardings, frozen) -> StepFns:
     if mesh is None:
         fns = StepFns(jax.jit(train_step, donate_argnums=0), jax.jit(logprobs))
     else:
         # Traced under the mesh: the model keeps activations split by rows
         # (decoder.rows_sharded).
-        train_step, logprobs = _under_mesh(train_step, mesh), _under_mesh(logprobs, mesh)
+        rows, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.named(mesh)
         base = () if frozen is None else (sharding_lib.tree_shardings(frozen, mesh),)
         step = jax.jit(
-            train_step,
-            in_shardings=(state_shardings, rows_sharding, *base),
+            _under_mesh(train_step, mesh),
+            in_shardings=(state_shardings, rows, *base),
             out_shardings=(state_shardings, replicated),
             donate_argnums=0,
         )
         score = jax.jit(
-            logprobs,
-            in_shardings=(state_shardings.params, rows_sharding, *base),
-            out_shardings=rows_sharding,
+            _under_mesh(logprobs, mesh),
+            in_shardings=(state_shardings.params, rows, *base),
+            out_shardings=rows,
         )
         fns = StepFns(step, score)
     if frozen is None:
         return fns
     return StepFns(WithBase(fns.train_step, frozen), WithBase(fns.logprobs, frozen))
+
+
+def _under_mesh(fn, mesh):
+    def traced(*args):
+        with model_lib.rows_split_over(mesh):
+            return fn(*args)
+
+    return traced

@@ -1,10 +1,11 @@
-"""Config checks that run before any model is built or compiled (called by `build.plan`, which
-training, the evaluation CLI and the dry run all go through): every error names its key.
+"""Config checks between keys, before any model is built or compiled (`check_plan`, called by
+`build.plan`, which training, the evaluation CLI and the dry run all go through): every error
+names its key.
 
-`KEYS` states the type and valid range of every key of configs/base.py (objective and task
-blocks are checked by their own `check`, after `check_block` has checked their types and that
-their numbers are finite). Upper bounds are those a dtype or memory imposes: step counters and
-schedule boundaries are int32 on device, seeds int64, a step's token batch is indexed in int32.
+One key's type, range and choices are checked where the key is declared (apo_jax/settings.py),
+when `build.plan` reads its block; the objective and task blocks by `check_block` (types, finite
+numbers) and their owner's `check` (ranges). Upper bounds here are those a dtype or memory
+imposes: step counters are int32 on device, a step's token batch is indexed in int32.
 
 The blocks of the objectives and tasks that are not selected (loss.<other>.*, task.<other>.*)
 are checked like the selected one, and a value that differs from its default there is an error
@@ -16,168 +17,24 @@ rollout.max_refill_rounds (only with rollout.dynamic_sampling), eval.every_steps
 eval.rows_per_chunk (only with eval.num_prompts > 0), loss.rollout_correction_cap (only with a
 rollout correction), loss.entropy_coef_delta/_min/_max (only with loss.entropy_target > 0). Keys
 of the chosen objective's block that some of its settings ignore are declared by the objective
-(`Objective.inert`).
+(`Objective.inert`). Declared but not yet read by any code: rollout.engine, rollout.slots,
+optim.packing, optim.pack_len, loss.anchor.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
 from apo_jax.infra import tracking
-from apo_jax.models import attention, decoder, lora
-from apo_jax.objectives.schedule import MODES, SCOPES
-from apo_jax.trainer import rollout_correction
+from apo_jax.settings import INT32_MAX, check_value
+from apo_jax.settings import fail as _fail
 
-_DTYPES = ("float32", "bfloat16")
-_INF = math.inf
-_PRECISIONS = ("default", "float32")
-INT32_MAX = 2**31 - 1  # device step counters (optimizer count, TrainState.step) are int32
-INT64_MAX = 2**63 - 1  # seeds: jax.random.key and the toy task's hash take an int64
-
-
-def _fail(key: str, value, why: str):
-    raise ValueError(f"config.{key}={value!r}: {why}")
-
-
-class Range:
-    """A closed/open interval written as in maths, e.g. Range("(0, 1]"), Range("[1, inf)")."""
-
-    def __init__(self, text: str):
-        lo, hi = (_number(x.strip()) for x in text[1:-1].split(","))
-        self.text, self.lo, self.hi = text, lo, hi
-        self.lo_open, self.hi_open = text[0] == "(", text[-1] == ")"
-
-    def __contains__(self, x) -> bool:
-        above = x > self.lo if self.lo_open else x >= self.lo
-        below = x < self.hi if self.hi_open else x <= self.hi
-        return above and below
-
-
-def _number(text: str) -> int | float:
-    """An int bound stays an int: 2**63 - 1 as a float would round up to 2**63."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-# key -> (type, valid range or None, meaning). Floats must also be finite (no nan/inf).
-KEYS: dict[str, tuple[type, str | None, str]] = {
-    "seed": (int, f"[0, {INT64_MAX}]", "seeds numpy and JAX generators: a non-negative int64"),
-    "total_steps": (int, f"[1, {INT32_MAX}]", "rollout steps (device step counters are int32)"),
-    "allow_unused_keys": (bool, None, "keep non-default values in unselected loss/task blocks"),
-    "model.preset": (str, None, "random-init preset (ignored when model.hf_dir is set)"),
-    "model.vocab_size": (int, "[-1, inf)", "0 = the preset's, -1 = the task's (random init)"),
-    "model.hf_dir": (str, None, "Hugging Face model directory"),
-    "model.param_dtype": (str, None, "float32 | bfloat16"),
-    "model.dtype": (str, None, "float32 | bfloat16"),
-    "model.remat": (object, None, "none | block | a remat policy | True | False (below)"),
-    "model.scan_layers": (bool, None, "stack layers under lax.scan"),
-    "model.attention": (str, None, "auto | xla_blockwise | cudnn | splash | naive"),
-    "model.logprob_precision": (str, None, "default | float32 (scoring in float32, highest)"),
-    "model.lora.rank": (int, "[0, inf)", "LoRA rank R, 0 = off"),
-    "model.lora.alpha": (float, "(0, inf)", "LoRA scale numerator: delta = alpha / R · B A x"),
-    "model.lora.targets": (str, None, "comma-separated subset of q, k, v, o, gate, up, down"),
-    "model.lora.base_dtype": (str, None, "bfloat16 | float32"),
-    "model.lora.peft_dir": (str, None, "PEFT adapter directory to start from"),
-    "rollout.prompts_per_step": (int, "[1, inf)", "prompts per rollout step"),
-    "rollout.group_size": (int, "[2, inf)", "group-relative losses need >= 2 completions"),
-    "rollout.max_prompt_len": (int, "[1, inf)", "tokens"),
-    "rollout.max_new_tokens": (int, "[1, inf)", "tokens"),
-    # 0 (greedy) is refused below: every completion of a group would be the same.
-    "rollout.temperature": (float, "[0, inf)", "sampling temperature"),
-    "rollout.top_k": (int, "[0, inf)", "0 = off"),
-    "rollout.top_p": (float, "(0, 1]", "nucleus mass, 1 = off"),
-    "rollout.cache_dtype": (str, None, "auto | float32 | bfloat16"),
-    "rollout.dynamic_sampling": (bool, None, "DAPO dynamic sampling"),
-    "rollout.max_refill_rounds": (int, "[0, inf)", "extra rounds (only with dynamic_sampling)"),
-    # < max_new_tokens is checked below: a buffer as long as the completion penalises them all.
-    "rollout.overlong_buffer": (int, "[0, inf)", "tokens, 0 = off"),
-    "rollout.rows_per_chunk": (int, "[0, inf)", "rows per sampler call, 0 = all"),
-    "loss.rollout_correction": (str, None, ", ".join(rollout_correction.MODES)),
-    "loss.rollout_correction_cap": (float, "(1, inf)", "importance-weight cap C"),
-    "loss.entropy_coef": (float, "[0, inf)", "entropy bonus coefficient (0 = off)"),
-    "loss.entropy_target": (float, "[0, inf)", "target mean token entropy, > 0 = adaptive"),
-    "loss.entropy_coef_delta": (float, "(0, inf)", "adaptive: step of the coefficient"),
-    "loss.entropy_coef_min": (float, "[0, inf)", "adaptive: lower clip of the coefficient"),
-    "loss.entropy_coef_max": (float, "[0, inf)", "adaptive: upper clip of the coefficient"),
-    "schedule.mode": (str, None, "legacy | ess | fixed"),
-    "schedule.scope": (str, None, "group | batch"),
-    "schedule.alpha": (float, "(0, 1]", "alpha must lie in (0, 1] (1 = forward KL)"),
-    "schedule.alpha_max": (float, "(0, 1]", "alpha must lie in (0, 1] (1 = forward KL)"),
-    "schedule.alpha_min": (float, "(0, 1]", "alpha must lie in (0, 1] (1 = forward KL)"),
-    "schedule.adaptive_tau": (bool, None, "tau rule of spec §2"),
-    "schedule.tau0": (float, "(0, inf)", "anchoring temperature"),
-    "schedule.a_tau": (float, "[0, inf)", "weight of H_stat in tau (spec §2)"),
-    "schedule.b_tau": (float, "[0, inf)", "weight of -confidence * signal in tau (spec §2)"),
-    "schedule.tau_min": (float, "(0, inf)", "lower clip of tau"),
-    "schedule.tau_max": (float, "(0, inf)", "upper clip of tau"),
-    "schedule.use_ema": (bool, None, "legacy-mode EMA"),
-    "schedule.ema_momentum": (float, "[0, 1)", "EMA momentum (1 would freeze alpha)"),
-    "schedule.ess_target_frac": (float, "(0, 1]", "target ESS as a fraction of G"),
-    "schedule.ess_candidates": (int, "[2, inf)", "alpha grid size (both ends at least)"),
-    "schedule.ess_warmup_calls": (int, f"[0, {INT32_MAX}]", "updates at alpha_max (int32)"),
-    "schedule.ess_momentum": (float, "[0, 1)", "momentum (1 would freeze alpha)"),
-    "schedule.ess_max_step": (float, "(0, 1]", "largest change of alpha per update"),
-    "optim.lr": (float, "(0, inf)", "peak learning rate"),
-    "optim.warmup_steps": (int, f"[0, {INT32_MAX}]", "optimizer updates (int32 on device)"),
-    "optim.decay": (str, None, "constant | cosine"),
-    "optim.b1": (float, "[0, 1)", "Adam moment decay (1 never forgets)"),
-    "optim.b2": (float, "[0, 1)", "Adam moment decay (1 never forgets; bias correction / 0)"),
-    "optim.weight_decay": (float, "[0, inf)", "decoupled weight decay (< 0 grows weights)"),
-    "optim.grad_clip": (float, "[0, inf)", "global-norm clip, 0 = off"),
-    "optim.mini_batches": (int, "[1, inf)", "updates per rollout step"),
-    "optim.micro_batches": (int, "[1, inf)", "gradient accumulation steps"),
-    "optim.logprob_chunk": (int, "[1, inf)", "vocabulary chunk of the log-prob kernel"),
-    "mesh.data": (int, "[-1, inf)", "-1 = the devices left over (0 is refused below)"),
-    "mesh.fsdp": (int, "[1, inf)", "FSDP axis size"),
-    "mesh.tensor": (int, "[1, inf)", "tensor-parallel axis size"),
-    "checkpoint.every_steps": (int, "[0, inf)", "0 = only at the end / on a signal"),
-    "checkpoint.keep": (int, "[1, inf)", "0 would delete every checkpoint, the final one too"),
-    "eval.every_steps": (int, "[0, inf)", "0 = only at the end (if eval.num_prompts)"),
-    "eval.num_prompts": (int, "[0, inf)", "0 = no evaluation"),
-    "eval.rows_per_chunk": (int, "[0, inf)", "rows per sampler call, 0 = the rollout's"),
-    "logging.tensorboard": (bool, None, "TensorBoard events"),
-    "logging.plots": (bool, None, "PNG plots"),
-    "logging.progress": (bool, None, "progress bar"),
-    "logging.wandb": (bool, None, "Weights & Biases run (the wandb extra)"),
-    "logging.wandb_project": (str, None, "W&B project"),
-    "logging.wandb_entity": (str, None, "W&B entity, '' = the API key's default"),
-    "logging.wandb_mode": (str, None, "online | offline"),
-    "logging.wandb_group": (str, None, "W&B group, '' = none"),
-    "logging.wandb_tags": (object, None, "W&B tags (checked below)"),
-}
-_RANGES = {key: Range(spec[1]) for key, spec in KEYS.items() if spec[1]}
-
-
-def _get(c, key: str):
-    node = c
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def check_value(key: str, value, kind: type, valid: str | None = None, why: str = "") -> None:
-    """Type (bool is not a number; an int is a valid float), finiteness and range of one key."""
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        _fail(key, value, f"must be a {kind.__name__}" + (f" ({why})" if why else ""))
-    if kind is float and not math.isfinite(value):
-        _fail(key, value, "must be a finite number")
-    if valid and value not in (_RANGES.get(key) or Range(valid)):
-        _fail(key, value, f"must lie in {valid}" + (f": {why}" if why else ""))
+if TYPE_CHECKING:
+    from apo_jax.trainer.build import Plan
 
 
 def check_block(prefix: str, params: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
@@ -185,15 +42,8 @@ def check_block(prefix: str, params: Mapping[str, Any], defaults: Mapping[str, A
     (int where the default is an int, any number where it is a float) and numbers are finite.
     Ranges are the block owner's `check`."""
     for key, default in defaults.items():
-        value = params[key]
-        if isinstance(default, bool):
-            check_value(f"{prefix}.{key}", value, bool)
-        elif isinstance(default, int):
-            check_value(f"{prefix}.{key}", value, int)
-        elif isinstance(default, float):
-            check_value(f"{prefix}.{key}", value, float)
-        elif isinstance(default, str):
-            check_value(f"{prefix}.{key}", value, str)
+        if type(default) in (bool, int, float, str):
+            check_value(f"{prefix}.{key}", params[key], type(default))
 
 
 def check_rows_per_chunk(rows_per_chunk: int, group_size: int, prompts: int, procs: int) -> None:
@@ -211,40 +61,14 @@ def check_rows_per_chunk(rows_per_chunk: int, group_size: int, prompts: int, pro
         )
 
 
-def check_config(c: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on the first key whose value cannot work."""
-    for key, (kind, valid, why) in KEYS.items():
-        try:
-            value = _get(c, key)
-        except (KeyError, AttributeError):
-            raise ValueError(
-                f"config.{key}: missing (every key of configs/base.py must be set; a config.json "
-                "written by an older version may lack newer keys)"
-            ) from None
-        check_value(key, value, kind, valid, why)
-    if c.schedule.mode not in MODES:
-        _fail("schedule.mode", c.schedule.mode, f"valid: {', '.join(MODES)}")
-    if c.schedule.scope not in SCOPES:
-        _fail("schedule.scope", c.schedule.scope, f"valid: {', '.join(SCOPES)}")
-    if c.schedule.alpha_min > c.schedule.alpha_max:
-        _fail("schedule.alpha_min", c.schedule.alpha_min, "must be <= schedule.alpha_max")
-    if c.schedule.tau_min > c.schedule.tau_max:
-        _fail("schedule.tau_min", c.schedule.tau_min, "need tau_min <= tau_max")
-
-    r, o = c.rollout, c.optim
-    if r.temperature == 0:
-        _fail(
-            "rollout.temperature",
-            r.temperature,
-            "greedy sampling makes the G completions of a group identical: every objective "
-            "here compares completions within a group, so the advantage and the gradient would "
-            "be 0 at every step; use a temperature > 0 (held-out evaluation is greedy anyway)",
-        )
-    if c.total_steps * o.mini_batches > INT32_MAX:
+def check_plan(p: Plan) -> None:
+    """Raises ValueError on the first rule between keys that the plan's values break."""
+    r, o = p.rollout, p.optim
+    if p.total_steps * o.mini_batches > INT32_MAX:
         _fail(
             "total_steps",
-            c.total_steps,
-            f"total_steps * optim.mini_batches = {c.total_steps * o.mini_batches} optimizer "
+            p.total_steps,
+            f"total_steps * optim.mini_batches = {p.total_steps * o.mini_batches} optimizer "
             f"updates: the device step counter is int32 (at most {INT32_MAX})",
         )
     tokens = r.prompts_per_step * r.group_size * (r.max_prompt_len + r.max_new_tokens)
@@ -259,11 +83,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             f"{tokens * 4 / 2**30:.0f} GiB): lower rollout.prompts_per_step, "
             "rollout.group_size or the lengths",
         )
-    grid = c.schedule.ess_candidates * r.prompts_per_step * r.group_size
+    grid = p.schedule.ess_candidates * r.prompts_per_step * r.group_size
     if grid > INT32_MAX:
         _fail(
             "schedule.ess_candidates",
-            c.schedule.ess_candidates,
+            p.schedule.ess_candidates,
             f"the ESS rule scores every candidate alpha on every completion: a [candidates, "
             f"prompts, G] array of {grid} > 2**31 - 1 elements per update",
         )
@@ -281,7 +105,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             f"must divide rollout.prompts_per_step={r.prompts_per_step}",
         )
     rows = r.prompts_per_step * r.group_size // o.mini_batches
-    if o.micro_batches < 1 or rows % o.micro_batches:
+    if rows % o.micro_batches:
         _fail(
             "optim.micro_batches",
             o.micro_batches,
@@ -290,72 +114,21 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         )
     if r.rows_per_chunk:
         check_rows_per_chunk(r.rows_per_chunk, r.group_size, r.prompts_per_step, 1)
-    if c.loss.rollout_correction not in rollout_correction.MODES:
-        _fail(
-            "loss.rollout_correction",
-            c.loss.rollout_correction,
-            f"valid: {', '.join(rollout_correction.MODES)}",
-        )
-    if c.loss.entropy_coef_min > c.loss.entropy_coef_max:
+    if p.entropy.coef_min > p.entropy.coef_max:
         _fail(
             "loss.entropy_coef_min",
-            c.loss.entropy_coef_min,
-            f"must be <= loss.entropy_coef_max={c.loss.entropy_coef_max}",
+            p.entropy.coef_min,
+            f"must be <= loss.entropy_coef_max={p.entropy.coef_max}",
         )
-    if not c.loss.rollout_correction_cap > 1.0:
-        _fail("loss.rollout_correction_cap", c.loss.rollout_correction_cap, "must be > 1")
-    if o.decay not in ("constant", "cosine"):
-        _fail("optim.decay", o.decay, "valid: constant, cosine")
-    if c.mesh.data == 0:
-        _fail("mesh.data", c.mesh.data, "must be >= 1, or -1 for the devices left over")
-    try:
-        decoder.check_remat(c.model.remat)
-    except ValueError:
-        _fail(
-            "model.remat",
-            c.model.remat,
-            f"valid: {', '.join(decoder.REMAT_POLICIES)}, or True / False (= block / none)",
-        )
-    if c.model.attention not in attention.IMPLS:
-        _fail("model.attention", c.model.attention, f"valid: {', '.join(attention.IMPLS)}")
-    if c.rollout.cache_dtype not in ("auto", *_DTYPES):
-        _fail("rollout.cache_dtype", c.rollout.cache_dtype, f"valid: auto, {', '.join(_DTYPES)}")
-    for key in ("param_dtype", "dtype"):
-        if c.model[key] not in _DTYPES:
-            _fail(f"model.{key}", c.model[key], f"valid: {', '.join(_DTYPES)}")
-    if c.model.logprob_precision not in _PRECISIONS:
-        _fail("model.logprob_precision", c.model.logprob_precision, "valid: default, float32")
-    check_wandb(c.logging)
-    check_lora(c.model.lora)
-
-
-def check_wandb(lg) -> None:
-    """The W&B keys; with logging.wandb=True the wandb package must import (an optional extra:
-    the error gives the install line)."""
-    if lg.wandb_mode not in tracking.MODES:
-        _fail("logging.wandb_mode", lg.wandb_mode, f"valid: {', '.join(tracking.MODES)}")
-    tags = lg.wandb_tags
-    if not isinstance(tags, list | tuple) or not all(
-        isinstance(t, str) and 1 <= len(t) <= tracking.MAX_TAG for t in tags
-    ):
-        why = f"must be a tuple of strings of 1-{tracking.MAX_TAG} characters"
-        _fail("logging.wandb_tags", tags, why)
-    if lg.wandb and not lg.wandb_project:
-        _fail("logging.wandb_project", lg.wandb_project, "must name a W&B project")
-    if lg.wandb:
+    if p.wandb.enabled and not p.wandb.project:
+        _fail("logging.wandb_project", p.wandb.project, "must name a W&B project")
+    if p.wandb.enabled:  # an optional extra: the error gives the install line
         tracking.check_installed()
-
-
-def check_lora(lo) -> None:
-    """model.lora.*: the targets parse, the base dtype is one we store, an adapter to import
-    exists (its contents are checked against these keys when it is read)."""
-    lora.parse_targets(lo.targets)
-    if lo.base_dtype not in lora.BASE_DTYPES:
-        _fail("model.lora.base_dtype", lo.base_dtype, f"valid: {', '.join(lora.BASE_DTYPES)}")
-    if lo.peft_dir and not lo.rank:
-        _fail("model.lora.peft_dir", lo.peft_dir, "needs model.lora.rank > 0 (LoRA on)")
-    if lo.peft_dir and not os.path.isfile(os.path.join(lo.peft_dir, "adapter_config.json")):
-        _fail("model.lora.peft_dir", lo.peft_dir, "no adapter_config.json there (a PEFT dir)")
+    peft_dir = p.model.peft_dir
+    if peft_dir and not p.model.lora:
+        _fail("model.lora.peft_dir", peft_dir, "needs model.lora.rank > 0 (LoRA on)")
+    if peft_dir and not os.path.isfile(os.path.join(peft_dir, "adapter_config.json")):
+        _fail("model.lora.peft_dir", peft_dir, "no adapter_config.json there (a PEFT dir)")
 
 
 def check_lengths(max_prompt_len: int, max_new_tokens: int, model_cfg) -> None:
