@@ -150,10 +150,10 @@ class Sampler:
         self._decodes: dict = {}  # SamplingParams -> jitted decode
         self._cfg = None
         self._stats: dict = {}
-        self._continuous = None
+        self.continuous = None  # the continuous engine's programs and host loop
         if engine == "continuous":
             refill = max(1, self.slots // 8) if refill is None else int(refill)
-            self._continuous = continuous_lib.Engine(self, self.slots, refill)
+            self.continuous = continuous_lib.Engine(self, self.slots, refill)
 
     # --- host-side API -----------------------------------------------------------------------
     def sample(
@@ -184,12 +184,12 @@ class Sampler:
         sp.check_vocab(cfg.vocab_size)
         n = _check_n(n)
         rng = _as_key(rng)
-        if self._continuous is not None:
+        if self.continuous is not None:
             ids, lengths, row_ids = self._global_rows(ids, lengths, row_ids)
-            rows = self._continuous.sample(
+            rows = self.continuous.sample(
                 params, ids, lengths, rng, row_ids, n=n, sp=sp, on_finished=on_finished
             )
-            self._stats = self._continuous.stats
+            self._stats = self.continuous.stats
             return _finish_rows(rows, self.max_new_tokens, ids, lengths, n)
         ids, lengths, row_ids = self._global_rows(ids, lengths, row_ids)
         state = self.prefill(params, ids, lengths, rng, row_ids, n=n, sampling=sp)
