@@ -174,7 +174,7 @@ class Sampler:
         `on_finished(rows, tokens)`, if given, is called on the host with finished rows (their
         indices in the output, and each one's completion, stop token included): under
         `continuous` as they finish, while other rows decode (a scorer can overlap them);
-        under `static` once, with every row, after the last chunk."""
+        under `static` once, with every row, after the decode."""
         sp = self.sampling_for(**overrides)
         if self._cfg is None:  # merging outside jit wraps the arrays in modules, no copies
             self._cfg = nnx.merge(self.graphdef, params).cfg
@@ -184,20 +184,22 @@ class Sampler:
         sp.check_vocab(cfg.vocab_size)
         n = _check_n(n)
         rng = _as_key(rng)
+        ids, lengths, row_ids = self._global_rows(ids, lengths, row_ids)
         if self.continuous is not None:
-            ids, lengths, row_ids = self._global_rows(ids, lengths, row_ids)
             rows = self.continuous.sample(
                 params, ids, lengths, rng, row_ids, n=n, sp=sp, on_finished=on_finished
             )
             self._stats = self.continuous.stats
             return _finish_rows(rows, self.max_new_tokens, ids, lengths, n)
-        ids, lengths, row_ids = self._global_rows(ids, lengths, row_ids)
         state = self.prefill(params, ids, lengths, rng, row_ids, n=n, sampling=sp)
         if self.max_new_tokens > 1:  # prefill already drew the first token
             state = self.decode(params, state, sampling=sp)
         out = _finish(state, self.max_new_tokens, ids, lengths, n)
         steps, rows = state.step - 1, state.last.shape[0]
-        self._stats = dict(device_calls=3 if self.max_new_tokens > 1 else 2, host_syncs=0)
+        self._stats = dict(
+            device_calls=3 if self.max_new_tokens > 1 else 2,
+            host_syncs=int(on_finished is not None),  # the fetch on_finished needs
+        )
         self._stats.update(decode_steps=steps, slot_steps=steps * rows, slots=rows)
         if on_finished is not None:  # static: every row at once, after the decode
             tokens, lens = sharding_lib.local_rows(out.tokens), sharding_lib.local_rows(out.lengths)
