@@ -217,7 +217,7 @@ class Engine:
             s, k = carry
             live = live_of(s)
             tok, logp, sample_logp, cache = decode_lib.step(
-                model, s.cache, s.last, s.keys, s.lengths, tables, first_slot, sp
+                model, s.cache, s.last, s.keys, s.lengths, tables, first_slot, sp, live
             )
             tok = jnp.where(live, tok, pad)  # [Z]
             col = jnp.where(live, s.lengths, t)  # t: out of range, a dead slot writes nothing

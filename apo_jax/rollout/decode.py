@@ -69,14 +69,21 @@ def step(
     tables,
     first_slot: int,
     sp: SamplingParams,
+    live: Bool[Array, " B"] | None = None,
 ):
     """One decode step: row b feeds `last[b]` at its slot cache.index[b] and draws the token of
     column lengths[b] with noise fold_in(keys[b], lengths[b]). Returns (token, logp,
-    sample_logp, cache with the keys written; the caller advances the index)."""
+    sample_logp, cache with the keys written; the caller advances the index). `live`, if given,
+    marks the rows whose outputs count: the others see no key, so that blockwise attention reads
+    only the key tiles some live row needs (a finished slot may hold a long row's index)."""
     if model.attention == "naive":
         _, mask = kv_cache_lib.step_inputs(cache, 1)  # [B, 1, S]
     else:  # attends only to the filled slots (blockwise stops at the last row's index + 1)
         mask = kv_cache_lib.decode_mask(cache)
+        if live is not None:  # a dead row: start = end = the live rows' furthest end
+            end = jnp.max(jnp.where(live, mask.kv_end, 0))
+            pick = lambda x: jnp.where(live, x, end)
+            mask = attention_lib.Mask(pick(mask.kv_start), pick(mask.kv_end), mask.q_offset)
     at = (cache.index - first_slot)[:, None, None, None]  # [B, 1, 1, 1] column of the tables
     rope_cs = tuple(jnp.take_along_axis(x, at, axis=1) for x in tables)  # [B, 1, 1, H/2]
     hidden, layers = model.hidden_states(
