@@ -14,7 +14,8 @@ Shape alphabet (every shape comment and einsum in the package; one meaning per l
   T tokens: Tp prompt, Tc completion, T a whole row (Tp + Tc, or a packed row), S key-value
   positions (cache slots / keys), V vocabulary, D model width, N query heads, K kv heads,
   R query heads per kv head (N = K·R), H head dim, F MLP width, L layers, C vocabulary chunk,
-  M micro-batches of an update; a flattened product is written with a dot, [B·T, C].
+  M micro-batches of an update, Z decode slots (continuous rollout engine); a flattened
+  product is written with a dot, [B·T, C].
   LoRA: I, O a projection's input and output features, r the adapter rank.
 """
 

@@ -108,3 +108,31 @@ def test_a_gpu_budget_given_by_hand_is_jax_memory_fraction_of_it(monkeypatch, en
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert dry_run.budget(24.0, platform) == pytest.approx((24.0 * want, want))
+
+
+def test_dry_run_counts_the_continuous_engines_slots():
+    """rollout.engine=continuous: one call takes the whole step (16 prompts × 8), and the cache
+    counted is the engine's: the slots' cache (slots × (prompt + new tokens)), every prompt's
+    prefilled cache once (prompts × prompt) and the output rows, far below the static call's
+    cache of all 128 rows."""
+    from apo_jax.rollout import kv_cache as kv_cache_lib
+
+    c = toy.get_config()
+    c.mesh.data, c.eval.num_prompts = 1, 0
+    static = dry_run.estimate(c)
+    c.rollout.engine, c.rollout.slots = "continuous", 16
+    cont = dry_run.estimate(c)
+    r = c.rollout
+    assert static["rollout_rows"] == cont["rollout_rows"] == r.prompts_per_step * r.group_size
+    p = build.plan(c)
+    cfg = build.model_config(p, build.task(p).vocab_size)
+    dtype = build.cache_dtype(p)
+    slots = kv_cache_lib.nbytes(cfg, 16, r.max_prompt_len + r.max_new_tokens, dtype)
+    prompts = kv_cache_lib.nbytes(cfg, r.prompts_per_step, r.max_prompt_len, dtype)
+    rows = r.prompts_per_step * r.group_size * r.max_new_tokens * 4 * 3  # tokens, 2 log-probs
+    everything = kv_cache_lib.nbytes(
+        cfg, r.prompts_per_step * r.group_size, r.max_prompt_len + r.max_new_tokens, dtype
+    )
+    got = cont["kv_cache_gib"] * dry_run.GIB
+    assert slots + prompts + rows <= got + dry_run.GIB * 1e-6 <= 1.2 * (slots + prompts + rows)
+    assert static["kv_cache_gib"] * dry_run.GIB >= everything > 2 * got

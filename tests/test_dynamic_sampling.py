@@ -68,10 +68,12 @@ class _ScriptedSampler:
     """Completions scripted per prompt kind on the toy task; lengths (for the overlong penalty)
     grow along the group so all-correct groups still get different rewards."""
 
+    engine = "static"  # one call per chunk, rows reported to on_finished at the end
+
     def __init__(self, max_new_tokens):
         self.t, self.calls = max_new_tokens, 0
 
-    def sample(self, params, prompts, *, n, rng, row_ids):
+    def sample(self, params, prompts, *, n, rng, row_ids, on_finished=None):
         self.calls += 1
         rows = []
         for p in prompts:
@@ -86,6 +88,8 @@ class _ScriptedSampler:
             tokens[i, : len(row)], mask[i, : len(row)] = row, True
         lengths = np.asarray([min(len(prompts[0]) + j, self.t) for j in range(n)] * len(prompts))
         zeros = np.zeros(tokens.shape, np.float32)
+        if on_finished is not None:
+            on_finished(np.arange(len(rows)), [t[m] for t, m in zip(tokens, mask, strict=True)])
         width = max(len(p) for p in prompts)
         prompt_ids = np.asarray(
             [[0] * (width - len(p)) + list(p) for p in prompts for _ in range(n)]

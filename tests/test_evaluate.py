@@ -77,6 +77,8 @@ class _ScriptedSampler:
     ordering of the prompt's values if j < c_i, else a wrong answer; every token has log-prob
     -0.25 (j even) or -0.75 (j odd)."""
 
+    engine = "static"  # evaluate() calls in chunks of rows_per_call
+
     def __init__(self, n_samples):
         self.k = n_samples
         self.calls = []

@@ -37,8 +37,15 @@ def _lines(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    single = subprocess.run(_cmd(tmp_path / "single"), cwd=ROOT, env=_env(2),
+@pytest.mark.parametrize(
+    "engine",
+    # continuous: 2 slots per process for 4 rows per process, so rows queue, refill and drain;
+    # both processes take the same scheduling decisions from the gathered slot flags.
+    [(), ("--config.rollout.engine=continuous", "--config.rollout.slots=2")],
+    ids=["static", "continuous"],
+)
+def test_two_processes_match_one_process(tmp_path, engine):
+    single = subprocess.run(_cmd(tmp_path / "single", *engine), cwd=ROOT, env=_env(2),
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
 
@@ -50,6 +57,7 @@ def test_two_processes_match_one_process(tmp_path):
                 f"--coordinator_address=localhost:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
+                *engine,
             ),
             cwd=ROOT,
             env=_env(1),

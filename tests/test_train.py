@@ -154,6 +154,30 @@ def test_rollout_in_row_chunks_changes_nothing(tmp_path, monkeypatch):
         assert abs(x[gap] - y[gap]) <= atol and max(x[gap], y[gap]) <= atol
 
 
+def test_continuous_engine_changes_nothing(tmp_path):
+    """rollout.engine = continuous with 2 groups' rows of slots (the other rows wait and take
+    freed slots; rewards are scored as rows finish), evaluation included: the same tokens,
+    rewards, losses and updates as static, bit for bit. As with rows_per_chunk, only what reads
+    the sampler's own log-probs (rollout/logp_gap, eval/entropy) may round differently, as the
+    decode batch differs."""
+    static, cont = tmp_path / "static", tmp_path / "continuous"
+    c = _debug_toy(total_steps=2, **{"checkpoint.every_steps": 0, "eval.num_prompts": 4})
+    train.run(c, str(static))
+    c.rollout.engine, c.rollout.slots = "continuous", 2 * c.rollout.group_size
+    train.run(c, str(cont))
+    loose = ("rollout/logp_gap", "eval/entropy")
+    a, b = _comparable(_lines(static)), _comparable(_lines(cont))
+    assert [{k: v for k, v in x.items() if k not in loose} for x in a] == [
+        {k: v for k, v in x.items() if k not in loose} for x in b
+    ]
+    vocab = train.build.task(train.build.plan(c)).vocab_size
+    atol = 8 * np.finfo(np.float32).eps * np.log(vocab)  # as in the rows_per_chunk test
+    for x, y in zip(a, b, strict=True):
+        for k in loose:
+            if k in x:
+                assert abs(x[k] - y[k]) <= atol * max(1.0, abs(x[k])), (k, x[k], y[k])
+
+
 def test_incompatible_checkpoint_names_the_keys(tmp_path):
     train.run(_debug_toy(total_steps=2), str(tmp_path))
     with pytest.raises(ValueError, match=r"incompatible config.*loss\.apo\.beta_r: 0\.3 -> 0\.5"):

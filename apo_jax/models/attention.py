@@ -86,7 +86,7 @@ class Mask:
     @classmethod
     def for_cache(cls, starts: Int[Array, " B"], index, num_queries: int) -> Mask:
         """T = num_queries queries written at cache slots index .. index + T - 1: they see the
-        filled slots starts[b] .. their own (the kv_cache.step_inputs mask, described)."""
+        filled slots starts[b] .. their own."""
         index = jnp.asarray(index, jnp.int32)
         end = jnp.broadcast_to(index + num_queries, starts.shape).astype(jnp.int32)
         return cls(starts.astype(jnp.int32), end, index)
@@ -176,12 +176,6 @@ def attend(
         raise ValueError(f"attention: q {q.shape} does not fit k {k.shape} / v {v.shape}")
     scale = h**-0.5 if scale is None else scale
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if not isinstance(mask, Mask):  # a dense [B, T, S]: only until the sampler's naive branch goes
-        if check_impl(impl) != "naive":
-            raise ValueError(
-                f"model.attention={impl!r} takes an attention.Mask, not a dense [B, T, S] mask"
-            )
-        return naive(q, k, v, mask, kv_layout=kv_layout, scale=scale)
     which = resolve(impl, q, k, mask, kv_layout)
     if which == "naive":
         return naive(q, k, v, mask, kv_layout=kv_layout, scale=scale)
@@ -207,25 +201,24 @@ def attend(
 
 
 # --- naive: the reference (the model's original code path) -------------------------------------
-def naive(q, k, v, mask: Mask | Array, *, kv_layout: str = "BSKH", scale: float) -> Array:
-    """Materialises float32 scores [B, K, G, T, S]. `mask` is a Mask (densified here, the one
-    place a [B, T, S] mask exists) or, until rollout/sampler.py's naive branch goes, a dense
-    [B, T, S] boolean."""
+def naive(q, k, v, mask: Mask, *, kv_layout: str = "BSKH", scale: float) -> Array:
+    """Materialises float32 scores [B, K, R, T, S]; the mask is densified here (the one place
+    a [B, T, S] mask exists)."""
     b, t, n, h = q.shape
     kh = k.shape[1 if kv_layout == "BKSH" else 2]
     dt = q.dtype
-    dense = mask.dense(t, k.shape[kv_layout.index("S")]) if isinstance(mask, Mask) else mask
-    q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+    dense = mask.dense(t, k.shape[kv_layout.index("S")])  # [B, T, S]
+    q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, R, H]
     scores = jnp.einsum(
-        f"BTKGH,{kv_layout}->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32
+        f"BTKRH,{kv_layout}->BKRTS", q, k.astype(dt), preferred_element_type=jnp.float32
     )
-    scores = scores * scale  # [B, K, G, T, S] float32
+    scores = scores * scale  # [B, K, R, T, S] float32
     scores = jnp.where(dense[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
-    # Output BKGTH, then a small transpose: XLA:CPU has no bf16 x bf16 -> f32 kernel for the
-    # BKSH dot with a BTKGH output (it fails at run time).
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, R, T, S]
+    # Output BKRTH, then a small transpose: XLA:CPU has no bf16 x bf16 -> f32 kernel for the
+    # BKSH dot with a BTKRH output (it fails at run time).
     out = jnp.einsum(
-        f"BKGTS,{kv_layout}->BKGTH", probs, v.astype(dt), preferred_element_type=jnp.float32
+        f"BKRTS,{kv_layout}->BKRTH", probs, v.astype(dt), preferred_element_type=jnp.float32
     )
     return out.transpose(0, 3, 1, 2, 4).astype(dt).reshape(b, t, n, h)  # [B, T, N, H]
 

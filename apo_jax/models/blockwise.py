@@ -108,12 +108,12 @@ def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset, segs=None):
     lay = cfg.kv_layout
     s, kh = k.shape[lay.index("S")], k.shape[lay.index("K")]
     g, bq, bk, dt = n // kh, min(cfg.block_q, t), min(cfg.block_k, s), q.dtype
-    q5 = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]
+    q5 = q.reshape(b, t, kh, g, h)  # [B, T, K, R, H]
 
     def q_tile(i, carry):
         out, lse = carry
         qs = _slots(i, bq, t)
-        qb = jax.lax.dynamic_slice_in_dim(q5, qs, bq, axis=1)  # [B, bq, K, G, H]
+        qb = jax.lax.dynamic_slice_in_dim(q5, qs, bq, axis=1)  # [B, bq, K, R, H]
         q_slots = q_offset + qs + jnp.arange(bq, dtype=jnp.int32)  # [bq]
         lo, hi = _key_range(cfg, kv_start, kv_end, q_offset + qs + bq - 1, s)
         if segs is not None:  # packed: no key before the segment start of the tile's queries
@@ -124,16 +124,16 @@ def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset, segs=None):
             m, den, acc = c
             ks = _slots(j, bk, s)
             kb, vb = _kv_tile(k, ks, bk, lay), _kv_tile(v, ks, bk, lay)
-            sc = jnp.einsum(f"BTKGH,{lay}->BKGTS", qb, kb, preferred_element_type=jnp.float32)
+            sc = jnp.einsum(f"BTKRH,{lay}->BKRTS", qb, kb, preferred_element_type=jnp.float32)
             k_slots = ks + jnp.arange(bk, dtype=jnp.int32)
             tsegs = _tile_segs(segs, qs, ks, bq, bk)
             vis = _visible(kv_start, kv_end, q_slots, k_slots, j * bk, segs=tsegs)
-            sc = jnp.where(vis, sc * cfg.scale, MASK_VALUE)  # [B, K, G, bq, bk] float32
-            m_new = jnp.maximum(m, sc.max(-1))  # [B, K, G, bq]
+            sc = jnp.where(vis, sc * cfg.scale, MASK_VALUE)  # [B, K, R, bq, bk] float32
+            m_new = jnp.maximum(m, sc.max(-1))  # [B, K, R, bq]
             p = jnp.where(vis, jnp.exp(sc - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
             pv = jnp.einsum(
-                f"BKGTS,{lay}->BKGTH", p.astype(dt), vb, preferred_element_type=jnp.float32
+                f"BKRTS,{lay}->BKRTH", p.astype(dt), vb, preferred_element_type=jnp.float32
             )
             return m_new, den * alpha + p.sum(-1), acc * alpha[..., None] + pv
 
@@ -144,15 +144,15 @@ def _fwd(cfg: _Blocks, q, k, v, kv_start, kv_end, q_offset, segs=None):
         )
         m, den, acc = jax.lax.fori_loop(lo, hi, k_tile, init)
         seen = den > 0  # a query that sees no key gets 0, not NaN
-        ob = (acc / jnp.where(seen, den, 1.0)[..., None]).astype(dt)  # [B, K, G, bq, H]
-        lse_b = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), 0.0)  # [B, K, G, bq]
+        ob = (acc / jnp.where(seen, den, 1.0)[..., None]).astype(dt)  # [B, K, R, bq, H]
+        lse_b = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), 0.0)  # [B, K, R, bq]
         out = jax.lax.dynamic_update_slice_in_dim(out, ob.transpose(0, 3, 1, 2, 4), qs, axis=1)
         lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_b, qs, axis=3)
         return out, lse
 
     init = (jnp.zeros((b, t, kh, g, h), dt), jnp.zeros((b, kh, g, t), jnp.float32))
     out, lse = jax.lax.fori_loop(0, -(-t // bq), q_tile, init)
-    return out.reshape(b, t, n, h), lse  # [B, T, N, H], [B, K, G, T] float32
+    return out.reshape(b, t, n, h), lse  # [B, T, N, H], [B, K, R, T] float32
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -177,7 +177,7 @@ def _flash_bwd(cfg: _Blocks, res, dout):
     q5, do5 = q.reshape(b, t, kh, g, h), dout.astype(dt).reshape(b, t, kh, g, h)
     # D_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij, the softmax-backward row term.
     o5 = out.reshape(b, t, kh, g, h)
-    dd = jnp.einsum("BTKGH,BTKGH->BKGT", do5, o5, preferred_element_type=jnp.float32)
+    dd = jnp.einsum("BTKRH,BTKRH->BKRT", do5, o5, preferred_element_type=jnp.float32)
     lo, hi = _key_range(cfg, kv_start, kv_end, q_offset + t - 1, s)
 
     def k_tile(j, carry):
@@ -195,24 +195,24 @@ def _flash_bwd(cfg: _Blocks, res, dout):
         def q_tile(i, c):
             dq, dkb, dvb = c
             qs = _slots(i, bq, t)
-            qb = jax.lax.dynamic_slice_in_dim(q5, qs, bq, axis=1)  # [B, bq, K, G, H]
+            qb = jax.lax.dynamic_slice_in_dim(q5, qs, bq, axis=1)  # [B, bq, K, R, H]
             dob = jax.lax.dynamic_slice_in_dim(do5, qs, bq, axis=1)
-            lse_b = jax.lax.dynamic_slice_in_dim(lse, qs, bq, axis=3)  # [B, K, G, bq]
+            lse_b = jax.lax.dynamic_slice_in_dim(lse, qs, bq, axis=3)  # [B, K, R, bq]
             dd_b = jax.lax.dynamic_slice_in_dim(dd, qs, bq, axis=3)
             rows = qs + jnp.arange(bq, dtype=jnp.int32)
             tsegs = _tile_segs(segs, qs, ks, bq, bk)
             vis = _visible(kv_start, kv_end, q_offset + rows, k_slots, j * bk, rows, i * bq, tsegs)
-            sc = jnp.einsum(f"BTKGH,{lay}->BKGTS", qb, kb, preferred_element_type=jnp.float32)
+            sc = jnp.einsum(f"BTKRH,{lay}->BKRTS", qb, kb, preferred_element_type=jnp.float32)
             p = jnp.where(vis, jnp.exp(sc * cfg.scale - lse_b[..., None]), 0.0)  # [B,K,G,bq,bk]
-            dp = jnp.einsum(f"BTKGH,{lay}->BKGTS", dob, vb, preferred_element_type=jnp.float32)
+            dp = jnp.einsum(f"BTKRH,{lay}->BKRTS", dob, vb, preferred_element_type=jnp.float32)
             ds = (p * (dp - dd_b[..., None]) * cfg.scale).astype(dt)  # d(scores before scale)
             dvb = dvb + jnp.einsum(
-                f"BKGTS,BTKGH->{lay}", p.astype(dt), dob, preferred_element_type=jnp.float32
+                f"BKRTS,BTKRH->{lay}", p.astype(dt), dob, preferred_element_type=jnp.float32
             )
             dkb = dkb + jnp.einsum(
-                f"BKGTS,BTKGH->{lay}", ds, qb, preferred_element_type=jnp.float32
+                f"BKRTS,BTKRH->{lay}", ds, qb, preferred_element_type=jnp.float32
             )
-            dqb = jnp.einsum(f"BKGTS,{lay}->BKGTH", ds, kb, preferred_element_type=jnp.float32)
+            dqb = jnp.einsum(f"BKRTS,{lay}->BKRTH", ds, kb, preferred_element_type=jnp.float32)
             upd = jax.lax.dynamic_slice_in_dim(dq, qs, bq, axis=1) + dqb.transpose(0, 3, 1, 2, 4)
             return jax.lax.dynamic_update_slice_in_dim(dq, upd, qs, axis=1), dkb, dvb
 

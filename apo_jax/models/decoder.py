@@ -3,9 +3,9 @@
 A family is this decoder plus its config (`DecoderConfig` subclass: presets, HF config.json in
 and out, two switches: q/k RMSNorm, q/k/v biases) and its HF key map; see models/family.py.
 
-Shape alphabet (used in every einsum and shape comment of the package):
-  B batch, T query length, S key/value (cache) length, D model dim, N query heads,
-  K kv heads, G = N // K query heads per kv head, H head dim, F MLP hidden, V vocab, L layers.
+Shapes in the package alphabet (apo_jax/__init__.py): B rows, T query tokens, S key/value (cache)
+slots, D model width, N query heads, K kv heads, R = N // K query heads per kv head, H head dim,
+F MLP width, V vocabulary, L layers.
 
 Dtype policy:
   - parameters are stored in `param_dtype` (float32 for the learner, bfloat16 for a rollout copy);
@@ -102,12 +102,17 @@ def check_remat(remat: bool | str) -> str:
     return remat
 
 
-def write_kv(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""]) -> KVLayer:
+def write_kv(kv: KVLayer, k: Array, v: Array, index: Int[Array, ""] | Int[Array, " B"]) -> KVLayer:
     """Writes this step's k, v [B, T, K, H] at slots index .. index + T - 1 of one layer's cache
-    ([B, K, S, H]: the attention dots batch over (B, K); see rollout/kv_cache.py)."""
-    at = (0, 0, index, 0)
-    k = jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), at)
-    v = jax.lax.dynamic_update_slice(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), at)
+    ([B, K, S, H]: the attention dots batch over (B, K); see rollout/kv_cache.py). `index` is
+    one slot for every row (a prefill) or one per row [B] (decode: rows at their own lengths)."""
+    if jnp.ndim(index) == 0:
+        put = lambda c, x: jax.lax.dynamic_update_slice(c, x, (0, 0, index, 0))
+    else:  # a per-row slot: XLA makes this a scatter of B [K, T, H] windows, in place
+        row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0))
+        put = lambda c, x: jax.vmap(row)(c, x, index)
+    k = put(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype))
+    v = put(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype))
     return k, v  # [B, K, S, H] each
 
 
@@ -259,7 +264,7 @@ class Attention(nnx.Module):
         rope_cs: RopeTables,
         mask: attention_lib.Mask,
         kv: KVLayer | None = None,
-        cache_index: Int[Array, ""] | None = None,
+        cache_index: Int[Array, ""] | Int[Array, " B"] | None = None,
     ) -> tuple[Array, KVLayer]:
         cfg, dt = self.cfg, self.dtype
         q = _project(self, "q_proj", "BTD,DNH->BTNH", x)  # [B, T, N, H]
@@ -285,7 +290,7 @@ class Attention(nnx.Module):
         # transposed the whole o_proj weight on every call (a copy per layer per decode step).
         nh = cfg.num_heads * cfg.head_dim
         out = out.reshape(b, t, nh)  # [B, T, N*H]
-        flat = lambda w: w.reshape(nh, -1)  # [N*H, D]
+        flat = lambda w: w.reshape(nh, -1)  # [N·H, D]
         return _project(self, "o_proj", "BTE,ED->BTD", out, flat), (k, v)
 
 
@@ -406,7 +411,7 @@ class Decoder(nnx.Module):
         positions: Int[Array, "B T"],
         mask: attention_lib.Mask,
         cache: Sequence[KVLayer] | None = None,
-        cache_index: Int[Array, ""] | None = None,
+        cache_index: Int[Array, ""] | Int[Array, " B"] | None = None,
         *,
         rope_cs: RopeTables | None = None,
     ) -> tuple[Float[Array, "B T D"], list[KVLayer] | None]:
@@ -415,7 +420,8 @@ class Decoder(nnx.Module):
         `mask` (an `attention.Mask`, for every `model.attention`) says which keys each query
         sees: uncached (S == T) `Mask.from_valid` for padded rows, `Mask.from_segments` for
         packed rows (positions then restart at 0 in each segment); with a cache of length S,
-        this step's T keys are written at slots `cache_index .. cache_index + T - 1` first and
+        this step's T keys are written at slots `cache_index .. cache_index + T - 1` first
+        (`cache_index` a scalar, or [B]: each row's own slot) and
         `Mask.for_cache` ranges over all S slots.
         `rope_cs`, if given, are precomputed `rope_tables(positions, ...)` (positions unused).
         """

@@ -1,9 +1,11 @@
 """Functional KV cache for decoding: per-layer keys/values plus the slot bookkeeping.
 
 Layout: each layer holds (k, v), both [B, K, S, H] (batch, kv heads, cache slots, head dim).
-Prompts are left-padded to a common length P, so every row writes its t-th new token at the same
-slot P + t: one scalar write index serves the whole batch, and `starts[b]` (the first real slot
-of row b) turns slots into RoPE positions and masks the padding.
+Prompts are left-padded to a common length P and occupy slots 0 .. P-1; row b writes its next
+token at its own slot `index[b]` (rows of a continuous batch are at different lengths), and
+`starts[b]` (the first real slot of row b) turns slots into RoPE positions and masks the padding.
+A decode step of row b sees slots starts[b] .. index[b] only, so a slot refilled with a new row
+never reads what its previous occupant wrote beyond the new row's own prefix.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Bool, Int
+from jax.sharding import Mesh, NamedSharding
+from jaxtyping import Array, Int
 
 from apo_jax.infra import sharding as sharding_lib
+from apo_jax.models import attention as attention_lib
+from apo_jax.models.family import KVLayer
 
 # [B, K, S, H] rather than the projection's [B, S, K, H]: the attention dots batch over (B, K),
 # so with S outside K XLA transposes the whole cache of every layer at every decode step.
@@ -24,8 +28,6 @@ from apo_jax.infra import sharding as sharding_lib
 # steps 6-7% faster at batch 8 and 13-14% faster at batch 32, in float32 and bfloat16 alike.
 LOGICAL_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 SEQ_AXIS = 2
-
-KVLayer = tuple[Array, Array]  # (k, v), each [B, K, S, H]
 
 
 class CacheGeometry(Protocol):
@@ -39,11 +41,11 @@ class CacheGeometry(Protocol):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Per-layer (k, v) [B, K, S, H]; `index` is the next slot to write (shared by all rows),
-    `starts` [B] the first slot holding a real token of each row (left padding before it)."""
+    """Per-layer (k, v) [B, K, S, H]; `index` [B] the next slot each row writes, `starts` [B]
+    the first slot holding a real token of each row (left padding before it)."""
 
     layers: tuple[KVLayer, ...]
-    index: Int[Array, ""]
+    index: Int[Array, " B"]
     starts: Int[Array, " B"]
 
     @property
@@ -57,23 +59,24 @@ def init(cfg: CacheGeometry, starts: Int[Array, " B"], length: int, dtype=jnp.fl
     layers = tuple(
         (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)
     )
-    return KVCache(layers, jnp.zeros((), jnp.int32), starts.astype(jnp.int32))
+    zeros = jnp.zeros(starts.shape, jnp.int32)
+    return KVCache(layers, zeros, starts.astype(jnp.int32))
 
 
-def step_inputs(cache: KVCache, num_queries: int) -> tuple[Int[Array, "B T"], Bool[Array, "B T S"]]:
-    """RoPE positions and attention mask for the next `num_queries` tokens written at
-    `cache.index`: query slot q sees slot s iff starts[b] <= s <= q (causal, no padding)."""
-    slots = cache.index + jnp.arange(num_queries, dtype=jnp.int32)  # [T]
-    keys = jnp.arange(cache.length, dtype=jnp.int32)  # [S]
-    starts = cache.starts[:, None, None]  # [B, 1, 1]
-    mask = (keys[None, None, :] >= starts) & (keys[None, None, :] <= slots[None, :, None])
-    return positions(cache.starts, cache.index, num_queries), mask  # [B, T], [B, T, S]
+def decode_mask(cache: KVCache) -> attention_lib.Mask:
+    """The described mask of one decode step (one query per row at slot index[b]): keys
+    starts[b] .. index[b]. Per-row ends carry the causality; the query offset is the last slot,
+    so it never binds (any q_offset >= max(index) describes the same mask)."""
+    last = jnp.asarray(cache.length - 1, jnp.int32)
+    return attention_lib.Mask(cache.starts, cache.index + 1, last)
 
 
 def positions(starts: Int[Array, " B"], first_slot, num_slots: int) -> Int[Array, "B T"]:
-    """RoPE positions of slots first_slot .. first_slot + num_slots - 1 (padding clamps to 0)."""
-    slots = first_slot + jnp.arange(num_slots, dtype=jnp.int32)  # [T]
-    return jnp.maximum(slots[None, :] - starts[:, None], 0)  # [B, T]
+    """RoPE positions of each row's slots first_slot .. first_slot + num_slots - 1
+    (`first_slot` a scalar or one per row [B]; padding clamps to 0)."""
+    first = jnp.broadcast_to(jnp.asarray(first_slot, jnp.int32), starts.shape)  # [B]
+    slots = first[:, None] + jnp.arange(num_slots, dtype=jnp.int32)  # [B, T]
+    return jnp.maximum(slots - starts[:, None], 0)  # [B, T]
 
 
 def repeat(cache: KVCache, n: int) -> KVCache:
@@ -82,7 +85,7 @@ def repeat(cache: KVCache, n: int) -> KVCache:
         return cache
     rep = lambda x: jnp.repeat(x, n, axis=0, total_repeat_length=x.shape[0] * n)
     layers = tuple((rep(k), rep(v)) for k, v in cache.layers)
-    return KVCache(layers, cache.index, rep(cache.starts))
+    return KVCache(layers, rep(cache.index), rep(cache.starts))
 
 
 def extend(cache: KVCache, extra: int) -> KVCache:
@@ -91,6 +94,21 @@ def extend(cache: KVCache, extra: int) -> KVCache:
     pad[SEQ_AXIS] = (0, extra)
     layers = tuple((jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in cache.layers)  # [B, K, S, H]
     return dataclasses.replace(cache, layers=layers)
+
+
+def admit(cache: KVCache, prompts: KVCache, take: Int[Array, " B"]) -> KVCache:
+    """Slot b with take[b] >= 0 receives prompt row take[b] of `prompts` (a prefilled cache of
+    P slots): its keys at slots 0 .. P-1, its starts, write index P. Other slots keep theirs.
+    Slots >= P keep the previous occupant's keys: the new row's mask ends at its own index."""
+    b, p = take.shape[0], prompts.length
+    src = jnp.maximum(take, 0)  # [B] a valid row for every slot; unused where take < 0
+    dst = jnp.where(take >= 0, jnp.arange(b, dtype=jnp.int32), b)  # b: out of range, dropped
+    put = lambda full, part: full.at[dst, :, :p].set(jnp.take(part, src, axis=0), mode="drop")
+    pairs = zip(cache.layers, prompts.layers, strict=True)
+    layers = tuple((put(k, pk), put(v, pv)) for (k, v), (pk, pv) in pairs)
+    pick = lambda old, new: jnp.where(take >= 0, new, old)
+    index = pick(cache.index, jnp.full((b,), p, jnp.int32))
+    return KVCache(layers, index, pick(cache.starts, jnp.take(prompts.starts, src)))
 
 
 def nbytes(cfg: CacheGeometry, batch: int, length: int, dtype) -> int:
@@ -106,4 +124,4 @@ def shardings(cache: KVCache, mesh: Mesh, rules: sharding_lib.Rules) -> KVCache:
     kv = NamedSharding(mesh, sharding_lib.fit_spec(LOGICAL_AXES, kv_shape, mesh, rules))
     rows = NamedSharding(mesh, sharding_lib.fit_spec(("batch",), cache.starts.shape, mesh, rules))
     layers = tuple((kv, kv) for _ in cache.layers)
-    return KVCache(layers, NamedSharding(mesh, PartitionSpec()), rows)
+    return KVCache(layers, rows, rows)

@@ -2,9 +2,11 @@
 cache, temperature / top-k / top-p / greedy sampling, group sampling and per-token log-probs.
 
 Row layout with group sampling: completion j of prompt i is row i * n + j. Every row draws its
-randomness from fold_in(fold_in(rng, row_id), step) (row_id = prompt row id * n + j), so a row's
-tokens do not depend on which other rows share its batch. Shapes: B rows (prompts × n),
-P bucketed prompt length, T = max_new_tokens, V vocab, S = P + T cache slots.
+randomness from fold_in(fold_in(rng, row_id), t) (row_id = prompt row id * n + j, t the row's
+own token index), so a row's tokens do not depend on which other rows share its batch, nor on
+the engine: `static` (here) or `continuous` (rollout/continuous.py; both trace the same prefill
+and decode step, rollout/decode.py). Shapes: B rows (prompts × n), Tp bucketed prompt length,
+Tc = max_new_tokens, V vocab, S = Tp + Tc cache slots.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from jaxtyping import Array, Bool, Float, Int
 
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
+from apo_jax.rollout import continuous as continuous_lib
+from apo_jax.rollout import decode as decode_lib
 from apo_jax.rollout import kv_cache as kv_cache_lib
-from apo_jax.rollout import sampling as sampling_lib
 from apo_jax.rollout.sampling import SamplingParams
 
-__all__ = ["SampleOutput", "Sampler", "SamplingParams", "generate", "length_buckets"]
+__all__ = ["SampleOutput", "Sampler", "SamplingParams", "length_buckets"]
 
 MIN_BUCKET = 16  # shortest prompt bucket: below this, compile count matters more than padding
 
@@ -44,19 +47,14 @@ class SampleOutput(NamedTuple):
     Both are 0 where `mask` is False. `tokens` holds `pad_id` after a row's end.
     """
 
-    tokens: Int[Array, "B T"]
-    logp: Float[Array, "B T"]
-    sample_logp: Float[Array, "B T"]
-    mask: Bool[Array, "B T"]  # True for generated tokens, the stop token included
+    tokens: Int[Array, "B Tc"]
+    logp: Float[Array, "B Tc"]
+    sample_logp: Float[Array, "B Tc"]
+    mask: Bool[Array, "B Tc"]  # True for generated tokens, the stop token included
     lengths: Int[Array, " B"]  # number of generated tokens (= mask.sum(-1))
     truncated: Bool[Array, " B"]  # True when a row reached max_new_tokens without a stop id
     prompt_ids: Int[Array, "B Tp"]  # each row's prompt, left-padded to the call's bucket
     prompt_mask: Int[Array, "B Tp"]  # 1 on the real prompt tokens
-
-    @property
-    def finished(self) -> Bool[Array, " B"]:
-        """True when the row ended with one of the stop ids."""
-        return ~self.truncated
 
 
 @jax.tree_util.register_dataclass
@@ -65,9 +63,9 @@ class DecodeState:
     """Everything the decode loop carries (donated between prefill and decode)."""
 
     cache: kv_cache_lib.KVCache
-    tokens: Int[Array, "B T"]
-    logp: Float[Array, "B T"]
-    sample_logp: Float[Array, "B T"]
+    tokens: Int[Array, "B Tc"]
+    logp: Float[Array, "B Tc"]
+    sample_logp: Float[Array, "B Tc"]
     last: Int[Array, " B"]  # the token to feed at the next step
     done: Bool[Array, " B"]  # the row emitted a stop id
     lengths: Int[Array, " B"]
@@ -84,6 +82,9 @@ def length_buckets(max_prompt_len: int, smallest: int = MIN_BUCKET) -> tuple[int
     return (*out, max_prompt_len)
 
 
+ENGINES = ("static", "continuous")  # rollout.engine
+
+
 class Sampler:
     """Compiles prefill + decode once per (batch, prompt bucket, n, sampling params) and reuses
     them: pass updated params every step without re-splitting the model.
@@ -93,6 +94,13 @@ class Sampler:
     chooses: trainer/build.py resolves `auto` to bfloat16 on accelerators).
     With a `mesh`, the cache and the per-row state are constrained to the `rules` shardings
     (rows on the batch axes, kv heads on tensor); params keep the shardings they come with.
+
+    `engine` (rollout.engine): "static" decodes all the call's rows until the longest stops (a
+    caller bounds the cache by calling with fewer prompts: rollout.rows_per_chunk);
+    "continuous" keeps `slots` rows per process in flight and gives a stopped row's slot to the
+    next queued row (rollout/continuous.py), returning to the host whenever `refill` slots have
+    freed (default slots // 8). Both give the same rows: the engine changes the speed, not the
+    samples.
     """
 
     def __init__(
@@ -110,11 +118,24 @@ class Sampler:
         cache_dtype=None,
         mesh: Mesh | None = None,
         rules: sharding_lib.Rules = sharding_lib.ROLLOUT_RULES,
+        engine: str = "static",
+        slots: int | None = None,
+        refill: int | None = None,
     ):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not isinstance(max_prompt_len, int) or max_prompt_len < 1:
             raise ValueError(f"max_prompt_len must be an integer >= 1, got {max_prompt_len!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"rollout.engine must be one of {ENGINES}, got {engine!r}")
+        for name, value in (("slots", slots), ("refill", refill)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"rollout.{name} must be an integer >= 1, got {value!r}")
+        if (engine == "continuous") != (slots is not None):
+            raise ValueError(
+                "rollout.slots (rows in flight) goes with rollout.engine='continuous' and only "
+                f"with it; got engine={engine!r}, slots={slots!r}"
+            )
         buckets = tuple(sorted(set(buckets))) if buckets else length_buckets(max_prompt_len)
         if buckets[0] < 1 or buckets[-1] < max_prompt_len:
             raise ValueError(f"buckets {buckets} must be >= 1 and cover max_prompt_len")
@@ -122,11 +143,17 @@ class Sampler:
         self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
         self.pad_id, self.cache_dtype = int(pad_id), cache_dtype
         self.mesh, self.rules = mesh, rules
+        self.engine, self.slots = engine, None if slots is None else int(slots)
         self.sampling = SamplingParams.make(temperature, top_k, top_p, eos_ids)
         self.traces: collections.Counter = collections.Counter()  # trace-time call counts
         self._prefills: dict = {}  # (n, SamplingParams) -> jitted prefill; jit adds the shapes
         self._decodes: dict = {}  # SamplingParams -> jitted decode
         self._cfg = None
+        self._stats: dict = {}
+        self.continuous = None  # the continuous engine's programs and host loop
+        if engine == "continuous":
+            refill = max(1, self.slots // 8) if refill is None else int(refill)
+            self.continuous = continuous_lib.Engine(self, self.slots, refill)
 
     # --- host-side API -----------------------------------------------------------------------
     def sample(
@@ -137,11 +164,17 @@ class Sampler:
         n: int = 1,
         rng: int | Array = 0,
         row_ids: Sequence[int] | None = None,
+        on_finished: continuous_lib.OnFinished | None = None,
         **overrides,
     ) -> SampleOutput:
         """n completions for each prompt (list of token-id lists); rows i*n .. i*n+n-1 belong to
         prompt i. `rng` is a seed or a PRNG key; `row_ids` (default 0..len-1) name each prompt
-        for the per-row randomness. `overrides`: temperature, top_k, top_p, eos_ids."""
+        for the per-row randomness. `overrides`: temperature, top_k, top_p, eos_ids.
+
+        `on_finished(rows, tokens)`, if given, is called on the host with finished rows (their
+        indices in the output, and each one's completion, stop token included): under
+        `continuous` as they finish, while other rows decode (a scorer can overlap them);
+        under `static` once, with every row, after the decode."""
         sp = self.sampling_for(**overrides)
         if self._cfg is None:  # merging outside jit wraps the arrays in modules, no copies
             self._cfg = nnx.merge(self.graphdef, params).cfg
@@ -150,11 +183,34 @@ class Sampler:
         row_ids = _check_row_ids(row_ids, len(prompts))
         sp.check_vocab(cfg.vocab_size)
         n = _check_n(n)
+        rng = _as_key(rng)
         ids, lengths, row_ids = self._global_rows(ids, lengths, row_ids)
-        state = self.prefill(params, ids, lengths, _as_key(rng), row_ids, n=n, sampling=sp)
+        if self.continuous is not None:
+            rows = self.continuous.sample(
+                params, ids, lengths, rng, row_ids, n=n, sp=sp, on_finished=on_finished
+            )
+            self._stats = self.continuous.stats
+            return _finish_rows(rows, self.max_new_tokens, ids, lengths, n)
+        state = self.prefill(params, ids, lengths, rng, row_ids, n=n, sampling=sp)
         if self.max_new_tokens > 1:  # prefill already drew the first token
             state = self.decode(params, state, sampling=sp)
-        return _finish(state, self.max_new_tokens, ids, lengths, n)
+        out = _finish(state, self.max_new_tokens, ids, lengths, n)
+        steps, rows = state.step - 1, state.last.shape[0]
+        self._stats = dict(
+            device_calls=3 if self.max_new_tokens > 1 else 2,
+            host_syncs=int(on_finished is not None),  # the fetch on_finished needs
+        )
+        self._stats.update(decode_steps=steps, slot_steps=steps * rows, slots=rows)
+        if on_finished is not None:  # static: every row at once, after the decode
+            tokens, lens = sharding_lib.local_rows(out.tokens), sharding_lib.local_rows(out.lengths)
+            on_finished(np.arange(len(lens)), [tokens[i, : lens[i]] for i in range(len(lens))])
+        return out
+
+    def stats(self) -> dict:
+        """What the last `sample` call cost: device_calls (programs dispatched), host_syncs
+        (waits on the device inside `sample`), decode_steps (decode iterations), slot_steps
+        (rows those iterations computed, live or not) and slots (the rows decoded at once)."""
+        return {k: v if isinstance(v, int) else int(v) for k, v in self._stats.items()}
 
     def bucket(self, prompts: Sequence[Sequence[int]]) -> int:
         """The padded prompt length for these prompts (agreed by all processes of a run)."""
@@ -216,37 +272,23 @@ class Sampler:
     def _prefill_traced(self, params, ids, lengths, rng, row_ids, *, n: int, sp: SamplingParams):
         self.traces["prefill"] += 1
         model = nnx.merge(self.graphdef, params)
-        b, p = ids.shape
         dtype = self.cache_dtype or model.dtype  # rollout.cache_dtype, resolved by the build
-        # The prompt attends within its own P slots; the T decode slots are appended after.
-        cache = kv_cache_lib.init(model.cfg, p - lengths, p, dtype)
-        positions, mask = kv_cache_lib.step_inputs(cache, p)  # [B, P], [B, P, P]
-        if model.attention != "naive":
-            # The cache is exactly P slots here, so the prompt is "uncached"-shaped (T == S):
-            # described without an offset, the kernels (cuDNN / splash) can take it.
-            mask = attention_lib.Mask(cache.starts, jnp.full((b,), p, jnp.int32))
-        hidden, layers = model.hidden_states(ids, positions, mask, cache.layers, cache.index)
-        logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V] float32
-        cache = kv_cache_lib.KVCache(tuple(layers), jnp.asarray(p, jnp.int32), cache.starts)
-        cache = kv_cache_lib.extend(kv_cache_lib.repeat(cache, n), self.max_new_tokens)
-        logits = jnp.repeat(logits, n, axis=0)  # [B*n, V]
-        row_ids = (row_ids[:, None] * n + jnp.arange(n)).reshape(-1)  # [B*n]
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)  # [B*n]
-        tok, logp, sample_logp = sampling_lib.sample(logits, keys, jnp.int32(0), sp)
-        done = sp.is_stop(tok)  # [B*n]
-        t = self.max_new_tokens
-        first = lambda x, fill: jnp.full((b * n, t), fill, x.dtype).at[:, 0].set(x)
+        pre = decode_lib.prefill(model, ids, lengths, rng, row_ids, n=n, sp=sp, dtype=dtype)
+        # Each prompt's cache serves its n rows, with the T decode slots appended.
+        cache = kv_cache_lib.extend(kv_cache_lib.repeat(pre.cache, n), self.max_new_tokens)
+        r, t = pre.tokens.shape[0], self.max_new_tokens
+        first = lambda x, fill: jnp.full((r, t), fill, x.dtype).at[:, 0].set(x)
         return self._constrain(
             DecodeState(
                 cache=cache,
-                tokens=first(tok, self.pad_id),  # [B*n, T]
-                logp=first(logp, 0.0),
-                sample_logp=first(sample_logp, 0.0),
-                last=tok,
-                done=done,
-                lengths=jnp.ones((b * n,), jnp.int32),
+                tokens=first(pre.tokens, self.pad_id),  # [B, Tc]
+                logp=first(pre.logp, 0.0),
+                sample_logp=first(pre.sample_logp, 0.0),
+                last=pre.tokens,
+                done=sp.is_stop(pre.tokens),
+                lengths=jnp.ones((r,), jnp.int32),
                 step=jnp.ones((), jnp.int32),
-                keys=keys,
+                keys=pre.keys,
             )
         )
 
@@ -254,29 +296,21 @@ class Sampler:
         self.traces["decode"] += 1
         model = nnx.merge(self.graphdef, params)
         first_slot = state.cache.length - self.max_new_tokens
-        # RoPE tables for every decode slot, built once outside the loop (see rope_tables).
-        positions = kv_cache_lib.positions(state.cache.starts, first_slot, self.max_new_tokens)
-        cos, sin = model.rope_tables(positions)  # [B, T, 1, *]
+        tables = decode_lib.rope(model, state.cache, first_slot, self.max_new_tokens)
 
         def cond(s: DecodeState):
             return (s.step < self.max_new_tokens) & ~jnp.all(s.done)
 
         def body(s: DecodeState) -> DecodeState:
-            if model.attention == "naive":
-                _, mask = kv_cache_lib.step_inputs(s.cache, 1)  # [B, 1, S]
-            else:  # attends only to the filled slots (blockwise stops at index + 1)
-                mask = attention_lib.Mask.for_cache(s.cache.starts, s.cache.index, 1)
-            at = s.cache.index - first_slot
-            rope_cs = tuple(jax.lax.dynamic_slice_in_dim(x, at, 1, axis=1) for x in (cos, sin))
-            hidden, layers = model.hidden_states(
-                s.last[:, None], None, mask, s.cache.layers, s.cache.index, rope_cs=rope_cs
+            # Every row is at the same column (s.step) here; a stopped row keeps stepping with
+            # its outputs masked, which is what the continuous engine avoids.
+            tok, logp, sample_logp, cache = decode_lib.step(
+                model, s.cache, s.last, s.keys, s.lengths, tables, first_slot, sp
             )
-            logits = model.logits(hidden)[:, 0]  # [B, V] float32: the only vocab-sized buffer
-            tok, logp, sample_logp = sampling_lib.sample(logits, s.keys, s.step, sp)
             live = ~s.done
             tok = jnp.where(live, tok, self.pad_id)  # [B]
             put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None], (0, s.step))
-            cache = dataclasses.replace(s.cache, layers=tuple(layers), index=s.cache.index + 1)
+            cache = dataclasses.replace(cache, index=cache.index + 1)
             return self._constrain(
                 DecodeState(
                     cache=cache,
@@ -296,16 +330,9 @@ class Sampler:
     def _constrain(self, s: DecodeState) -> DecodeState:
         if self.mesh is None:
             return s
-        mesh, rules = self.mesh, self.rules
-        cache = jax.lax.with_sharding_constraint(
-            s.cache, kv_cache_lib.shardings(s.cache, mesh, rules)
-        )
-
-        def rows(x):  # [B, ...] arrays: B on the batch axes
-            spec = sharding_lib.fit_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
-            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
+        rows = lambda x: decode_lib.constrain_rows(x, self.mesh, self.rules)
         fields = ("tokens", "logp", "sample_logp", "last", "done", "lengths", "keys")
+        cache = decode_lib.constrain_cache(s.cache, self.mesh, self.rules)
         return dataclasses.replace(s, cache=cache, **{f: rows(getattr(s, f)) for f in fields})
 
     @property
@@ -374,12 +401,24 @@ def _cast_to(x, dtype, sharding):
 
 @functools.partial(jax.jit, static_argnums=(1, 4))
 def _finish(s: DecodeState, max_new_tokens: int, ids, lengths, n: int) -> SampleOutput:
-    mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [B, T]
+    mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [B, Tc]
+    prompts = _prompt_rows(ids, lengths, n)
+    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.done, *prompts)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _finish_rows(s: continuous_lib.Rows, max_new_tokens: int, ids, lengths, n) -> SampleOutput:
+    mask = jnp.arange(max_new_tokens)[None, :] < s.lengths[:, None]  # [B, Tc]
+    prompts = _prompt_rows(ids, lengths, n)
+    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.stopped, *prompts)
+
+
+def _prompt_rows(ids, lengths, n: int):
+    """Each row's left-padded prompt ids and mask [B, Tp] (prompt rows repeated n times)."""
     tp = ids.shape[1]
     prompt_mask = (jnp.arange(tp)[None, :] >= tp - lengths[:, None]).astype(jnp.int32)  # [B, Tp]
     rep = lambda x: jnp.repeat(x, n, axis=0)  # prompt rows -> their n completion rows
-    ids, prompt_mask = rep(ids), rep(prompt_mask)
-    return SampleOutput(s.tokens, s.logp, s.sample_logp, mask, s.lengths, ~s.done, ids, prompt_mask)
+    return rep(ids), rep(prompt_mask)
 
 
 def _as_key(rng):
@@ -404,39 +443,3 @@ def _check_row_ids(row_ids, b: int) -> np.ndarray:
     if row_ids.shape != (b,):
         raise ValueError(f"row_ids must have one id per prompt ({b}), got shape {row_ids.shape}")
     return row_ids
-
-
-# generate() builds one Sampler per (model structure, max_new_tokens) and keeps a few, so that
-# repeated calls on the same model reuse compiled programs.
-_GENERATE_SAMPLERS: dict = {}
-
-
-def generate(
-    model,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_ids: Sequence[int] = (),
-    n: int = 1,
-    seed: int = 0,
-) -> list[list[int]]:
-    """Completions as token lists (the stop token included, nothing after it). With n > 1 the
-    completions of prompt i are at indices i*n .. i*n + n - 1. Greedy at temperature 0."""
-    sp = SamplingParams.make(temperature, top_k, top_p, eos_ids)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    graphdef, params = nnx.split(model)
-    key = (graphdef, max_new_tokens)
-    sampler = _GENERATE_SAMPLERS.get(key)
-    if sampler is None:
-        if len(_GENERATE_SAMPLERS) >= 8:
-            _GENERATE_SAMPLERS.pop(next(iter(_GENERATE_SAMPLERS)))
-        limit = model.cfg.max_position_embeddings
-        sampler = Sampler(graphdef, max_prompt_len=limit, max_new_tokens=max_new_tokens)
-        _GENERATE_SAMPLERS[key] = sampler
-    out = sampler.sample(params, prompts, n=n, rng=seed, **dataclasses.asdict(sp))
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    return [tokens[i, : lengths[i]].tolist() for i in range(tokens.shape[0])]

@@ -67,10 +67,12 @@ class SamplingParams:
 
 
 def sample(
-    logits: Float[Array, "B V"], keys: Array, step: Int[Array, ""], sp: SamplingParams
+    logits: Float[Array, "B V"], keys: Array, step: Int[Array, " B"] | int, sp: SamplingParams
 ) -> tuple[Int[Array, " B"], Float[Array, " B"], Float[Array, " B"]]:
     """One token per row, its log-prob under the policy (raw logits, temperature 1) and its
-    log-prob under the distribution actually sampled from (0 for greedy)."""
+    log-prob under the distribution actually sampled from (0 for greedy). Row b's noise is
+    fold_in(keys[b], step[b]): `step` is the row's own token index (a scalar broadcasts), so a
+    row's draws do not depend on when or beside which rows it is decoded."""
     logits = logits.astype(jnp.float32)
     m = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
     lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))  # [B] policy normaliser
@@ -78,7 +80,8 @@ def sample(
         tok = _first_max(logits, m)
         return tok, _at(logits, tok) - lse, jnp.zeros_like(lse)
     # Two uniforms in (0, 1] per row from its own key: independent of the rest of the batch.
-    u = jax.vmap(lambda k: 1.0 - jax.random.uniform(jax.random.fold_in(k, step), (2,)))(keys)
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys.shape)  # [B]
+    u = jax.vmap(lambda k, t: 1.0 - jax.random.uniform(jax.random.fold_in(k, t), (2,)))(keys, steps)
     z = logits / sp.temperature if sp.temperature != 1.0 else logits  # [B, V]
     if sp.top_k:
         vals, idx = jax.lax.top_k(z, sp.top_k)  # [B, k] sorted, descending

@@ -338,6 +338,7 @@ def sampler(p: Plan, graphdef, task: tasks.Task | None, mesh) -> sampler_lib.Sam
     """The run's sampler (the loop, the evaluations and --dry_run); task None (the dry run of a
     preset without its task) leaves the stop ids empty and pads with 0."""
     r = p.rollout
+    continuous = r.engine == "continuous"
     return sampler_lib.Sampler(
         graphdef,
         max_prompt_len=r.max_prompt_len,
@@ -349,7 +350,16 @@ def sampler(p: Plan, graphdef, task: tasks.Task | None, mesh) -> sampler_lib.Sam
         pad_id=task.pad_id if task is not None else 0,
         cache_dtype=cache_dtype(p, mesh),
         mesh=mesh,
+        engine=r.engine,
+        slots=slots(p, jax.process_count()) if continuous else None,
     )
+
+
+def slots(p: Plan, procs: int = 1) -> int:
+    """Decode rows held at once per process under rollout.engine=continuous: rollout.slots,
+    else rollout.rows_per_chunk, else all of a step's rows (no refill: only the drain)."""
+    r = p.rollout
+    return r.slots or r.rows_per_chunk or -(-r.prompts_per_step * r.group_size // procs)
 
 
 def cache_dtype(p: Plan, mesh=None):

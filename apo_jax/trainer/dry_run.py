@@ -4,7 +4,9 @@ the per-device memory XLA reports, without allocating a parameter or reading dat
 Phases of a step and what is resident in each (per device, bytes):
   rollout  train state (+ reference copy) + rollout weights that are not the train arrays
            + prefill / decode: the KV cache and decode state plus the programs' temporaries,
-           for one sampler call (rollout.rows_per_chunk rows per process, or all of a step's)
+           for one sampler call (rollout.rows_per_chunk rows per process, or all of a step's;
+           rollout.engine=continuous: all of a step's prompts' caches, the slots' cache of
+           rollout.slots rows per process and the output rows)
   scoring  train state (+ reference) + the log-prob program's temporaries and output
   update   train state (+ reference; the state is donated and updated in place) + the batch
            + the train step's temporaries
@@ -85,6 +87,8 @@ def _sampler_call(smp, weights, b: int, n: int, sp, phase: str, over_hbm: dict) 
         row(key.shape, key.dtype),
         row((b,), jnp.int32),  # row ids
     )
+    if smp.engine == "continuous":
+        return _continuous_call(smp, weights, args, b * n, n, sp, phase, over_hbm)
     prefill, s_pre = _compile_jitted(
         smp.prefill_program(n, sp), *args, f"{phase} prefill", over_hbm
     )
@@ -104,6 +108,47 @@ def _sampler_call(smp, weights, b: int, n: int, sp, phase: str, over_hbm: dict) 
         ),
         cache=cache,
         rows=b * n,
+        compile_s=s_pre + s_dec,
+    )
+
+
+def _continuous_call(smp, weights, args, rows: int, n: int, sp, phase, over_hbm) -> dict | None:
+    """`_sampler_call` under rollout.engine=continuous: the engine's prefill (prompt caches,
+    output rows, empty slots) and its round program (admission + decode), at the full slot
+    count. Resident from the prefill to the end: the prompts' caches, the slots' cache of
+    `rollout.slots` rows per process and the output rows."""
+    engine = smp.continuous
+    z = min(smp.slots * jax.process_count(), rows)
+    prefill, s_pre = _compile_jitted(
+        engine.prefill_program(n, z, sp), *args, f"{phase} prefill", over_hbm
+    )
+    if prefill is None:
+        return None
+    out = jax.eval_shape(engine.prefill_program(n, z, sp), *args)
+    pool, rows_state, slots = _abstract(out, prefill.output_shardings)
+    small = jax.ShapeDtypeStruct((z,), jnp.int32, sharding=sharding_lib.named(smp.mesh))
+    want = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding_lib.named(smp.mesh))
+    decode, s_dec = _compile_jitted(
+        engine.round_program(sp),
+        weights,
+        slots,
+        rows_state,
+        pool,
+        small,
+        want,
+        f"{phase} decode",
+        over_hbm,
+    )
+    if decode is None:
+        return None
+    pre, dec = prefill.memory_analysis(), decode.memory_analysis()
+    cache = _device_bytes((pool, rows_state, slots))
+    return dict(
+        bytes=max(
+            pre.output_size_in_bytes + pre.temp_size_in_bytes, cache + dec.temp_size_in_bytes
+        ),
+        cache=cache,
+        rows=rows,
         compile_s=s_pre + s_dec,
     )
 
@@ -158,9 +203,11 @@ def estimate(
     st = _State.abstract(p, cfg, mesh)
     calls = _SamplerCalls.of(p, st, task, mesh, over_hbm)
     # Prompts per sampler call (the sampler repeats each G times after the prefill): a chunk
-    # of rollout.rows_per_chunk rows from each process (loop.rollout), else the whole step.
+    # of rollout.rows_per_chunk rows from each process (loop.rollout), else the whole step (and
+    # always under the continuous engine, whose cache holds rollout.slots rows).
     procs = jax.process_count()
-    b = r.rows_per_chunk // r.group_size * procs if r.rows_per_chunk else r.prompts_per_step
+    chunked = r.rows_per_chunk and r.engine == "static"
+    b = r.rows_per_chunk // r.group_size * procs if chunked else r.prompts_per_step
     roll = calls(b, r.group_size, calls.sampler.sampling, "rollout")
     evals = _eval_calls(p, task, calls, procs)
     steps = _step_programs(p, st, mesh, rows, over_hbm)

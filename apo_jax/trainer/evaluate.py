@@ -79,8 +79,12 @@ SAMPLED = dict(temperature=1.0, top_k=0, top_p=1.0)
 def rows_per_call(p: build.Plan, procs: int = 1) -> int:
     """Rows per evaluation sampler call, per process: `eval.rows_per_chunk`, else the rollout's
     `rollout.rows_per_chunk`, else a step's rows (prompts_per_step × G over the processes). The
-    KV cache and decode state hold this many rows at a time, as in the rollout."""
+    KV cache and decode state hold this many rows at a time, as in the rollout. Under
+    rollout.engine=continuous each pass is one call (every prompt: `call_prompts` caps it) and
+    the engine holds `rollout.slots` rows at a time."""
     r = p.rollout
+    if r.engine == "continuous":
+        return max(p.eval_prompts, 1) * r.group_size
     return (
         p.eval_rows_per_chunk or r.rows_per_chunk or -(-r.prompts_per_step * r.group_size // procs)
     )
@@ -140,8 +144,9 @@ def evaluate(
     successive evaluations of a run share their sampling noise.
 
     The sampler sees at most `rows_per_call` rows per process per call (`call_prompts`; at least
-    one prompt's k samples). Samples are keyed by prompt index, so the results do not depend on
-    it (only the sampler's log-probs may round differently with the batch shape).
+    one prompt's k samples; under the continuous engine every prompt, `slots` rows at a time).
+    Samples are keyed by prompt index, so the results do not depend on it (only the sampler's
+    log-probs may round differently with the batch shape).
 
     Per-token entropy: the sampler's `logp` is log π(y_t | x, y_<t) under the untempered policy,
     and at T = 1 the tokens are drawn from π itself, so −log π(y_t | ·) is an unbiased estimate
@@ -153,6 +158,8 @@ def evaluate(
     if rows_per_call < 1:
         raise ValueError(f"rows_per_call must be >= 1, got {rows_per_call}")
     examples = list(examples)
+    if sampler.engine == "continuous":  # one call per pass: the engine bounds the cache
+        rows_per_call = max(rows_per_call, len(examples) * k)
     greedy_prompts, sampled_prompts = call_prompts(
         rows_per_call, k, len(examples), jax.process_count()
     )

@@ -1,9 +1,9 @@
 """Fused, vocabulary-chunked token log-probs (and entropy) from final hidden states.
 
 log π(y_t) = z_t[y_t] − logsumexp(z_t) with z_t = (h_t · Wᵀ) / temperature. The logits are built
-one vocabulary chunk [N, C] at a time with an online logsumexp, forward and backward (custom VJP
+one vocabulary chunk [B·T, C] at a time with an online logsumexp, forward and backward (custom VJP
 that recomputes chunk logits), so no [B, T, V] float32 buffer ever exists. Shapes: B batch,
-T tokens, D model dim, V vocab, N = B·T, C chunk. Log-probs and entropy are float32.
+T tokens, D model dim, V vocab, C chunk. Log-probs and entropy are float32.
 """
 
 import functools
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-DEFAULT_CHUNK_SIZE = 8192  # vocab rows per chunk: [N, 8192] f32 logits live at once
+DEFAULT_CHUNK_SIZE = 8192  # vocab rows per chunk: [B·T, 8192] f32 logits live at once
 
 
 def token_logprobs(
@@ -35,8 +35,8 @@ def token_logprobs(
     b, t, d = hidden.shape
     chunk = max(1, min(int(chunk_size), unembed.shape[0]))
     inv_temp = jax.lax.stop_gradient(1.0 / jnp.asarray(temperature, jnp.float32))
-    h = hidden.reshape(b * t, d)  # [N, D]
-    ids = tokens.reshape(b * t).astype(jnp.int32)  # [N]
+    h = hidden.reshape(b * t, d)  # [B·T, D]
+    ids = tokens.reshape(b * t).astype(jnp.int32)  # [B·T]
     logp, entropy = _fused(h, unembed, ids, inv_temp, chunk, return_entropy)
     logp = logp.reshape(b, t)  # [B, T]
     if return_entropy:
@@ -49,12 +49,12 @@ def _compute_dtype(h, w):
 
 
 def _chunk_logits(h, w, start, size, inv_temp):
-    """Logits for vocabulary rows [start, start+size): [N, size] float32."""
+    """Logits for vocabulary rows [start, start+size): [B·T, size] float32."""
     dt = _compute_dtype(h, w)
     w_c = jax.lax.dynamic_slice_in_dim(w, start, size, axis=0)  # [C, D]
     z = jax.lax.dot_general(
         h.astype(dt), w_c.astype(dt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )  # [N, C]
+    )  # [B·T, C]
     return z * inv_temp
 
 
@@ -70,10 +70,10 @@ def _forward_stats(h, w, ids, inv_temp, chunk, with_entropy):
 
     def update(carry, start, size):
         m, s, sz, tgt = carry
-        z = _chunk_logits(h, w, start, size, inv_temp)  # [N, C]
-        m_new = jnp.maximum(m, z.max(-1))  # [N]
+        z = _chunk_logits(h, w, start, size, inv_temp)  # [B·T, C]
+        m_new = jnp.maximum(m, z.max(-1))  # [B·T]
         scale = jnp.exp(m - m_new)  # rescales the sums accumulated under the old max
-        e = jnp.exp(z - m_new[:, None])  # [N, C]
+        e = jnp.exp(z - m_new[:, None])  # [B·T, C]
         s = s * scale + e.sum(-1)
         if with_entropy:
             sz = sz * scale + (e * z).sum(-1)
@@ -89,7 +89,7 @@ def _forward_stats(h, w, ids, inv_temp, chunk, with_entropy):
     if rem:
         carry = update(carry, n_full * chunk, rem)
     m, s, sz, tgt = carry
-    lse = m + jnp.log(s)  # [N]
+    lse = m + jnp.log(s)  # [B·T]
     # H = lse − E_π[z]; zeros when entropy is not requested.
     entropy = lse - sz / s if with_entropy else zeros
     return tgt - lse, entropy, lse
@@ -103,23 +103,23 @@ def _fused(h, w, ids, inv_temp, chunk, with_entropy):
 
 def _fused_fwd(h, w, ids, inv_temp, chunk, with_entropy):
     logp, entropy, lse = _forward_stats(h, w, ids, inv_temp, chunk, with_entropy)
-    # Residuals are O(N·D + V·D): the inputs and two [N] vectors, no logits.
+    # Residuals are O(B·T·D + V·D): the inputs and two [B·T] vectors, no logits.
     return (logp, entropy), (h, w, ids, inv_temp, lse, entropy)
 
 
 def _fused_bwd(chunk, with_entropy, res, cts):
     """Recompute each chunk's logits; dz = g·(onehot − π) − g_H·π·(log π + H)."""
     h, w, ids, inv_temp, lse, entropy = res
-    g_logp, g_ent = cts  # [N], [N]
+    g_logp, g_ent = cts  # [B·T], [B·T]
     dt = _compute_dtype(h, w)
     n_full, rem = _chunk_starts(w.shape[0], chunk)
 
     def update(carry, start, size):
         dh, dw = carry
-        z = _chunk_logits(h, w, start, size, inv_temp)  # [N, C]
-        logpi = z - lse[:, None]  # [N, C]
+        z = _chunk_logits(h, w, start, size, inv_temp)  # [B·T, C]
+        logpi = z - lse[:, None]  # [B·T, C]
         pi = jnp.exp(logpi)
-        onehot = (ids[:, None] - start) == jnp.arange(size)[None, :]  # [N, C]
+        onehot = (ids[:, None] - start) == jnp.arange(size)[None, :]  # [B·T, C]
         dz = g_logp[:, None] * (onehot.astype(jnp.float32) - pi)
         if with_entropy:
             dz = dz - g_ent[:, None] * pi * (logpi + entropy[:, None])
@@ -127,7 +127,7 @@ def _fused_bwd(chunk, with_entropy, res, cts):
         # bf16 path stays bf16 × bf16 → f32.
         dz = (dz * inv_temp).astype(dt)
         w_c = jax.lax.dynamic_slice_in_dim(w, start, size, axis=0).astype(dt)  # [C, D]
-        dh = dh + jnp.dot(dz, w_c, preferred_element_type=jnp.float32)  # [N, D]
+        dh = dh + jnp.dot(dz, w_c, preferred_element_type=jnp.float32)  # [B·T, D]
         dw_c = jax.lax.dot_general(
             dz, h.astype(dt), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )  # [C, D]

@@ -224,29 +224,53 @@ def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, 
     """G completions for each of this process's examples and their rewards: a Rollout of this
     process's share of the global batch, group-major. `row_ids` (the examples' places in the
     global batch) key the per-row sampling noise, so a row's completion does not depend on how
-    the batch is split over processes, nor on `r.rows_per_chunk` (the prompts go to the sampler
-    in chunks of rows_per_chunk / G, so its KV cache holds that many rows)."""
+    the batch is split over processes, on `r.rows_per_chunk` (the static engine takes the
+    prompts in chunks of rows_per_chunk / G, so its KV cache holds that many rows), nor on the
+    engine: the continuous one takes them all in one call (its cache holds `rollout.slots` rows)
+    and the task scores rows as they finish, while the others decode."""
     g = r.group_size
     row_ids = np.asarray(row_ids)
     # Every process has the same number of prompts (validate.check_rows_per_chunk), so every
     # process makes the same number of (collective) sampler calls.
-    k = r.rows_per_chunk // g if r.rows_per_chunk else len(examples)  # prompts per call
+    whole = sampler.engine == "continuous" or not r.rows_per_chunk
+    k = len(examples) if whole else r.rows_per_chunk // g  # prompts per call
     parts = []  # host rows of this process per call: the device buffers go before the next
     for i in range(0, len(examples), k):
         prompts = [e.prompt_ids for e in examples[i : i + k]]
-        out = sampler.sample(params, prompts, n=g, rng=rng, row_ids=row_ids[i : i + k])
-        parts.append(_scored(r, task, examples[i : i + k], out))
+        scorer = _Scorer(task, [e for e in examples[i : i + k] for _ in range(g)])
+        out = sampler.sample(
+            params, prompts, n=g, rng=rng, row_ids=row_ids[i : i + k], on_finished=scorer
+        )
+        parts.append(_scored(r, scorer, out))
     return records.Rollout.concat(parts, task.pad_id)  # chunks in order: group-major
 
 
-def _scored(r: build.RolloutSettings, task, examples, out) -> records.Rollout:
-    """One sampler call's rows on the host, with the task's rewards."""
+class _Scorer:
+    """The sampler's on_finished hook: the task's rewards of the rows reported so far (rows are
+    scored one by one, so the batches they come in do not change them)."""
+
+    def __init__(self, task, grouped):
+        self.task, self.grouped = task, grouped  # [P·G] examples, group-major
+        self.rewards = np.zeros((len(grouped),), np.float32)
+        self.correct = np.zeros((len(grouped),), np.float32)
+        self.seen = np.zeros((len(grouped),), bool)
+
+    def __call__(self, rows, tokens) -> None:
+        rewards, correct = self.task.score(
+            [self.grouped[i] for i in rows], [tuple(t) for t in tokens]
+        )
+        self.rewards[rows] = np.asarray(rewards, np.float32)
+        self.correct[rows] = np.asarray(correct, np.float32)
+        self.seen[rows] = True
+
+
+def _scored(r: build.RolloutSettings, scorer: _Scorer, out) -> records.Rollout:
+    """One sampler call's rows on the host, with the rewards its scorer collected."""
     host = lambda x: sharding_lib.local_rows(x)
     tokens, mask, lengths = host(out.tokens), host(out.mask), host(out.lengths)
-    completions = [tuple(t[m > 0]) for t, m in zip(tokens, mask, strict=True)]
-    grouped = [e for e in examples for _ in range(r.group_size)]  # [P·G], group-major
-    rewards, correct = task.score(grouped, completions)
-    rewards = np.asarray(rewards, np.float32)
+    if not scorer.seen.all():
+        raise RuntimeError(f"the sampler reported {scorer.seen.sum()} of {len(scorer.seen)} rows")
+    rewards = scorer.rewards.copy()
     if r.overlong_buffer:  # DAPO's overlong shaping, in tokens (spec §4.3)
         rewards += rewards_lib.overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer)
     return records.Rollout(
@@ -256,7 +280,7 @@ def _scored(r: build.RolloutSettings, task, examples, out) -> records.Rollout:
         completion_mask=mask.astype(np.float32),
         sampler_logp=host(out.logp).astype(np.float32),
         rewards=rewards,
-        correct=np.asarray(correct, np.float32),
+        correct=scorer.correct,
         lengths=lengths.astype(np.float32),
         truncated=host(out.truncated).astype(np.float32),
     )

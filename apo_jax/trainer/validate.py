@@ -14,10 +14,11 @@ values (e.g. a base config shared by several loss arms). Other keys that some se
 are documented here, not refused: model.preset / model.vocab_size (ignored when model.hf_dir is
 set), schedule.* (used only by objectives with a schedule: apo, fdiv),
 rollout.max_refill_rounds (only with rollout.dynamic_sampling), eval.every_steps and
-eval.rows_per_chunk (only with eval.num_prompts > 0), loss.rollout_correction_cap (only with a
-rollout correction), loss.entropy_coef_delta/_min/_max (only with loss.entropy_target > 0). Keys
-of the chosen objective's block that some of its settings ignore are declared by the objective
-(`Objective.inert`). Declared but not yet read by any code: rollout.engine, rollout.slots.
+eval.rows_per_chunk (only with eval.num_prompts > 0, and not with rollout.engine=continuous,
+whose calls take every prompt), rollout.slots (only with rollout.engine=continuous),
+loss.rollout_correction_cap (only with a rollout correction), loss.entropy_coef_delta/_min/_max
+(only with loss.entropy_target > 0). Keys of the chosen objective's block that some of its
+settings ignore are declared by the objective (`Objective.inert`).
 """
 
 from __future__ import annotations
