@@ -13,6 +13,7 @@ from flax import nnx
 
 from apo_jax.models import attention as attention_lib
 from apo_jax.models import qwen3 as model_lib
+from apo_jax.trainer import grads as grads_lib
 from apo_jax.trainer import packing
 from apo_jax.trainer import step as step_lib
 
@@ -236,7 +237,7 @@ def test_micro_batch_plans_follow_the_strided_split():
     ref = np.asarray(step_lib.completion_logprobs(graphdef, params, b, chunk=64))
     micro = 2
     pl = packing.for_micro_batches(b["prompt_mask"], b["completion_mask"], 24, micro, 2)
-    split = lambda x: step_lib._split(jnp.asarray(x), micro)
+    split = lambda x: grads_lib.split_rows(jnp.asarray(x), micro)
     parts, b_parts = jax.tree.map(split, pl), jax.tree.map(split, b)
     got = []
     for k in range(micro):
@@ -245,7 +246,7 @@ def test_micro_batch_plans_follow_the_strided_split():
         m = nnx.merge(graphdef, params)
         cm = bk["completion_mask"]
         got.append(packing.score(m, pk, bk["prompt_ids"], bk["completion_ids"], cm, chunk=64))
-    got = np.asarray(step_lib._unsplit(jnp.stack(got)))
+    got = np.asarray(grads_lib.unsplit_rows(jnp.stack(got)))
     real = b["completion_mask"] > 0
     np.testing.assert_allclose(got[real], ref[real], atol=1e-5 * (1 + np.abs(ref).max()))
 

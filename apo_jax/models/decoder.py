@@ -39,6 +39,7 @@ from jaxtyping import Array, Float, Int
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
 from apo_jax.models import lora as lora_lib
+from apo_jax.models import rope
 from apo_jax.models.family import KVLayer, RopeTables
 
 _cp = jax.checkpoint_policies
@@ -209,25 +210,6 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope_tables(positions: Int[Array, "B T"], head_dim: int, theta: float) -> RopeTables:
-    """cos/sin of the rotary angles for `positions`, shared by all layers.
-
-    XLA:CPU fuses (and so recomputes) the sin/cos into each layer's q and k consumers; a decode
-    loop should build the tables for all its steps once and pass each step's slice as
-    `hidden_states(..., rope_cs=...)`."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [H/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
-
-
-def apply_rope(x: Float[Array, "B T N H"], tables: RopeTables) -> Array:
-    """Rotary embedding, non-interleaved ("rotate half") as in the Hugging Face Qwen models."""
-    cos, sin = (t.astype(x.dtype) for t in tables)
-    h = x.shape[-1]
-    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 class Attention(nnx.Module):
     def __init__(
         self,
@@ -276,7 +258,7 @@ class Attention(nnx.Module):
             v = v + self.v_bias[...].astype(dt)
         if cfg.qk_norm:  # Qwen3 normalises q and k per head *before* the rotation
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope_cs), apply_rope(k, rope_cs)
+        q, k = rope.apply(q, rope_cs), rope.apply(k, rope_cs)
         b, t = q.shape[:2]
         kv_eq = "BSKH"  # uncached: attend to this call's own keys, [B, S=T, K, H]
         if kv is not None:  # the cache is [B, K, S, H]: see rollout/kv_cache.py for why
@@ -397,8 +379,8 @@ class Decoder(nnx.Module):
             self.lm_head = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
 
     def rope_tables(self, positions: Int[Array, "B T"]) -> RopeTables:
-        """cos/sin tables for `positions` (see `rope_tables`), for `hidden_states(rope_cs=)`."""
-        return rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        """cos/sin tables for `positions` (models/rope.py), for `hidden_states(rope_cs=)`."""
+        return rope.tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
     def unembed(self) -> Float[Array, "V D"]:
         """The LM head matrix, rows indexed by vocabulary."""
@@ -423,7 +405,7 @@ class Decoder(nnx.Module):
         this step's T keys are written at slots `cache_index .. cache_index + T - 1` first
         (`cache_index` a scalar, or [B]: each row's own slot) and
         `Mask.for_cache` ranges over all S slots.
-        `rope_cs`, if given, are precomputed `rope_tables(positions, ...)` (positions unused).
+        `rope_cs`, if given, are precomputed `rope.tables(positions, ...)` (positions unused).
         """
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
         x = rows_sharded(x)

@@ -55,7 +55,7 @@ def prefill(model, ids, lengths, rng, row_ids, *, n: int, sp: SamplingParams, dt
 
 def rope(model, cache: kv_cache_lib.KVCache, first_slot: int, num_slots: int):
     """RoPE tables of each row's decode slots first_slot .. + num_slots - 1 ([B, T, 1, H/2]):
-    built once per decode program, outside its loop (see decoder.rope_tables for why)."""
+    built once per decode program, outside its loop (see models/rope.py tables for why)."""
     return model.rope_tables(kv_cache_lib.positions(cache.starts, first_slot, num_slots))
 
 

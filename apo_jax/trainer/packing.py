@@ -165,8 +165,8 @@ def for_micro_batches(
     micro: int = 1,
     row_multiple: int = 1,
 ) -> PackPlan:
-    """One plan per micro-batch (trainer/step.py's strided split: micro-batch k = rows k,
-    k + M, ...), all with the same (R, Sc), interleaved the same way: `_split` of the result
+    """One plan per micro-batch (the step's strided split, trainer/grads.py: micro-batch k = rows
+    k, k + M, ...), all with the same (R, Sc), interleaved the same way: `split_rows` of the result
     gives micro-batch k its own plan [R, ...] and the unpack rows of its batch rows. Packed
     rows never mix micro-batches, so every gradient strategy stays exact."""
     pm, cm = (np.asarray(m).astype(bool) for m in (prompt_mask, completion_mask))
@@ -180,7 +180,7 @@ def for_micro_batches(
         most = max([most] + [int(n_comp[row].sum()) for row in rows_k])
     sc = bucket(max(most, 1), pack_len)
     plans = [plan(p, c, pack_len, rows=rows, scored=sc) for p, c in parts]
-    # row j * M + k of the result is row j of plan k (the inverse of _split)
+    # row j * M + k of the result is row j of plan k (the inverse of grads.split_rows)
     weave = lambda *xs: np.stack(xs, axis=1).reshape(-1, *xs[0].shape[1:])
     return jax.tree.map(weave, *plans)
 

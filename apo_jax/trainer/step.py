@@ -28,6 +28,7 @@ from apo_jax.objectives import batch as batch_lib
 from apo_jax.objectives import common
 from apo_jax.objectives import entropy as entropy_lib
 from apo_jax.objectives import schedule as schedule_lib
+from apo_jax.trainer import grads as grads_lib
 from apo_jax.trainer import logprobs as logprobs_lib
 from apo_jax.trainer import packing, records
 from apo_jax.trainer import rollout_correction as rc_lib
@@ -226,16 +227,6 @@ def check_micro_batches(rows: int, micro: int, data_parallel: int = 1) -> None:
         )
 
 
-def _split(x: Array, micro: int) -> Array:
-    """[B, ...] -> [micro, B/micro, ...], micro-batch k = rows k, k + micro, ... (strided: with
-    rows split over devices in contiguous blocks, each device keeps its own rows)."""
-    return x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
-
-
-def _unsplit(x: Array) -> Array:
-    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # inverse of _split
-
-
 def state_init(tx, seed: int, spec: StepSpec) -> Callable[[nnx.State], TrainState]:
     """params -> a fresh TrainState for this run (the loop's, the dry run's and the evaluation
     restore's skeleton: one definition, so their trees cannot drift apart)."""
@@ -253,11 +244,6 @@ def reference_params(uses_reference: bool, params: nnx.State, frozen) -> nnx.Sta
     return jax.tree.map(jnp.copy, params)
 
 
-def _forward(batch: records.Batch) -> records.Batch:
-    """The fields a forward pass reads (what the scorer and the micro-batch scans carry)."""
-    return batch.replace(sampler_logp=None, correct=None, old_logp=None, ref_logp=None)
-
-
 def score(
     fns: StepFns, params, ref_params, batch: records.Batch, anchor: str = "recompute"
 ) -> records.Batch:
@@ -267,7 +253,7 @@ def score(
     π_old with the trainer's forward pass; `sampler` takes the sampler's own log-probs and skips
     that pass (equal within float32 rounding only where sampler and trainer compute alike:
     trainer/validate.py refuses it otherwise, unless a rollout correction handles the gap)."""
-    fwd = _forward(batch)
+    fwd = grads_lib.forward(batch)
     old = batch.sampler_logp if anchor == "sampler" else fns.logprobs(params, fwd)
     ref = fns.logprobs(ref_params, fwd) if ref_params is not None else jnp.zeros_like(old)
     return batch.replace(old_logp=old, ref_logp=ref)
@@ -292,96 +278,6 @@ class WithBase:
 
     def lower(self, *args):
         return self.fn.lower(*args, self.base)
-
-
-# --- gradient strategies -------------------------------------------------------------------------
-# The gradient of every objective is Σ_{i,t} (∂L/∂log π_θ(y_it)) ∇_θ log π_θ(y_it) (plus
-# Σ_{i,t} (∂L/∂H_it) ∇_θ H_it with the entropy bonus, H_it the token entropy), so micro-batches of
-# any rows are exact. Each strategy returns ((loss_sum, (denom, states, metrics)), grads) with the
-# loss, metrics, denominators and schedule statistics of the whole batch.
-
-
-@dataclasses.dataclass(frozen=True)
-class Grads:
-    """What a gradient strategy works with."""
-
-    logp_fn: Callable  # (params, Batch, with_entropy) -> logp [B, Tc] (, entropy [B, Tc])
-    update_loss: Callable  # make_update_loss(spec)
-    micro: int  # M micro-batches
-    split: Callable  # a [B, ...] tree -> [M, B/M, ...] (rows stay on their devices)
-    with_entropy: bool  # the entropy bonus is on: its gradient flows
-
-
-def fused_grads(g: Grads, params, batch: records.Batch, states, key):
-    """M = 1: one fused forward/backward pass."""
-
-    def fused(params):
-        logp, entropy = g.logp_fn(params, _forward(batch), with_entropy=True)
-        return g.update_loss(logp, entropy, batch, states, key)
-
-    return jax.value_and_grad(fused, has_aux=True)(params)
-
-
-def cotangent_grads(g: Grads, params, batch: records.Batch, states, key):
-    """Objectives that couple rows (or use the α/τ schedule), M > 1: one forward pass scores the
-    whole batch, the loss (and the schedule, once) gives the cotangents ∂L/∂logp and ∂L/∂H
-    [B, Tc], and each micro-batch adds vjp(logp_fn)(its cotangent rows)."""
-    fwd = _forward(batch)
-    logp, entropy = by_micro_batch(g, params, fwd, with_entropy=True)  # no backward
-    value, cts = jax.value_and_grad(g.update_loss, argnums=(0, 1), has_aux=True)(
-        logp, entropy, batch, states, key
-    )
-
-    def accumulate(grads, xs):
-        mb, ct_mb, ct_ent_mb = xs
-        if g.with_entropy:
-            _, vjp = jax.vjp(lambda p: g.logp_fn(p, mb, with_entropy=True), params)
-            gr = vjp((ct_mb, ct_ent_mb))[0]
-        else:
-            _, vjp = jax.vjp(lambda p: g.logp_fn(p, mb), params)
-            gr = vjp(ct_mb)[0]
-        return jax.tree.map(jnp.add, grads, gr), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(accumulate, zeros, (g.split(fwd), g.split(cts[0]), g.split(cts[1])))
-    return value, grads
-
-
-def per_token_grads(g: Grads, params, batch: records.Batch, states, key):
-    """Per-token objectives, M > 1: each micro-batch differentiates the whole batch's loss with
-    its own rows' log-probs in place (other rows are constants; a row's gradient depends only on
-    its own log-probs and on denominators from masks); the value and metrics are then evaluated
-    once on the whole batch's log-probs."""
-    micro, filler = g.micro, g.split(batch.old_logp)  # [M, B/M, Tc]: other rows' constants
-
-    def accumulate(grads, xs):
-        k, mb = xs
-
-        def micro_loss(params):
-            logp_mb, ent_mb = g.logp_fn(params, mb, with_entropy=True)  # [B/M, Tc]
-            here = (jnp.arange(micro) == k)[:, None, None]
-            filled = _unsplit(jnp.where(here, logp_mb[None], filler))  # [B, Tc]
-            filled_ent = _unsplit(jnp.where(here, ent_mb[None], 0.0))
-            loss_sum, _ = g.update_loss(filled, filled_ent, batch, states, key)
-            return loss_sum, (logp_mb, ent_mb)
-
-        (_, out), gr = jax.value_and_grad(micro_loss, has_aux=True)(params)
-        return jax.tree.map(jnp.add, grads, gr), out
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    xs = (jnp.arange(micro), g.split(_forward(batch)))
-    grads, (logp, entropy) = jax.lax.scan(accumulate, zeros, xs)
-    logp, entropy = _unsplit(logp), _unsplit(entropy)
-    return g.update_loss(logp, entropy, batch, states, key), grads
-
-
-def by_micro_batch(g: Grads, params, b: records.Batch, with_entropy=False):
-    """logp_fn over the rows of b one micro-batch at a time (rows are independent), so a
-    forward-only pass holds one micro-batch's activations, as the backward passes do."""
-    if g.micro == 1 or b.completion_ids.shape[0] % g.micro:  # (a scorer batch of any rows)
-        return g.logp_fn(params, b, with_entropy)
-    out = jax.lax.map(lambda mb: g.logp_fn(params, mb, with_entropy), g.split(b))
-    return jax.tree.map(_unsplit, out)
 
 
 def _apply_update(tx, state: TrainState, grads, loss_sum, denom, states, metrics):
@@ -431,28 +327,33 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=
     gradients, the optimizer moments and the update touch nothing else; each call joins them
     with the base, an extra (undonated) argument in its training layout.
 
-    The gradient strategy (above) is `fused_grads` for one micro-batch, `cotangent_grads` for
-    objectives that couple rows or use the α/τ schedule, else `per_token_grads`. Forward-only
+    The gradient strategy (trainer/grads.py) is `fused_grads` for one micro-batch,
+    `cotangent_grads` for objectives that couple rows or use the α/τ schedule, else
+    `per_token_grads`. Forward-only
     passes (the scorer, the cotangent path's first pass) also run one micro-batch at a time:
     activations / micro_batches."""
     micro, obj = spec.micro_batches, spec.objective
     update_loss = make_update_loss(spec)
     if micro == 1:
-        strategy = fused_grads
+        strategy = grads_lib.fused_grads
     else:
-        strategy = cotangent_grads if obj.couples_rows or obj.schedule else per_token_grads
+        strategy = (
+            grads_lib.cotangent_grads
+            if obj.couples_rows or obj.schedule
+            else grads_lib.per_token_grads
+        )
     data_parallel, micro_sharding = 1, None
     if mesh is not None:
         micro_sharding = sharding_lib.named(mesh, None, sharding_lib.TRAIN_RULES["batch"])
         data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def split(tree):
-        out = jax.tree.map(lambda x: _split(x, micro), tree)
+        out = jax.tree.map(lambda x: grads_lib.split_rows(x, micro), tree)
         if micro_sharding is not None:  # keep each micro-batch's rows spread over the data axes
             out = jax.lax.with_sharding_constraint(out, micro_sharding)
         return out
 
-    def grads_with(base) -> Grads:
+    def grads_with(base) -> grads_lib.Grads:
         def logp_fn(params, b, with_entropy=False):
             full = params if base is None else lora_lib.join(base, params)
             return completion_logprobs(
@@ -464,7 +365,7 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=
                 precision=spec.logprob_precision,
             )
 
-        return Grads(logp_fn, update_loss, micro, split, spec.entropy.active)
+        return grads_lib.Grads(logp_fn, update_loss, micro, split, spec.entropy.active)
 
     def train_step(state: TrainState, batch: records.Batch, base=None):
         check_micro_batches(batch.rewards.shape[0], micro, data_parallel)  # at trace time
@@ -481,7 +382,7 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=
         return _apply_update(tx, state, grads, loss_sum, denom, states, metrics)
 
     def logprobs(params, batch: records.Batch, base=None):
-        return by_micro_batch(grads_with(base), params, batch)
+        return grads_lib.by_micro_batch(grads_with(base), params, batch)
 
     return _jit(train_step, logprobs, mesh, state_shardings, frozen)
 
