@@ -31,6 +31,9 @@ INT64_MAX = 2**63 - 1  # seeds: jax.random.key and the toy task's hash take an i
 DTYPES = ("float32", "bfloat16")
 SCHEDULE_MODES = ("legacy", "ess", "fixed")
 SCHEDULE_SCOPES = ("group", "batch")
+# loss.rollout_correction (trainer/rollout_correction.py implements them)
+ROLLOUT_CORRECTIONS = ("none", "tis_token", "tis_sequence", "mis_sequence", "reject_sequence")
+MAX_TAG = 64  # characters of a W&B tag (W&B refuses longer ones; infra/tracking.py shortens)
 
 
 def fail(key: str, value, why: str):
@@ -150,19 +153,11 @@ def _greedy_error(t) -> str | None:
         )
 
 
-def _rollout_corrections() -> tuple:
-    from apo_jax.trainer import rollout_correction  # imports the objectives, which import this
-
-    return rollout_correction.MODES
-
-
 def _tags_error(tags) -> str | None:
-    from apo_jax.infra import tracking  # imports this module
-
     if not isinstance(tags, list | tuple) or not all(
-        isinstance(t, str) and 1 <= len(t) <= tracking.MAX_TAG for t in tags
+        isinstance(t, str) and 1 <= len(t) <= MAX_TAG for t in tags
     ):
-        return f"must be a tuple of strings of 1-{tracking.MAX_TAG} characters"
+        return f"must be a tuple of strings of 1-{MAX_TAG} characters"
 
 
 # --- the blocks: key(default, valid range or choices, meaning, ...) ---------------------------
@@ -261,7 +256,7 @@ class Loss(Block):
     loss − c·(mean token entropy)."""
 
     PATH: ClassVar[str] = "loss."
-    rollout_correction: str = key("none", _rollout_corrections,
+    rollout_correction: str = key("none", ROLLOUT_CORRECTIONS,
         "sampler/trainer mismatch correction, any objective (trainer/rollout_correction.py)")
     rollout_correction_cap: float = key(2.0, "(1, inf)",
         "C > 1: TIS weight cap; MIS keeps ratios in [1/C, C]")

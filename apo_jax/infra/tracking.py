@@ -29,7 +29,7 @@ from absl import logging
 from apo_jax import settings
 
 INSTALL = 'pip install -e ".[wandb]"'
-MAX_TAG = 64  # W&B refuses longer tags
+MAX_TAG = settings.MAX_TAG  # W&B refuses longer tags
 ID_FILE = "wandb_run.json"  # workdir/wandb_run.json: {"id": ..., "name": ...}
 # The most the end of a run waits for W&B (a start still retrying without network, the last
 # upload); training itself never waits. Online runs keep their records in workdir/wandb too.

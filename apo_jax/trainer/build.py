@@ -13,7 +13,6 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,48 +32,7 @@ from apo_jax.objectives import schedule as schedule_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.trainer import step as step_lib
 from apo_jax.trainer import validate
-
-# The plan's blocks: each field of these is declared once, with its default, range and meaning,
-# in apo_jax/settings.py.
-ModelSettings, RolloutSettings, OptimSettings = settings.Model, settings.Rollout, settings.Optim
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Everything a run needs to know, typed; built once by `plan(config)`."""
-
-    seed: int
-    total_steps: int
-    model: ModelSettings
-    task: tasks.TaskSpec
-    task_params: Mapping[str, Any]  # config.task.<name>.*
-    rollout: RolloutSettings
-    objective: objectives.Objective
-    loss_params: Mapping[str, Any]  # config.loss.<name>.*
-    schedule: schedule_lib.ScheduleConfig  # vocab_size filled in by `step_spec`
-    optim: OptimSettings
-    mesh: tuple[int, int, int]  # (data, fsdp, tensor), -1 = the devices left over
-    checkpoint_every: int
-    checkpoint_keep: int
-    eval_every: int
-    eval_prompts: int
-    tensorboard: bool
-    plots: bool
-    progress: bool
-    record: Mapping[str, Any]  # the config as plain data (config.json, checkpoint records)
-    rollout_correction: str  # loss.rollout_correction (trainer/rollout_correction.py)
-    rollout_correction_cap: float  # loss.rollout_correction_cap
-    eval_rows_per_chunk: int  # eval.rows_per_chunk (trainer/evaluate.py rows_per_call)
-    wandb: tracking.WandbSettings  # logging.wandb*
-    entropy: entropy_lib.EntropyConfig  # loss.entropy_*
-    loss: settings.Loss  # the keys of config.loss any objective reads (loss.anchor, ...)
-
-    @property
-    def updates_total(self) -> int:
-        return self.total_steps * self.optim.mini_batches
-
-    def to_json(self) -> str:
-        return json.dumps(self.record, indent=2, sort_keys=True, default=str)
+from apo_jax.trainer.plan import Plan
 
 
 def plan(c: ml_collections.ConfigDict) -> Plan:
@@ -213,7 +171,7 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.DecoderConfig:
     return cfg
 
 
-def _model_kwargs(m: ModelSettings, lora: bool = True) -> dict:
+def _model_kwargs(m: settings.Model, lora: bool = True) -> dict:
     """Decoder kwargs; under LoRA the base weights are in model.lora.base_dtype (`lora=False`:
     the base alone, as a plain model)."""
     kw = dict(

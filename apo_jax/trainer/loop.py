@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from apo_jax import console
+from apo_jax import console, settings
 from apo_jax.infra import checkpoint as checkpoint_lib
 from apo_jax.infra import metrics as metrics_lib
 from apo_jax.infra import sharding as sharding_lib
@@ -220,7 +220,7 @@ def step_prompts(p: build.Plan, train_set, position: int) -> tuple[list, np.ndar
     return [train_set[i] for i in order[mine]], mine
 
 
-def rollout(r: build.RolloutSettings, task, sampler, params, examples, row_ids, rng):
+def rollout(r: settings.Rollout, task, sampler, params, examples, row_ids, rng):
     """G completions for each of this process's examples and their rewards: a Rollout of this
     process's share of the global batch, group-major. `row_ids` (the examples' places in the
     global batch) key the per-row sampling noise, so a row's completion does not depend on how
@@ -264,7 +264,7 @@ class _Scorer:
         self.seen[rows] = True
 
 
-def _scored(r: build.RolloutSettings, scorer: _Scorer, out) -> records.Rollout:
+def _scored(r: settings.Rollout, scorer: _Scorer, out) -> records.Rollout:
     """One sampler call's rows on the host, with the rewards its scorer collected."""
     host = lambda x: sharding_lib.local_rows(x)
     tokens, mask, lengths = host(out.tokens), host(out.mask), host(out.lengths)

@@ -98,5 +98,6 @@ class Batch:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Batch))
-# What a Rollout sends to the device (old_logp / ref_logp are scored there).
-DEVICE_FIELDS = FIELDS[:7]
+# What a Rollout sends to the device: the fields both records have (old_logp and ref_logp are
+# scored there, pack is planned per mini-batch).
+DEVICE_FIELDS = tuple(f for f in FIELDS if f in _ROLLOUT_FIELDS)

@@ -53,9 +53,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from apo_jax import settings
 from apo_jax.objectives import common
 
-MODES = ("none", "tis_token", "tis_sequence", "mis_sequence", "reject_sequence")
+MODES = settings.ROLLOUT_CORRECTIONS
 _LOG_GUARD = 30.0  # exp() overflow guard on log-ratios (weights are capped at C anyway)
 
 

@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_collections
 
 from apo_jax.infra import tracking
 from apo_jax.settings import INT32_MAX, check_value
 from apo_jax.settings import fail as _fail
-
-if TYPE_CHECKING:
-    from apo_jax.trainer.build import Plan
+from apo_jax.trainer.plan import Plan
 
 
 def check_block(prefix: str, params: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
