@@ -29,17 +29,13 @@ def config_args(arg: str | None, accepted: Iterable[str], path: str) -> set[str]
     args = {a.strip() for a in (arg or "").split(",") if a.strip()}
     accepted = tuple(accepted)
     if unknown := sorted(args - set(accepted)):
+        rel = os.path.relpath(path)  # as typed when it lies below the working directory
+        shown = path if rel.startswith("..") else rel
         raise ConfigArgError(
-            f"{_shown(path)}: unknown config argument(s) {', '.join(map(repr, unknown))} "
+            f"{shown}: unknown config argument(s) {', '.join(map(repr, unknown))} "
             f"(in {arg!r}); accepted: {', '.join(accepted) or 'none'}"
         )
     return args
-
-
-def _shown(path: str) -> str:
-    """`path` relative to the working directory when it lies below it (as typed), else as is."""
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
 
 
 def load(spec: str, *, lock: bool = True) -> ml_collections.ConfigDict:
@@ -90,13 +86,11 @@ class _Parser(flags.ArgumentParser):
 
 
 def define_flag(
-    name: str = "config",
-    help_string: str = "Python config file FILE[:ARG] (get_config(arg) -> ConfigDict).",
-    flag_values: flags.FlagValues = flags.FLAGS,
-    sys_argv: list[str] | None = None,
+    name: str, flag_values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None
 ) -> flags.FlagHolder:
     """`--config=FILE[:ARG]` with `--config.KEY=VALUE` overrides on the locked config, as
     ml_collections' DEFINE_config_file, with the file loaded by `load` (one-line errors)."""
+    help_string = "Python config file FILE[:ARG] (get_config(arg) -> ConfigDict)."
     holder = config_flags.DEFINE_config_file(
         name, None, help_string, flag_values=flag_values, lock_config=True, sys_argv=sys_argv
     )

@@ -34,18 +34,14 @@ def fmt(x, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if math.isfinite(x) else str(x)
 
 
-def _count(params) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
 def _size(plan, model_cfg, params) -> str:
-    if plan.model.lora:  # the state holds the adapters alone
-        lora = plan.model.lora
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    if lora := plan.model.lora:  # the state holds the adapters alone
         return (
             f"{model_cfg.num_params / 1e6:.2f}M parameters frozen, LoRA rank {lora.rank} on "
-            f"{','.join(lora.targets)}: {_count(params) / 1e6:.2f}M trained"
+            f"{','.join(lora.targets)}: {count / 1e6:.2f}M trained"
         )
-    return f"{_count(params) / 1e6:.2f}M parameters"
+    return f"{count / 1e6:.2f}M parameters"
 
 
 def banner(plan, model_cfg, params, mesh, workdir: str, start: int) -> None:
@@ -77,13 +73,7 @@ def summary(line: dict, workdir: str) -> None:
     out = [f"done: step {line.get('step', '?')}"]
     for i in range(0, len(shown), 4):  # a few metrics per line, not one dict on one long line
         out.append("  " + "  ".join(shown[i : i + 4]))
-    for name, path in (
-        ("metrics", "metrics.jsonl"),
-        ("plots", "plots"),
-        ("checkpoints", "checkpoints"),
-        ("tensorboard", "tensorboard"),
-        ("wandb", "wandb"),
-    ):
+    for path in ("metrics.jsonl", "plots", "checkpoints", "tensorboard", "wandb"):
         if os.path.exists(os.path.join(workdir, path)):
-            out.append(f"{name + ':':13s}{os.path.join(workdir, path)}")
+            out.append(f"{path.split('.')[0] + ':':13s}{os.path.join(workdir, path)}")
     print("\n".join(out), flush=True)

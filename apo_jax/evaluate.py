@@ -65,24 +65,31 @@ def run_config(run: str, step: int | None = None) -> ml_collections.ConfigDict:
     config = settings.with_defaults(record["config"])
     path = os.path.join(run, "config.json")
     try:
-        saved = build.load_config_json(path).to_dict() if os.path.exists(path) else None
+        saved = build.load_config_json(path).to_dict() if os.path.exists(path) else config
     except ValueError as e:
         logging.warning("%s; using the config record of checkpoint step %d", e, step)
-        saved = None
-    if saved is not None:
-        a, b = (checkpoint_lib.flatten_record(x) for x in (config, saved))
-        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        if differ:
-            logging.warning(
-                "%s differs from the config record of checkpoint step %d in %s; using the "
-                "checkpoint's (give --config.KEY=VALUE to change an evaluation setting)",
-                path,
-                step,
-                ", ".join(
-                    f"{k} ({a.get(k)!r} there, {b.get(k)!r} in config.json)" for k in differ[:5]
-                ),
-            )
+        saved = config
+    if differ := _differences(config, saved, "there", "in config.json", 5):
+        logging.warning(
+            "%s differs from the config record of checkpoint step %d in %s; using the "
+            "checkpoint's (give --config.KEY=VALUE to change an evaluation setting)",
+            path,
+            step,
+            differ,
+        )
     return ml_collections.ConfigDict(config)
+
+
+def _differences(a: dict, b: dict, in_a: str, in_b: str, most: int, ignore: tuple = ()) -> str:
+    """The first `most` keys, outside the `ignore` prefixes, where config records `a` and `b`
+    differ (a key a record lacks at its default: settings.py), with both values."""
+    from apo_jax.infra import checkpoint as checkpoint_lib
+
+    a, b = checkpoint_lib.flatten_record(a), checkpoint_lib.flatten_record(b)
+    keys = sorted(
+        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(ignore)
+    )
+    return ", ".join(f"{k} ({a.get(k)!r} {in_a}, {b.get(k)!r} {in_b})" for k in keys[:most])
 
 
 def _define_config_flag(argv) -> None:
@@ -176,9 +183,8 @@ def run(
     ):
         if value is not None and value < low:
             raise ValueError(f"--{flag}={value}: must be >= {low}")
-    if config.logging.get(
-        "wandb"
-    ):  # results go to `out` only: W&B (an optional extra) is not needed
+    # The results go to `out` only: W&B (an optional extra) is not needed.
+    if config.logging.get("wandb"):
         config = config.copy_and_resolve_references()
         config.logging.wandb = False
     p = build.plan(config)
@@ -192,18 +198,16 @@ def run(
     k = k or p.rollout.group_size
     # Bounded calls: the KV cache holds this many rows at a time (the results do not change).
     rows = k * prompts_per_call if prompts_per_call else evaluate_lib.rows_per_call(p)
-    # The largest call: the greedy pass's `rows` prompts, or the sampled pass's prompts × k.
-    per_call = prompts_per_call or max(1, rows // k)
-    largest = max(min(rows, len(examples)), min(per_call, len(examples)) * k)
-    evaluate_lib.check_rows(p, model_cfg, largest, f"--k={k} × --prompts_per_call={per_call}")
-    source: dict = {}
+    # The largest call: the greedy pass's prompts (a row each), or the sampled pass's × k.
+    greedy, sampled = evaluate_lib.call_prompts(rows, k, len(examples))
+    what = f"--k={k} × --prompts_per_call={max(1, rows // k)}"
+    evaluate_lib.check_rows(p, model_cfg, max(greedy, sampled * k), what)
     if workdir:
         workdir = os.path.abspath(workdir)
         graphdef, params, step = _restore(p, model_cfg, workdir, step)
         source = {"workdir": workdir, "step": step}
     else:
-        mesh = build.mesh(p)
-        graphdef, params = build.model(p, model_cfg, mesh)
+        graphdef, params = build.model(p, model_cfg, build.mesh(p))
         source = {"model": p.model.hf_dir or f"random init ({p.model.preset}, seed {p.seed})"}
     sampler = build.sampler(p, graphdef, task, mesh=None)
     metrics, records = evaluate_lib.evaluate(
@@ -242,18 +246,12 @@ def _restore(p, model_cfg, workdir: str, step: int | None):
             record = run_config(workdir, step).to_dict()
         except (OSError, RuntimeError, ValueError):
             raise e from None
-        a, b = checkpoint_lib.flatten_config(record), checkpoint_lib.flatten_config(p.record)
-        differ = sorted(
-            k
-            for k in a.keys() | b.keys()
-            if a.get(k) != b.get(k) and not k.startswith(checkpoint_lib.RESUMABLE_PREFIXES)
-        )
-        if not differ:
+        ignore = checkpoint_lib.RESUMABLE_PREFIXES
+        if not (differ := _differences(record, p.record, "there", "here", 10, ignore)):
             raise
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:10])
         raise RuntimeError(
             f"{e} The evaluation config differs from the checkpoint's config record in "
-            f"{shown}: evaluate with --workdir alone (the run's own config), or give the run's "
+            f"{differ}: evaluate with --workdir alone (the run's own config), or give the run's "
             "values."
         ) from None
 

@@ -5,19 +5,14 @@
         [--print_commands] [--baseline=ARM]
     python -m apo_jax.sweep --aggregate DIR [--baseline=ARM] [--metrics=...]
 
-Each run is an ordinary training workdir DIR/<arm>/seed<k> (`python -m apo_jax.main`
-subprocess), so a killed run resumes from its checkpoint and a finished one is skipped when the
-sweep starts again. Arms are the cartesian product of the grids, or the override dicts of an
-experiment file's `get_sweep(arg)` (big_vision style). Every override is checked against the
-config file, with ml_collections' own flag parsing, before any run starts.
-
-A run that already exists is checked against its own record (its config.json) before anything
-runs: a finished run is skipped only if the sweep asks for the settings it was made with, and
-an unfinished one is resumed only under the rules of a resumption; otherwise the sweep stops,
-naming the run and the key. Each trainer runs in its own process group and is told to stop
-(SIGTERM: it saves and exits) when the sweep ends for any reason, kill -9 included (Linux:
-PR_SET_PDEATHSIG); the sweep directory and every run directory are locked against a second sweep
-or trainer (apo_jax/infra/workdir_lock.py).
+Each run is an ordinary training workdir DIR/<arm>/seed<k> (an `apo_jax.main` subprocess), so a
+killed run resumes from its checkpoint and a finished one is skipped when the sweep restarts.
+Arms are the product of the grids, or the override dicts of an experiment file's
+`get_sweep(arg)`. Every override is parsed by ml_collections against the config before any run
+starts, and an existing run is checked against its own config.json record: a finished run is
+skipped only under the settings it was made with, an unfinished one resumed only where resuming
+allows. Trainers get SIGTERM (save and exit) when the sweep ends for any reason, kill -9
+included (Linux: PR_SET_PDEATHSIG); sweep and run directories are locked (infra/workdir_lock.py).
 """
 
 from __future__ import annotations
@@ -81,8 +76,7 @@ def config_hash(record) -> str:
 
 def load_config(config_arg: str, overrides: list[str] | tuple[str, ...] = ()):
     """The locked ConfigDict that `python -m apo_jax.main --config=config_arg *overrides` trains
-    with: ml_collections' config_flags loads the file and parses every override by the type of
-    its field, on a private FlagValues so nothing leaks into the global flags."""
+    with, parsed on a private FlagValues so nothing leaks into the global flags."""
     build.config_root_on_path([f"--config={config_arg}"])
     argv = ["apo_jax.main", f"--config={config_arg}", *overrides]
     fv = flags.FlagValues()
@@ -283,24 +277,19 @@ def _metrics_complete(workdir: str, total_steps: int) -> bool:
         lines = [json.loads(x) for x in f if x.strip()]
     if not lines or lines[-1]["step"] != total_steps:
         return False
-    # An end-only evaluation writes a second line for the final step after the training line.
+    # The last step is always evaluated when eval.num_prompts > 0 (trainer/loop.py); an
+    # end-only evaluation writes a second line for the final step after the training line.
     try:
         with open(os.path.join(workdir, "config.json")) as f:
-            ev = json.load(f).get("eval", {})
+            final_eval = json.load(f).get("eval", {}).get("num_prompts", 0)
     except (OSError, ValueError):
         return True
-    # The last step is always evaluated when num_prompts > 0 (trainer/loop.py).
-    final_eval = ev.get("num_prompts", 0)
     return not final_eval or any(k.startswith("eval/") for k in lines[-1])
 
 
 # Keys that change what a run writes, not what it computes: a finished run made under other
 # values of these is still the run asked for.
 _OUTPUT_PREFIXES = ("logging.", "checkpoint.")
-
-
-def _longer(old, new) -> bool:
-    return isinstance(old, int) and isinstance(new, int) and new > old
 
 
 def check_existing(run: Run) -> None:
@@ -316,18 +305,16 @@ def check_existing(run: Run) -> None:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise SweepError(f"{path}: cannot read the run's config record ({e})") from None
-    total = saved.get("total_steps")
-    done = os.path.exists(os.path.join(run.workdir, DONE_MARKER)) or _metrics_complete(
-        run.workdir, total
-    )
-    if done:
+    marker = os.path.join(run.workdir, DONE_MARKER)
+    if os.path.exists(marker) or _metrics_complete(run.workdir, saved.get("total_steps")):
         a, b = checkpoint_lib.flatten_record(saved), checkpoint_lib.flatten_record(run.record)
         differ = sorted(
             k
             for k in a.keys() | b.keys()
             if a.get(k) != b.get(k)
             and not k.startswith(_OUTPUT_PREFIXES)
-            and not (k == "total_steps" and _longer(a.get(k), b.get(k)))  # continues the run
+            # A longer total_steps continues the run.
+            and not (k == "total_steps" and isinstance(a[k], int) and b[k] > a[k])
         )
         if differ:
             shown = "; ".join(f"{k}={a.get(k)!r}, now {b.get(k)!r}" for k in differ[:5])
@@ -377,23 +364,18 @@ _stopping = threading.Event()
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _death_signal():
-    """libc's prctl, resolved here in the parent (a child between fork and exec should not load
-    libraries), or None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _child_setup(cores, prctl, parent: int):
-    """Runs in the trainer's process between fork and exec: its CPU cores, and SIGTERM when the
-    sweep dies (kill -9 included). PR_SET_PDEATHSIG fires when the *thread* that forked the
+def _child_setup(cores):
+    """What runs in the trainer's process between fork and exec: its CPU cores, and SIGTERM when
+    the sweep dies (kill -9 included). PR_SET_PDEATHSIG fires when the *thread* that forked the
     child ends; that thread waits for the child, so only the sweep's death ends it first."""
+    parent, prctl = os.getpid(), None
+    # libc's prctl is resolved here in the parent: a child between fork and exec should not
+    # load libraries.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def setup():
         if cores:
@@ -423,7 +405,7 @@ def _wait_for_lock(run: Run) -> None:
 
 def _run_one(config_arg: str, run: Run, slot: dict) -> int:
     os.makedirs(run.workdir, exist_ok=True)
-    setup = _child_setup(slot.get("cores"), _death_signal(), os.getpid())
+    setup = _child_setup(slot.get("cores"))
     with open(os.path.join(run.workdir, "sweep.log"), "a") as log:
         log.write(f"$ {shlex.join(command(config_arg, run))}\n")
         log.flush()
@@ -472,10 +454,16 @@ def _stop_children(signum, frame) -> None:
 
 def execute(config_arg: str, runs: list[Run], jobs: int, gpus: list[str] | None) -> list[Run]:
     """Runs every unfinished run, `jobs` at a time; returns the failed ones."""
+    lock, failed = threading.Lock(), []
+
+    def say(text: str) -> None:
+        with lock:
+            print(f"[sweep] {text}", flush=True)
+
     todo = []
     for run in runs:
         if is_finished(run):
-            print(f"[sweep] skip (finished): {run.workdir}", flush=True)
+            say(f"skip (finished): {run.workdir}")
         else:
             todo.append(run)
     # Seed-major order: a sweep cut short still has every arm at the seeds it reached.
@@ -485,7 +473,6 @@ def execute(config_arg: str, runs: list[Run], jobs: int, gpus: list[str] | None)
     # runs were left when the sweep (re)started (it changes CPU rounding, see README).
     for slot in _slots(jobs, gpus):
         free.put(slot)
-    lock, failed = threading.Lock(), []
 
     def work(run: Run) -> None:
         slot = free.get()
@@ -494,16 +481,13 @@ def execute(config_arg: str, runs: list[Run], jobs: int, gpus: list[str] | None)
             if _stopping.is_set():
                 return
             if is_finished(run):  # finished by the trainer it waited for
-                with lock:
-                    print(f"[sweep] skip (finished): {run.workdir}", flush=True)
+                say(f"skip (finished): {run.workdir}")
                 return
-            with lock:
-                print(f"[sweep] start: {run.workdir} {slot}", flush=True)
+            say(f"start: {run.workdir} {slot}")
             rc = _run_one(config_arg, run, slot)
-            with lock:
-                print(f"[sweep] exit {rc}: {run.workdir}", flush=True)
-                if rc != 0:
-                    failed.append(run)
+            say(f"exit {rc}: {run.workdir}")
+            if rc != 0:
+                failed.append(run)
         finally:
             free.put(slot)
 
@@ -536,21 +520,24 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
 
+    try:
+        return _main(p, args, overrides)
+    except (SweepError, workdir_lock.WorkdirLocked) as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(p: argparse.ArgumentParser, args, overrides: list[str]) -> int:
     from apo_jax import sweep_summary
 
     metrics = args.metrics.split(",") if args.metrics else None
     if args.aggregate:
         if not os.path.isdir(args.aggregate):
-            print(f"sweep: error: --aggregate {args.aggregate}: no such directory",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+            raise SweepError(f"--aggregate {args.aggregate}: no such directory")
         try:
-            rows = sweep_summary.write_summary(
-                args.aggregate, baseline=args.baseline, metrics=metrics
-            )
+            rows = sweep_summary.write_summary(args.aggregate, args.baseline, metrics)
         except ValueError as e:  # an unknown metric or baseline arm, named
-            print(f"sweep: error: {e}", file=sys.stderr)
-            return 2
+            raise SweepError(str(e)) from None
         tracking.log_sweep_summary(args.aggregate, rows)  # if the runs logged to W&B
         return 0
     if not args.config or not args.workdir:
@@ -561,49 +548,36 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         p.error(f"--seeds={args.seeds}: expected comma-separated integers")
-    try:
-        runs = plan(args.config, args.workdir, args.grid, seeds, overrides, args.sweep)
-    except SweepError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
+    runs = plan(args.config, args.workdir, args.grid, seeds, overrides, args.sweep)
     if args.print_commands:
         cwd = shlex.quote(os.getcwd())
         for run in runs:
             print(f"cd {cwd} && {shlex.join(command(args.config, run))}")
         return 0
     os.makedirs(args.workdir, exist_ok=True)
-    try:
-        with workdir_lock.hold(args.workdir):  # one sweep per directory
-            for run in runs:  # every existing run against its record, before anything runs
-                check_existing(run)
-            return _run_sweep(args, runs, metrics)
-    except (SweepError, workdir_lock.WorkdirLocked) as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run_sweep(args, runs: list[Run], metrics) -> int:
-    from apo_jax import sweep_summary
-
-    _stopping.clear()
-    arms = list(dict.fromkeys(r.arm for r in runs))
-    with open(os.path.join(args.workdir, PLAN_FILE), "w") as f:
-        json.dump({"config": args.config, "arms": arms, "runs": [r.to_json() for r in runs]}, f,
-                  indent=1)  # fmt: skip
-    previous = {sig: signal.signal(sig, _stop_children) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        failed = execute(args.config, runs, args.jobs, _gpus(args.gpus))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if _stopping.is_set():
-        print("[sweep] stopped by a signal: start it again to resume", file=sys.stderr)
-        return 130
-    for run in failed:
-        print(f"[sweep] FAILED: {run.workdir} (see {run.workdir}/sweep.log)", file=sys.stderr)
-    rows = sweep_summary.write_summary(args.workdir, baseline=args.baseline, metrics=metrics)
-    tracking.log_sweep_summary(args.workdir, rows)  # if the runs logged to W&B
-    return 1 if failed else 0
+    with workdir_lock.hold(args.workdir):  # one sweep per directory
+        for run in runs:  # every existing run against its record, before anything runs
+            check_existing(run)
+        _stopping.clear()
+        arms = list(dict.fromkeys(r.arm for r in runs))
+        with open(os.path.join(args.workdir, PLAN_FILE), "w") as f:
+            json.dump({"config": args.config, "arms": arms, "runs": [r.to_json() for r in runs]},
+                      f, indent=1)  # fmt: skip
+        stops = (signal.SIGTERM, signal.SIGINT)
+        handlers = {sig: signal.signal(sig, _stop_children) for sig in stops}
+        try:
+            failed = execute(args.config, runs, args.jobs, _gpus(args.gpus))
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        if _stopping.is_set():
+            print("[sweep] stopped by a signal: start it again to resume", file=sys.stderr)
+            return 130
+        for run in failed:
+            print(f"[sweep] FAILED: {run.workdir} (see {run.workdir}/sweep.log)", file=sys.stderr)
+        rows = sweep_summary.write_summary(args.workdir, args.baseline, metrics)
+        tracking.log_sweep_summary(args.workdir, rows)  # if the runs logged to W&B
+        return 1 if failed else 0
 
 
 if __name__ == "__main__":

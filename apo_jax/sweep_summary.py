@@ -77,9 +77,10 @@ def discover(workdir: str) -> tuple[dict[str, dict[int, list[dict]]], list[str]]
     return {arm: dict(sorted(found[arm].items())) for arm in order}, unfinished
 
 
-def tail_window(num_steps: int) -> int:
-    """Steps averaged for the final training reward: the last 10 %, at least one."""
-    return max(1, math.ceil(TAIL_FRAC * num_steps))
+def trailing_mean(steps: np.ndarray, values: np.ndarray):
+    """Mean over a trailing window of the last TAIL_FRAC of the steps (at least one)."""
+    w = max(1, math.ceil(TAIL_FRAC * len(values)))
+    return steps[w - 1 :], np.convolve(values, np.ones(w) / w, "valid")  # [n - w + 1]
 
 
 def series(lines: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -88,11 +89,7 @@ def series(lines: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
     if not points:
         return np.zeros(0), np.zeros(0)
     steps, values = (np.asarray(v, np.float64) for v in zip(*points, strict=True))
-    if metric == REWARD:
-        w = tail_window(len(values))
-        values = np.convolve(values, np.ones(w) / w, "valid")  # [n - w + 1]
-        steps = steps[w - 1 :]
-    return steps, values
+    return trailing_mean(steps, values) if metric == REWARD else (steps, values)
 
 
 def run_values(lines: list[dict], metric: str) -> tuple[float, float]:
@@ -103,9 +100,13 @@ def run_values(lines: list[dict], metric: str) -> tuple[float, float]:
     return float(values[-1]), float(values.max())
 
 
+def _finite(x) -> np.ndarray:
+    return np.asarray([v for v in x if not math.isnan(v)], np.float64)
+
+
 def mean_ci(x) -> dict:
     """Mean, sample std, n and the Student-t 95 % interval mean ± t_{n-1} s / sqrt(n)."""
-    x = np.asarray([v for v in x if not math.isnan(v)], np.float64)
+    x = _finite(x)
     n = len(x)
     mean = float(x.mean()) if n else math.nan
     std = float(x.std(ddof=1)) if n > 1 else math.nan
@@ -115,8 +116,7 @@ def mean_ci(x) -> dict:
 
 def welch(a, b) -> dict:
     """Difference of means a - b with its Welch 95 % interval and the Welch t-test p-value."""
-    a = np.asarray([v for v in a if not math.isnan(v)], np.float64)
-    b = np.asarray([v for v in b if not math.isnan(v)], np.float64)
+    a, b = _finite(a), _finite(b)
     if len(a) < 2 or len(b) < 2:
         nan = math.nan
         diff = float(a.mean() - b.mean()) if len(a) and len(b) else nan
@@ -190,8 +190,22 @@ def markdown(rows: list[dict], metrics: list[str], workdir: str, unfinished=()) 
     if not rows:
         return f"# Sweep summary: {workdir}\n\nNo finished runs found. {left_out}"
     base = rows[0]["baseline"]
-    head = " | ".join(_label(m) for m in metrics)
-    sep = "|---" * (len(metrics) + 2) + "|"
+
+    def table(rows: list[dict], cell: str, with_n: bool = True) -> list[str]:
+        """One line per row; `cell` formats a metric's "{m}:{stat}" columns by stat name."""
+        head = " | ".join(["arm", *(["n"] if with_n else []), *map(_label, metrics)])
+        out = [f"| {head} |", "|---" * (len(metrics) + 1 + with_n) + "|"]
+        for r in rows:
+            n = [str(max((r[f"{m}:n"] for m in metrics), default=0))] if with_n else []
+            cells = [
+                cell.format(
+                    **{k[len(m) + 1 :]: _fmt(v) for k, v in r.items() if k.startswith(f"{m}:")}
+                )
+                for m in metrics
+            ]
+            out.append("| " + " | ".join([r["arm"], *n, *cells]) + " |")
+        return out
+
     out = [
         f"# Sweep summary: {workdir}",
         "",
@@ -203,40 +217,22 @@ def markdown(rows: list[dict], metrics: list[str], workdir: str, unfinished=()) 
         "",
         "## Final values",
         "",
-        f"| arm | n | {head} |",
-        sep,
-    ]
-    for r in rows:
-        cells = [
-            f"{_fmt(r[f'{m}:mean'])} ± {_fmt(r[f'{m}:std'])} "
-            f"[{_fmt(r[f'{m}:ci_lo'])}, {_fmt(r[f'{m}:ci_hi'])}]"
-            for m in metrics
-        ]
-        n = max(r[f"{m}:n"] for m in metrics) if metrics else 0
-        out.append(f"| {r['arm']} | {n} | " + " | ".join(cells) + " |")
-    out += ["", "## Best values", "", f"| arm | n | {head} |", sep]
-    for r in rows:
-        cells = [f"{_fmt(r[f'{m}:best_mean'])} ± {_fmt(r[f'{m}:best_std'])}" for m in metrics]
-        n = max(r[f"{m}:n"] for m in metrics) if metrics else 0
-        out.append(f"| {r['arm']} | {n} | " + " | ".join(cells) + " |")
-    out += [
+        *table(rows, "{mean} ± {std} [{ci_lo}, {ci_hi}]"),
+        "",
+        "## Best values",
+        "",
+        *table(rows, "{best_mean} ± {best_std}"),
         "",
         f"## Difference with the baseline `{base}`",
         "",
         "Arm minus baseline, final values: difference [Welch 95 % CI], two-sided Welch t-test p.",
         "",
-        f"| arm | {head} |",
-        "|---" * (len(metrics) + 1) + "|",
+        *table(
+            [r for r in rows if r["arm"] != base],
+            "{diff} [{diff_ci_lo}, {diff_ci_hi}] p={diff_p}",
+            with_n=False,
+        ),
     ]
-    for r in rows:
-        if r["arm"] == base:
-            continue
-        cells = [
-            f"{_fmt(r[f'{m}:diff'])} [{_fmt(r[f'{m}:diff_ci_lo'])}, {_fmt(r[f'{m}:diff_ci_hi'])}]"
-            f" p={_fmt(r[f'{m}:diff_p'])}"
-            for m in metrics
-        ]
-        out.append(f"| {r['arm']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -245,8 +241,7 @@ def _smoothed(steps: np.ndarray, values: np.ndarray, metric: str):
     are drawn as logged."""
     if metric == REWARD or len(values) < 30:
         return steps, values
-    w = tail_window(len(values))
-    return steps[w - 1 :], np.convolve(values, np.ones(w) / w, "valid")  # [n - w + 1]
+    return trailing_mean(steps, values)
 
 
 def plot_curves(runs: dict, path: str) -> None:

@@ -77,11 +77,9 @@ SAMPLED = dict(temperature=1.0, top_k=0, top_p=1.0)
 
 
 def rows_per_call(p: build.Plan, procs: int = 1) -> int:
-    """Rows per evaluation sampler call, per process: `eval.rows_per_chunk`, else the rollout's
-    `rollout.rows_per_chunk`, else a step's rows (prompts_per_step × G over the processes). The
-    KV cache and decode state hold this many rows at a time, as in the rollout. Under
-    rollout.engine=continuous each pass is one call (every prompt: `call_prompts` caps it) and
-    the engine holds `rollout.slots` rows at a time."""
+    """Rows per evaluation sampler call (what the KV cache holds) per process:
+    `eval.rows_per_chunk`, else `rollout.rows_per_chunk`, else a step's rows. Under the
+    continuous engine each pass is one call, the engine holding `rollout.slots` rows at a time."""
     r = p.rollout
     if r.engine == "continuous":
         return max(p.eval_prompts, 1) * r.group_size
@@ -91,20 +89,20 @@ def rows_per_call(p: build.Plan, procs: int = 1) -> int:
 
 
 def call_prompts(rows: int, k: int, num_prompts: int, procs: int = 1) -> tuple[int, int]:
-    """(greedy, sampled) prompts per sampler call, all processes together, for `rows` rows per
-    call per process: the greedy pass takes `rows` prompts (one row each), the sampled pass
-    rows // k prompts of k rows (at least one prompt); never more than the `num_prompts`
-    evaluated, rounded up to a multiple of the processes (each takes the same number)."""
+    """(greedy, sampled) prompts per sampler call over all processes, for `rows` rows per call
+    per process: `rows` prompts of one row, or rows // k (at least one) of k rows; at most the
+    `num_prompts` evaluated, rounded up to a multiple of the processes."""
     fit = lambda n: min(n, num_prompts + -num_prompts % procs)
     return fit(rows * procs), fit(max(1, rows // k) * procs)
 
 
-def _generate(sampler, params, prompts, *, n, per_call, rng, **overrides):
+def _generate(task, sampler, params, examples, *, n, per_call, rng, **overrides):
     """This process's share of n completions per prompt, in calls of `per_call` prompts (a
     multiple of the processes: each takes the same number; the last call padded with repeats so
     every call has one shape and compiles once). Returns the global prompt index of each local
-    row and host arrays tokens, logp, mask, truncated [rows, ...]."""
+    row, its example, completion and reward, and host arrays logp, mask, truncated [rows, ...]."""
     procs, me = jax.process_count(), jax.process_index()
+    prompts = [e.prompt_ids for e in examples]
     index, cols = [], []
     for lo in range(0, len(prompts), per_call):
         mine = order_lib.process_slice(np.arange(lo, lo + per_call), me, procs)
@@ -117,13 +115,12 @@ def _generate(sampler, params, prompts, *, n, per_call, rng, **overrides):
         keep = np.repeat(mine < len(prompts), n)  # drop the padding prompts' rows
         index.append(np.repeat(mine, n)[keep])
         cols.append([x[keep] for x in parts])
-    return np.concatenate(index), *(np.concatenate(c) for c in zip(*cols, strict=True))
-
-
-def _answer_keys(task, examples, completions, correct) -> list:
-    """The task's answer keys (Task.answer_keys) of the correct completions, None elsewhere."""
-    keys = task.answer_keys(examples, completions)
-    return [key if ok else None for key, ok in zip(keys, correct, strict=True)]
+    index = np.concatenate(index)
+    tokens, logp, mask, truncated = (np.concatenate(c) for c in zip(*cols, strict=True))
+    rows = [examples[i] for i in index]
+    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
+    rewards = np.asarray(task.rewards(rows, comps), np.float64)
+    return index, rows, comps, rewards, logp, mask, truncated
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -163,10 +160,9 @@ def evaluate(
     greedy_prompts, sampled_prompts = call_prompts(
         rows_per_call, k, len(examples), jax.process_count()
     )
-    prompts = [e.prompt_ids for e in examples]
     rng = jax.random.key(seed)
-    local = _greedy(task, sampler, params, examples, prompts, greedy_prompts, rng)
-    _sampled(task, sampler, params, examples, prompts, sampled_prompts, rng, k, local)
+    local = _greedy(task, sampler, params, examples, greedy_prompts, rng)
+    _sampled(task, sampler, params, examples, sampled_prompts, rng, k, local)
     stats = _gather(local, len(examples))  # [N, len(_FIELDS)]
     col = {f: stats[:, j] for j, f in enumerate(_FIELDS)}
     metrics = {
@@ -190,34 +186,30 @@ def evaluate(
     return {key: float(v) for key, v in metrics.items()}, records
 
 
-def _greedy(task, sampler, params, examples, prompts, per_call, rng) -> dict[int, dict]:
+def _greedy(task, sampler, params, examples, per_call, rng) -> dict[int, dict]:
     """This process's per-prompt statistics of the greedy pass (rows = prompts)."""
-    idx, tokens, _, mask, _ = _generate(
-        sampler, params, prompts, n=1, per_call=per_call, rng=rng, **GREEDY
+    idx, _, _, rewards, _, mask, _ = _generate(
+        task, sampler, params, examples, n=1, per_call=per_call, rng=rng, **GREEDY
     )
-    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
-    rewards = np.asarray(task.rewards([examples[i] for i in idx], comps), np.float64)
     return {
         int(i): dict(greedy_reward=r, greedy_correct=float(r >= CORRECT), greedy_len=m.sum())
         for i, r, m in zip(idx, rewards, mask, strict=True)
     }
 
 
-def _sampled(task, sampler, params, examples, prompts, per_call, rng, k, local) -> None:
+def _sampled(task, sampler, params, examples, per_call, rng, k, local) -> None:
     """Adds the k samples' statistics at T = 1 to `local` (rows of a prompt are consecutive)."""
-    idx, tokens, logp, mask, truncated = _generate(
-        sampler, params, prompts, n=k, per_call=per_call, rng=rng, **SAMPLED
+    idx, grouped, comps, rewards, logp, mask, truncated = _generate(
+        task, sampler, params, examples, n=k, per_call=per_call, rng=rng, **SAMPLED
     )
-    comps = [tuple(t[m]) for t, m in zip(tokens, mask, strict=True)]
-    grouped = [examples[i] for i in idx]
-    rewards = np.asarray(task.rewards(grouped, comps), np.float64)
     correct = rewards >= CORRECT
-    keys = _answer_keys(task, grouped, comps, correct)
+    keys = task.answer_keys(grouped, comps)  # counted for the correct completions only
     nll = -(logp * mask).sum(-1)  # [rows]
     stop = (*task.eos_ids, task.pad_id)
     for lo in range(0, len(idx), k):
         g = slice(lo, lo + k)
-        solved = {x for x in keys[g] if x is not None}
+        solved = {key for key, ok in zip(keys[g], correct[g], strict=True) if ok}
+        solved.discard(None)
         distinct = tasks_lib.distinct_correct(task, grouped[g], comps[g], rewards[g], CORRECT)
         local[int(idx[lo])].update(
             num_correct=float(correct[g].sum()),
@@ -261,9 +253,8 @@ def eval_subset(task, num_prompts: int, seed: int = 0) -> list[tasks_lib.Example
 
 
 def in_training(p: build.Plan, task, sampler, params) -> dict:
-    """The training loop's evaluation: `eval.num_prompts` held-out prompts, k = the rollout's
-    group size, `rows_per_call(p)` rows per call: by default shaped like the rollout's calls, so
-    the sampled pass reuses the rollout's compiled programs when the rollout samples at T = 1."""
+    """The training loop's evaluation: k = the group size, calls shaped like the rollout's by
+    default, so the sampled pass reuses the rollout's compiled programs when it samples at T = 1."""
     examples = eval_subset(task, p.eval_prompts, seed=p.seed)
     metrics, _ = evaluate(
         task,
@@ -278,11 +269,9 @@ def in_training(p: build.Plan, task, sampler, params) -> dict:
 
 
 def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = None):
-    """(graphdef, params, step) from a training workdir's Orbax checkpoint, on the default
-    device: training's restore path (the newest step that restores, past damaged ones, unless
-    `step`), read-only (nothing in the workdir is moved or deleted: a run may be writing it).
-    Orbax restores the whole train state (it needs the full tree); everything but the
-    parameters is then dropped."""
+    """(graphdef, params, step) from a training workdir's checkpoint, on the default device:
+    the newest step that restores unless `step`, read-only (a run may be writing the workdir).
+    Orbax needs the whole train state's tree; all but the parameters is then dropped."""
     ckpt = checkpoint_lib.Checkpointer(
         workdir, every_steps=0, keep=max(p.checkpoint_keep, 1), read_only=True
     )
