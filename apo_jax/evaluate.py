@@ -36,11 +36,8 @@ def _flag_value(argv, name: str) -> str | None:
 
 def _verbosity(argv) -> int:
     """absl's --verbosity / -v before flags are parsed (the config is read before that)."""
-    value = _flag_value(argv, "verbosity") or _flag_value(argv, "v")
-    try:
-        return int(value) if value is not None else 0
-    except ValueError:
-        return 0
+    value = _flag_value(argv, "verbosity") or _flag_value(argv, "v") or "0"
+    return int(value) if value.lstrip("-").isdigit() else 0
 
 
 def run_config(run: str, step: int | None = None) -> ml_collections.ConfigDict:
@@ -69,27 +66,25 @@ def run_config(run: str, step: int | None = None) -> ml_collections.ConfigDict:
     except ValueError as e:
         logging.warning("%s; using the config record of checkpoint step %d", e, step)
         saved = config
-    if differ := _differences(config, saved, "there", "in config.json", 5):
+    if differ := _differences(config, saved):
         logging.warning(
             "%s differs from the config record of checkpoint step %d in %s; using the "
             "checkpoint's (give --config.KEY=VALUE to change an evaluation setting)",
             path,
             step,
-            differ,
+            ", ".join(f"{k} ({x!r} there, {y!r} in config.json)" for k, x, y in differ[:5]),
         )
     return ml_collections.ConfigDict(config)
 
 
-def _differences(a: dict, b: dict, in_a: str, in_b: str, most: int, ignore: tuple = ()) -> str:
-    """The first `most` keys, outside the `ignore` prefixes, where config records `a` and `b`
-    differ (a key a record lacks at its default: settings.py), with both values."""
+def _differences(a: dict, b: dict, ignore: tuple = ()) -> list[tuple]:
+    """(key, value in `a`, value in `b`) where config records `a` and `b` differ, a key a record
+    lacks at its default (settings.py), outside the `ignore` prefixes."""
     from apo_jax.infra import checkpoint as checkpoint_lib
 
     a, b = checkpoint_lib.flatten_record(a), checkpoint_lib.flatten_record(b)
-    keys = sorted(
-        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(ignore)
-    )
-    return ", ".join(f"{k} ({a.get(k)!r} {in_a}, {b.get(k)!r} {in_b})" for k in keys[:most])
+    keys = sorted(k for k in a.keys() | b.keys() if not k.startswith(ignore))
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
 def _define_config_flag(argv) -> None:
@@ -246,12 +241,12 @@ def _restore(p, model_cfg, workdir: str, step: int | None):
             record = run_config(workdir, step).to_dict()
         except (OSError, RuntimeError, ValueError):
             raise e from None
-        ignore = checkpoint_lib.RESUMABLE_PREFIXES
-        if not (differ := _differences(record, p.record, "there", "here", 10, ignore)):
+        if not (differ := _differences(record, p.record, checkpoint_lib.RESUMABLE_PREFIXES)):
             raise
+        shown = ", ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in differ[:10])
         raise RuntimeError(
             f"{e} The evaluation config differs from the checkpoint's config record in "
-            f"{differ}: evaluate with --workdir alone (the run's own config), or give the run's "
+            f"{shown}: evaluate with --workdir alone (the run's own config), or give the run's "
             "values."
         ) from None
 

@@ -105,11 +105,9 @@ def _get(config, key: str):
 
 
 def _to_flag_value(value) -> str:
-    """A Python override value as the text the CLI parses back into it."""
+    """A Python override value as the text the CLI parses back into it (str(float) is exact)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
     return str(value)
 
 
@@ -198,8 +196,7 @@ def plan(
             raise SweepError(f"two different arms share the name {name!r}")
         names[name] = arm
         for seed in arm_seeds:
-            text = str(seed)
-            if isinstance(seed, bool | float) or not text.lstrip("-").isdigit():
+            if isinstance(seed, bool | float) or not str(seed).lstrip("-").isdigit():
                 raise SweepError(f"seed {seed!r} (in arm {name!r}) is not an integer")
             seed = int(seed)
             flags_ = [f"--config.{k}={_to_flag_value(v)}" for k, v in arm.items()]

@@ -117,18 +117,18 @@ def mean_ci(x) -> dict:
 def welch(a, b) -> dict:
     """Difference of means a - b with its Welch 95 % interval and the Welch t-test p-value."""
     a, b = _finite(a), _finite(b)
-    if len(a) < 2 or len(b) < 2:
-        nan = math.nan
-        diff = float(a.mean() - b.mean()) if len(a) and len(b) else nan
-        return {"diff": diff, "ci_lo": nan, "ci_hi": nan, "p": nan}
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    diff, se = float(a.mean() - b.mean()), math.sqrt(va + vb)
-    if se == 0.0:  # both arms constant: no spread to test against
-        return {"diff": diff, "ci_lo": diff, "ci_hi": diff, "p": math.nan if diff == 0 else 0.0}
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))  # Welch-Satterthwaite
-    half = float(stats.t.ppf((1 + LEVEL) / 2, df) * se)
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    return {"diff": diff, "ci_lo": diff - half, "ci_hi": diff + half, "p": p}
+    diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+    half = p = math.nan
+    if len(a) > 1 and len(b) > 1:
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        if va + vb == 0.0:  # both arms constant: no spread to test against
+            half, p = 0.0, math.nan if diff == 0 else 0.0
+        else:
+            # Welch-Satterthwaite degrees of freedom.
+            df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+            half = float(stats.t.ppf((1 + LEVEL) / 2, df) * math.sqrt(va + vb))
+            p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return {"diff": diff, "diff_ci_lo": diff - half, "diff_ci_hi": diff + half, "diff_p": p}
 
 
 def resolve_metrics(runs: dict, metrics: list[str] | None) -> list[str]:
@@ -167,12 +167,10 @@ def summarise(runs: dict, metrics: list[str], baseline: str | None) -> list[dict
         row = {"arm": arm, "seeds": " ".join(map(str, seeds)), "baseline": baseline}
         for m in metrics:
             finals, bests = values[arm][m]
-            s = mean_ci(finals)
-            row.update({f"{m}:{k}": v for k, v in s.items()})
             best = mean_ci(bests)
-            row[f"{m}:best_mean"], row[f"{m}:best_std"] = best["mean"], best["std"]
-            cmp = welch(finals, values[baseline][m][0])
-            row.update({f"{m}:diff_{k}" if k != "diff" else f"{m}:diff": v for k, v in cmp.items()})
+            row.update({f"{m}:{k}": v for k, v in mean_ci(finals).items()})
+            row.update({f"{m}:best_mean": best["mean"], f"{m}:best_std": best["std"]})
+            row.update({f"{m}:{k}": v for k, v in welch(finals, values[baseline][m][0]).items()})
         rows.append(row)
     return rows
 

@@ -150,10 +150,6 @@ def evaluate(
     of the entropy H(π(· | x, y_<t)) at that step; `eval/entropy` is their mean over all sampled
     tokens (nats), i.e. a token-weighted average along the policy's own trajectories.
     """
-    if k < 1:
-        raise ValueError(f"k (samples per prompt) must be >= 1, got {k}")
-    if rows_per_call < 1:
-        raise ValueError(f"rows_per_call must be >= 1, got {rows_per_call}")
     examples = list(examples)
     if sampler.engine == "continuous":  # one call per pass: the engine bounds the cache
         rows_per_call = max(rows_per_call, len(examples) * k)
