@@ -214,7 +214,7 @@ def estimate(
     weights = calls.weights_extra
     rollout_bytes = roll and weights + roll["bytes"]
     eval_bytes = evals["bytes"]
-    if p.eval_prompts and eval_bytes is not None:  # the rollout weights are resident too
+    if p.eval.num_prompts and eval_bytes is not None:  # the rollout weights are resident too
         eval_bytes += weights
     phases = (rollout_bytes, steps["scoring"], steps["train_step"], eval_bytes)
     # A program the compiler refused has no size: then no peak, and `fits` is false.
@@ -338,11 +338,15 @@ class _SamplerCalls:
 def _eval_calls(p: build.Plan, task, calls: _SamplerCalls, procs: int) -> dict:
     """The greedy and the sampled evaluation pass at their chunk shapes (trainer/evaluate.py):
     bytes of the larger call (besides the weights), its cache, each pass's bytes and rows."""
-    if not p.eval_prompts:
+    if not p.eval.num_prompts:
         return dict(bytes=0, cache=0, passes={}, rows={})
     k, smp = p.rollout.group_size, calls.sampler
     # As many prompts as the held-out set has, when the task is at hand.
-    num = p.eval_prompts if task is None else len(evaluate_lib.eval_subset(task, p.eval_prompts))
+    num = (
+        p.eval.num_prompts
+        if task is None
+        else len(evaluate_lib.eval_subset(task, p.eval.num_prompts))
+    )
     per_call = evaluate_lib.call_prompts(evaluate_lib.rows_per_call(p, procs), k, num, procs)
     greedy = calls(per_call[0], 1, smp.sampling_for(**evaluate_lib.GREEDY), "eval greedy")
     sampled = calls(per_call[1], k, smp.sampling_for(**evaluate_lib.SAMPLED), "eval sampled")

@@ -185,19 +185,12 @@ def for_micro_batches(
     return jax.tree.map(weave, *plans)
 
 
-def pack_ids(plan_: PackPlan, prompt_ids: Array, completion_ids: Array) -> Int[Array, "R L"]:
-    """The packed token ids, gathered from the padded batch (on device)."""
-    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).reshape(-1)  # [B*(Tp+Tc)]
-    return jnp.take(ids, plan_.src, axis=0)  # [R, L]
-
-
 def score(
     model,
     plan_: PackPlan,
     prompt_ids: Int[Array, "B Tp"],
     completion_ids: Int[Array, "B Tc"],
     completion_mask: Array,
-    *,
     chunk: int,
     with_entropy: bool = False,
 ) -> Float[Array, "B Tc"] | tuple[Array, Array]:
@@ -205,7 +198,8 @@ def score(
     rows: the same values as trainer/step.py completion_logprobs on the padded batch (0 past
     each completion's end). `model` is a merged decoder (any model.attention)."""
     # Split by rows like the plan (each device its own packed rows) before the embedding lookup.
-    ids = decoder.rows_sharded(pack_ids(plan_, prompt_ids, completion_ids))  # [R, L]
+    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).reshape(-1)  # [B*(Tp+Tc)]
+    ids = decoder.rows_sharded(jnp.take(ids, plan_.src, axis=0))  # [R, L]
     mask = attention_lib.Mask.from_segments(plan_.segment_ids)
     hidden, _ = model.hidden_states(ids, plan_.positions, mask)  # [R, L, D]
     # Only the positions that predict a completion token go through the LM head.
@@ -248,14 +242,6 @@ def worst_case(rows: int, micro: int, tp: int, tc: int, pack_len: int, row_multi
     sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     packed, scored = sds(micro * r, pack_len), sds(micro * r, sc)
     return PackPlan(packed, packed, packed, scored, scored, sds(rows, tc))
-
-
-def trim(fields: dict, length: int, names=("completion_ids", "completion_mask")) -> dict:
-    """The [B, Tc] arrays among `fields` (by `names`) cut to their first `length` columns."""
-    return {k: (v[:, :length] if k in names else v) for k, v in fields.items()}
-
-
-MODES = ("none", "packed")  # optim.packing (declared in settings.py)
 
 
 def for_rollout(
