@@ -408,15 +408,7 @@ BLOCKS: dict[str, type[Block]] = {
 def default_config(**plugins: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Every core key at its default; `plugins` adds the plug-ins' keys to a block (loss=...:
     loss.name and the objectives' blocks; task=...: the tasks')."""
-    c = ml_collections.ConfigDict()
-    for path, cls in BLOCKS.items():
-        node = c
-        for part in filter(None, path.split(".")):
-            if part not in node:
-                node[part] = ml_collections.ConfigDict()
-            node = node[part]
-        for f in keys(cls):
-            node[f.name] = f.default
+    c = ml_collections.ConfigDict(with_defaults({}))
     for path, block in plugins.items():  # a block of BLOCKS, or a new one
         c[path] = c.get(path) or ml_collections.ConfigDict()
         for k, v in block.items():

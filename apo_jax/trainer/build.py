@@ -145,19 +145,20 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.DecoderConfig:
     return cfg
 
 
-def _model_kwargs(m: settings.Model, lora: bool = True) -> dict:
-    """Decoder kwargs; under LoRA the base weights are in model.lora.base_dtype (`lora=False`:
-    the base alone, as a plain model)."""
-    kw = dict(
-        param_dtype=m.base_dtype if m.lora else m.param_dtype,
-        dtype=m.dtype,
-        remat=m.remat,
-        attention=m.attention,
-        scan_layers=m.scan_layers,
-    )
+def _init(p: Plan, cfg: model_lib.DecoderConfig, lora: bool = True):
+    """The model's initialiser; under LoRA the base weights are in model.lora.base_dtype
+    (`lora=False`: the base alone, as a plain model)."""
+    m = p.model
+    kw = dict(dtype=m.dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers)
+    kw["param_dtype"] = m.base_dtype if m.lora else m.param_dtype
     if m.lora and lora:
         kw["lora"] = m.lora
-    return kw
+    return lambda: model_lib.init_model(cfg, p.seed, **kw)
+
+
+def abstract_model(p: Plan, cfg: model_lib.DecoderConfig, lora: bool = True):
+    """(graphdef, abstract params): shapes only, nothing allocated (restores, dry runs)."""
+    return nnx.split(nnx.eval_shape(_init(p, cfg, lora)), nnx.Param)
 
 
 def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
@@ -168,10 +169,9 @@ def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
     graphdef, params = base_model(p, cfg, mesh)
     if not p.model.lora:
         return graphdef, params
-    init = lambda: model_lib.init_model(cfg, p.seed, **_model_kwargs(p.model))
-    graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
-    adapters = lora_lib.split(abstract)[0]
-    shardings = sharding_lib.tree_shardings(adapters, mesh)
+    graphdef, abstract = abstract_model(p, cfg)
+    init = _init(p, cfg)
+    shardings = sharding_lib.tree_shardings(lora_lib.split(abstract)[0], mesh)
     # Only the adapters leave the program: XLA drops the base's initialisation.
     make = lambda: lora_lib.split(nnx.split(init(), nnx.Param)[1])[0]
     adapters = jax.jit(make, out_shardings=shardings)()
@@ -218,19 +218,11 @@ def base_model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
             scan_layers=m.scan_layers,
         )
         return nnx.split(loaded, nnx.Param)
-    kw = _model_kwargs(m, lora=False)
-    init = lambda: model_lib.init_model(cfg, p.seed, **kw)
-    graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
+    graphdef, abstract = abstract_model(p, cfg, lora=False)
+    init = _init(p, cfg, lora=False)
     shardings = sharding_lib.tree_shardings(abstract, mesh)
     params = jax.jit(lambda: nnx.split(init(), nnx.Param)[1], out_shardings=shardings)()
     return graphdef, params
-
-
-def abstract_model(p: Plan, cfg: model_lib.DecoderConfig):
-    """(graphdef, abstract params): shapes only, nothing allocated (restores, dry runs)."""
-    m = p.model
-    kw = _model_kwargs(m)
-    return nnx.split(nnx.eval_shape(lambda: model_lib.init_model(cfg, p.seed, **kw)), nnx.Param)
 
 
 def optimizer(p: Plan):

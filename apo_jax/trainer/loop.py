@@ -269,7 +269,7 @@ class _Scorer:
 
 def _scored(r: settings.Rollout, scorer: _Scorer, out) -> records.Rollout:
     """One sampler call's rows on the host, with the rewards its scorer collected."""
-    host = lambda x: sharding_lib.local_rows(x)
+    host = sharding_lib.local_rows
     tokens, mask, lengths = host(out.tokens), host(out.mask), host(out.lengths)
     if not scorer.seen.all():
         raise RuntimeError(f"the sampler reported {scorer.seen.sum()} of {len(scorer.seen)} rows")
@@ -324,16 +324,8 @@ def update(p: build.Plan, t: Trainer, data: records.Rollout) -> dict:
     per mini-batch. Returns the updates' mean metrics and the sampler/trainer log-prob gap."""
     o, mini = p.optim, p.optim.mini_batches
     # optim.packing: completions trimmed to the longest; packed: one plan per mini-batch
-    data, packs, layout = packing.for_rollout(
-        data,
-        o.packing,
-        o.pack_len,
-        p.rollout.max_new_tokens,
-        mini,
-        o.micro_batches,
-        t.mesh,
-        agree=lambda n: int(_all_rows(np.asarray([n])).max()),
-    )
+    agree = lambda n: int(_all_rows(np.asarray([n])).max())
+    data, packs, layout = packing.for_rollout(data, o, p.rollout.max_new_tokens, t.mesh, agree)
     batch = data.to_batch(mini, t.mesh)  # host rows -> global [M, R, ...], R over the data axes
     minis = [batch.mini(k).replace(pack=packs[k]) for k in range(mini)]
     minis = [step_lib.score(t.fns, t.state.params, t.ref_params, mb, p.loss.anchor) for mb in minis]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from apo_jax import settings
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
 from apo_jax.models import decoder
@@ -244,43 +245,35 @@ def worst_case(rows: int, micro: int, tp: int, tc: int, pack_len: int, row_multi
     return PackPlan(packed, packed, packed, scored, scored, sds(rows, tc))
 
 
-def for_rollout(
-    data,
-    mode: str,
-    pack_len: int,
-    max_new_tokens: int,
-    mini: int,
-    micro: int,
-    mesh,
-    agree=lambda n: n,
-):
+def for_rollout(data, o: settings.Optim, max_new_tokens: int, mesh, agree=lambda n: n):
     """The layout of one step's update passes (host side, this process's rows, before
     `Rollout.to_batch`): (rollout, one plan or None per mini-batch, metrics).
 
-    Both modes cut the completion axis to `trimmed_length` (columns past the batch's longest
-    completion are padding in every row; all mini-batches alike). packed: then each mini-batch
-    is packed into rows of `pack_len` tokens (0: Tp + the trimmed length, so every sequence fits)
-    per micro-batch, split over the mesh's data axes in whole rows; a mini-batch whose packed
-    rows would compute no fewer tokens than its trimmed rows keeps those (`choose`'s rule).
-    perf/pad_frac: the padding share of the tokens the forward passes compute (this
-    process's rows). `agree`: a local length -> the largest over processes (every process's
-    rows must have one width); packed plans are this process's own (one process only)."""
+    Both optim.packing modes cut the completion axis to `trimmed_length` (columns past the
+    batch's longest completion are padding in every row). packed: then each mini-batch is packed
+    per micro-batch into rows of optim.pack_len tokens (0: Tp + the trimmed length), split over
+    the mesh's data axes in whole rows; a mini-batch whose packed rows would compute no fewer
+    tokens than its trimmed rows keeps those (`choose`'s rule). perf/pad_frac: the padding share
+    of the tokens the forward passes compute (this process's rows). `agree`: a local length ->
+    the largest over processes (every process's rows must have one width); packed plans are this
+    process's own (one process only)."""
     pm, cm = np.asarray(data.prompt_mask), np.asarray(data.completion_mask)
     b, tp = pm.shape
     real = float(pm.sum() + cm.sum())
+    mini = o.mini_batches
     plans: list[PackPlan | None] = [None] * mini
     tc = agree(trimmed_length(cm, max_new_tokens))
     if tc < cm.shape[1]:
         cut = ("completion_ids", "completion_mask", "sampler_logp")
         data = dataclasses.replace(data, **{k: getattr(data, k)[:, :tc] for k in cut})
     rows, computed = b // mini, b * (tp + tc)
-    if mode == "packed":
-        ell = pack_len or tp + tc
+    if o.packing == "packed":
+        ell = o.pack_len or tp + tc
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         computed = 0
         for k in range(mini):
             at = slice(k * rows, (k + 1) * rows)  # to_batch's mini-batch k of the local rows
-            pl = for_micro_batches(pm[at], cm[at, :tc], ell, micro, dp)
+            pl = for_micro_batches(pm[at], cm[at, :tc], ell, o.micro_batches, dp)
             if pl.src.size < rows * (tp + tc):
                 plans[k] = jax.device_put(pl, sharding_lib.batch_sharding(mesh))
                 computed += pl.src.size

@@ -268,15 +268,12 @@ def _apply_update(tx, state: TrainState, grads, loss_sum, denom, states, metrics
         step=state.step + ok.astype(jnp.int32),
         skipped=state.skipped + (~ok).astype(jnp.int32),
     )
-    out = dict(metrics)
-    out.update(
-        {
-            "loss/value": loss,
-            "optim/grad_norm": grad_norm,
-            "optim/skipped": new_state.skipped.astype(jnp.float32),
-        }
-    )
-    return new_state, out
+    return new_state, {
+        **metrics,
+        "loss/value": loss,
+        "optim/grad_norm": grad_norm,
+        "optim/skipped": new_state.skipped.astype(jnp.float32),
+    }
 
 
 # --- the jitted programs -------------------------------------------------------------------------
