@@ -139,9 +139,7 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.DecoderConfig:
         if m.vocab_size:
             vocab = task_vocab if m.vocab_size == -1 else m.vocab_size
             cfg = dataclasses.replace(cfg, vocab_size=vocab)
-    validate.check_vocab(cfg.vocab_size, task_vocab)
-    validate.check_top_k(p.rollout.top_k, cfg.vocab_size)
-    validate.check_lengths(p.rollout.max_prompt_len, p.rollout.max_new_tokens, cfg)
+    validate.check_model(p, cfg, task_vocab)
     return cfg
 
 

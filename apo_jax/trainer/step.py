@@ -290,19 +290,15 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=
 
     The gradient strategy (trainer/grads.py) is `fused_grads` for one micro-batch,
     `cotangent_grads` for objectives that couple rows or use the α/τ schedule, else
-    `per_token_grads`. Forward-only
-    passes (the scorer, the cotangent path's first pass) also run one micro-batch at a time:
-    activations / micro_batches."""
+    `per_token_grads`. Forward-only passes (the scorer, the cotangent path's first pass) also
+    run one micro-batch at a time: activations / micro_batches."""
     micro, obj = spec.micro_batches, spec.objective
     update_loss = make_update_loss(spec)
+    strategy = grads_lib.per_token_grads
     if micro == 1:
         strategy = grads_lib.fused_grads
-    else:
-        strategy = (
-            grads_lib.cotangent_grads
-            if obj.couples_rows or obj.schedule
-            else grads_lib.per_token_grads
-        )
+    elif obj.couples_rows or obj.schedule:
+        strategy = grads_lib.cotangent_grads
     data_parallel, micro_sharding = 1, None
     if mesh is not None:
         micro_sharding = sharding_lib.named(mesh, None, sharding_lib.TRAIN_RULES["batch"])

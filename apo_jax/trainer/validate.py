@@ -103,15 +103,6 @@ def check_plan(p: Plan) -> None:
         )
     if r.rows_per_chunk:
         check_rows_per_chunk(r.rows_per_chunk, r.group_size, r.prompts_per_step, 1)
-    check_packing_and_anchor(p)
-    if p.logging.wandb:  # an optional extra: the error gives the install line
-        tracking.check_installed()
-
-
-def check_packing_and_anchor(p: Plan) -> None:
-    """optim.pack_len against the rollout's lengths; loss.anchor=sampler only where the sampler
-    and the trainer compute alike (trainer/step.py `score`)."""
-    r, o, m = p.rollout, p.optim, p.model
     longest = r.max_prompt_len + r.max_new_tokens
     if o.packing == "packed" and o.pack_len and o.pack_len < longest:
         _fail(
@@ -120,6 +111,8 @@ def check_packing_and_anchor(p: Plan) -> None:
             f"a packed row must hold the longest sequence, rollout.max_prompt_len + "
             f"rollout.max_new_tokens = {longest} tokens (0 = the batch's own longest)",
         )
+    # loss.anchor=sampler only where the sampler and the trainer compute alike (step.py `score`)
+    m = p.model
     alike = (str(m.dtype), m.logprob_precision, r.cache_dtype) == ("float32",) * 3
     if p.loss.anchor == "sampler" and not alike and p.loss.rollout_correction == "none":
         _fail(
@@ -130,35 +123,31 @@ def check_packing_and_anchor(p: Plan) -> None:
             f"(here {m.dtype}, {m.logprob_precision}, {r.cache_dtype}), or with a "
             "loss.rollout_correction that corrects the gap",
         )
+    if p.logging.wandb:  # an optional extra: the error gives the install line
+        tracking.check_installed()
 
 
-def check_lengths(max_prompt_len: int, max_new_tokens: int, model_cfg) -> None:
-    total = max_prompt_len + max_new_tokens
+def check_model(p: Plan, model_cfg, task_vocab: int) -> None:
+    """The rollout against the architecture (`build.model_config`, before any weight is read)."""
+    r = p.rollout
+    if model_cfg.vocab_size < task_vocab:
+        raise ValueError(
+            f"config.model.preset: the model's vocabulary ({model_cfg.vocab_size}) is smaller "
+            f"than the task's ({task_vocab})"
+        )
+    if r.top_k > model_cfg.vocab_size:  # lax.top_k cannot take more than the axis holds
+        _fail(
+            "rollout.top_k",
+            r.top_k,
+            f"exceeds the model's vocabulary ({model_cfg.vocab_size} tokens); 0 = off",
+        )
+    total = r.max_prompt_len + r.max_new_tokens
     if total > model_cfg.max_position_embeddings:
         _fail(
             "rollout.max_new_tokens",
-            max_new_tokens,
+            r.max_new_tokens,
             f"max_prompt_len + max_new_tokens = {total} exceeds the model's "
             f"max_position_embeddings = {model_cfg.max_position_embeddings}",
-        )
-
-
-def check_vocab(model_vocab: int, task_vocab: int, key: str = "model.preset") -> None:
-    if model_vocab < task_vocab:
-        raise ValueError(
-            f"config.{key}: the model's vocabulary ({model_vocab}) is smaller than "
-            f"the task's ({task_vocab})"
-        )
-
-
-def check_top_k(top_k: int, vocab_size: int) -> None:
-    """rollout.top_k keeps the k most likely tokens: more than the vocabulary has is an error
-    (lax.top_k cannot take more elements than the axis holds)."""
-    if top_k > vocab_size:
-        _fail(
-            "rollout.top_k",
-            top_k,
-            f"exceeds the model's vocabulary ({vocab_size} tokens); 0 = off",
         )
 
 
