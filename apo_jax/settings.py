@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
@@ -220,6 +221,13 @@ class Lora(Block):
     peft_dir: str = key("", None,
         'start from this PEFT adapter directory ("" = fresh adapters, B = 0)')
 
+    def check(self) -> None:
+        d = self.peft_dir
+        if d and not self.rank:
+            fail("model.lora.peft_dir", d, "needs model.lora.rank > 0 (LoRA on)")
+        if d and not os.path.isfile(os.path.join(d, "adapter_config.json")):
+            fail("model.lora.peft_dir", d, "no adapter_config.json there (a PEFT dir)")
+
 
 @dataclasses.dataclass(frozen=True)
 class Rollout(Block):
@@ -269,6 +277,11 @@ class Loss(Block):
     anchor: str = key("recompute", ("recompute", "sampler"),
         "pi_old from a scoring pass or from the sampler's log-probs (no pass; needs model.dtype, "
         "model.logprob_precision and rollout.cache_dtype float32, or a rollout_correction)")
+
+    def check(self) -> None:
+        if self.entropy_coef_min > self.entropy_coef_max:
+            fail("loss.entropy_coef_min", self.entropy_coef_min,
+                f"must be <= loss.entropy_coef_max={self.entropy_coef_max}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +389,10 @@ class Logging(Block):
         "run tags, each 1-64 characters (apo_jax.sweep adds arm and seed)",
         kind=object, check=_tags_error)
 
+    def check(self) -> None:
+        if self.wandb and not self.wandb_project:
+            fail("logging.wandb_project", self.wandb_project, "must name a W&B project")
+
 
 # fmt: on
 
@@ -391,15 +408,7 @@ BLOCKS: dict[str, type[Block]] = {
 def default_config(**plugins: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Every core key at its default; `plugins` adds the plug-ins' keys to a block (loss=...:
     loss.name and the objectives' blocks; task=...: the tasks')."""
-    c = ml_collections.ConfigDict()
-    for path, cls in BLOCKS.items():
-        node = c
-        for part in filter(None, path.split(".")):
-            if part not in node:
-                node[part] = ml_collections.ConfigDict()
-            node = node[part]
-        for f in keys(cls):
-            node[f.name] = f.default
+    c = ml_collections.ConfigDict(with_defaults({}))
     for path, block in plugins.items():  # a block of BLOCKS, or a new one
         c[path] = c.get(path) or ml_collections.ConfigDict()
         for k, v in block.items():

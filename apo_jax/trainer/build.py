@@ -22,7 +22,6 @@ from flax import nnx
 
 from apo_jax import objectives, settings, tasks
 from apo_jax.infra import sharding as sharding_lib
-from apo_jax.infra import tracking
 from apo_jax.models import decoder as model_lib
 from apo_jax.models import hf_io, peft_io
 from apo_jax.models import lora as lora_lib
@@ -42,10 +41,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     run, lo = read(settings.Run, c), read(settings.Lora, c.model.lora)
     model = read(settings.Model, c.model, base_dtype=jnp.dtype(lo.base_dtype), peft_dir=lo.peft_dir)
     model = dataclasses.replace(model, lora=lora_config(lo, model.param_dtype, run.seed))
-    rollout, loss = read(settings.Rollout, c.rollout), read(settings.Loss, c.loss)
-    sched, optim = read(schedule_lib.ScheduleConfig, c.schedule), read(settings.Optim, c.optim)
-    mesh, ck = read(settings.Mesh, c.mesh), read(settings.Checkpoint, c.checkpoint)
-    ev, lg = read(settings.Eval, c.eval), read(settings.Logging, c.logging)
+    sched, mesh = read(schedule_lib.ScheduleConfig, c.schedule), read(settings.Mesh, c.mesh)
     objective = objectives.get(c.loss.name)
     loss_params = dict(c.loss[objective.name])
     validate.check_block(f"loss.{objective.name}", loss_params, objective.defaults)
@@ -64,41 +60,19 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
         seed=run.seed,
         total_steps=run.total_steps,
         model=model,
-        task=task,
-        task_params=task_params,
-        rollout=rollout,
+        rollout=read(settings.Rollout, c.rollout),
+        loss=read(settings.Loss, c.loss),
+        schedule=dataclasses.replace(sched, **simplex),
+        optim=read(settings.Optim, c.optim),
+        mesh=(mesh.data, mesh.fsdp, mesh.tensor),
+        checkpoint=read(settings.Checkpoint, c.checkpoint),
+        eval=read(settings.Eval, c.eval),
+        logging=read(settings.Logging, c.logging),
         objective=objective,
         loss_params=loss_params,
-        schedule=dataclasses.replace(sched, **simplex),
-        optim=optim,
-        mesh=(mesh.data, mesh.fsdp, mesh.tensor),
-        checkpoint_every=ck.every_steps,
-        checkpoint_keep=ck.keep,
-        eval_every=ev.every_steps,
-        eval_prompts=ev.num_prompts,
-        tensorboard=lg.tensorboard,
-        plots=lg.plots,
-        progress=lg.progress,
+        task=task,
+        task_params=task_params,
         record=c.to_dict(),
-        rollout_correction=loss.rollout_correction,
-        rollout_correction_cap=loss.rollout_correction_cap,
-        eval_rows_per_chunk=ev.rows_per_chunk,
-        wandb=tracking.WandbSettings(
-            lg.wandb,
-            lg.wandb_project,
-            lg.wandb_entity,
-            lg.wandb_mode,
-            lg.wandb_group,
-            tuple(lg.wandb_tags),
-        ),
-        entropy=entropy_lib.EntropyConfig(
-            loss.entropy_coef,
-            loss.entropy_target,
-            loss.entropy_coef_delta,
-            loss.entropy_coef_min,
-            loss.entropy_coef_max,
-        ),
-        loss=loss,
     )
     validate.check_plan(p)
     return p
@@ -165,25 +139,24 @@ def model_config(p: Plan, task_vocab: int) -> model_lib.DecoderConfig:
         if m.vocab_size:
             vocab = task_vocab if m.vocab_size == -1 else m.vocab_size
             cfg = dataclasses.replace(cfg, vocab_size=vocab)
-    validate.check_vocab(cfg.vocab_size, task_vocab)
-    validate.check_top_k(p.rollout.top_k, cfg.vocab_size)
-    validate.check_lengths(p.rollout.max_prompt_len, p.rollout.max_new_tokens, cfg)
+    validate.check_model(p, cfg, task_vocab)
     return cfg
 
 
-def _model_kwargs(m: settings.Model, lora: bool = True) -> dict:
-    """Decoder kwargs; under LoRA the base weights are in model.lora.base_dtype (`lora=False`:
-    the base alone, as a plain model)."""
-    kw = dict(
-        param_dtype=m.base_dtype if m.lora else m.param_dtype,
-        dtype=m.dtype,
-        remat=m.remat,
-        attention=m.attention,
-        scan_layers=m.scan_layers,
-    )
+def _init(p: Plan, cfg: model_lib.DecoderConfig, lora: bool = True):
+    """The model's initialiser; under LoRA the base weights are in model.lora.base_dtype
+    (`lora=False`: the base alone, as a plain model)."""
+    m = p.model
+    kw = dict(dtype=m.dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers)
+    kw["param_dtype"] = m.base_dtype if m.lora else m.param_dtype
     if m.lora and lora:
         kw["lora"] = m.lora
-    return kw
+    return lambda: model_lib.init_model(cfg, p.seed, **kw)
+
+
+def abstract_model(p: Plan, cfg: model_lib.DecoderConfig, lora: bool = True):
+    """(graphdef, abstract params): shapes only, nothing allocated (restores, dry runs)."""
+    return nnx.split(nnx.eval_shape(_init(p, cfg, lora)), nnx.Param)
 
 
 def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
@@ -194,10 +167,9 @@ def model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
     graphdef, params = base_model(p, cfg, mesh)
     if not p.model.lora:
         return graphdef, params
-    init = lambda: model_lib.init_model(cfg, p.seed, **_model_kwargs(p.model))
-    graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
-    adapters = lora_lib.split(abstract)[0]
-    shardings = sharding_lib.tree_shardings(adapters, mesh)
+    graphdef, abstract = abstract_model(p, cfg)
+    init = _init(p, cfg)
+    shardings = sharding_lib.tree_shardings(lora_lib.split(abstract)[0], mesh)
     # Only the adapters leave the program: XLA drops the base's initialisation.
     make = lambda: lora_lib.split(nnx.split(init(), nnx.Param)[1])[0]
     adapters = jax.jit(make, out_shardings=shardings)()
@@ -244,19 +216,11 @@ def base_model(p: Plan, cfg: model_lib.DecoderConfig, mesh):
             scan_layers=m.scan_layers,
         )
         return nnx.split(loaded, nnx.Param)
-    kw = _model_kwargs(m, lora=False)
-    init = lambda: model_lib.init_model(cfg, p.seed, **kw)
-    graphdef, abstract = nnx.split(nnx.eval_shape(init), nnx.Param)
+    graphdef, abstract = abstract_model(p, cfg, lora=False)
+    init = _init(p, cfg, lora=False)
     shardings = sharding_lib.tree_shardings(abstract, mesh)
     params = jax.jit(lambda: nnx.split(init(), nnx.Param)[1], out_shardings=shardings)()
     return graphdef, params
-
-
-def abstract_model(p: Plan, cfg: model_lib.DecoderConfig):
-    """(graphdef, abstract params): shapes only, nothing allocated (restores, dry runs)."""
-    m = p.model
-    kw = _model_kwargs(m)
-    return nnx.split(nnx.eval_shape(lambda: model_lib.init_model(cfg, p.seed, **kw)), nnx.Param)
 
 
 def optimizer(p: Plan):
@@ -266,7 +230,9 @@ def optimizer(p: Plan):
     if o.decay == "constant":
         lr = optax.constant_schedule(o.lr)
     else:  # cosine (validated)
-        lr = optax.cosine_decay_schedule(o.lr, max(p.updates_total - o.warmup_steps, 1))
+        lr = optax.cosine_decay_schedule(
+            o.lr, max(p.total_steps * o.mini_batches - o.warmup_steps, 1)
+        )
     if o.warmup_steps:
         warm = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
         lr = optax.join_schedules([warm, lr], [o.warmup_steps])
@@ -285,9 +251,15 @@ def step_spec(p: Plan, vocab_size: int) -> step_lib.StepSpec:
         loss_params=tuple(sorted(p.loss_params.items())),
         schedule=dataclasses.replace(p.schedule, vocab_size=vocab_size),
         logprob_precision=p.model.logprob_precision,
-        rollout_correction=p.rollout_correction,
-        rollout_correction_cap=float(p.rollout_correction_cap),
-        entropy=p.entropy,
+        rollout_correction=p.loss.rollout_correction,
+        rollout_correction_cap=float(p.loss.rollout_correction_cap),
+        entropy=entropy_lib.EntropyConfig(
+            p.loss.entropy_coef,
+            p.loss.entropy_target,
+            p.loss.entropy_coef_delta,
+            p.loss.entropy_coef_min,
+            p.loss.entropy_coef_max,
+        ),
         anchor=p.loss.anchor,
     )
 

@@ -17,10 +17,9 @@ Under LoRA (model.lora.rank > 0) the train state holds the adapters and their mo
 reference is zero adapters, and the frozen base (model.lora.base_dtype) is resident once
 (`lora_base_gib`, counted in `state_gib`; `trained_params` counts the adapters).
 `peak_gib` is the largest. Sizes come from `compiled.memory_analysis()` of the SPMD-partitioned
-programs (one device's share) and from the shardings of the abstract state. The sampler phases
-compile the run's own programs: `build.sampler`'s prefill / decode (`Sampler.prefill_program`,
-`decode_program`) on `sampler.rollout_weights` of the abstract state, at the longest prompt
-bucket. `fits` compares the peak with the budget (`budget`: on GPU, JAX's memory fraction of a
+programs (one device's share; the sampler's are the run's own, `build.sampler`'s, on
+`sampler.rollout_weights` of the abstract state) and from the shardings of the abstract state.
+`fits` compares the peak with the budget (`budget`: on GPU, JAX's memory fraction of a
 memory size given by hand).
 With `XLA_FLAGS=--xla_force_host_platform_device_count=N` a laptop plans an N-device slice
 (XLA:CPU's numbers); `target="tpu-v5e-8"` (infra/targets.py) compiles every program with the TPU
@@ -72,93 +71,53 @@ def _abstract(tree, shardings):
 
 
 def _sampler_call(smp, weights, b: int, n: int, sp, phase: str, over_hbm: dict) -> dict | None:
-    """Compiles the sampler's own prefill and decode programs (`Sampler.prefill_program`,
-    `decode_program`: what `Sampler.sample` runs) for one call of `b` prompts × n samples at
-    the longest prompt bucket; returns the call's per-device bytes besides the weights (None:
-    the compiler refused a program for memory, see `_compiled`)."""
-    mesh = smp.mesh
-    row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.named(mesh))
+    """Compiles the sampler's own prefill and decode programs (what `Sampler.sample` runs) for
+    one call of `b` prompts × n samples at the longest prompt bucket; returns the call's
+    per-device bytes besides the weights (None: the compiler refused a program for memory).
+    rollout.engine=continuous: its prefill (prompt caches, output rows, empty slots) and its
+    round program (admission + decode) at the full slot count."""
+    replicated = sharding_lib.named(smp.mesh)
+    named = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    p = smp.max_prompt_len  # the last bucket
     args = (
         weights,
-        row((b, p), jnp.int32),  # prompt ids: host arrays enter whole (single process)
-        row((b,), jnp.int32),  # lengths
-        row(key.shape, key.dtype),
-        row((b,), jnp.int32),  # row ids
+        # prompt ids at the last bucket: host arrays enter whole (single process)
+        named((b, smp.max_prompt_len), jnp.int32),
+        named((b,), jnp.int32),  # lengths
+        named(key.shape, key.dtype),
+        named((b,), jnp.int32),  # row ids
     )
     if smp.engine == "continuous":
-        return _continuous_call(smp, weights, args, b * n, n, sp, phase, over_hbm)
-    prefill, s_pre = _compile_jitted(
-        smp.prefill_program(n, sp), *args, f"{phase} prefill", over_hbm
-    )
+        z = min(smp.slots * jax.process_count(), b * n)
+        prefill_fn = smp.continuous.prefill_program(n, z, sp)
+        round_fn = smp.continuous.round_program(sp)
+    else:
+        prefill_fn, round_fn = smp.prefill_program(n, sp), smp.decode_program(sp)
+    t = time.perf_counter()
+    prefill = _compiled(prefill_fn.lower(*args), f"{phase} prefill", over_hbm)
     if prefill is None:
         return None
-    state = _abstract(jax.eval_shape(smp.prefill_program(n, sp), *args), prefill.output_shardings)
-    decode, s_dec = _compile_jitted(
-        smp.decode_program(sp), weights, state, f"{phase} decode", over_hbm
-    )
+    # Live from the prefill to the end: the KV cache and decode state (continuous: the prompts'
+    # caches, the output rows and the slots' cache).
+    state = _abstract(jax.eval_shape(prefill_fn, *args), prefill.output_shardings)
+    if smp.engine == "continuous":
+        pool, rows_state, slots = state
+        inputs = (slots, rows_state, pool, named((z,), jnp.int32), named((), jnp.int32))
+    else:
+        inputs = (state,)
+    decode = _compiled(round_fn.lower(weights, *inputs), f"{phase} decode", over_hbm)
     if decode is None:
         return None
     pre, dec = prefill.memory_analysis(), decode.memory_analysis()
-    cache = _device_bytes(state)  # KV cache + decode state, live from prefill to the end
+    cache = _device_bytes(state)
     return dict(
         bytes=max(
             pre.output_size_in_bytes + pre.temp_size_in_bytes, cache + dec.temp_size_in_bytes
         ),
         cache=cache,
         rows=b * n,
-        compile_s=s_pre + s_dec,
+        compile_s=time.perf_counter() - t,
     )
-
-
-def _continuous_call(smp, weights, args, rows: int, n: int, sp, phase, over_hbm) -> dict | None:
-    """`_sampler_call` under rollout.engine=continuous: the engine's prefill (prompt caches,
-    output rows, empty slots) and its round program (admission + decode), at the full slot
-    count. Resident from the prefill to the end: the prompts' caches, the slots' cache of
-    `rollout.slots` rows per process and the output rows."""
-    engine = smp.continuous
-    z = min(smp.slots * jax.process_count(), rows)
-    prefill, s_pre = _compile_jitted(
-        engine.prefill_program(n, z, sp), *args, f"{phase} prefill", over_hbm
-    )
-    if prefill is None:
-        return None
-    out = jax.eval_shape(engine.prefill_program(n, z, sp), *args)
-    pool, rows_state, slots = _abstract(out, prefill.output_shardings)
-    small = jax.ShapeDtypeStruct((z,), jnp.int32, sharding=sharding_lib.named(smp.mesh))
-    want = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding_lib.named(smp.mesh))
-    decode, s_dec = _compile_jitted(
-        engine.round_program(sp),
-        weights,
-        slots,
-        rows_state,
-        pool,
-        small,
-        want,
-        f"{phase} decode",
-        over_hbm,
-    )
-    if decode is None:
-        return None
-    pre, dec = prefill.memory_analysis(), decode.memory_analysis()
-    cache = _device_bytes((pool, rows_state, slots))
-    return dict(
-        bytes=max(
-            pre.output_size_in_bytes + pre.temp_size_in_bytes, cache + dec.temp_size_in_bytes
-        ),
-        cache=cache,
-        rows=rows,
-        compile_s=s_pre + s_dec,
-    )
-
-
-def _compile_jitted(fn, *args):
-    """(compiled or None, seconds); the last two arguments are `_compiled`'s phase, over_hbm."""
-    *args, phase, over_hbm = args
-    t = time.perf_counter()
-    compiled = _compiled(fn.lower(*args), phase, over_hbm)
-    return compiled, time.perf_counter() - t
 
 
 def _compiled(lowered, phase: str, over_hbm: dict):
@@ -214,7 +173,7 @@ def estimate(
     weights = calls.weights_extra
     rollout_bytes = roll and weights + roll["bytes"]
     eval_bytes = evals["bytes"]
-    if p.eval_prompts and eval_bytes is not None:  # the rollout weights are resident too
+    if p.eval.num_prompts and eval_bytes is not None:  # the rollout weights are resident too
         eval_bytes += weights
     phases = (rollout_bytes, steps["scoring"], steps["train_step"], eval_bytes)
     # A program the compiler refused has no size: then no peak, and `fits` is false.
@@ -338,11 +297,15 @@ class _SamplerCalls:
 def _eval_calls(p: build.Plan, task, calls: _SamplerCalls, procs: int) -> dict:
     """The greedy and the sampled evaluation pass at their chunk shapes (trainer/evaluate.py):
     bytes of the larger call (besides the weights), its cache, each pass's bytes and rows."""
-    if not p.eval_prompts:
+    if not p.eval.num_prompts:
         return dict(bytes=0, cache=0, passes={}, rows={})
     k, smp = p.rollout.group_size, calls.sampler
     # As many prompts as the held-out set has, when the task is at hand.
-    num = p.eval_prompts if task is None else len(evaluate_lib.eval_subset(task, p.eval_prompts))
+    num = (
+        p.eval.num_prompts
+        if task is None
+        else len(evaluate_lib.eval_subset(task, p.eval.num_prompts))
+    )
     per_call = evaluate_lib.call_prompts(evaluate_lib.rows_per_call(p, procs), k, num, procs)
     greedy = calls(per_call[0], 1, smp.sampling_for(**evaluate_lib.GREEDY), "eval greedy")
     sampled = calls(per_call[1], k, smp.sampling_for(**evaluate_lib.SAMPLED), "eval sampled")

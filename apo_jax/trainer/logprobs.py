@@ -44,13 +44,9 @@ def token_logprobs(
     return logp
 
 
-def _compute_dtype(h, w):
-    return jnp.promote_types(h.dtype, w.dtype)
-
-
 def _chunk_logits(h, w, start, size, inv_temp):
     """Logits for vocabulary rows [start, start+size): [B·T, size] float32."""
-    dt = _compute_dtype(h, w)
+    dt = jnp.promote_types(h.dtype, w.dtype)
     w_c = jax.lax.dynamic_slice_in_dim(w, start, size, axis=0)  # [C, D]
     z = jax.lax.dot_general(
         h.astype(dt), w_c.astype(dt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
@@ -58,15 +54,17 @@ def _chunk_logits(h, w, start, size, inv_temp):
     return z * inv_temp
 
 
-def _chunk_starts(vocab, chunk):
-    """Number of full chunks and the (static) size of the trailing partial chunk."""
-    return vocab // chunk, vocab % chunk
+def _over_chunks(update, carry, vocab: int, chunk: int):
+    """`update(carry, start, size)` over the vocabulary: the full chunks in a loop, then the
+    trailing partial one (its size is static)."""
+    n_full, rem = divmod(vocab, chunk)
+    carry = jax.lax.fori_loop(0, n_full, lambda i, c: update(c, i * chunk, chunk), carry)
+    return update(carry, n_full * chunk, rem) if rem else carry
 
 
 def _forward_stats(h, w, ids, inv_temp, chunk, with_entropy):
     """One pass over the vocabulary: running max m, Σe^(z−m), Σe^(z−m)·z and the target logit."""
     n = h.shape[0]
-    n_full, rem = _chunk_starts(w.shape[0], chunk)
 
     def update(carry, start, size):
         m, s, sz, tgt = carry
@@ -85,10 +83,7 @@ def _forward_stats(h, w, ids, inv_temp, chunk, with_entropy):
 
     zeros = jnp.zeros((n,), jnp.float32)
     carry = (jnp.full((n,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
-    carry = jax.lax.fori_loop(0, n_full, lambda i, c: update(c, i * chunk, chunk), carry)
-    if rem:
-        carry = update(carry, n_full * chunk, rem)
-    m, s, sz, tgt = carry
+    m, s, sz, tgt = _over_chunks(update, carry, w.shape[0], chunk)
     lse = m + jnp.log(s)  # [B·T]
     # H = lse − E_π[z]; zeros when entropy is not requested.
     entropy = lse - sz / s if with_entropy else zeros
@@ -111,8 +106,7 @@ def _fused_bwd(chunk, with_entropy, res, cts):
     """Recompute each chunk's logits; dz = g·(onehot − π) − g_H·π·(log π + H)."""
     h, w, ids, inv_temp, lse, entropy = res
     g_logp, g_ent = cts  # [B·T], [B·T]
-    dt = _compute_dtype(h, w)
-    n_full, rem = _chunk_starts(w.shape[0], chunk)
+    dt = jnp.promote_types(h.dtype, w.dtype)
 
     def update(carry, start, size):
         dh, dw = carry
@@ -135,10 +129,7 @@ def _fused_bwd(chunk, with_entropy, res, cts):
         return dh, dw
 
     carry = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
-    carry = jax.lax.fori_loop(0, n_full, lambda i, c: update(c, i * chunk, chunk), carry)
-    if rem:
-        carry = update(carry, n_full * chunk, rem)
-    dh, dw = carry
+    dh, dw = _over_chunks(update, carry, w.shape[0], chunk)
     # Integer ids get no cotangent; the temperature is a stop-gradient constant.
     return dh.astype(h.dtype), dw.astype(w.dtype), None, jnp.zeros_like(inv_temp)
 

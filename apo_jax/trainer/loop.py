@@ -67,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 line.update({"perf/step_s": seconds, "perf/rollout_s": t_rollout})
                 # Every eval.every_steps steps and at the last step (also when every_steps does
                 # not divide total_steps, or exceeds it): a run always ends with an evaluation.
-                every = p.eval_prompts and p.eval_every
+                every = p.eval.num_prompts and p.eval.every_steps
                 if every and (step % every == 0 or step == p.total_steps):
                     line.update(evaluate(p, t))
                 line = t.writer.write(step, line)
@@ -85,10 +85,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     logging.warning("signal %s: saved step %d, stopping", stop.received, step)
                     break
         progress.close()
-        if p.eval_prompts and not stopping and not p.eval_every:
+        if p.eval.num_prompts and not stopping and not p.eval.every_steps:
             line = t.writer.write(p.total_steps, {**line, **evaluate(p, t)})
         t.ckpt.close()
-        plots = metrics_lib.write_plots(workdir) if p.plots else []
+        plots = metrics_lib.write_plots(workdir) if p.logging.plots else []
         t.writer.close(plots=plots, summary=line)  # after the plots: W&B logs them
         return line
 
@@ -116,9 +116,8 @@ class Trainer:
 def open_checkpoints(p: build.Plan, workdir: str):
     """(the workdir's Checkpointer, (step, record) of its newest readable step or None), the
     record checked against this config before anything is built."""
-    ckpt = checkpoint_lib.Checkpointer(
-        workdir, every_steps=p.checkpoint_every, keep=p.checkpoint_keep
-    )
+    ck = p.checkpoint
+    ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=ck.every_steps, keep=ck.keep)
     saved = ckpt.latest_record()
     if saved is not None:
         # The blocks of unselected losses and tasks are not read: they may change.
@@ -169,7 +168,11 @@ def setup(p: build.Plan, workdir: str, ckpt: checkpoint_lib.Checkpointer, saved)
     console.banner(p, model_cfg, state.params, mesh, workdir, start)
     metrics_lib.write_config(workdir, p.to_json())
     writer = metrics_lib.MetricsWriter(
-        workdir, tensorboard=p.tensorboard, resume_step=start, wandb=p.wandb, config=p.record
+        workdir,
+        tensorboard=p.logging.tensorboard,
+        resume_step=start,
+        wandb=p.wandb,
+        config=p.record,
     )
     root_key = jax.random.wrap_key_data(jnp.asarray(jax.device_get(state.rng)))  # not donated
     train_set = task.train_examples()
@@ -184,9 +187,9 @@ def _check_shapes(p: build.Plan, task, mesh, model_cfg) -> None:
     r, o = p.rollout, p.optim
     if not len(task.train_examples()):
         raise ValueError(f"config.task.name={p.task.name!r}: the task has no training prompts")
-    if p.eval_prompts and not len(task.eval_examples()):
+    if p.eval.num_prompts and not len(task.eval_examples()):
         raise ValueError(
-            f"config.eval.num_prompts={p.eval_prompts}: task {p.task.name!r} has no held-out "
+            f"config.eval.num_prompts={p.eval.num_prompts}: task {p.task.name!r} has no held-out "
             "prompts (set eval.num_prompts=0 or give the task an evaluation set)"
         )
     rows = r.prompts_per_step * r.group_size // o.mini_batches  # sequences per optimizer update
@@ -266,7 +269,7 @@ class _Scorer:
 
 def _scored(r: settings.Rollout, scorer: _Scorer, out) -> records.Rollout:
     """One sampler call's rows on the host, with the rewards its scorer collected."""
-    host = lambda x: sharding_lib.local_rows(x)
+    host = sharding_lib.local_rows
     tokens, mask, lengths = host(out.tokens), host(out.mask), host(out.lengths)
     if not scorer.seen.all():
         raise RuntimeError(f"the sampler reported {scorer.seen.sum()} of {len(scorer.seen)} rows")
@@ -321,16 +324,8 @@ def update(p: build.Plan, t: Trainer, data: records.Rollout) -> dict:
     per mini-batch. Returns the updates' mean metrics and the sampler/trainer log-prob gap."""
     o, mini = p.optim, p.optim.mini_batches
     # optim.packing: completions trimmed to the longest; packed: one plan per mini-batch
-    data, packs, layout = packing.for_rollout(
-        data,
-        o.packing,
-        o.pack_len,
-        p.rollout.max_new_tokens,
-        mini,
-        o.micro_batches,
-        t.mesh,
-        agree=lambda n: int(_all_rows(np.asarray([n])).max()),
-    )
+    agree = lambda n: int(_all_rows(np.asarray([n])).max())
+    data, packs, layout = packing.for_rollout(data, o, p.rollout.max_new_tokens, t.mesh, agree)
     batch = data.to_batch(mini, t.mesh)  # host rows -> global [M, R, ...], R over the data axes
     minis = [batch.mini(k).replace(pack=packs[k]) for k in range(mini)]
     minis = [step_lib.score(t.fns, t.state.params, t.ref_params, mb, p.loss.anchor) for mb in minis]
@@ -414,7 +409,7 @@ def _progress(p: build.Plan, start):
     return tqdm(
         total=p.total_steps,
         initial=start,
-        disable=not p.progress or jax.process_index() != 0,
+        disable=not p.logging.progress or jax.process_index() != 0,
         desc="train",
         unit="step",
         dynamic_ncols=True,

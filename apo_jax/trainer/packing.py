@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from apo_jax import settings
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.models import attention as attention_lib
 from apo_jax.models import decoder
@@ -185,19 +186,12 @@ def for_micro_batches(
     return jax.tree.map(weave, *plans)
 
 
-def pack_ids(plan_: PackPlan, prompt_ids: Array, completion_ids: Array) -> Int[Array, "R L"]:
-    """The packed token ids, gathered from the padded batch (on device)."""
-    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).reshape(-1)  # [B*(Tp+Tc)]
-    return jnp.take(ids, plan_.src, axis=0)  # [R, L]
-
-
 def score(
     model,
     plan_: PackPlan,
     prompt_ids: Int[Array, "B Tp"],
     completion_ids: Int[Array, "B Tc"],
     completion_mask: Array,
-    *,
     chunk: int,
     with_entropy: bool = False,
 ) -> Float[Array, "B Tc"] | tuple[Array, Array]:
@@ -205,7 +199,8 @@ def score(
     rows: the same values as trainer/step.py completion_logprobs on the padded batch (0 past
     each completion's end). `model` is a merged decoder (any model.attention)."""
     # Split by rows like the plan (each device its own packed rows) before the embedding lookup.
-    ids = decoder.rows_sharded(pack_ids(plan_, prompt_ids, completion_ids))  # [R, L]
+    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).reshape(-1)  # [B*(Tp+Tc)]
+    ids = decoder.rows_sharded(jnp.take(ids, plan_.src, axis=0))  # [R, L]
     mask = attention_lib.Mask.from_segments(plan_.segment_ids)
     hidden, _ = model.hidden_states(ids, plan_.positions, mask)  # [R, L, D]
     # Only the positions that predict a completion token go through the LM head.
@@ -250,51 +245,35 @@ def worst_case(rows: int, micro: int, tp: int, tc: int, pack_len: int, row_multi
     return PackPlan(packed, packed, packed, scored, scored, sds(rows, tc))
 
 
-def trim(fields: dict, length: int, names=("completion_ids", "completion_mask")) -> dict:
-    """The [B, Tc] arrays among `fields` (by `names`) cut to their first `length` columns."""
-    return {k: (v[:, :length] if k in names else v) for k, v in fields.items()}
-
-
-MODES = ("none", "packed")  # optim.packing (declared in settings.py)
-
-
-def for_rollout(
-    data,
-    mode: str,
-    pack_len: int,
-    max_new_tokens: int,
-    mini: int,
-    micro: int,
-    mesh,
-    agree=lambda n: n,
-):
+def for_rollout(data, o: settings.Optim, max_new_tokens: int, mesh, agree=lambda n: n):
     """The layout of one step's update passes (host side, this process's rows, before
     `Rollout.to_batch`): (rollout, one plan or None per mini-batch, metrics).
 
-    Both modes cut the completion axis to `trimmed_length` (columns past the batch's longest
-    completion are padding in every row; all mini-batches alike). packed: then each mini-batch
-    is packed into rows of `pack_len` tokens (0: Tp + the trimmed length, so every sequence fits)
-    per micro-batch, split over the mesh's data axes in whole rows; a mini-batch whose packed
-    rows would compute no fewer tokens than its trimmed rows keeps those (`choose`'s rule).
-    perf/pad_frac: the padding share of the tokens the forward passes compute (this
-    process's rows). `agree`: a local length -> the largest over processes (every process's
-    rows must have one width); packed plans are this process's own (one process only)."""
+    Both optim.packing modes cut the completion axis to `trimmed_length` (columns past the
+    batch's longest completion are padding in every row). packed: then each mini-batch is packed
+    per micro-batch into rows of optim.pack_len tokens (0: Tp + the trimmed length), split over
+    the mesh's data axes in whole rows; a mini-batch whose packed rows would compute no fewer
+    tokens than its trimmed rows keeps those (`choose`'s rule). perf/pad_frac: the padding share
+    of the tokens the forward passes compute (this process's rows). `agree`: a local length ->
+    the largest over processes (every process's rows must have one width); packed plans are this
+    process's own (one process only)."""
     pm, cm = np.asarray(data.prompt_mask), np.asarray(data.completion_mask)
     b, tp = pm.shape
     real = float(pm.sum() + cm.sum())
+    mini = o.mini_batches
     plans: list[PackPlan | None] = [None] * mini
     tc = agree(trimmed_length(cm, max_new_tokens))
     if tc < cm.shape[1]:
         cut = ("completion_ids", "completion_mask", "sampler_logp")
         data = dataclasses.replace(data, **{k: getattr(data, k)[:, :tc] for k in cut})
     rows, computed = b // mini, b * (tp + tc)
-    if mode == "packed":
-        ell = pack_len or tp + tc
+    if o.packing == "packed":
+        ell = o.pack_len or tp + tc
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         computed = 0
         for k in range(mini):
             at = slice(k * rows, (k + 1) * rows)  # to_batch's mini-batch k of the local rows
-            pl = for_micro_batches(pm[at], cm[at, :tc], ell, micro, dp)
+            pl = for_micro_batches(pm[at], cm[at, :tc], ell, o.micro_batches, dp)
             if pl.src.size < rows * (tp + tc):
                 plans[k] = jax.device_put(pl, sharding_lib.batch_sharding(mesh))
                 computed += pl.src.size

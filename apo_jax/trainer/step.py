@@ -59,14 +59,6 @@ def init_train_state(
     )
 
 
-def _float32_model(model) -> None:
-    """Sets the compute dtype of every (sub)module that has one to float32, in place (a freshly
-    merged scoring copy only)."""
-    for _, module in nnx.iter_modules(model):
-        if hasattr(module, "dtype"):
-            module.dtype = jnp.float32
-
-
 def completion_logprobs(
     graphdef,
     params,
@@ -83,44 +75,27 @@ def completion_logprobs(
     full-precision matmuls removes that at ~2x the forward cost). Gradients flow back through the
     cast to the stored parameter dtype."""
     if precision == "float32":
-        params = jax.tree.map(
-            lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-            params,
-        )
-        with jax.default_matmul_precision("highest"):
-            return _completion_logprobs(graphdef, params, batch, chunk, with_entropy, True)
-    return _completion_logprobs(graphdef, params, batch, chunk, with_entropy, False)
-
-
-def _completion_logprobs(graphdef, params, batch, chunk, with_entropy, float32):
+        to_f32 = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        params = jax.tree.map(to_f32, params)
     model = nnx.merge(graphdef, params)
-    if float32:
-        _float32_model(model)
-    pack = batch.get("pack")
-    if pack is not None:  # optim.packing=packed: padding-free rows (trainer/packing.py)
-        return packing.score(
-            model,
-            pack,
-            batch["prompt_ids"],
-            batch["completion_ids"],
-            batch["completion_mask"],
-            chunk=chunk,
-            with_entropy=with_entropy,
+    if precision == "float32":  # the merged copy only: every module with a compute dtype
+        for _, module in nnx.iter_modules(model):
+            if hasattr(module, "dtype"):
+                module.dtype = jnp.float32
+    with jax.default_matmul_precision("highest" if precision == "float32" else None):
+        ids, cids, cmask = batch["prompt_ids"], batch["completion_ids"], batch["completion_mask"]
+        if batch.get("pack") is not None:  # optim.packing=packed: padding-free rows
+            return packing.score(model, batch["pack"], ids, cids, cmask, chunk, with_entropy)
+        tp, tc = ids.shape[1], cids.shape[1]
+        ids = jnp.concatenate([ids, cids], axis=1)  # [B, T]
+        valid = jnp.concatenate([batch["prompt_mask"], cmask], axis=1)
+        positions, mask = model_lib.causal_inputs(ids, valid)  # [B, T], an attention.Mask
+        hidden, _ = model.hidden_states(ids, positions, mask)  # [B, T, D]
+        # The hidden state at position j predicts token j + 1.
+        h = jax.lax.dynamic_slice_in_dim(hidden, tp - 1, tc, axis=1)  # [B, Tc, D]
+        return logprobs_lib.token_logprobs(
+            h, model.unembed(), cids, chunk_size=chunk, return_entropy=with_entropy
         )
-    ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)  # [B, T]
-    valid = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
-    positions, mask = model_lib.causal_inputs(ids, valid)  # [B, T], an attention.Mask
-    hidden, _ = model.hidden_states(ids, positions, mask)  # [B, T, D]
-    tp, tc = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
-    # The hidden state at position j predicts token j + 1.
-    h = jax.lax.dynamic_slice_in_dim(hidden, tp - 1, tc, axis=1)  # [B, Tc, D]
-    return logprobs_lib.token_logprobs(
-        h, model.unembed(), batch["completion_ids"], chunk_size=chunk, return_entropy=with_entropy
-    )
-
-
-def _group(x: Array, g: int) -> Array:
-    return x.reshape(x.shape[0] // g, g, *x.shape[1:])  # [B, ...] -> [P, G, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,26 +116,6 @@ class StepSpec:
     anchor: str = "recompute"  # loss.anchor: recompute | sampler (see `score`)
 
 
-def make_loss_fn(spec: StepSpec) -> Callable:
-    """(logp [P,G,T], LossBatch [P,G,...], schedule state, PRNG key) -> (LossOutput, new
-    state, schedule metrics). Reads the objective's declarations, never its name."""
-    obj, params = spec.objective, dict(spec.loss_params)
-
-    def fn(logp, b, sched_state, key=None):
-        extra, ctx = {}, objectives.Context(max_new_tokens=spec.max_new_tokens, key=key)
-        if obj.schedule:
-            mask = b.completion_mask
-            ell = common.sequence_logp(jax.lax.stop_gradient(logp), mask)  # [P, G]
-            ell_ref = common.sequence_logp(b.old_logp, mask)
-            alpha, tau, sched_state, extra = schedule_lib.schedule(
-                spec.schedule, sched_state, ell, ell_ref, b.rewards
-            )
-            ctx = ctx._replace(alpha=alpha, tau=tau)
-        return obj.loss(logp, b, ctx, **params), sched_state, extra
-
-    return fn
-
-
 def make_update_loss(spec: StepSpec) -> Callable:
     """Everything of one update after the model, as a pure function of token log-probs and
     entropies [B, T] and the [B, ...] batch (with old_logp, ref_logp):
@@ -174,7 +129,7 @@ def make_update_loss(spec: StepSpec) -> Callable:
     loss.anchor=sampler: π_old is the batch's sampler_logp (the one place the anchor is chosen;
     `score` then skips its scoring pass)."""
     obj, g, ent_cfg = spec.objective, spec.group_size, spec.entropy
-    loss_fn = make_loss_fn(spec)
+    loss_params = dict(spec.loss_params)
     weights_itself = "is_weight" in obj.reads  # applies the correction to its policy term
 
     def fn(logp, entropy, batch, states, key=None):
@@ -191,11 +146,20 @@ def make_update_loss(spec: StepSpec) -> Callable:
         if weights_itself:
             extra["is_weight"] = jnp.ones_like(logp) if w is None else w
         elif w is not None:  # the gradient of every log-prob is the policy-gradient term
-            logp = rc_lib.scale_grad(logp, w)
+            logp = common.scale_grad(logp, w)
         lb = batch_lib.from_batch(batch, g, completion_mask=loss_mask, old_logp=old, **extra)
-        out, sched_state, extra_metrics = loss_fn(_group(logp, g), lb, sched_state, key)
+        ctx, sched_metrics = objectives.Context(max_new_tokens=spec.max_new_tokens, key=key), {}
+        logp = logp.reshape(-1, g, logp.shape[-1])  # [P, G, Tc]
+        if obj.schedule:  # the α/τ schedule, from the update's sequence log-probs
+            ell = common.sequence_logp(jax.lax.stop_gradient(logp), lb.completion_mask)  # [P, G]
+            ell_ref = common.sequence_logp(lb.old_logp, lb.completion_mask)
+            alpha, tau, sched_state, sched_metrics = schedule_lib.schedule(
+                spec.schedule, sched_state, ell, ell_ref, lb.rewards
+            )
+            ctx = ctx._replace(alpha=alpha, tau=tau)
+        out = obj.loss(logp, lb, ctx, **loss_params)
         metrics = {f"loss/{k}": v for k, v in out.metrics.items() if k not in ("alpha", "tau")}
-        metrics.update({f"schedule/{k}": v for k, v in extra_metrics.items()})
+        metrics.update({f"schedule/{k}": v for k, v in sched_metrics.items()})
         metrics.update(rc_metrics)
         loss_sum = out.loss_sum
         m = loss_mask.astype(jnp.float32)
@@ -304,15 +268,12 @@ def _apply_update(tx, state: TrainState, grads, loss_sum, denom, states, metrics
         step=state.step + ok.astype(jnp.int32),
         skipped=state.skipped + (~ok).astype(jnp.int32),
     )
-    out = dict(metrics)
-    out.update(
-        {
-            "loss/value": loss,
-            "optim/grad_norm": grad_norm,
-            "optim/skipped": new_state.skipped.astype(jnp.float32),
-        }
-    )
-    return new_state, out
+    return new_state, {
+        **metrics,
+        "loss/value": loss,
+        "optim/grad_norm": grad_norm,
+        "optim/skipped": new_state.skipped.astype(jnp.float32),
+    }
 
 
 # --- the jitted programs -------------------------------------------------------------------------
@@ -329,19 +290,15 @@ def build(graphdef, spec: StepSpec, tx, mesh=None, state_shardings=None, frozen=
 
     The gradient strategy (trainer/grads.py) is `fused_grads` for one micro-batch,
     `cotangent_grads` for objectives that couple rows or use the α/τ schedule, else
-    `per_token_grads`. Forward-only
-    passes (the scorer, the cotangent path's first pass) also run one micro-batch at a time:
-    activations / micro_batches."""
+    `per_token_grads`. Forward-only passes (the scorer, the cotangent path's first pass) also
+    run one micro-batch at a time: activations / micro_batches."""
     micro, obj = spec.micro_batches, spec.objective
     update_loss = make_update_loss(spec)
+    strategy = grads_lib.per_token_grads
     if micro == 1:
         strategy = grads_lib.fused_grads
-    else:
-        strategy = (
-            grads_lib.cotangent_grads
-            if obj.couples_rows or obj.schedule
-            else grads_lib.per_token_grads
-        )
+    elif obj.couples_rows or obj.schedule:
+        strategy = grads_lib.cotangent_grads
     data_parallel, micro_sharding = 1, None
     if mesh is not None:
         micro_sharding = sharding_lib.named(mesh, None, sharding_lib.TRAIN_RULES["batch"])

@@ -1,29 +1,20 @@
-"""Config checks between keys, before any model is built or compiled (`check_plan`, called by
-`build.plan`, which training, the evaluation CLI and the dry run all go through): every error
-names its key.
+"""Config checks between keys, before any model is built (`check_plan`, called by `build.plan`,
+which training, the evaluation CLI and the dry run all go through); every error names its key.
+One key's type, range and choices, and the rules within one block, are apo_jax/settings.py's.
 
-One key's type, range and choices are checked where the key is declared (apo_jax/settings.py),
-when `build.plan` reads its block; the objective and task blocks by `check_block` (types, finite
-numbers) and their owner's `check` (ranges). Upper bounds here are those a dtype or memory
-imposes: step counters are int32 on device, a step's token batch is indexed in int32.
-
-The blocks of the objectives and tasks that are not selected (loss.<other>.*, task.<other>.*)
-are checked like the selected one, and a value that differs from its default there is an error
-(`check_unused_blocks`): it would be silently ignored. `allow_unused_keys=True` keeps such
-values (e.g. a base config shared by several loss arms). Other keys that some settings ignore
-are documented here, not refused: model.preset / model.vocab_size (ignored when model.hf_dir is
-set), schedule.* (used only by objectives with a schedule: apo, fdiv),
-rollout.max_refill_rounds (only with rollout.dynamic_sampling), eval.every_steps and
-eval.rows_per_chunk (only with eval.num_prompts > 0, and not with rollout.engine=continuous,
-whose calls take every prompt), rollout.slots (only with rollout.engine=continuous),
-loss.rollout_correction_cap (only with a rollout correction), loss.entropy_coef_delta/_min/_max
-(only with loss.entropy_target > 0). Keys of the chosen objective's block that some of its
-settings ignore are declared by the objective (`Objective.inert`).
+The blocks of unselected objectives and tasks (loss.<other>.*, task.<other>.*) are checked like
+the selected one, and a value that differs from its default there is an error
+(`check_unused_blocks`: it would be silently ignored) unless `allow_unused_keys=True`. Keys
+that some settings ignore are not refused: model.preset / vocab_size under model.hf_dir,
+schedule.* without a schedule (apo, fdiv use one), rollout.max_refill_rounds without dynamic
+sampling, eval.every_steps / rows_per_chunk without eval.num_prompts (or under the continuous
+engine), rollout.slots under the static engine, loss.rollout_correction_cap without a
+correction, loss.entropy_coef_delta/_min/_max without loss.entropy_target; an objective declares
+its own (`Objective.inert`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -112,28 +103,6 @@ def check_plan(p: Plan) -> None:
         )
     if r.rows_per_chunk:
         check_rows_per_chunk(r.rows_per_chunk, r.group_size, r.prompts_per_step, 1)
-    check_packing_and_anchor(p)
-    if p.entropy.coef_min > p.entropy.coef_max:
-        _fail(
-            "loss.entropy_coef_min",
-            p.entropy.coef_min,
-            f"must be <= loss.entropy_coef_max={p.entropy.coef_max}",
-        )
-    if p.wandb.enabled and not p.wandb.project:
-        _fail("logging.wandb_project", p.wandb.project, "must name a W&B project")
-    if p.wandb.enabled:  # an optional extra: the error gives the install line
-        tracking.check_installed()
-    peft_dir = p.model.peft_dir
-    if peft_dir and not p.model.lora:
-        _fail("model.lora.peft_dir", peft_dir, "needs model.lora.rank > 0 (LoRA on)")
-    if peft_dir and not os.path.isfile(os.path.join(peft_dir, "adapter_config.json")):
-        _fail("model.lora.peft_dir", peft_dir, "no adapter_config.json there (a PEFT dir)")
-
-
-def check_packing_and_anchor(p: Plan) -> None:
-    """optim.pack_len against the rollout's lengths; loss.anchor=sampler only where the sampler
-    and the trainer compute alike (trainer/step.py `score`)."""
-    r, o, m = p.rollout, p.optim, p.model
     longest = r.max_prompt_len + r.max_new_tokens
     if o.packing == "packed" and o.pack_len and o.pack_len < longest:
         _fail(
@@ -142,8 +111,10 @@ def check_packing_and_anchor(p: Plan) -> None:
             f"a packed row must hold the longest sequence, rollout.max_prompt_len + "
             f"rollout.max_new_tokens = {longest} tokens (0 = the batch's own longest)",
         )
+    # loss.anchor=sampler only where the sampler and the trainer compute alike (step.py `score`)
+    m = p.model
     alike = (str(m.dtype), m.logprob_precision, r.cache_dtype) == ("float32",) * 3
-    if p.loss.anchor == "sampler" and not alike and p.rollout_correction == "none":
+    if p.loss.anchor == "sampler" and not alike and p.loss.rollout_correction == "none":
         _fail(
             "loss.anchor",
             p.loss.anchor,
@@ -152,35 +123,31 @@ def check_packing_and_anchor(p: Plan) -> None:
             f"(here {m.dtype}, {m.logprob_precision}, {r.cache_dtype}), or with a "
             "loss.rollout_correction that corrects the gap",
         )
+    if p.logging.wandb:  # an optional extra: the error gives the install line
+        tracking.check_installed()
 
 
-def check_lengths(max_prompt_len: int, max_new_tokens: int, model_cfg) -> None:
-    total = max_prompt_len + max_new_tokens
+def check_model(p: Plan, model_cfg, task_vocab: int) -> None:
+    """The rollout against the architecture (`build.model_config`, before any weight is read)."""
+    r = p.rollout
+    if model_cfg.vocab_size < task_vocab:
+        raise ValueError(
+            f"config.model.preset: the model's vocabulary ({model_cfg.vocab_size}) is smaller "
+            f"than the task's ({task_vocab})"
+        )
+    if r.top_k > model_cfg.vocab_size:  # lax.top_k cannot take more than the axis holds
+        _fail(
+            "rollout.top_k",
+            r.top_k,
+            f"exceeds the model's vocabulary ({model_cfg.vocab_size} tokens); 0 = off",
+        )
+    total = r.max_prompt_len + r.max_new_tokens
     if total > model_cfg.max_position_embeddings:
         _fail(
             "rollout.max_new_tokens",
-            max_new_tokens,
+            r.max_new_tokens,
             f"max_prompt_len + max_new_tokens = {total} exceeds the model's "
             f"max_position_embeddings = {model_cfg.max_position_embeddings}",
-        )
-
-
-def check_vocab(model_vocab: int, task_vocab: int, key: str = "model.preset") -> None:
-    if model_vocab < task_vocab:
-        raise ValueError(
-            f"config.{key}: the model's vocabulary ({model_vocab}) is smaller than "
-            f"the task's ({task_vocab})"
-        )
-
-
-def check_top_k(top_k: int, vocab_size: int) -> None:
-    """rollout.top_k keeps the k most likely tokens: more than the vocabulary has is an error
-    (lax.top_k cannot take more elements than the axis holds)."""
-    if top_k > vocab_size:
-        _fail(
-            "rollout.top_k",
-            top_k,
-            f"exceeds the model's vocabulary ({vocab_size} tokens); 0 = off",
         )
 
 
