@@ -150,20 +150,17 @@ def _deadline(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-class _DropNoTimeoutWarning(logging.Filter):
+def _drop_no_timeout_warning(record: logging.LogRecord) -> bool:
     # We disable math-verify's own signal.alarm() timeouts (whole seconds, main thread only, and
     # they would cancel our timer) and guard the call ourselves, so its warning is noise.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Timeout is disabled" not in record.getMessage()
+    return "Timeout is disabled" not in record.getMessage()
 
 
 def _math_verify():
     import math_verify  # lazy: sympy and the LaTeX parser take ~1 s to import
 
     for name in ("math_verify.parser", "math_verify.grader"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _DropNoTimeoutWarning) for f in log.filters):
-            log.addFilter(_DropNoTimeoutWarning())
+        logging.getLogger(name).addFilter(_drop_no_timeout_warning)  # adds it once only
     return math_verify
 
 
@@ -247,15 +244,6 @@ def overlong_penalty(num_tokens, max_len: int, cache_len: int, factor: float = 1
     ramp = (free - n) / cache_len if cache_len > 0 else np.zeros_like(n)
     out = factor * np.where(n <= free, 0.0, np.where(n <= max_len, ramp, -1.0))
     return float(out) if out.ndim == 0 else out.astype(np.float32)
-
-
-def _rewards_from(name: str, completions: Sequence[str], codes: np.ndarray) -> np.ndarray:
-    if name == "correct":
-        return (codes == CORRECT).astype(np.float32)
-    return np.asarray(
-        [shaped_reward(c, k == CORRECT) for c, k in zip(completions, codes, strict=True)],
-        dtype=np.float32,
-    )
 
 
 def validate_reward_name(name: str) -> None:
@@ -343,22 +331,12 @@ class RewardPool:
             )
         return self._pool
 
-    def _newly_started(self) -> list[int]:
-        started = []
-        while not self._queue.empty():
-            started.append(self._queue.get())
-        return started
-
     def check(self, preds: Sequence[str | None], golds: Sequence[str]) -> np.ndarray:
         """Outcome codes (CORRECT / WRONG / TIMED_OUT, int8 [B]) of extracted answers."""
         if len(preds) != len(golds):
             raise ValueError(f"check: {len(preds)} answers but {len(golds)} references")
         codes = np.full(len(preds), WRONG, dtype=np.int8)
-        todo = [
-            (i, p, g, self.timeout_s)
-            for i, (p, g) in enumerate(zip(preds, golds, strict=True))
-            if p
-        ]
+        todo = [(i, p, golds[i], self.timeout_s) for i, p in enumerate(preds) if p]
         if self.num_workers == 0:
             for i, p, g, t in todo:
                 codes[i] = check_answer(p, g, t)
@@ -387,14 +365,10 @@ class RewardPool:
             except multiprocessing.TimeoutError:
                 pass
             now = time.monotonic()
-            for i in self._newly_started():
-                started.setdefault(i, now)
-            hung = [
-                i
-                for i, t0 in started.items()
-                if i not in finished and now - t0 > self.hard_timeout_s
-            ]
-            if hung:
+            while not self._queue.empty():
+                started.setdefault(self._queue.get(), now)
+            late = now - self.hard_timeout_s
+            if hung := [i for i, t0 in started.items() if i not in finished and t0 < late]:
                 return finished, hung
             if not started and now - launched > self.start_timeout_s:
                 self.close()
@@ -427,4 +401,8 @@ class RewardPool:
         is not correct), the reward is shaped from it."""
         validate_reward_name(reward_name)
         codes = self.check([extract_answer(c, extraction) for c in completions], answers)
-        return _rewards_from(reward_name, completions, codes), codes == CORRECT
+        correct = codes == CORRECT
+        if reward_name == "correct":
+            return correct.astype(np.float32), correct
+        shaped = [shaped_reward(c, k) for c, k in zip(completions, correct, strict=True)]
+        return np.asarray(shaped, dtype=np.float32), correct

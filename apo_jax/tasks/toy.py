@@ -14,6 +14,7 @@ from apo_jax.tasks.base import Example, trim_completion
 
 PAD_ID, EOS_ID, SEP_ID = 0, 1, 2
 _FIRST_VALUE_ID = 3
+_SPECIAL_NAMES = {PAD_ID: "<pad>", EOS_ID: "<eos>", SEP_ID: "="}
 _SPLITS = {"train": 0, "eval": 1}
 
 
@@ -101,12 +102,8 @@ class ToyTask:
         return self._eval
 
     def token_name(self, t: int) -> str:
-        if t == PAD_ID:
-            return "<pad>"
-        if t == EOS_ID:
-            return "<eos>"
-        if t == SEP_ID:
-            return "="
+        if t in _SPECIAL_NAMES:
+            return _SPECIAL_NAMES[t]
         if _FIRST_VALUE_ID <= t < self.vocab_size:
             return str(t - _FIRST_VALUE_ID)
         return f"<unk{t}>"  # ids a larger model vocabulary can still sample
