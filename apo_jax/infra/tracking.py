@@ -128,7 +128,6 @@ class WandbRun:
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_MAX)
         self._dead = threading.Event()  # set on the first failure: later records are dropped
         self._lock = threading.Lock()
-        self._reported = False
         ident = run_identity(workdir, suffix=suffix, name=name)
         self.id, self.name = ident["id"], ident["name"]
         kwargs = dict(
@@ -183,8 +182,8 @@ class WandbRun:
     def _fail(self, why: str) -> None:
         """Reports the first failure only; from then on the run takes nothing more."""
         with self._lock:
-            first, self._reported = not self._reported, True
-        self._dead.set()
+            first = not self._dead.is_set()
+            self._dead.set()
         if first:
             logging.warning("W&B logging stopped (training and the other sinks go on): %s", why)
 

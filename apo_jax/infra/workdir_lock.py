@@ -138,16 +138,11 @@ def hold(workdir: str, process_index: int = 0) -> Iterator[str]:
             )
         if previous and previous.get("pid") != os.getpid():
             same_host = previous.get("host") == socket.gethostname()
-            state = (
-                "no longer running"
-                if same_host and not pid_alive(previous.get("pid"))
-                else "no longer holding the lock"
-            )
+            gone = same_host and not pid_alive(previous.get("pid"))
             logging.warning(
-                "workdir %s: taking over the stale lock of %s, %s (it did not end cleanly)",
-                os.path.dirname(path),
-                describe(previous),
-                state,
+                f"workdir {os.path.dirname(path)}: taking over the stale lock of "
+                f"{describe(previous)}, no longer {'running' if gone else 'holding the lock'} "
+                "(it did not end cleanly)"
             )
         record = {
             "pid": os.getpid(),

@@ -189,7 +189,6 @@ class MathTask:
         enable_thinking: bool = True,
         system_prompt: str | None = SYSTEM_PROMPT,
         reward_workers: int = 4,
-        reward_timeout_s: float = 5.0,
         extraction: str = "strict",
         name: str = "math",
         model_dir: str | os.PathLike | None = None,  # for its generation_config.json
@@ -211,7 +210,7 @@ class MathTask:
         )
         self._train = self._examples(train_problems, fmt)
         self._eval = self._examples(eval_problems, fmt)
-        self._pool = rewards_lib.RewardPool(reward_workers, timeout_s=reward_timeout_s)
+        self._pool = rewards_lib.RewardPool(reward_workers)
 
     def _examples(self, problems: Sequence[datasets.Problem], fmt: dict) -> list[base.Example]:
         ids = (

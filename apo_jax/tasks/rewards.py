@@ -257,6 +257,7 @@ _POLL_S = 0.05  # how often the parent checks on running checks
 # A worker's own alarm normally stops a check within ~_REARM_S of timeout_s; the parent steps
 # in only past this grace (a check stuck in C code, or a worker whose alarms are all lost).
 HARD_GRACE_S = 2.0
+START_TIMEOUT_S = 120.0  # a pool whose workers start no check by then is broken
 _started_queue = None  # set in each worker: where it announces which job it is starting
 
 
@@ -294,17 +295,14 @@ class RewardPool:
         num_workers: int = 4,
         timeout_s: float | None = 5.0,
         hard_timeout_s: float | None = None,  # default: timeout_s + HARD_GRACE_S
-        start_timeout_s: float = 120.0,  # workers that start no check by then are broken
-        # Not "fork": forking a process that runs JAX can deadlock. The fork server is a clean
-        # process that imports math_verify once, so (re)starting workers takes milliseconds.
-        start_method: str = "forkserver",
     ):
         if num_workers < 0:
             raise ValueError(f"RewardPool: num_workers must be >= 0, got {num_workers}")
         self.num_workers, self.timeout_s = num_workers, timeout_s
         self.hard_timeout_s = hard_timeout_s or (timeout_s or 5.0) + HARD_GRACE_S
-        self.start_timeout_s = start_timeout_s
-        self._ctx = multiprocessing.get_context(start_method)
+        # Not "fork": forking a process that runs JAX can deadlock. The fork server is a clean
+        # process that imports math_verify once, so (re)starting workers takes milliseconds.
+        self._ctx = multiprocessing.get_context("forkserver")
         self._pool = self._queue = None
         self.num_timeouts = 0  # checks that timed out so far (for logging)
 
@@ -322,9 +320,9 @@ class RewardPool:
 
     def _start(self):
         if self._pool is None:
-            if self._ctx.get_start_method() == "forkserver":  # no effect once a server runs
-                # math_verify (sympy) is the slow import; workers import this module themselves.
-                self._ctx.set_forkserver_preload(["math_verify"])
+            # math_verify (sympy) is the slow import; workers import this module themselves.
+            # No effect once a server runs.
+            self._ctx.set_forkserver_preload(["math_verify"])
             self._queue = self._ctx.SimpleQueue()
             self._pool = self._ctx.Pool(
                 self.num_workers, initializer=_init_worker, initargs=(self._queue,)
@@ -370,10 +368,10 @@ class RewardPool:
             late = now - self.hard_timeout_s
             if hung := [i for i, t0 in started.items() if i not in finished and t0 < late]:
                 return finished, hung
-            if not started and now - launched > self.start_timeout_s:
+            if not started and now - launched > START_TIMEOUT_S:
                 self.close()
                 raise RuntimeError(
-                    f"rewards: no worker started a check within {self.start_timeout_s:.0f}s. "
+                    f"rewards: no worker started a check within {START_TIMEOUT_S:.0f}s. "
                     "Workers may be failing at start-up (see their traceback above); with the "
                     "'spawn' or 'forkserver' start method the main script must guard its entry "
                     "point with `if __name__ == '__main__':`"
