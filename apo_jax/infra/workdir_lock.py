@@ -47,9 +47,8 @@ def read_record(path: str) -> dict | None:
     unreadable."""
     try:
         with open(path) as f:
-            text = f.read()
-        record = json.loads(text) if text.strip() else None
-    except (OSError, ValueError):
+            record = json.load(f)
+    except (OSError, ValueError):  # an empty file included: a run that ended cleanly
         return None
     return record if isinstance(record, dict) else None
 

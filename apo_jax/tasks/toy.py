@@ -115,14 +115,9 @@ class ToyTask:
         values = example.prompt_ids[:-1]  # drop the trailing "="
         comp = trim_completion(completion, (EOS_ID,))
         if self.ordered:
-            target = sorted(values)
-            credit = sum(1 for j, t in enumerate(comp[: len(target)]) if t == target[j])
-        else:
-            remaining, credit = set(values), 0
-            for t in comp:
-                if t in remaining:
-                    remaining.discard(t)
-                    credit += 1
+            credit = sum(t == want for t, want in zip(comp, sorted(values), strict=False))
+        else:  # each prompt value counts once, wherever it stands
+            credit = len(set(comp) & set(values))
         return credit / max(len(values), len(comp))
 
     def rewards(
