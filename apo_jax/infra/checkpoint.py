@@ -135,22 +135,10 @@ class Checkpointer:
                 except Exception as e:  # noqa: BLE001 (any failure means this step is unusable)
                     reason = short_reason(e)
             tried.append(f"{step} ({reason})")
-            if self.read_only:
-                logging.warning(
-                    "checkpoint step %d in %s does not restore (%s); trying the previous step",
-                    step,
-                    self.workdir,
-                    reason,
-                )
-                continue
-            aside = self._set_aside(step)
+            moved = "" if self.read_only else f"moved it to {self._set_aside(step)} and "
             logging.warning(
-                "checkpoint step %d in %s does not restore (%s); moved it to %s and "
-                "trying the previous step",
-                step,
-                self.workdir,
-                reason,
-                aside,
+                f"checkpoint step {step} in {self.workdir} does not restore ({reason}); "
+                f"{moved}trying the previous step"
             )
         if tried:
             kept = (

@@ -63,13 +63,10 @@ class MetricsWriter:
             os.replace(self.path + ".tmp", self.path)
         have = max((line["step"] for line in kept), default=0)
         if have < resume_step:  # deleted or cut short while the checkpoints were kept
+            found = f"holds steps up to {have} only" if have else "missing"
             logging.warning(
-                "%s: %s; resuming at step %d, so the file lacks steps %d..%d",
-                self.path,
-                f"holds steps up to {have} only" if have else "missing",
-                resume_step,
-                have + 1,
-                resume_step,
+                f"{self.path}: {found}; resuming at step {resume_step}, so the file lacks steps "
+                f"{have + 1}..{resume_step}"
             )
         if tensorboard:
             from tensorboardX import SummaryWriter

@@ -7,6 +7,7 @@ training (FSDP + tensor parallel) and one for rollout (no FSDP gathering per dec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -66,19 +67,9 @@ def fit_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
     out = []
     for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        size = 1
-        for n in names:
-            size *= mesh.shape[n]
+        size = math.prod(mesh.shape[n] for n in names)
         out.append(mesh_axes if size > 1 and dim % size == 0 else None)
     return PartitionSpec(*out)
-
-
-def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules) -> NamedSharding:
-    axes = variable.get_metadata().get("axes")
-    shape = variable.get_value().shape
-    if axes is None:
-        return NamedSharding(mesh, PartitionSpec())
-    return NamedSharding(mesh, fit_spec(axes, shape, mesh, rules))
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
@@ -90,9 +81,7 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
     for name, size in zip(names, sizes, strict=True):
         if size == 0 or size < -1:
             raise ValueError(f"{name}={size}: mesh axis sizes must be >= 1 (or -1 for the rest)")
-    known = 1
-    for size in sizes:
-        known *= size if size > 0 else 1
+    known = math.prod(size for size in sizes if size > 0)
     if -1 in sizes:
         if num_devices % known:
             raise ValueError(
@@ -100,7 +89,7 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
                 f"{num_devices} devices"
             )
         sizes[sizes.index(-1)] = num_devices // known
-    used = sizes[0] * sizes[1] * sizes[2]
+    used = math.prod(sizes)
     if num_devices % used:
         raise ValueError(
             f"config.mesh: data*fsdp*tensor = {used} does not divide the {num_devices} devices "
@@ -119,7 +108,7 @@ def make_mesh(
     """
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(data, fsdp, tensor, len(devices))
-    used = shape[0] * shape[1] * shape[2]
+    used = math.prod(shape)
     if used < len(devices):
         if jax.process_count() > 1:
             raise ValueError(
@@ -139,9 +128,12 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def one(x):
-        if isinstance(x, nnx.Variable):
-            return x.replace(variable_sharding(x, mesh, rules))
-        return replicated
+        if not isinstance(x, nnx.Variable):
+            return replicated
+        axes = x.get_metadata().get("axes")
+        if axes is None:
+            return x.replace(replicated)
+        return x.replace(NamedSharding(mesh, fit_spec(axes, x.get_value().shape, mesh, rules)))
 
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -21,29 +21,25 @@ INSTALL = 'pip install -e ".[tpu]"'
 class Target:
     name: str
     topology: str  # libtpu's topology name, "<gen>:<chips per dim>"
-    chips_per_host: tuple[int, int, int]  # one host's chips (2x2x1 on v5e / v6e / v5p)
     hbm_gib: float  # per device (chip)
-
-
-def _tpu(name: str, topology: str, hbm_gib: float) -> Target:
-    return Target(name, topology, (2, 2, 1), hbm_gib)
+    chips_per_host: tuple[int, int, int] = (2, 2, 1)  # one host's chips (as on v5e / v6e / v5p)
 
 
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        _tpu("tpu-v5e-4", "v5e:2x2", 16.0),
-        _tpu("tpu-v5e-8", "v5e:2x4", 16.0),
-        _tpu("tpu-v5e-16", "v5e:4x4", 16.0),
-        _tpu("tpu-v5e-32", "v5e:4x8", 16.0),
-        _tpu("tpu-v5e-64", "v5e:8x8", 16.0),
-        _tpu("tpu-v5p-8", "v5p:2x2x1", 95.0),
-        _tpu("tpu-v5p-16", "v5p:2x2x2", 95.0),
-        _tpu("tpu-v5p-32", "v5p:2x2x4", 95.0),
-        _tpu("tpu-v6e-4", "v6e:2x2", 32.0),
-        _tpu("tpu-v6e-8", "v6e:2x4", 32.0),
-        _tpu("tpu-v6e-16", "v6e:4x4", 32.0),
-        _tpu("tpu-v6e-32", "v6e:4x8", 32.0),
+        Target("tpu-v5e-4", "v5e:2x2", 16.0),
+        Target("tpu-v5e-8", "v5e:2x4", 16.0),
+        Target("tpu-v5e-16", "v5e:4x4", 16.0),
+        Target("tpu-v5e-32", "v5e:4x8", 16.0),
+        Target("tpu-v5e-64", "v5e:8x8", 16.0),
+        Target("tpu-v5p-8", "v5p:2x2x1", 95.0),
+        Target("tpu-v5p-16", "v5p:2x2x2", 95.0),
+        Target("tpu-v5p-32", "v5p:2x2x4", 95.0),
+        Target("tpu-v6e-4", "v6e:2x2", 32.0),
+        Target("tpu-v6e-8", "v6e:2x4", 32.0),
+        Target("tpu-v6e-16", "v6e:4x4", 32.0),
+        Target("tpu-v6e-32", "v6e:4x8", 32.0),
     )
 }
 NAMES = ("cpu", *TARGETS)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -127,7 +128,6 @@ class WandbRun:
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_MAX)
         self._dead = threading.Event()  # set on the first failure: later records are dropped
         self._lock = threading.Lock()
-        self._reported = False
         ident = run_identity(workdir, suffix=suffix, name=name)
         self.id, self.name = ident["id"], ident["name"]
         kwargs = dict(
@@ -182,8 +182,8 @@ class WandbRun:
     def _fail(self, why: str) -> None:
         """Reports the first failure only; from then on the run takes nothing more."""
         with self._lock:
-            first, self._reported = not self._reported, True
-        self._dead.set()
+            first = not self._dead.is_set()
+            self._dead.set()
         if first:
             logging.warning("W&B logging stopped (training and the other sinks go on): %s", why)
 
@@ -238,24 +238,18 @@ def log_sweep_summary(sweep_dir: str, rows: Sequence[Mapping]) -> None:
     """Adds a sweep's summary table (the rows of summary.csv) and curves.png to its W&B group, as
     a run of job type "summary", when its runs logged to W&B (read from their config.json)."""
     settings = None
-    for arm in sorted(os.listdir(sweep_dir)) if os.path.isdir(sweep_dir) else []:
-        runs = os.path.join(sweep_dir, arm)
-        for seed in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-            try:
-                with open(os.path.join(runs, seed, "config.json")) as f:
-                    lg = json.load(f).get("logging", {})
-            except (OSError, ValueError):
-                continue
-            if lg.get("wandb"):
-                settings = WandbSettings(
-                    enabled=True,
-                    project=lg.get("wandb_project", "apo_jax"),
-                    entity=lg.get("wandb_entity", ""),
-                    mode=lg.get("wandb_mode", "online"),
-                    group=lg.get("wandb_group", ""),
-                )
-                break
-        if settings is not None:
+    pattern = os.path.join(glob.escape(sweep_dir), "*", "*", "config.json")  # <arm>/<seed>/
+    found = glob.glob(pattern, include_hidden=True)
+    for path in sorted(found, key=lambda p: os.path.relpath(p, sweep_dir).split(os.sep)):
+        try:
+            with open(path) as f:
+                lg = json.load(f).get("logging", {})
+        except (OSError, ValueError):
+            continue
+        if lg.get("wandb"):  # a key the record lacks keeps its default
+            keys = ("project", "entity", "mode", "group")
+            given = {k: lg[f"wandb_{k}"] for k in keys if f"wandb_{k}" in lg}
+            settings = WandbSettings(enabled=True, **given)
             break
     if settings is None or not rows:
         return

@@ -47,9 +47,8 @@ def read_record(path: str) -> dict | None:
     unreadable."""
     try:
         with open(path) as f:
-            text = f.read()
-        record = json.loads(text) if text.strip() else None
-    except (OSError, ValueError):
+            record = json.load(f)
+    except (OSError, ValueError):  # an empty file included: a run that ended cleanly
         return None
     return record if isinstance(record, dict) else None
 
@@ -138,16 +137,11 @@ def hold(workdir: str, process_index: int = 0) -> Iterator[str]:
             )
         if previous and previous.get("pid") != os.getpid():
             same_host = previous.get("host") == socket.gethostname()
-            state = (
-                "no longer running"
-                if same_host and not pid_alive(previous.get("pid"))
-                else "no longer holding the lock"
-            )
+            gone = same_host and not pid_alive(previous.get("pid"))
             logging.warning(
-                "workdir %s: taking over the stale lock of %s, %s (it did not end cleanly)",
-                os.path.dirname(path),
-                describe(previous),
-                state,
+                f"workdir {os.path.dirname(path)}: taking over the stale lock of "
+                f"{describe(previous)}, no longer {'running' if gone else 'holding the lock'} "
+                "(it did not end cleanly)"
             )
         record = {
             "pid": os.getpid(),

@@ -4,6 +4,7 @@ vocabulary facts (size, EOS, PAD) and a host-side reward over sampled completion
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Hashable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -58,13 +59,7 @@ class Task(Protocol):
 def trim_completion(ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[int, ...]:
     """The completion up to (not including) its first stop token; the rest is padding."""
     stop = set(int(t) for t in stop_ids)
-    out = []
-    for t in ids:
-        t = int(t)
-        if t in stop:
-            break
-        out.append(t)
-    return tuple(out)
+    return tuple(itertools.takewhile(lambda t: t not in stop, map(int, ids)))
 
 
 def distinct_correct(

@@ -180,8 +180,8 @@ def load_math(
     problems = [
         Problem(
             uid=str(rec.get("unique_id") or f"{path.stem}/{lineno}"),
-            question=str(rec["problem"]),
-            answer=str(rec["answer"]).strip(),
+            question=rec["problem"],  # read_records checked that both are strings
+            answer=rec["answer"].strip(),
             level=_level(rec.get("level")),
             subject=str(rec.get("subject") or rec.get("type") or ""),
         )
@@ -218,23 +218,18 @@ def load_gsm8k(
     )
     problems = []
     for lineno, rec in records:
-        solution = str(rec["answer"])
-        if "####" not in solution:
-            if not skip_malformed:
-                raise ValueError(
-                    f"{path}:{lineno} (line {lineno}): malformed record: answer has "
-                    "no '#### <number>'; fix it or pass skip_malformed=True"
-                )
-            skipped += 1
-            continue
-        final = solution.rsplit("####", 1)[1].strip().replace(",", "")
+        _, mark, tail = rec["answer"].rpartition("####")
+        final = tail.strip().replace(",", "") if mark else ""
         if not final:
             if not skip_malformed:
+                problem = (
+                    "nothing after the answer's '####'" if mark else "answer has no '#### <number>'"
+                )
                 raise ValueError(
-                    f"{path}:{lineno} (line {lineno}): malformed record: nothing after the "
-                    "answer's '####'; fix it or pass skip_malformed=True"
+                    f"{path}:{lineno} (line {lineno}): malformed record: {problem}; fix it or "
+                    "pass skip_malformed=True"
                 )
             skipped += 1
             continue
-        problems.append(Problem(f"gsm8k/{path.stem}/{lineno}", str(rec["question"]), final))
+        problems.append(Problem(f"gsm8k/{path.stem}/{lineno}", rec["question"], final))
     return ProblemSet(problems, path, skipped)

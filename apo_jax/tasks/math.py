@@ -3,26 +3,16 @@ and `MathTask` (the `base.Task` interface over math problems with verified rewar
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from apo_jax.tasks import base, registry
+from apo_jax.tasks import base, datasets, registry
 from apo_jax.tasks import rewards as rewards_lib
-from apo_jax.tasks.datasets import (
-    DEFAULT_DATA_DIR,
-    Problem,
-    ProblemSet,
-    load_gsm8k,
-    load_math,
-    load_math500,
-)
-
-logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "You are a careful mathematician. Reason step by step inside <think> </think>, then give "
@@ -45,7 +35,7 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     DEFAULT_DATA_DIR/qwen3. Never touches the network. Raises naming the directory and file if
     the files a real tokenizer needs are missing, or if what loads fails `check_tokenizer`
     (transformers otherwise builds a special-tokens-only tokenizer from the config alone)."""
-    path = Path(path) if path is not None else DEFAULT_DATA_DIR / "qwen3"
+    path = Path(path) if path is not None else datasets.DEFAULT_DATA_DIR / "qwen3"
     help_text = (
         "pass a directory holding a Qwen3 tokenizer (tokenizer.json + tokenizer_config.json), "
         "e.g. a Qwen/Qwen3-1.7B model directory"
@@ -190,8 +180,8 @@ class MathTask:
 
     def __init__(
         self,
-        train_problems: Sequence[Problem],
-        eval_problems: Sequence[Problem],
+        train_problems: Sequence[datasets.Problem],
+        eval_problems: Sequence[datasets.Problem],
         tokenizer,
         *,
         reward_name: str = "good_accuracy",
@@ -199,7 +189,6 @@ class MathTask:
         enable_thinking: bool = True,
         system_prompt: str | None = SYSTEM_PROMPT,
         reward_workers: int = 4,
-        reward_timeout_s: float = 5.0,
         extraction: str = "strict",
         name: str = "math",
         model_dir: str | os.PathLike | None = None,  # for its generation_config.json
@@ -221,9 +210,9 @@ class MathTask:
         )
         self._train = self._examples(train_problems, fmt)
         self._eval = self._examples(eval_problems, fmt)
-        self._pool = rewards_lib.RewardPool(reward_workers, timeout_s=reward_timeout_s)
+        self._pool = rewards_lib.RewardPool(reward_workers)
 
-    def _examples(self, problems: Sequence[Problem], fmt: dict) -> list[base.Example]:
+    def _examples(self, problems: Sequence[datasets.Problem], fmt: dict) -> list[base.Example]:
         ids = (
             format_prompts(self.tokenizer, [p.question for p in problems], **fmt)
             if problems
@@ -307,14 +296,14 @@ def _named(key: str, load, *args, **kwargs):
 
 def _build(p, ctx: registry.TaskContext) -> MathTask:
     levels = (p["level"],) if p["level"] else None
-    train = _named("task.math.data_path", load_math, p["data_path"] or None, levels=levels)
-    eval_path = p["eval_path"] or None
-    if p["eval_set"] == "math":
-        held_out = _named("task.math.eval_path", load_math, eval_path, split="test", levels=levels)
-    elif p["eval_set"] == "math500":
-        held_out = _named("task.math.eval_path", load_math500, eval_path)
-    else:
-        held_out = _named("task.math.eval_path", load_gsm8k, eval_path)
+    train = _named("task.math.data_path", datasets.load_math, p["data_path"] or None, levels=levels)
+    held_out_loaders = {
+        "math": functools.partial(datasets.load_math, split="test", levels=levels),
+        "math500": datasets.load_math500,
+        "gsm8k": datasets.load_gsm8k,
+    }
+    load_held_out = held_out_loaders[p["eval_set"]]
+    held_out = _named("task.math.eval_path", load_held_out, p["eval_path"] or None)
     _require_problems(train, "data_path", p["level"])
     _require_problems(held_out, "eval_path", p["level"] if p["eval_set"] == "math" else 0)
     tokenizer, key = p["tokenizer"] or None, "task.math.tokenizer"
@@ -336,7 +325,7 @@ def _build(p, ctx: registry.TaskContext) -> MathTask:
     )
 
 
-def _require_problems(problems: ProblemSet, key: str, level: int) -> None:
+def _require_problems(problems: datasets.ProblemSet, key: str, level: int) -> None:
     """An empty set fails here, before any model is built, naming the file and the filter."""
     if not len(problems):
         kept = f" of level {level} (config.task.math.level={level})" if level else ""

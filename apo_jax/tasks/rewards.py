@@ -150,20 +150,17 @@ def _deadline(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-class _DropNoTimeoutWarning(logging.Filter):
+def _drop_no_timeout_warning(record: logging.LogRecord) -> bool:
     # We disable math-verify's own signal.alarm() timeouts (whole seconds, main thread only, and
     # they would cancel our timer) and guard the call ourselves, so its warning is noise.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Timeout is disabled" not in record.getMessage()
+    return "Timeout is disabled" not in record.getMessage()
 
 
 def _math_verify():
     import math_verify  # lazy: sympy and the LaTeX parser take ~1 s to import
 
     for name in ("math_verify.parser", "math_verify.grader"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _DropNoTimeoutWarning) for f in log.filters):
-            log.addFilter(_DropNoTimeoutWarning())
+        logging.getLogger(name).addFilter(_drop_no_timeout_warning)  # adds it once only
     return math_verify
 
 
@@ -249,15 +246,6 @@ def overlong_penalty(num_tokens, max_len: int, cache_len: int, factor: float = 1
     return float(out) if out.ndim == 0 else out.astype(np.float32)
 
 
-def _rewards_from(name: str, completions: Sequence[str], codes: np.ndarray) -> np.ndarray:
-    if name == "correct":
-        return (codes == CORRECT).astype(np.float32)
-    return np.asarray(
-        [shaped_reward(c, k == CORRECT) for c, k in zip(completions, codes, strict=True)],
-        dtype=np.float32,
-    )
-
-
 def validate_reward_name(name: str) -> None:
     if name not in REWARD_NAMES:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}")
@@ -269,6 +257,7 @@ _POLL_S = 0.05  # how often the parent checks on running checks
 # A worker's own alarm normally stops a check within ~_REARM_S of timeout_s; the parent steps
 # in only past this grace (a check stuck in C code, or a worker whose alarms are all lost).
 HARD_GRACE_S = 2.0
+START_TIMEOUT_S = 120.0  # a pool whose workers start no check by then is broken
 _started_queue = None  # set in each worker: where it announces which job it is starting
 
 
@@ -306,17 +295,14 @@ class RewardPool:
         num_workers: int = 4,
         timeout_s: float | None = 5.0,
         hard_timeout_s: float | None = None,  # default: timeout_s + HARD_GRACE_S
-        start_timeout_s: float = 120.0,  # workers that start no check by then are broken
-        # Not "fork": forking a process that runs JAX can deadlock. The fork server is a clean
-        # process that imports math_verify once, so (re)starting workers takes milliseconds.
-        start_method: str = "forkserver",
     ):
         if num_workers < 0:
             raise ValueError(f"RewardPool: num_workers must be >= 0, got {num_workers}")
         self.num_workers, self.timeout_s = num_workers, timeout_s
         self.hard_timeout_s = hard_timeout_s or (timeout_s or 5.0) + HARD_GRACE_S
-        self.start_timeout_s = start_timeout_s
-        self._ctx = multiprocessing.get_context(start_method)
+        # Not "fork": forking a process that runs JAX can deadlock. The fork server is a clean
+        # process that imports math_verify once, so (re)starting workers takes milliseconds.
+        self._ctx = multiprocessing.get_context("forkserver")
         self._pool = self._queue = None
         self.num_timeouts = 0  # checks that timed out so far (for logging)
 
@@ -334,31 +320,21 @@ class RewardPool:
 
     def _start(self):
         if self._pool is None:
-            if self._ctx.get_start_method() == "forkserver":  # no effect once a server runs
-                # math_verify (sympy) is the slow import; workers import this module themselves.
-                self._ctx.set_forkserver_preload(["math_verify"])
+            # math_verify (sympy) is the slow import; workers import this module themselves.
+            # No effect once a server runs.
+            self._ctx.set_forkserver_preload(["math_verify"])
             self._queue = self._ctx.SimpleQueue()
             self._pool = self._ctx.Pool(
                 self.num_workers, initializer=_init_worker, initargs=(self._queue,)
             )
         return self._pool
 
-    def _newly_started(self) -> list[int]:
-        started = []
-        while not self._queue.empty():
-            started.append(self._queue.get())
-        return started
-
     def check(self, preds: Sequence[str | None], golds: Sequence[str]) -> np.ndarray:
         """Outcome codes (CORRECT / WRONG / TIMED_OUT, int8 [B]) of extracted answers."""
         if len(preds) != len(golds):
             raise ValueError(f"check: {len(preds)} answers but {len(golds)} references")
         codes = np.full(len(preds), WRONG, dtype=np.int8)
-        todo = [
-            (i, p, g, self.timeout_s)
-            for i, (p, g) in enumerate(zip(preds, golds, strict=True))
-            if p
-        ]
+        todo = [(i, p, golds[i], self.timeout_s) for i, p in enumerate(preds) if p]
         if self.num_workers == 0:
             for i, p, g, t in todo:
                 codes[i] = check_answer(p, g, t)
@@ -387,19 +363,15 @@ class RewardPool:
             except multiprocessing.TimeoutError:
                 pass
             now = time.monotonic()
-            for i in self._newly_started():
-                started.setdefault(i, now)
-            hung = [
-                i
-                for i, t0 in started.items()
-                if i not in finished and now - t0 > self.hard_timeout_s
-            ]
-            if hung:
+            while not self._queue.empty():
+                started.setdefault(self._queue.get(), now)
+            late = now - self.hard_timeout_s
+            if hung := [i for i, t0 in started.items() if i not in finished and t0 < late]:
                 return finished, hung
-            if not started and now - launched > self.start_timeout_s:
+            if not started and now - launched > START_TIMEOUT_S:
                 self.close()
                 raise RuntimeError(
-                    f"rewards: no worker started a check within {self.start_timeout_s:.0f}s. "
+                    f"rewards: no worker started a check within {START_TIMEOUT_S:.0f}s. "
                     "Workers may be failing at start-up (see their traceback above); with the "
                     "'spawn' or 'forkserver' start method the main script must guard its entry "
                     "point with `if __name__ == '__main__':`"
@@ -427,4 +399,8 @@ class RewardPool:
         is not correct), the reward is shaped from it."""
         validate_reward_name(reward_name)
         codes = self.check([extract_answer(c, extraction) for c in completions], answers)
-        return _rewards_from(reward_name, completions, codes), codes == CORRECT
+        correct = codes == CORRECT
+        if reward_name == "correct":
+            return correct.astype(np.float32), correct
+        shaped = [shaped_reward(c, k) for c, k in zip(completions, correct, strict=True)]
+        return np.asarray(shaped, dtype=np.float32), correct

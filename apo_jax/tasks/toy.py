@@ -14,6 +14,7 @@ from apo_jax.tasks.base import Example, trim_completion
 
 PAD_ID, EOS_ID, SEP_ID = 0, 1, 2
 _FIRST_VALUE_ID = 3
+_SPECIAL_NAMES = {PAD_ID: "<pad>", EOS_ID: "<eos>", SEP_ID: "="}
 _SPLITS = {"train": 0, "eval": 1}
 
 
@@ -101,12 +102,8 @@ class ToyTask:
         return self._eval
 
     def token_name(self, t: int) -> str:
-        if t == PAD_ID:
-            return "<pad>"
-        if t == EOS_ID:
-            return "<eos>"
-        if t == SEP_ID:
-            return "="
+        if t in _SPECIAL_NAMES:
+            return _SPECIAL_NAMES[t]
         if _FIRST_VALUE_ID <= t < self.vocab_size:
             return str(t - _FIRST_VALUE_ID)
         return f"<unk{t}>"  # ids a larger model vocabulary can still sample
@@ -118,14 +115,9 @@ class ToyTask:
         values = example.prompt_ids[:-1]  # drop the trailing "="
         comp = trim_completion(completion, (EOS_ID,))
         if self.ordered:
-            target = sorted(values)
-            credit = sum(1 for j, t in enumerate(comp[: len(target)]) if t == target[j])
-        else:
-            remaining, credit = set(values), 0
-            for t in comp:
-                if t in remaining:
-                    remaining.discard(t)
-                    credit += 1
+            credit = sum(t == want for t, want in zip(comp, sorted(values), strict=False))
+        else:  # each prompt value counts once, wherever it stands
+            credit = len(set(comp) & set(values))
         return credit / max(len(values), len(comp))
 
     def rewards(
