@@ -83,8 +83,6 @@ def f_divergence_loss(
 
     Mean over prompts; metrics["divergence"] is D_f itself.
     """
-    if divergence not in F_DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; expected one of {F_DIVERGENCES}")
     simplex.check_alpha_tau(alpha if divergence == "alpha" else 0.5, tau)
     dt = pg_lib.float_dtype(logp)
     alpha_c = simplex.per_prompt(alpha, rewards.shape[0], dt)  # [P, 1]

@@ -70,8 +70,6 @@ def grpo_loss(
         raise ValueError(f"agg_mode must be in {AGG_MODES} and kl_type in {KL_TYPES}")
     if kl_coef and logp_ref is None:
         raise ValueError("kl_coef > 0 needs logp_ref (frozen reference log-probs)")
-    if agg_mode == "seq-mean-token-sum-norm" and max_len is None:
-        raise ValueError("seq-mean-token-sum-norm needs max_len (the fixed generation length)")
     dt = float_dtype(logp)
     logp, m = logp.astype(dt), mask.astype(dt)
     logp_old = sg(logp_old.astype(dt))
