@@ -118,6 +118,16 @@ def config_error(where: str, key: str, why: str) -> ValueError:
     return ValueError(f"{where}: key {key!r} {why}")
 
 
+# config.json keys every dense decoder family reads without a default
+DENSE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
 def require(hf: dict, where: str, *keys: str) -> None:
     for key in keys:
         if key not in hf:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from apo_jax.infra import sharding as sharding_lib
-from apo_jax.models import family, hf_keys, registry
+from apo_jax.models import family, registry
 from apo_jax.models.decoder import Decoder
 
 SINGLE_FILE = "model.safetensors"
@@ -31,11 +31,6 @@ WHERE = (
     "or a sharded model.safetensors.index.json), e.g. one saved by transformers' save_pretrained "
     "or downloaded from the Hub with `huggingface-cli download Qwen/Qwen3-1.7B --local-dir DIR`."
 )
-
-
-def key_map(cfg: family.ModelConfig) -> dict[tuple, hf_keys.Entry]:
-    """Our parameter path -> (HF key, HF shape, transforms), from the config's family."""
-    return registry.of(cfg).key_map(cfg)
 
 
 def _weight_files(hf_dir: str) -> dict[str, str]:
@@ -188,7 +183,7 @@ def save_model(
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.cfg
-    table = key_map(cfg)
+    table = registry.of(cfg).key_map(cfg)
     tensors: dict[str, np.ndarray] = {}
     dtypes = set()
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):

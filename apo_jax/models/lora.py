@@ -36,8 +36,7 @@ TARGETS = {
     "down": ("mlp", "down_proj"),
 }
 # Input dims of each projection's stored weight (the rest are output dims).
-IN_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2}
-IN_DIMS.update(gate_proj=1, up_proj=1, down_proj=1)
+IN_DIMS = {proj: 2 if proj == "o_proj" else 1 for _, proj in TARGETS.values()}
 BASE_DTYPES = ("bfloat16", "float32")  # model.lora.base_dtype
 RANK_AXIS = "lora_rank"  # logical axis of r (unsharded: infra/sharding.py)
 
@@ -87,16 +86,10 @@ def add_adapters(module: nnx.Module, lora: LoRAConfig, name: str, rngs: nnx.Rngs
         bound = 1.0 / math.sqrt(fan_in)  # PEFT's default: kaiming_uniform(a=sqrt(5)) on A
         a = jax.random.uniform(rngs.lora(), (*shape[:k], lora.rank), jnp.float32, -bound, bound)
         b = jnp.zeros((lora.rank, *shape[k:]), jnp.float32)
-        setattr(
-            module,
-            f"{proj}_lora_a",
-            nnx.LoRAParam(a.astype(lora.param_dtype), axes=(*axes[:k], RANK_AXIS)),
-        )
-        setattr(
-            module,
-            f"{proj}_lora_b",
-            nnx.LoRAParam(b.astype(lora.param_dtype), axes=(RANK_AXIS, *axes[k:])),
-        )
+        a = nnx.LoRAParam(a.astype(lora.param_dtype), axes=(*axes[:k], RANK_AXIS))
+        setattr(module, f"{proj}_lora_a", a)
+        b = nnx.LoRAParam(b.astype(lora.param_dtype), axes=(RANK_AXIS, *axes[k:]))
+        setattr(module, f"{proj}_lora_b", b)
 
 
 def delta(
@@ -151,8 +144,7 @@ def merged_weight(module: nnx.Module, proj: str, scale: float, dtype) -> Array:
 
 def split(params: nnx.State) -> tuple[nnx.State, nnx.State]:
     """(adapters, base) of a LoRA model's parameter state."""
-    adapters, base = nnx.split_state(params, nnx.LoRAParam, ...)
-    return adapters, base
+    return nnx.split_state(params, nnx.LoRAParam, ...)
 
 
 def join(base: nnx.State, adapters: nnx.State) -> nnx.State:

@@ -32,15 +32,7 @@ class Qwen2Config(DecoderConfig):
                 f"is {hf.get('model_type')!r} (architectures={arch}); Qwen2Config reads "
                 "'qwen2' / Qwen2ForCausalLM only",
             )
-        family.require(
-            hf,
-            where,
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        )
+        family.require(hf, where, *family.DENSE_KEYS)
         if hf.get("hidden_act", "silu") != "silu":
             raise bad("hidden_act", f"is {hf['hidden_act']!r}; Qwen2 uses 'silu'")
         window_layers = hf.get("max_window_layers", hf["num_hidden_layers"])

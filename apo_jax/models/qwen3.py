@@ -59,18 +59,6 @@ class Qwen3Config(DecoderConfig):
         return cls(151936, 1024, 3072, 28, 16, 8, 128)
 
     @classmethod
-    def qwen3_1p7b(cls) -> Qwen3Config:
-        return cls(151936, 2048, 6144, 28, 16, 8, 128)
-
-    @classmethod
-    def qwen3_4b(cls) -> Qwen3Config:
-        return cls(151936, 2560, 9728, 36, 32, 8, 128)
-
-    @classmethod
-    def qwen3_8b(cls) -> Qwen3Config:
-        return cls(151936, 4096, 12288, 36, 32, 8, 128, tie_word_embeddings=False)
-
-    @classmethod
     def preset(cls, name: str) -> Qwen3Config:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
@@ -91,16 +79,7 @@ class Qwen3Config(DecoderConfig):
                 f"is {hf.get('model_type')!r} (architectures={arch}); only "
                 "dense Qwen3 ('qwen3', Qwen3ForCausalLM) is read by Qwen3Config",
             )
-        family.require(
-            hf,
-            where,
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "head_dim",
-        )
+        family.require(hf, where, *family.DENSE_KEYS, "head_dim")
         if hf.get("hidden_act", "silu") != "silu":
             raise bad("hidden_act", f"is {hf['hidden_act']!r}; Qwen3 uses 'silu'")
         if hf.get("attention_bias", False):
@@ -120,9 +99,10 @@ PRESETS = {
     "tiny": Qwen3Config.tiny,
     "bench_50m": Qwen3Config.bench_50m,
     "qwen3_0p6b": Qwen3Config.qwen3_0p6b,
-    "qwen3_1p7b": Qwen3Config.qwen3_1p7b,
-    "qwen3_4b": Qwen3Config.qwen3_4b,
-    "qwen3_8b": Qwen3Config.qwen3_8b,
+    # (vocab, hidden, intermediate, layers, heads, kv heads, head_dim), as the Qwen3 config.json
+    "qwen3_1p7b": lambda: Qwen3Config(151936, 2048, 6144, 28, 16, 8, 128),
+    "qwen3_4b": lambda: Qwen3Config(151936, 2560, 9728, 36, 32, 8, 128),
+    "qwen3_8b": lambda: Qwen3Config(151936, 4096, 12288, 36, 32, 8, 128, tie_word_embeddings=False),
 }
 
 FAMILY = family.Family(

@@ -19,20 +19,10 @@ from apo_jax.objectives import (
 )
 from apo_jax.objectives.registry import Context, Objective
 
-# config.loss.name -> the objective.
+# config.loss.name -> the objective (in this order in listings and config.loss).
 OBJECTIVES: dict[str, Objective] = {
-    alpha_dpg.OBJECTIVE.name: alpha_dpg.OBJECTIVE,
-    apo.OBJECTIVE.name: apo.OBJECTIVE,
-    cispo.OBJECTIVE.name: cispo.OBJECTIVE,
-    clip_cov.OBJECTIVE.name: clip_cov.OBJECTIVE,
-    grpo.OBJECTIVE.name: grpo.OBJECTIVE,
-    dapo.OBJECTIVE.name: dapo.OBJECTIVE,
-    dr_grpo.OBJECTIVE.name: dr_grpo.OBJECTIVE,
-    fdiv.OBJECTIVE.name: fdiv.OBJECTIVE,
-    gspo.OBJECTIVE.name: gspo.OBJECTIVE,
-    kl_cov.OBJECTIVE.name: kl_cov.OBJECTIVE,
-    sapo.OBJECTIVE.name: sapo.OBJECTIVE,
-    tpo.OBJECTIVE.name: tpo.OBJECTIVE,
+    m.OBJECTIVE.name: m.OBJECTIVE
+    for m in (alpha_dpg, apo, cispo, clip_cov, grpo, dapo, dr_grpo, fdiv, gspo, kl_cov, sapo, tpo)
 }
 
 

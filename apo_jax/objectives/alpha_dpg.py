@@ -18,12 +18,11 @@ from apo_jax.objectives.common import (
     LossOutput,
     aggregate,
     float_dtype,
-    kl_estimate,
+    kl_old_new,
     masked_mean,
     scalar_metrics,
+    sg,
 )
-
-sg = jax.lax.stop_gradient
 
 # config.loss.alpha_dpg.* (the reference recipe's values)
 DEFAULTS = dict(
@@ -121,7 +120,7 @@ def alpha_dpg_loss(
         pseudo_reward=masked_mean(pr, valid),
         pseudo_reward_clip_frac=masked_mean(clipped.astype(dt), valid),
         log_z=masked_mean(log_z, (rewards > 0).any(-1).astype(dt)),  # groups with an estimate
-        kl_old_new=masked_mean(kl_estimate(sg(logp_old.astype(dt)), sg(logp), "k3"), m),
+        kl_old_new=kl_old_new(logp_old, logp, m),
     )
     return LossOutput(total, denom, scalar_metrics(**metrics))
 

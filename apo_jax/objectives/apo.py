@@ -69,21 +69,10 @@ def apo_loss(
     simplex.check_alpha_tau(alpha, tau)
     if logit_reg_center not in LOGIT_REG_CENTERS:
         raise ValueError(f"logit_reg_center must be one of {LOGIT_REG_CENTERS}")
-    p_n = rewards.shape[0]
     dt = pg_lib.float_dtype(logp)
-    alpha_c, tau_c = simplex.per_prompt(alpha, p_n, dt), simplex.per_prompt(tau, p_n, dt)  # [P, 1]
-    g = simplex.anchored_group(
-        logp,
-        logp_old,
-        mask,
-        rewards,
-        tau_c,
-        beta_r,
-        clip_log_ratio,
-        clip_score,
-        scale_rewards,
-        target,
-    )
+    alpha_c = simplex.per_prompt(alpha, rewards.shape[0], dt)  # [P, 1]
+    hyper = (beta_r, clip_log_ratio, clip_score, scale_rewards, target)  # u and q
+    g = simplex.anchored_group(logp, logp_old, mask, rewards, tau, *hyper)
     w = simplex.alpha_weights(g.log_q, g.log_p, alpha_c, eps)  # [P, G]
     per_prompt = -(w * g.log_p / alpha_c).sum(-1)  # [P]
     extra = {}
@@ -100,25 +89,13 @@ def apo_loss(
             lse = lse - pg_lib.sg((jnp.exp(g.log_q) * g.u).sum(-1))
         per_prompt = per_prompt + logit_reg_coef * lse**2
     div = simplex.alpha_divergence(g.log_q, g.log_p, alpha_c)  # [P]
-    metrics = simplex.group_metrics(g, tau_c, logp, logp_old, mask, div)
+    metrics = simplex.group_metrics(g, logp, logp_old, mask, div)
     metrics["alpha"] = jnp.mean(alpha_c)
     metrics["ess"] = pg_lib.masked_mean(simplex.effective_sample_size(w), g.valid_prompt)
     return LossOutput(
         (per_prompt * g.valid_prompt).sum(),
         g.valid_prompt.sum(),
         pg_lib.scalar_metrics(**metrics, **extra),
-    )
-
-
-def _loss(logp, b, ctx, **params) -> LossOutput:
-    return apo_loss(
-        logp,
-        b.old_logp,
-        b.completion_mask,
-        b.rewards,
-        alpha=ctx.alpha,
-        tau=ctx.tau,
-        **params,
     )
 
 
@@ -141,7 +118,7 @@ def _check(p) -> None:
 
 OBJECTIVE = registry.Objective(
     name="apo",
-    loss=_loss,
+    loss=simplex.scheduled_loss(apo_loss),
     defaults=DEFAULTS,
     schedule=True,
     couples_rows=True,

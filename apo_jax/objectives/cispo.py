@@ -5,7 +5,6 @@ so that no token's gradient is dropped, normalised over all tokens of the batch.
 Token arrays are [P, G, T], rewards [P, G].
 """
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -16,12 +15,11 @@ from apo_jax.objectives.common import (
     aggregate,
     float_dtype,
     group_advantages,
-    kl_estimate,
+    kl_old_new,
     masked_mean,
     scalar_metrics,
+    sg,
 )
-
-sg = jax.lax.stop_gradient
 
 # config.loss.cispo.* (MiniMax-M1 sets no lower bound and tunes only ε_high without publishing
 # it; these are verl's CISPO example, examples/cispo_trainer: clip_ratio_low 10, high 0.2)
@@ -61,7 +59,7 @@ def cispo_loss(
     total, denom = aggregate(-weight * adv * logp, m, "token-mean")
     metrics = dict(
         clip_frac=masked_mean((weight != ratio).astype(dt), m),
-        kl_old_new=masked_mean(kl_estimate(sg(logp_old.astype(dt)), sg(logp), "k3"), m),
+        kl_old_new=kl_old_new(logp_old, logp, m),
     )
     return LossOutput(total, denom, scalar_metrics(**metrics))
 
@@ -78,13 +76,9 @@ def _inert(p) -> dict[str, str]:
     return {}
 
 
-def _loss(logp, b, ctx, **params) -> LossOutput:
-    return cispo_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
-
-
 OBJECTIVE = registry.Objective(
     name="cispo",
-    loss=_loss,
+    loss=registry.plain_loss(cispo_loss),
     defaults=DEFAULTS,
     check=_check,
     inert=_inert,

@@ -18,12 +18,11 @@ from apo_jax.objectives.common import (
     clipped_surrogate,
     float_dtype,
     group_advantages,
-    kl_estimate,
+    kl_old_new,
     masked_mean,
     scalar_metrics,
+    sg,
 )
-
-sg = jax.lax.stop_gradient
 
 # config.loss.clip_cov.* (the paper's recipe, recipe/dapo/7b_clip_cov.sh and 32b_clip_cov.sh)
 DEFAULTS = dict(
@@ -156,7 +155,7 @@ def clip_cov_loss(
         clip_frac=masked_mean(cut.astype(dt), m),
         ppo_clip_frac=masked_mean(clipped.astype(dt), m),
         cov_eligible_frac=masked_mean(eligible.astype(dt), m),
-        kl_old_new=masked_mean(kl_estimate(logp_old, sg(logp), "k3"), m),
+        kl_old_new=kl_old_new(logp_old, logp, m),
     )
     return LossOutput(total, denom, scalar_metrics(**metrics))
 

@@ -95,6 +95,12 @@ def kl_estimate(logp: Array, logp_ref: Array, kind: str) -> Array:
     raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_TYPES}")
 
 
+def kl_old_new(logp_old: Array, logp: Array, m: Array) -> Float[Array, ""]:
+    """The `kl_old_new` metric: mean k3 estimate of KL(π_old‖π_θ) over the tokens of m."""
+    k3 = kl_estimate(sg(logp_old.astype(m.dtype)), sg(logp.astype(m.dtype)), "k3")
+    return masked_mean(k3, m)
+
+
 def clipped_surrogate(
     log_ratio: Array, adv: Array, eps_low: float, eps_high: float, dual_clip: float | None
 ) -> tuple[Array, Bool[Array, "..."]]:

@@ -40,20 +40,11 @@ def dr_grpo_loss(
     )
 
 
-def _loss(logp, b, ctx, **params) -> LossOutput:
-    return dr_grpo_loss(
-        logp,
-        b.old_logp,
-        b.completion_mask,
-        b.rewards,
-        max_len=ctx.max_new_tokens,
-        **params,
-    )
-
-
 OBJECTIVE = registry.Objective(
     name="dr_grpo",
-    loss=_loss,
+    loss=lambda logp, b, ctx, **params: dr_grpo_loss(
+        logp, b.old_logp, b.completion_mask, b.rewards, max_len=ctx.max_new_tokens, **params
+    ),
     defaults=DEFAULTS,
     check=lambda p: grpo.check_ppo_clip("dr_grpo", p),
     doc="Dr.GRPO: unnormalised advantages, token sums over a fixed length",

@@ -14,7 +14,6 @@ candidates; spec §1.5, §4.5). The seed methods as members, all on one simplex 
 Token arrays are [P, G, T], rewards [P, G]; the loss is a mean over prompts.
 """
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -22,7 +21,7 @@ from apo_jax.objectives import common as pg_lib
 from apo_jax.objectives import registry, simplex
 from apo_jax.objectives.common import LossOutput
 
-sg = jax.lax.stop_gradient
+sg = pg_lib.sg
 F_DIVERGENCES = ("forward_kl", "reverse_kl", "js", "hellinger", "alpha")
 
 # config.loss.fdiv.* (τ, and α for the alpha member, come from config.schedule)
@@ -84,41 +83,16 @@ def f_divergence_loss(
 
     Mean over prompts; metrics["divergence"] is D_f itself.
     """
-    if divergence not in F_DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; expected one of {F_DIVERGENCES}")
     simplex.check_alpha_tau(alpha if divergence == "alpha" else 0.5, tau)
-    p_n = rewards.shape[0]
     dt = pg_lib.float_dtype(logp)
-    alpha_c, tau_c = simplex.per_prompt(alpha, p_n, dt), simplex.per_prompt(tau, p_n, dt)  # [P, 1]
-    g = simplex.anchored_group(
-        logp,
-        logp_old,
-        mask,
-        rewards,
-        tau_c,
-        beta_r,
-        clip_log_ratio,
-        clip_score,
-        scale_rewards,
-        target,
-    )
+    alpha_c = simplex.per_prompt(alpha, rewards.shape[0], dt)  # [P, 1]
+    hyper = (beta_r, clip_log_ratio, clip_score, scale_rewards, target)  # u and q
+    g = simplex.anchored_group(logp, logp_old, mask, rewards, tau, *hyper)
     c, value = _f_terms(divergence, g.log_p, g.log_q, alpha_c, eps)  # [P, G], [P]
     per_prompt = (sg(c) * g.log_p).sum(-1)  # [P]
-    metrics = simplex.group_metrics(g, tau_c, logp, logp_old, mask, value)
+    metrics = simplex.group_metrics(g, logp, logp_old, mask, value)
     return LossOutput(
         (per_prompt * g.valid_prompt).sum(), g.valid_prompt.sum(), pg_lib.scalar_metrics(**metrics)
-    )
-
-
-def _loss(logp, b, ctx, **params) -> LossOutput:
-    return f_divergence_loss(
-        logp,
-        b.old_logp,
-        b.completion_mask,
-        b.rewards,
-        alpha=ctx.alpha,
-        tau=ctx.tau,
-        **params,
     )
 
 
@@ -130,7 +104,7 @@ def _check(p) -> None:
 
 OBJECTIVE = registry.Objective(
     name="fdiv",
-    loss=_loss,
+    loss=simplex.scheduled_loss(f_divergence_loss),
     defaults=DEFAULTS,
     schedule=True,
     couples_rows=True,

@@ -4,7 +4,6 @@ advantages, optional KL to a frozen reference, and an explicit aggregation mode.
 Token arrays are [P, G, T], rewards [P, G].
 """
 
-import jax
 from jaxtyping import Array, Float
 
 from apo_jax.objectives import registry
@@ -17,12 +16,12 @@ from apo_jax.objectives.common import (
     float_dtype,
     group_advantages,
     kl_estimate,
+    kl_old_new,
     masked_mean,
     scalar_metrics,
     scale_grad,
+    sg,
 )
-
-sg = jax.lax.stop_gradient
 
 # config.loss.grpo.* (canonical GRPO; the DeepSeekMath paper also used kl_coef = 0.04)
 DEFAULTS = dict(
@@ -71,8 +70,6 @@ def grpo_loss(
         raise ValueError(f"agg_mode must be in {AGG_MODES} and kl_type in {KL_TYPES}")
     if kl_coef and logp_ref is None:
         raise ValueError("kl_coef > 0 needs logp_ref (frozen reference log-probs)")
-    if agg_mode == "seq-mean-token-sum-norm" and max_len is None:
-        raise ValueError("seq-mean-token-sum-norm needs max_len (the fixed generation length)")
     dt = float_dtype(logp)
     logp, m = logp.astype(dt), mask.astype(dt)
     logp_old = sg(logp_old.astype(dt))
@@ -83,7 +80,7 @@ def grpo_loss(
     )  # [P, G, T]
     metrics = dict(
         clip_frac=masked_mean(active.astype(dt), m),
-        kl_old_new=masked_mean(kl_estimate(logp_old, sg(logp), "k3"), m),
+        kl_old_new=kl_old_new(logp_old, logp, m),
     )
     if kl_coef:
         kl = kl_estimate(logp, sg(logp_ref.astype(dt)), kl_type)  # [P, G, T]

@@ -4,7 +4,6 @@ ratio, and its GSPO-token variant.
 Token arrays are [P, G, T], rewards [P, G].
 """
 
-import jax
 from jaxtyping import Array, Float
 
 from apo_jax.objectives import grpo, registry
@@ -14,13 +13,12 @@ from apo_jax.objectives.common import (
     clipped_surrogate,
     float_dtype,
     group_advantages,
-    kl_estimate,
+    kl_old_new,
     masked_mean,
     scalar_metrics,
     sequence_logp,
+    sg,
 )
-
-sg = jax.lax.stop_gradient
 
 # config.loss.gspo.* (the GSPO paper's §5.1 clip range)
 DEFAULTS = dict(
@@ -66,19 +64,13 @@ def gspo_loss(
         valid = (m.sum(-1) > 0).astype(dt)
         total, denom = (seq * valid).sum(), valid.sum()
         clip_frac = masked_mean(active.astype(dt), valid)
-    k3 = kl_estimate(sg(logp_old.astype(dt)), sg(logp), "k3")
-    return LossOutput(
-        total, denom, scalar_metrics(clip_frac=clip_frac, kl_old_new=masked_mean(k3, m))
-    )
-
-
-def _loss(logp, b, ctx, **params) -> LossOutput:
-    return gspo_loss(logp, b.old_logp, b.completion_mask, b.rewards, **params)
+    metrics = scalar_metrics(clip_frac=clip_frac, kl_old_new=kl_old_new(logp_old, logp, m))
+    return LossOutput(total, denom, metrics)
 
 
 OBJECTIVE = registry.Objective(
     name="gspo",
-    loss=_loss,
+    loss=registry.plain_loss(gspo_loss),
     defaults=DEFAULTS,
     check=lambda p: grpo.check_ppo_clip("gspo", p),
     doc="GSPO: clipped length-normalised sequence ratios",

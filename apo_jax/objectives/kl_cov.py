@@ -5,7 +5,6 @@
 Token arrays are [P, G, T], rewards [P, G].
 """
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -16,12 +15,11 @@ from apo_jax.objectives.common import (
     aggregate,
     float_dtype,
     group_advantages,
-    kl_estimate,
+    kl_old_new,
     masked_mean,
     scalar_metrics,
+    sg,
 )
-
-sg = jax.lax.stop_gradient
 
 # config.loss.kl_cov.* (the paper's recipe for 7B models, recipe/dapo/7b_kl_cov.sh: k_percent
 # 0.2 %; its 32B recipe and verl's generic default use 0.02 %, verl's generic coefficient 0.1)
@@ -71,7 +69,7 @@ def kl_cov_loss(
     metrics = dict(
         kl_cov_frac=masked_mean(top.astype(dt), m),
         abs_log_ratio=masked_mean(jnp.abs(sg(log_ratio)), m),
-        kl_old_new=masked_mean(kl_estimate(logp_old, sg(logp), "k3"), m),
+        kl_old_new=kl_old_new(logp_old, logp, m),
     )
     return LossOutput(total, denom, scalar_metrics(**metrics))
 
@@ -82,13 +80,9 @@ def _check(p) -> None:
         registry.fail("kl_cov.ppo_kl_coef", p["ppo_kl_coef"], "must be >= 0")
 
 
-def _loss(logp, b, ctx, **params) -> LossOutput:
-    return kl_cov_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
-
-
 OBJECTIVE = registry.Objective(
     name="kl_cov",
-    loss=_loss,
+    loss=registry.plain_loss(kl_cov_loss),
     defaults=DEFAULTS,
     couples_rows=True,  # the penalised tokens are a batch-wide top-k by covariance
     check=_check,

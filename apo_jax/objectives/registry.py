@@ -69,3 +69,11 @@ class Objective:
 def fail(key: str, value, why: str):
     """The error every objective's `check` raises: names the full config key."""
     raise ValueError(f"config.loss.{key}={value!r}: {why}")
+
+
+def plain_loss(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
+    """`Objective.loss` of a loss fn(logp, old_logp, completion_mask, rewards, **config block)
+    that needs nothing else from the batch or the context."""
+    return lambda logp, b, ctx, **params: fn(
+        logp, b.old_logp, b.completion_mask, b.rewards, **params
+    )

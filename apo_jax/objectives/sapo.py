@@ -16,12 +16,11 @@ from apo_jax.objectives.common import (
     aggregate,
     float_dtype,
     group_advantages,
-    kl_estimate,
+    kl_old_new,
     masked_mean,
     scalar_metrics,
+    sg,
 )
-
-sg = jax.lax.stop_gradient
 
 # config.loss.sapo.* (the paper's values for Qwen3-30B-A3B-Base, also verl's defaults)
 DEFAULTS = dict(
@@ -61,7 +60,7 @@ def sapo_loss(
     weight = sg(4.0 * gate * (1.0 - gate) * ratio)
     metrics = dict(
         gate_weight=masked_mean(weight, m),
-        kl_old_new=masked_mean(kl_estimate(sg(logp_old.astype(dt)), sg(logp), "k3"), m),
+        kl_old_new=kl_old_new(logp_old, logp, m),
     )
     return LossOutput(total, denom, scalar_metrics(**metrics))
 
@@ -72,13 +71,9 @@ def _check(p) -> None:
             registry.fail(f"sapo.{key}", p[key], "must be > 0")
 
 
-def _loss(logp, b, ctx, **params) -> LossOutput:
-    return sapo_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
-
-
 OBJECTIVE = registry.Objective(
     name="sapo",
-    loss=_loss,
+    loss=registry.plain_loss(sapo_loss),
     defaults=DEFAULTS,
     check=_check,
     doc="SAPO: soft sigmoid gate with sign-dependent temperatures instead of a clip",

@@ -86,13 +86,16 @@ class Group(NamedTuple):
     clamped: Array  # [P, G] bool
     valid_seq: Array  # [P, G] float, sequence has ≥ 1 token
     valid_prompt: Array  # [P] float, group has ≥ 1 token
+    tau: Array  # [P, 1] τ per prompt
 
 
 def anchored_group(
     logp, logp_old, mask, rewards, tau, beta_r, clip_lr, clip_u, scale_rewards, target="softmax"
 ):
+    """The group quantities of APO and f-DPG; τ a scalar or [P] (broadcast to [P, 1])."""
     ell = sequence_logp(logp, mask)  # [P, G]
     ell_ref = sequence_logp(logp_old, mask)  # [P, G]
+    tau = per_prompt(tau, ell.shape[0], ell.dtype)
     u, d, clamped = anchored_scores(ell, ell_ref, tau, clip_lr, clip_u)
     n_tok = mask.astype(ell.dtype).sum(-1)  # [P, G]
     return Group(
@@ -104,6 +107,7 @@ def anchored_group(
         clamped=clamped,
         valid_seq=(n_tok > 0).astype(ell.dtype),
         valid_prompt=(n_tok.sum(-1) > 0).astype(ell.dtype),
+        tau=tau,
     )
 
 
@@ -138,15 +142,21 @@ def effective_sample_size(w: Float[Array, "P G"]) -> Float[Array, " P"]:
     return 1.0 / (w_hat**2).sum(-1)
 
 
-def group_metrics(g: Group, tau, logp, logp_old, mask, divergence):
+def group_metrics(g: Group, logp, logp_old, mask, divergence):
     m = mask.astype(g.ell.dtype)
-    k3 = pg_lib.kl_estimate(logp_old.astype(m.dtype), logp.astype(m.dtype), "k3")  # KL(old‖new)
     return dict(
         divergence=pg_lib.masked_mean(divergence, g.valid_prompt),
         abs_log_ratio=pg_lib.masked_mean(jnp.abs(g.d), g.valid_seq),
         clamp_frac=pg_lib.masked_mean(g.clamped.astype(m.dtype), g.valid_seq),
-        kl_old_new=pg_lib.masked_mean(k3, m),
-        tau=jnp.mean(tau),
+        kl_old_new=pg_lib.kl_old_new(logp_old, logp, m),
+        tau=jnp.mean(g.tau),
+    )
+
+
+def scheduled_loss(fn):
+    """`Objective.loss` of an anchored-simplex loss: α and τ from the schedule (`Context`)."""
+    return lambda logp, b, ctx, **params: fn(
+        logp, b.old_logp, b.completion_mask, b.rewards, alpha=ctx.alpha, tau=ctx.tau, **params
     )
 
 

@@ -13,13 +13,13 @@ from apo_jax.objectives import registry
 from apo_jax.objectives.common import (
     LossOutput,
     float_dtype,
-    kl_estimate,
+    kl_old_new,
     masked_mean,
     scalar_metrics,
     sequence_logp,
+    sg,
 )
 
-sg = jax.lax.stop_gradient
 _STD_FLOOR = 1e-6  # the reference's zero-variance test (std > 1e-6, else u = 0)
 
 # config.loss.tpo.* (the paper's: η = 1 throughout, sequence log-probs summed over tokens)
@@ -77,7 +77,7 @@ def tpo_loss(
         divergence=masked_mean((q * (log_q - sg(log_p))).sum(-1), valid),
         target_entropy=masked_mean(-(q * log_q).sum(-1), valid),
         old_top_mass=masked_mean(jnp.exp(log_p_old).max(-1), valid),
-        kl_old_new=masked_mean(kl_estimate(sg(logp_old.astype(dt)), sg(logp.astype(dt)), "k3"), m),
+        kl_old_new=kl_old_new(logp_old, logp, m),
     )
     return LossOutput((per_prompt * valid).sum(), valid.sum(), scalar_metrics(**metrics))
 
@@ -87,13 +87,9 @@ def _check(p) -> None:
         registry.fail("tpo.eta", p["eta"], "must be > 0")
 
 
-def _loss(logp, b, ctx, **params) -> LossOutput:
-    return tpo_loss(logp, b["old_logp"], b["completion_mask"], b["rewards"], **params)
-
-
 OBJECTIVE = registry.Objective(
     name="tpo",
-    loss=_loss,
+    loss=registry.plain_loss(tpo_loss),
     defaults=DEFAULTS,
     couples_rows=True,  # a softmax over each prompt's group
     check=_check,
