@@ -5,7 +5,7 @@ Phases of a step and what is resident in each (per device, bytes):
   rollout  train state (+ reference copy) + rollout weights that are not the train arrays
            + prefill / decode: the KV cache and decode state plus the programs' temporaries,
            for one sampler call (rollout.rows_per_chunk rows per process, or all of a step's;
-           rollout.engine=continuous: all of a step's prompts' caches, the slots' cache of
+           rollout.engine=continuous: one prefill group of prompts' caches, the slots' cache of
            rollout.slots rows per process and the output rows)
   scoring  train state (+ reference) + the log-prob program's temporaries and output
   update   train state (+ reference; the state is donated and updated in place) + the batch
@@ -115,7 +115,7 @@ def _sampler_call(smp, weights, b: int, n: int, sp, phase: str, over_hbm: dict) 
 def _continuous_call(smp, weights, args, rows: int, n: int, sp, phase, over_hbm) -> dict | None:
     """`_sampler_call` under rollout.engine=continuous: the engine's prefill (prompt caches,
     output rows, empty slots) and its round program (admission + decode), at the full slot
-    count. Resident from the prefill to the end: the prompts' caches, the slots' cache of
+    count. Resident from the prefill to the end: a prompt group's caches, the slots' cache of
     `rollout.slots` rows per process and the output rows."""
     engine = smp.continuous
     z = min(smp.slots * jax.process_count(), rows)
