@@ -250,7 +250,7 @@ class Rollout(Block):
     rows_per_chunk: int = key(0, "[0, inf)",
         "rows (prompts x G) per sampler call, per process: the KV cache holds this many rows at a "
         "time (0 = all of a step's rows in one call). A multiple of G dividing each process's rows")
-    engine: str = key("static", ("static", "continuous"),
+    engine: str = key("continuous", ("static", "continuous"),
         "decode engine: static batches or continuous batching (slots refilled as rows finish)")
     slots: int = key(0, "[0, inf)",
         "decode rows held at once per process with engine=continuous; 0 = rows_per_chunk or "
@@ -417,7 +417,7 @@ def default_config(**plugins: ml_collections.ConfigDict) -> ml_collections.Confi
 
 
 def defaults() -> dict[str, Any]:
-    """Every core key's default, flat ({"rollout.engine": "static", ...}): what a record written
+    """Every core key's default, flat ({"rollout.engine": "continuous", ...}): what a record written
     before a key existed means by its absence."""
     return {
         (f"{path}." if path else "") + f.name: f.default

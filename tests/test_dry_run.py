@@ -35,6 +35,7 @@ def test_dry_run_prints_one_json_line_and_says_when_it_does_not_fit(tmp_path):
         "--config.model.remat=block",
         # The rollout samples 2 prompts x G 2 per call; the evaluation's greedy pass 8 prompts
         # per call and its sampled pass 4 prompts x 2: its KV cache is twice the rollout's.
+        "--config.rollout.engine=static",  # its cache is rows_per_chunk rows
         "--config.rollout.rows_per_chunk=4",
         "--config.eval.num_prompts=8",
         "--config.eval.rows_per_chunk=8",

@@ -143,6 +143,7 @@ def test_metrics_aggregate_per_prompt_statistics():
 
 def test_rows_per_call_defaults_to_the_rollouts_chunk():
     c = toy.get_config()  # 16 prompts x G 8 per step
+    c.rollout.engine = "static"  # continuous: one call per pass, whatever the chunk
     rows = lambda: evaluate_lib.rows_per_call(build.plan(c))
     assert rows() == 16 * 8  # a step's rows: the calls the evaluation always made
     assert evaluate_lib.rows_per_call(build.plan(c), procs=2) == 16 * 8 // 2  # per process
@@ -169,6 +170,7 @@ def test_evaluation_in_row_chunks_changes_nothing():
     may round differently, as XLA's matmuls over other row counts need not sum in one order."""
     c = toy.get_config("debug")
     c.mesh.data, c.rollout.group_size, c.eval.num_prompts = 1, 4, 6
+    c.rollout.engine = "static"  # the engine whose calls eval.rows_per_chunk bounds
     k = c.rollout.group_size
     p = build.plan(c)
     task = build.task(p)

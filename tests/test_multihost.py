@@ -41,7 +41,10 @@ def _lines(workdir):
     "engine",
     # continuous: 2 slots per process for 4 rows per process, so rows queue, refill and drain;
     # both processes take the same scheduling decisions from the gathered slot flags.
-    [(), ("--config.rollout.engine=continuous", "--config.rollout.slots=2")],
+    [
+        ("--config.rollout.engine=static",),
+        ("--config.rollout.engine=continuous", "--config.rollout.slots=2"),
+    ],
     ids=["static", "continuous"],
 )
 def test_two_processes_match_one_process(tmp_path, engine):

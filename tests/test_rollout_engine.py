@@ -78,6 +78,26 @@ def test_continuous_rows_equal_static_rows(attention, temperature):
     assert cont.traces == {"prefill": 1, "decode": 2}
 
 
+def test_prompts_prefilled_in_groups_when_they_outgrow_the_slots():
+    # 11 short prompts (bucket 8) through 2 slots: the prompts' caches would outgrow the slots'
+    # (2 x 18 positions), so they are prefilled 4 at a time (prompts 0-3, 4-7, then 7-10 of which
+    # 7 is not queued again). Same tokens and lengths as static; the log-probs may round
+    # differently in the last bits, as the prefill batch differs (as with rows_per_chunk).
+    graphdef, params = _model()
+    static, cont = _pair(graphdef, slots=2, temperature=0.8, top_k=20)
+    prompts = _prompts((3, 5, 7, 2, 6, 4, 8, 1, 5, 3, 7), seed=2)
+    finished = []
+    want = static.sample(params, prompts, n=1, rng=5)
+    got = cont.sample(params, prompts, n=1, rng=5, on_finished=lambda r, t: finished.extend(r))
+    for name in ("tokens", "mask", "lengths", "truncated", "prompt_ids", "prompt_mask"):
+        np.testing.assert_array_equal(getattr(want, name), getattr(got, name), err_msg=name)
+    for name in ("logp", "sample_logp"):
+        np.testing.assert_allclose(getattr(want, name), getattr(got, name), atol=1e-5)
+    assert sorted(finished) == list(range(11))
+    assert cont.continuous._group(11, 8, 1, 2) == 4 and cont.traces["prefill"] == 2
+    assert cont.stats()["device_calls"] >= 3 + 2  # three prefills, rounds
+
+
 def test_on_finished_reports_every_row_once_while_others_decode():
     graphdef, params = _model()
     static, cont = _pair(graphdef, slots=2, temperature=1.0)

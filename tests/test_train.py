@@ -134,6 +134,7 @@ def test_rollout_in_row_chunks_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(train.build.sampler_lib.Sampler, "sample", counting)
     whole, chunked = tmp_path / "whole", tmp_path / "chunked"
     c = _debug_toy(total_steps=2, **{"checkpoint.every_steps": 0})
+    c.rollout.engine = "static"  # the engine that calls the sampler once per chunk
     g, n = c.rollout.group_size, c.rollout.prompts_per_step
     assert n == 4, "the test needs a step of 4 prompts (2 chunks of 2)"
     train.run(c, str(whole))
@@ -162,6 +163,7 @@ def test_continuous_engine_changes_nothing(tmp_path):
     decode batch differs."""
     static, cont = tmp_path / "static", tmp_path / "continuous"
     c = _debug_toy(total_steps=2, **{"checkpoint.every_steps": 0, "eval.num_prompts": 4})
+    c.rollout.engine = "static"
     train.run(c, str(static))
     c.rollout.engine, c.rollout.slots = "continuous", 2 * c.rollout.group_size
     train.run(c, str(cont))

@@ -2,17 +2,21 @@
 for the next queued row, so no slot steps on behalf of a batch's longest row.
 
 One `sample` call (rows = prompts × n, group-major, as the static engine):
-1. one prefill of all the call's prompts (decode.prefill, as static, without the repeat): their
-   caches stay on device as the pool of prompt prefixes, their first tokens seed the output;
+1. the prompts are prefilled in groups of at most as many cache positions as the slots hold
+   (`_group`; all of them at once when they fit; decode.prefill, as static, without the repeat):
+   a group's caches stay on device as the pool of prompt prefixes, their first tokens seed the
+   output rows, and the group's rows join the queue. The next group is prefilled (one device call
+   and one sync) when the queue is empty, so the cache holds one group's prompts, not a step's;
 2. rounds: the host gives queued rows to free slots, and one jitted program copies each admitted
    row's prompt cache into its slot (kv_cache.admit: the prompt is prefilled once for its n rows),
    then decodes every slot in a while_loop until `refill` slots have freed; the host reads the
    slots' live flags back (one sync) and frees them;
-3. the drain: once the queue is empty, a round ends when the live rows fit half the slots, and
-   they move to a slot array of half the size (one gather), down to two rows per device, so the
-   tail of long rows is not decoded at full width.
+3. the drain: once the queue is empty and every group prefilled, a round ends when the live rows
+   fit half the slots, and they move to a slot array of half the size (one gather), down to two
+   rows per device, so the tail of long rows is not decoded at full width.
 A round is one device call and one host sync (plus one call per halving). No shape depends on
-the schedule: one compile per (prompt bucket, rows, slot count, sampling), whatever the refills.
+the schedule: one compile per (prompt bucket, rows, slot count, sampling), whatever the refills
+(two prefill programs when there are several groups: the first one also makes the buffers).
 Several rounds per call keep the host out of the decode loop: with `refill` = slots / 8, a call
 of B rows of mean length m makes ~8 B / slots rounds, each ~ m / 8 decode steps long.
 
@@ -21,7 +25,8 @@ and a slot holds P + T positions, so a row occupies the same cache slots as unde
 attention sums run over the same layout: on CPU in float32 both engines give bit-identical rows
 (tests/test_rollout_engine.py). A per-row bucket would save prefill work on short prompts but
 shift a row's keys within the cache, changing the sums' rounding.
-Shapes: P prompts, B = P·n rows, Z slots, Tp prompt bucket, Tc = max_new_tokens.
+Shapes: P prompts, B = P·n rows, Z slots, Q prompts per prefill group, Tp prompt bucket,
+Tc = max_new_tokens.
 """
 
 from __future__ import annotations
@@ -62,6 +67,15 @@ class Rows:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Pool:
+    """One group's prefilled prompts: prompts first .. first + Q - 1 of the call."""
+
+    prefilled: decode_lib.Prefilled  # cache [Q, K, Tp, H] per layer; first tokens of Q·n rows
+    first: Int[Array, ""]  # the group's first prompt
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class Slots:
     """The decode slots: their cache and the row each one holds (donated between rounds)."""
 
@@ -82,7 +96,7 @@ class Engine:
 
     def __init__(self, sampler, slots: int, refill: int):
         self.smp, self.slots, self.refill = sampler, slots, refill
-        self._prefills: dict = {}  # (n, z, SamplingParams) -> jitted prefill
+        self._prefills: dict = {}  # (n, z, SamplingParams, first group?) -> jitted prefill
         self._rounds: dict = {}  # SamplingParams -> jitted round
         self.stats: dict = {}  # device_calls, host_syncs, decode_steps of the last call
 
@@ -90,27 +104,48 @@ class Engine:
         smp = self.smp
         r = ids.shape[0] * n  # all processes' rows (ids are global arrays)
         z = min(self.slots * (jax.process_count() if smp._multi_process else 1), r)
+        prompts, t = ids.shape[0], smp.max_new_tokens
+        q = self._group(prompts, ids.shape[1], n, z)
         pool, rows, slots = self.prefill_program(n, z, sp)(params, ids, lengths, rng, row_ids)
-        calls, syncs, steps = 1, 1, 0
-        first, stopped = _host((pool.tokens, rows.stopped))
-        t = smp.max_new_tokens
-        done = stopped | (t == 1)  # rows over after their first token
         report = _Reporter(on_finished, rows.lengths)
-        report.hold(np.flatnonzero(done), [first[i : i + 1] for i in np.flatnonzero(done)])
-        queue = collections.deque(np.flatnonzero(~done).tolist())
+        queue = collections.deque()
+
+        def enqueue(pool: Pool, rows: Rows, fresh: int) -> None:
+            """The group's rows of prompts >= fresh join the queue, or end after one token."""
+            first, stopped, start = _host((pool.prefilled.tokens, rows.stopped, pool.first))
+            new = np.arange(fresh * n, (int(start) + q) * n)
+            done = stopped[new] | (t == 1)  # rows over after their first token
+            at = new[done] - int(start) * n
+            report.hold(new[done], [first[i : i + 1] for i in at])
+            queue.extend(new[~done].tolist())
+
+        enqueue(pool, rows, 0)
+        calls, syncs, steps, prefilled = 1, 1, 0, q  # prefilled: prompts whose rows are queued
         held = np.full((z,), -1, np.int64)  # the row in each slot (host view)
         held_at_start = z
         run, slot_steps = self.round_program(sp), 0
-        while queue or (held >= 0).any():
+        while queue or (held >= 0).any() or prefilled < prompts:
+            if not queue and prefilled < prompts:
+                # Every row of the pool's group has a slot: the next group replaces it (the last
+                # group ends at the last prompt and may repeat prefilled ones, not their rows).
+                start = np.int32(min(prefilled, prompts - q))
+                group = self.group_program(n, z, sp)
+                fresh = np.int32(prefilled)
+                pool, rows = group(params, ids, lengths, rng, row_ids, rows, start, fresh)
+                enqueue(pool, rows, prefilled)
+                calls, syncs, prefilled = calls + 1, syncs + 1, int(start) + q
+                continue
             admit = np.full((z,), -1, np.int32)
             for b in np.flatnonzero(held < 0):
                 if not queue:
                     break
                 admit[b] = held[b] = queue.popleft()
-            # Exit when `refill` slots are free again; with the queue empty, when the live rows
-            # fit the next smaller slot count (the drain), or when every row is done.
-            smaller = self._smaller(z)
-            want = min(self.refill, z) if queue else (z - smaller if smaller else z + 1)
+            # Exit when `refill` more slots are free (with a group left to prefill, counting the
+            # slots that stay free); with no row left to admit, when the live rows fit the next
+            # smaller slot count (the drain), or when every row is done.
+            smaller, more = self._smaller(z), bool(queue) or prefilled < prompts
+            idle = int((held < 0).sum())
+            want = min(idle + self.refill, z) if more else (z - smaller if smaller else z + 1)
             slots, rows, live, k = run(params, slots, rows, pool, admit, np.int32(want))
             report.flush()  # the previous round's rows, scored while this round decodes
             calls, syncs = calls + 1, syncs + 1
@@ -123,7 +158,7 @@ class Engine:
             if on_finished is not None:
                 report.hold(held[ended], [tok[b, : length[b]] for b in ended])
             held[ended] = -1
-            if not queue and smaller and live.sum() <= smaller:
+            if not more and smaller and live.sum() <= smaller:
                 # The drain: the remaining rows move to the first `smaller` slots of a smaller
                 # slot array, so the tail's steps are not paid at full width. One program per
                 # slot count (a few halvings), whatever the schedule.
@@ -140,23 +175,49 @@ class Engine:
         )
         return rows
 
-    def _smaller(self, z: int) -> int:
-        """The next slot count of the drain (half of z), or 0 below the smallest: two rows per
-        device on the batch axes (one row makes a matrix-vector product, whose sums round
-        differently, and the rows stay evenly split)."""
+    def _group(self, prompts: int, bucket: int, n: int, z: int) -> int:
+        """Prompts per prefill group: as many as hold no more cache positions than the z slots
+        (z × (bucket + max_new_tokens)), and at least enough rows to fill the slots; a multiple
+        of the devices on the batch axes (each prefills the same number), at most every prompt.
+        The engine's cache is then at most twice the slots' (the slots' and one group's), and a
+        call whose prompts fit prefills them all at once, as static does (bit-identical rows:
+        another prefill batch could round the log-probs differently in the last bits)."""
+        per = self._per_device()
+        fit = max(-(-z // n), z * (bucket + self.smp.max_new_tokens) // bucket)
+        return min(prompts, -(-fit // per) * per)
+
+    def _per_device(self) -> int:
+        """Devices on the batch mesh axes (1 without a mesh)."""
         smp, per = self.smp, 1
         if smp.mesh is not None:
             for a in smp.rules["batch"]:
                 per *= smp.mesh.shape.get(a, 1)
-        half = z // 2
+        return per
+
+    def _smaller(self, z: int) -> int:
+        """The next slot count of the drain (half of z), or 0 below the smallest: two rows per
+        device on the batch axes (one row makes a matrix-vector product, whose sums round
+        differently, and the rows stay evenly split)."""
+        per, half = self._per_device(), z // 2
         return half if half >= 2 * per and half % per == 0 else 0
 
     # --- the two jitted programs -------------------------------------------------------------
     def prefill_program(self, n: int, z: int, sp: SamplingParams):
-        """Prefill of the call's prompts + the output rows + z empty slots (one device call)."""
-        key = (n, z, sp)
+        """Prefill of the call's first group of prompts + the output rows + z empty slots (one
+        device call): (params, ids, lengths, rng, row_ids) -> (pool, rows, slots)."""
+        key = (n, z, sp, True)
         if key not in self._prefills:
             self._prefills[key] = jax.jit(lambda *a: self._prefill(*a, n=n, z=z, sp=sp))
+        return self._prefills[key]
+
+    def group_program(self, n: int, z: int, sp: SamplingParams):
+        """Prefill of a later group: (params, ids, lengths, rng, row_ids, rows, start, fresh) ->
+        (pool, rows): prompts start .. start + Q - 1, whose rows from prompt `fresh` on get their
+        first token (rows donated)."""
+        key = (n, z, sp, False)
+        if key not in self._prefills:
+            fn = lambda *a: self._next_group(*a, n=n, z=z, sp=sp)
+            self._prefills[key] = jax.jit(fn, donate_argnums=(5,))
         return self._prefills[key]
 
     def round_program(self, sp: SamplingParams):
@@ -166,22 +227,61 @@ class Engine:
             self._rounds[sp] = jax.jit(fn, donate_argnums=(1, 2))
         return self._rounds[sp]
 
-    def _prefill(self, params, ids, lengths, rng, row_ids, *, n: int, z: int, sp):
+    def _pool(self, params, ids, lengths, rng, row_ids, start, *, n: int, z: int, sp):
+        """(model, the group of prompts start .. start + Q - 1 prefilled)."""
         smp = self.smp
         smp.traces["prefill"] += 1
         model = nnx.merge(smp.graphdef, params)
         dtype = smp.cache_dtype or model.dtype
+        q = self._group(*ids.shape, n, z)
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, q)  # [Q, ...]
         with attention_lib.kernels_split_over(smp.mesh):
-            pool = decode_lib.prefill(model, ids, lengths, rng, row_ids, n=n, sp=sp, dtype=dtype)
-        r, t, p = pool.tokens.shape[0], smp.max_new_tokens, ids.shape[1]
-        first = lambda x, fill: jnp.full((r, t), fill, x.dtype).at[:, 0].set(x)
-        rows = Rows(
-            first(pool.tokens, smp.pad_id),
-            first(pool.logp, 0.0),
-            first(pool.sample_logp, 0.0),
-            jnp.ones((r,), jnp.int32),
-            sp.is_stop(pool.tokens),
+            pool = decode_lib.prefill(
+                model, part(ids), part(lengths), rng, part(row_ids), n=n, sp=sp, dtype=dtype
+            )
+        return model, Pool(pool, start)
+
+    def _with_group(self, rows: Rows, pool: Pool, fresh, sp) -> Rows:
+        """`rows` with the first token of each of the pool's rows from prompt `fresh` on."""
+        pre, t = pool.prefilled, self.smp.max_new_tokens
+        m = pre.tokens.shape[0]  # Q·n rows, from row first·n
+        n = m // pre.cache.starts.shape[0]
+        at = pool.first * n
+        new = at + jnp.arange(m) >= fresh * n  # [Q·n] rows not given a first token before
+        first = lambda x, fill: jnp.full((m, t), fill, x.dtype).at[:, 0].set(x)
+        group = Rows(
+            first(pre.tokens, self.smp.pad_id),
+            first(pre.logp, 0.0),
+            first(pre.sample_logp, 0.0),
+            jnp.ones((m,), jnp.int32),
+            sp.is_stop(pre.tokens),
         )
+
+        def put(full, part):
+            old = jax.lax.dynamic_slice_in_dim(full, at, m)
+            keep = new.reshape(new.shape + (1,) * (part.ndim - 1))
+            return jax.lax.dynamic_update_slice_in_dim(full, jnp.where(keep, part, old), at, 0)
+
+        return self._rows(jax.tree.map(put, rows, group))
+
+    def _next_group(self, params, ids, lengths, rng, row_ids, rows, start, fresh, *, n, z, sp):
+        _, pool = self._pool(params, ids, lengths, rng, row_ids, start, n=n, z=z, sp=sp)
+        return pool, self._with_group(rows, pool, fresh, sp)
+
+    def _prefill(self, params, ids, lengths, rng, row_ids, *, n: int, z: int, sp):
+        smp = self.smp
+        zero = jnp.zeros((), jnp.int32)
+        model, pool = self._pool(params, ids, lengths, rng, row_ids, zero, n=n, z=z, sp=sp)
+        dtype = smp.cache_dtype or model.dtype
+        r, t, p = ids.shape[0] * n, smp.max_new_tokens, ids.shape[1]
+        rows = Rows(
+            jnp.full((r, t), smp.pad_id, jnp.int32),
+            jnp.zeros((r, t), jnp.float32),
+            jnp.zeros((r, t), jnp.float32),
+            jnp.ones((r,), jnp.int32),
+            jnp.zeros((r,), bool),
+        )
+        rows = self._with_group(rows, pool, zero, sp)
         empty = jnp.zeros((z,), jnp.int32)
         slots = Slots(
             cache=kv_cache_lib.init(model.cfg, empty, p + t, dtype),
@@ -189,21 +289,20 @@ class Engine:
             last=empty,
             stopped=jnp.ones((z,), bool),
             lengths=empty,
-            keys=jnp.take(pool.keys, empty, axis=0),  # placeholders until admission
+            keys=jnp.take(pool.prefilled.keys, empty, axis=0),  # placeholders until admission
             tokens=jnp.full((z, t), smp.pad_id, jnp.int32),
             logp=jnp.zeros((z, t), jnp.float32),
             sample_logp=jnp.zeros((z, t), jnp.float32),
         )
-        return pool, self._rows(rows), self._constrain(slots)
+        return pool, rows, self._constrain(slots)
 
     def _round(self, params, slots: Slots, rows: Rows, pool, admit, want_free, *, sp):
         smp = self.smp
         smp.traces["decode"] += 1
         model = nnx.merge(smp.graphdef, params)
         t, pad = smp.max_new_tokens, smp.pad_id
-        n = rows.lengths.shape[0] // pool.cache.starts.shape[0]
-        slots = self._constrain(_admit(slots, rows, pool, admit, n))
-        first_slot = pool.cache.length  # P: decode slots follow the prompt
+        slots = self._constrain(_admit(slots, rows, pool, admit))
+        first_slot = pool.prefilled.cache.length  # Tp: decode slots follow the prompt
         tables = decode_lib.rope(model, slots.cache, first_slot, t)  # this round's occupants
         live_of = lambda s: (s.row >= 0) & decode_lib.live_mask(s.stopped, s.lengths, t)
         z = slots.row.shape[0]
@@ -263,18 +362,24 @@ class Engine:
         return jax.tree.map(lambda x: decode_lib.constrain_rows(x, smp.mesh, smp.rules), rows)
 
 
-def _admit(slots: Slots, rows: Rows, pool, admit: Int[Array, " Z"], n: int) -> Slots:
-    """Slot b with admit[b] >= 0 takes row admit[b]: its prompt's cache (row // n of the pool),
-    its first token and its key. Other slots keep what they hold."""
+def _admit(slots: Slots, rows: Rows, pool: Pool, admit: Int[Array, " Z"]) -> Slots:
+    """Slot b with admit[b] >= 0 takes row admit[b] (a row of the pool's group): its prompt's
+    cache (prompt row // n, of the pool from pool.first), its first token and its key. Other slots
+    keep what they hold."""
+    pre = pool.prefilled
+    q = pre.cache.starts.shape[0]
+    n = pre.tokens.shape[0] // q
     take = admit >= 0
     r = jnp.maximum(admit, 0)  # [Z]
-    cache = kv_cache_lib.admit(slots.cache, pool.cache, jnp.where(take, admit // n, -1))
+    prompt = jnp.where(take, admit // n - pool.first, -1)  # the row's prompt in the pool
+    cache = kv_cache_lib.admit(slots.cache, pre.cache, prompt)
+    at = jnp.clip(r - pool.first * n, 0, q * n - 1)  # the row in the pool (any, where not taken)
 
     def pick(old, new):
         return jnp.where(take.reshape(take.shape + (1,) * (old.ndim - 1)), new, old)
 
     keys = jax.random.wrap_key_data(
-        pick(jax.random.key_data(slots.keys), jax.random.key_data(pool.keys)[r])
+        pick(jax.random.key_data(slots.keys), jax.random.key_data(pre.keys)[at])
     )
     return Slots(
         cache=cache,

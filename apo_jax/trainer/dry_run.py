@@ -5,7 +5,7 @@ Phases of a step and what is resident in each (per device, bytes):
   rollout  train state (+ reference copy) + rollout weights that are not the train arrays
            + prefill / decode: the KV cache and decode state plus the programs' temporaries,
            for one sampler call (rollout.rows_per_chunk rows per process, or all of a step's;
-           rollout.engine=continuous: all of a step's prompts' caches, the slots' cache of
+           rollout.engine=continuous: one prefill group of prompts' caches, the slots' cache of
            rollout.slots rows per process and the output rows)
   scoring  train state (+ reference) + the log-prob program's temporaries and output
   update   train state (+ reference; the state is donated and updated in place) + the batch
@@ -98,7 +98,7 @@ def _sampler_call(smp, weights, b: int, n: int, sp, phase: str, over_hbm: dict) 
     if prefill is None:
         return None
     # Live from the prefill to the end: the KV cache and decode state (continuous: the prompts'
-    # caches, the output rows and the slots' cache).
+    # caches of one prefill group, the output rows and the slots' cache).
     state = _abstract(jax.eval_shape(prefill_fn, *args), prefill.output_shardings)
     if smp.engine == "continuous":
         pool, rows_state, slots = state
