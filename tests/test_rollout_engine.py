@@ -92,7 +92,10 @@ def test_prompts_prefilled_in_groups_when_they_outgrow_the_slots():
     for name in ("tokens", "mask", "lengths", "truncated", "prompt_ids", "prompt_mask"):
         np.testing.assert_array_equal(getattr(want, name), getattr(got, name), err_msg=name)
     for name in ("logp", "sample_logp"):
-        np.testing.assert_allclose(getattr(want, name), getattr(got, name), atol=1e-5)
+        # Another prefill batch only reorders float32 sums: a few ulps of the log-probs' scale.
+        ref = getattr(want, name)
+        tol = 64 * np.finfo(np.float32).eps * max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(ref, getattr(got, name), rtol=0, atol=tol, err_msg=name)
     assert sorted(finished) == list(range(11))
     assert cont.continuous._group(11, 8, 1, 2) == 4 and cont.traces["prefill"] == 2
     assert cont.stats()["device_calls"] >= 3 + 2  # three prefills, rounds
