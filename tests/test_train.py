@@ -369,6 +369,36 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, how, c
     assert capfd.readouterr().err.count("Traceback") == 0
 
 
+def test_abandoned_restore_reads_are_not_echoed_even_when_collected_late(capfd):
+    """Orbax's other reads of a failed restore are asyncio tasks that may be collected after
+    the restore has returned; asyncio then logs "Task exception was never retrieved" with a
+    full traceback. The guard drops those records, and only those."""
+    import asyncio
+    import gc
+    import logging as std_logging
+
+    async def fails():
+        raise ValueError("echo of the reported error")
+
+    async def abandon():
+        asyncio.get_running_loop().create_task(fails())
+        await asyncio.sleep(0.01)
+
+    handler = std_logging.StreamHandler()  # to stderr, captured by capfd
+    std_logging.getLogger("asyncio").addHandler(handler)
+    try:
+        with checkpoint_lib._quiet_leftovers():
+            pass
+        asyncio.run(abandon())  # collected after the guarded block has ended
+        gc.collect()
+        std_logging.getLogger("asyncio").error("an unrelated asyncio error")
+    finally:
+        std_logging.getLogger("asyncio").removeHandler(handler)
+    err = capfd.readouterr().err
+    assert "never retrieved" not in err and "Traceback" not in err
+    assert "an unrelated asyncio error" in err
+
+
 def test_no_restorable_checkpoint_names_workdir_and_steps(tmp_path):
     abstract = _toy_checkpoints(tmp_path)
     _damage(tmp_path / "checkpoints" / "2", "delete_manifest")

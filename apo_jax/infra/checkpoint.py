@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging as std_logging
 import os
 import shutil
 import signal
@@ -179,6 +180,10 @@ def short_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:300]}"
 
 
+def _drop_unretrieved(record: std_logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in str(record.msg)
+
+
 @contextlib.contextmanager
 def _quiet_leftovers():
     """A failed Orbax restore leaves its other reads behind: coroutines that raise the same
@@ -187,6 +192,11 @@ def _quiet_leftovers():
     is raised and reported by the caller, so these echoes are dropped, here and at the next
     collection."""
     hook, thread_hook = sys.unraisablehook, threading.excepthook
+    # Abandoned asyncio tasks report through the `asyncio` logger when collected, which may be
+    # after this block: that filter stays (it drops only "... exception was never retrieved").
+    asyncio_log = std_logging.getLogger("asyncio")
+    if _drop_unretrieved not in asyncio_log.filters:
+        asyncio_log.addFilter(_drop_unretrieved)
     sys.unraisablehook = lambda unraisable: None
     threading.excepthook = lambda args: None
     try:
