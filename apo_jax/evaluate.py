@@ -185,7 +185,7 @@ def run(
     p = build.plan(config)
     task = build.task(p)
     # The prompts and the model's shape are checked before any weights are loaded.
-    num_prompts = p.eval_prompts if num_prompts is None else num_prompts
+    num_prompts = p.eval.num_prompts if num_prompts is None else num_prompts
     examples = evaluate_lib.eval_subset(task, num_prompts, p.seed)
     if not examples:
         raise ValueError(f"config.task.name={p.task.name!r}: the task's held-out set is empty")

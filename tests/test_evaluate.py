@@ -178,7 +178,7 @@ def test_evaluation_in_row_chunks_changes_nothing():
     mesh = build.mesh(p)
     graphdef, params = build.model(p, cfg, mesh)
     weights = sampler_lib.rollout_weights(params, mesh, p.model.dtype)
-    examples = evaluate_lib.eval_subset(task, p.eval_prompts, p.seed)
+    examples = evaluate_lib.eval_subset(task, p.eval.num_prompts, p.seed)
     sampler = build.sampler(p, graphdef, task, mesh)
     real, rows, tokens = sampler.sample, [], {}
 

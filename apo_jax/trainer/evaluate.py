@@ -82,9 +82,9 @@ def rows_per_call(p: build.Plan, procs: int = 1) -> int:
     continuous engine each pass is one call, the engine holding `rollout.slots` rows at a time."""
     r = p.rollout
     if r.engine == "continuous":
-        return max(p.eval_prompts, 1) * r.group_size
+        return max(p.eval.num_prompts, 1) * r.group_size
     return (
-        p.eval_rows_per_chunk or r.rows_per_chunk or -(-r.prompts_per_step * r.group_size // procs)
+        p.eval.rows_per_chunk or r.rows_per_chunk or -(-r.prompts_per_step * r.group_size // procs)
     )
 
 
@@ -251,7 +251,7 @@ def eval_subset(task, num_prompts: int, seed: int = 0) -> list[tasks_lib.Example
 def in_training(p: build.Plan, task, sampler, params) -> dict:
     """The training loop's evaluation: k = the group size, calls shaped like the rollout's by
     default, so the sampled pass reuses the rollout's compiled programs when it samples at T = 1."""
-    examples = eval_subset(task, p.eval_prompts, seed=p.seed)
+    examples = eval_subset(task, p.eval.num_prompts, seed=p.seed)
     metrics, _ = evaluate(
         task,
         sampler,
@@ -269,7 +269,7 @@ def restore_params(p: build.Plan, model_cfg, workdir: str, step: int | None = No
     the newest step that restores unless `step`, read-only (a run may be writing the workdir).
     Orbax needs the whole train state's tree; all but the parameters is then dropped."""
     ckpt = checkpoint_lib.Checkpointer(
-        workdir, every_steps=0, keep=max(p.checkpoint_keep, 1), read_only=True
+        workdir, every_steps=0, keep=max(p.checkpoint.keep, 1), read_only=True
     )
     try:
         graphdef, abstract = build.abstract_model(p, model_cfg)

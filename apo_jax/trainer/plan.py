@@ -36,11 +36,6 @@ class Plan:
     task_params: Mapping[str, Any]  # config.task.<name>.*
     record: Mapping[str, Any]  # the config as plain data (config.json, checkpoint records)
 
-    # Short names that trainer/evaluate.py and apo_jax/evaluate.py read.
-    eval_prompts = property(lambda self: self.eval.num_prompts)
-    eval_rows_per_chunk = property(lambda self: self.eval.rows_per_chunk)
-    checkpoint_keep = property(lambda self: self.checkpoint.keep)
-
     @property
     def wandb(self) -> tracking.WandbSettings:
         lg = self.logging
