@@ -39,11 +39,17 @@ def _lines(workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "engine",
-    # continuous: 2 slots per process for 4 rows per process, so rows queue, refill and drain;
-    # both processes take the same scheduling decisions from the gathered slot flags.
+    # continuous: 8 prompts x G 2 = 8 rows per process for 4 slots per process, so rows queue
+    # and refill, and the two processes' 8 slots drain to 4 (two rows per device) once the queue
+    # is empty; both take the same scheduling decisions from the gathered slot flags. One
+    # process holding both devices has 4 slots and no drain: the rows must not depend on that.
     [
         ("--config.rollout.engine=static",),
-        ("--config.rollout.engine=continuous", "--config.rollout.slots=2"),
+        (
+            "--config.rollout.engine=continuous",
+            "--config.rollout.slots=4",
+            "--config.rollout.prompts_per_step=8",
+        ),
     ],
     ids=["static", "continuous"],
 )

@@ -6,10 +6,13 @@ for a sharded v5e:2x2 slice with each `model.attention`, and the whole `--dry_ru
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from apo_jax.infra import sharding as sharding_lib
 from apo_jax.infra import targets
 from apo_jax.models import attention as attention_lib
+from apo_jax.models.qwen3 import Qwen3Config, init_model
+from apo_jax.rollout import kv_cache as kv_cache_lib
 from apo_jax.rollout import sampler as sampler_lib
 from apo_jax.trainer import build, dry_run, records
 from apo_jax.trainer import step as step_lib
@@ -148,3 +151,54 @@ def test_dry_run_compiles_every_program_with_the_tpu_compiler():
     phases = [report[k] for k in ("rollout_gib", "train_step_gib", "scoring_gib")]
     assert all(x > 0 for x in phases)
     assert abs(report["peak_gib"] - (report["state_gib"] + max(phases))) <= 3e-4
+
+
+def _round_temp(layers: int) -> tuple[int, int]:
+    """(temporary bytes of the continuous engine's round program, bytes of one layer's gathered
+    prompt caches) as XLA:TPU compiles them on a v5e-4 with rows over its 4 chips: a Qwen3 of
+    `layers` layers with 8 kv heads of 128 (no lane padding) and a tiny hidden size, 32 prompts
+    x 2 of 1,024 tokens through 16 slots (a pool of 16 prompts: 64 MiB of keys per layer, more
+    than a chip's on-chip memory holds). The sampler's programs, compiled as --dry_run does."""
+    mesh = sharding_lib.make_mesh(1, 4, 1, devices=targets.devices("tpu-v5e-4"))
+    cfg = Qwen3Config.tiny(
+        num_layers=layers, num_heads=8, num_kv_heads=8, head_dim=128, max_position_embeddings=2048
+    )
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(cfg, attention="xla_blockwise")))
+    replicated = sharding_lib.named(mesh)
+    weights = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=replicated), params
+    )
+    tp, prompts, n, slots = 1024, 32, 2, 16
+    smp = sampler_lib.Sampler(
+        graphdef, max_prompt_len=tp, max_new_tokens=16, eos_ids=(1,), temperature=1.0,
+        cache_dtype=jnp.bfloat16, mesh=mesh, engine="continuous", slots=slots,
+    )  # fmt: skip
+    temps = {}
+    compiled = dry_run._compiled
+
+    def keep(lowered, phase, over_hbm):
+        out = compiled(lowered, phase, over_hbm)
+        temps[phase] = out.memory_analysis().temp_size_in_bytes
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dry_run, "_compiled", keep)
+        assert dry_run._sampler_call(smp, weights, prompts, n, smp.sampling, "rollout", {})
+    q = smp.continuous._group(prompts, tp, n, slots)  # prompts in the pool
+    per_layer = 2 * q * cfg.num_kv_heads * tp * cfg.head_dim * 2  # k and v, bf16, gathered
+    return temps["rollout decode"], per_layer
+
+
+@needs_libtpu
+def test_continuous_admission_gathers_one_layer_of_prompt_caches_at_a_time(monkeypatch):
+    """A slot may take a prompt another chip prefilled, so on a mesh the round program gathers
+    the pool's prompt caches onto every chip. kv_cache.admit makes the layers take turns, so
+    the compiler holds about one layer's gathered caches, not every layer's (the paper config
+    on a v5e-8: 5.3 GiB of the round's temporaries before, 0.5 after). The control removes the
+    ordering and must then hold most layers' at once."""
+    layers = 6  # measured: 11 MiB with the ordering, 337 MiB (5.3 layers' worth) without
+    temp, per_layer = _round_temp(layers)
+    assert temp < 2 * per_layer, (temp, per_layer)
+    monkeypatch.setattr(kv_cache_lib.jax.lax, "optimization_barrier", lambda x: x)
+    free, _ = _round_temp(layers)
+    assert free > layers / 2 * per_layer, (free, per_layer)
