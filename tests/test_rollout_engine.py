@@ -203,6 +203,41 @@ def test_sharded_engines_give_identical_rows():
     assert cont.traces["decode"] == 2  # 16 slots, then the drain's 8 (two per device)
 
 
+def test_sharded_prefill_groups_stay_split_over_devices(monkeypatch):
+    # 24 short prompts through 8 slots on the 8-device mesh: prefilled in groups of 20 (prompts
+    # 0-19, then 4-23), the second one sliced at a start known only on device. The group's
+    # prompts stay on the batch axes, each device prefilling its quarter (a slice at a traced
+    # start is replicated unless constrained: every device would prefill, and hold, all 20).
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+    mesh = sharding_lib.make_mesh(4, 1, 2)
+    graphdef, params = _model("xla_blockwise")
+    params = sharding_lib.reshard(params, mesh, sharding_lib.ROLLOUT_RULES)
+    static, cont = _pair(graphdef, mesh=mesh, slots=8, refill=2, temperature=0.8, top_k=20)
+    engine, pools = cont.continuous, []
+    made = engine.group_program
+
+    def spy(*args):
+        fn = made(*args)
+
+        def call(*a):
+            out = fn(*a)
+            pools.append(out[0])  # the group's pool of prompt caches
+            return out
+
+        return call
+
+    monkeypatch.setattr(engine, "group_program", spy)
+    prompts = _prompts((3, 5, 7, 2, 6, 4, 8, 1) * 3, seed=9)
+    want = static.sample(params, prompts, n=1, rng=10)
+    got = cont.sample(params, prompts, n=1, rng=10)
+    for name in ("tokens", "mask", "lengths", "truncated"):
+        np.testing.assert_array_equal(getattr(want, name), getattr(got, name), err_msg=name)
+    assert engine._group(24, 8, 1, 8) == 20 and len(pools) == 1
+    k = pools[0].prefilled.cache.layers[0][0]  # [Q, K, Tp, H]
+    assert k.shape[0] == 20 and k.addressable_shards[0].data.shape[0] == 5, k.sharding
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

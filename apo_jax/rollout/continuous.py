@@ -234,7 +234,11 @@ class Engine:
         model = nnx.merge(smp.graphdef, params)
         dtype = smp.cache_dtype or model.dtype
         q = self._group(*ids.shape, n, z)
-        part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, q)  # [Q, ...]
+        # [Q, ...] back on the batch axes: a slice at a traced start is otherwise replicated, and
+        # every device would prefill the whole group.
+        part = lambda x: decode_lib.constrain_rows(
+            jax.lax.dynamic_slice_in_dim(x, start, q), smp.mesh, smp.rules
+        )
         with attention_lib.kernels_split_over(smp.mesh):
             pool = decode_lib.prefill(
                 model, part(ids), part(lengths), rng, part(row_ids), n=n, sp=sp, dtype=dtype
