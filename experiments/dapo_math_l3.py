@@ -16,8 +16,9 @@ ARGS = ("debug",)  # config arguments this file accepts (`FILE:debug`)
 def get_config(arg=None):
     c = base.get_config()
     c.optim.packing = "packed"  # padding-free update passes (benchmarks/README.md, issue 21)
-    # Memory (issue 16, benchmarks/README.md): 6 micro-batches per update and the rollout in
-    # chunks of 8 prompts x G 6 fit 4 x 24 GB and 8 x 16 GB; the results do not change.
+    # Memory (issue 16, benchmarks/README.md): 6 micro-batches per update and 48 decode rows
+    # at a time (slots; static: chunks of 8 prompts x G 6) fit a TPU v5e-8 (README); the
+    # results do not change.
     c.optim.micro_batches = 6
     c.rollout.rows_per_chunk = 48
     c.loss.name = "dapo"
