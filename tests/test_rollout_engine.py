@@ -184,17 +184,24 @@ def test_noise_uses_each_rows_own_step():
     assert np.asarray(other)[[0, 2, 3]].tolist() == [alone[0], alone[2], alone[3]]
 
 
-def test_sharded_engines_give_identical_rows():
-    # 8 fake CPU devices: rows / slots over data (4), kv heads over tensor (2). At least two
-    # slots per device (the drain's floor): a one-row matmul takes XLA:CPU's matrix-vector
-    # kernel, which sums in another order (one row per device differs in the last bit under
-    # either engine).
+def _sharded_pair(slots: int):
+    """(params, static, continuous) on 8 fake CPU devices: rows / slots over data (4), kv heads
+    over tensor (2); sampled at temperature 0.8, top-k 20, two slots freed per round."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
     mesh = sharding_lib.make_mesh(4, 1, 2)
     graphdef, params = _model("xla_blockwise")
     params = sharding_lib.reshard(params, mesh, sharding_lib.ROLLOUT_RULES)
-    static, cont = _pair(graphdef, mesh=mesh, slots=16, refill=2, temperature=0.8, top_k=20)
+    static, cont = _pair(graphdef, mesh=mesh, slots=slots, refill=2, temperature=0.8, top_k=20)
+    return params, static, cont
+
+
+def test_sharded_engines_give_identical_rows():
+    # 8 fake CPU devices: rows / slots over data (4), kv heads over tensor (2). At least two
+    # slots per device (the drain's floor): a one-row matmul takes XLA:CPU's matrix-vector
+    # kernel, which sums in another order (one row per device differs in the last bit under
+    # either engine).
+    params, static, cont = _sharded_pair(slots=16)
     prompts = _prompts(MIXED + (11, 6, 25, 4, 13, 7), seed=7)
     want = static.sample(params, prompts, n=2, rng=8)
     got = cont.sample(params, prompts, n=2, rng=8)
@@ -208,12 +215,7 @@ def test_sharded_prefill_groups_stay_split_over_devices(monkeypatch):
     # 0-19, then 4-23), the second one sliced at a start known only on device. The group's
     # prompts stay on the batch axes, each device prefilling its quarter (a slice at a traced
     # start is replicated unless constrained: every device would prefill, and hold, all 20).
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
-    mesh = sharding_lib.make_mesh(4, 1, 2)
-    graphdef, params = _model("xla_blockwise")
-    params = sharding_lib.reshard(params, mesh, sharding_lib.ROLLOUT_RULES)
-    static, cont = _pair(graphdef, mesh=mesh, slots=8, refill=2, temperature=0.8, top_k=20)
+    params, static, cont = _sharded_pair(slots=8)
     engine, pools = cont.continuous, []
     made = engine.group_program
 

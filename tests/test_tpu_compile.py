@@ -157,8 +157,9 @@ def _round_temp(layers: int) -> tuple[int, int]:
     """(temporary bytes of the continuous engine's round program, bytes of one layer's gathered
     prompt caches) as XLA:TPU compiles them on a v5e-4 with rows over its 4 chips: a Qwen3 of
     `layers` layers with 8 kv heads of 128 (no lane padding) and a tiny hidden size, 32 prompts
-    x 2 of 1,024 tokens through 16 slots (a pool of 16 prompts: 64 MiB of keys per layer, more
-    than a chip's on-chip memory holds). The sampler's programs, compiled as --dry_run does."""
+    x 2 of 1,024 tokens through 16 slots (a pool of 16 prompts: 64 MiB of keys and values per
+    layer, more than a chip's on-chip memory holds). The sampler's programs, compiled as
+    --dry_run does."""
     mesh = sharding_lib.make_mesh(1, 4, 1, devices=targets.devices("tpu-v5e-4"))
     cfg = Qwen3Config.tiny(
         num_layers=layers, num_heads=8, num_kv_heads=8, head_dim=128, max_position_embeddings=2048
